@@ -1,0 +1,203 @@
+//! Plugin configuration: one serde type, defaults for every field, validation that names the
+//! offending field. A bad configuration never stops traffic: the root context logs the error
+//! and the plugin passes everything through untouched (fail open).
+
+use serde::Deserialize;
+use std::fmt;
+
+/// Which half of the module a plugin instance plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `envoy.filters.http.wasm`: sees the app's response headers and decides.
+    Http,
+    /// `envoy.filters.network.wasm` before the HCM: sees the bytes written to the client.
+    Network,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Role of this instance; when absent it comes from the root id (see [`role_from_root_id`]).
+    pub role: Option<Role>,
+    /// Master switch: `false` makes both roles pass everything through.
+    pub enabled: bool,
+    /// Relay the app's own `Connection: close` (and close-delimited responses) to the client.
+    pub relay_upstream_close: bool,
+    /// After relaying, close the client connection: right after the response when both roles
+    /// share a VM, otherwise on the client's next request.
+    pub close_connection: bool,
+    /// How many bytes of a response head the network role inspects at most.
+    pub max_head_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            role: None,
+            enabled: true,
+            relay_upstream_close: true,
+            close_connection: true,
+            max_head_bytes: 16 * 1024,
+        }
+    }
+}
+
+const MAX_HEAD_BYTES_RANGE: (usize, usize) = (256, 1024 * 1024);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The field at fault, when one can be named.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "field `{}`: {}", field, self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+impl Config {
+    /// Parses the plugin configuration. Empty input (Istio's default) means all defaults.
+    pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Config::default());
+        }
+        let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| ConfigError {
+            field: None,
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let object = value.as_object().ok_or_else(|| ConfigError {
+            field: None,
+            message: "must be a JSON object".into(),
+        })?;
+        let config = match Config::deserialize(&value) {
+            Ok(config) => config,
+            Err(e) => return Err(blame_field(object, e)),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (lo, hi) = MAX_HEAD_BYTES_RANGE;
+        if !(lo..=hi).contains(&self.max_head_bytes) {
+            return Err(ConfigError {
+                field: Some("max_head_bytes".into()),
+                message: format!("{} is out of range {lo}..={hi}", self.max_head_bytes),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// serde's type errors say what was wrong but not where; deserializing each field on its own
+/// finds the one at fault so the log line can name it.
+fn blame_field(
+    object: &serde_json::Map<String, serde_json::Value>,
+    whole: serde_json::Error,
+) -> ConfigError {
+    for (key, value) in object {
+        let mut single = serde_json::Map::new();
+        single.insert(key.clone(), value.clone());
+        if let Err(e) = Config::deserialize(serde_json::Value::Object(single)) {
+            let message = e.to_string();
+            let message = if message.starts_with("unknown field") {
+                message
+            } else {
+                format!("{message} (got {value})")
+            };
+            return ConfigError { field: Some(key.clone()), message };
+        }
+    }
+    ConfigError { field: None, message: whole.to_string() }
+}
+
+/// The role when the configuration does not say: a root id that mentions "network"
+/// (`close_relay_network`, Istio's `pluginName`) is the network role, anything else HTTP.
+pub fn role_from_root_id(root_id: &str) -> Role {
+    if root_id.to_ascii_lowercase().contains("network") {
+        Role::Network
+    } else {
+        Role::Http
+    }
+}
+
+/// Reads only `role` from a configuration, even one that is otherwise invalid: the host needs
+/// to know which kind of context to create before the rest of the config matters.
+pub fn role_hint(raw: &[u8]) -> Option<Role> {
+    let value: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    Role::deserialize(value.get("role")?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        assert_eq!(Config::parse(b""), Ok(Config::default()));
+        assert_eq!(Config::parse(b"  \n"), Ok(Config::default()));
+        assert_eq!(Config::parse(b"{}"), Ok(Config::default()));
+    }
+
+    #[test]
+    fn every_field_parses() {
+        let c = Config::parse(
+            br#"{"role":"network","enabled":false,"relay_upstream_close":false,
+                 "close_connection":false,"max_head_bytes":4096}"#,
+        )
+        .unwrap();
+        assert_eq!(c.role, Some(Role::Network));
+        assert!(!c.enabled && !c.relay_upstream_close && !c.close_connection);
+        assert_eq!(c.max_head_bytes, 4096);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = Config::parse(br#"{"enabled":true,"bogus_field":1}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("bogus_field"));
+        assert!(e.to_string().contains("bogus_field"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_value() {
+        let e = Config::parse(br#"{"enabled":true,"close_connection":"yes"}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("close_connection"));
+        assert!(e.to_string().contains("\"yes\""), "{e}");
+    }
+
+    #[test]
+    fn bad_role_is_named() {
+        let e = Config::parse(br#"{"role":"both"}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("role"));
+    }
+
+    #[test]
+    fn out_of_range_is_named() {
+        let e = Config::parse(br#"{"max_head_bytes":1}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("max_head_bytes"));
+        assert!(Config::parse(br#"{"max_head_bytes":99999999}"#).is_err());
+    }
+
+    #[test]
+    fn not_json_or_not_object() {
+        assert!(Config::parse(b"{nope").unwrap_err().message.contains("not valid JSON"));
+        assert!(Config::parse(b"[1]").unwrap_err().message.contains("object"));
+    }
+
+    #[test]
+    fn role_from_root_id_and_hint() {
+        assert_eq!(role_from_root_id("close_relay_network"), Role::Network);
+        assert_eq!(role_from_root_id("close-relay-NETWORK"), Role::Network);
+        assert_eq!(role_from_root_id("close_relay_http"), Role::Http);
+        assert_eq!(role_from_root_id(""), Role::Http);
+        assert_eq!(role_hint(br#"{"role":"network","bogus":1}"#), Some(Role::Network));
+        assert_eq!(role_hint(br#"{"role":7}"#), None);
+        assert_eq!(role_hint(b"garbage"), None);
+    }
+}

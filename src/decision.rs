@@ -1,0 +1,222 @@
+//! Should this response close the client's connection, and why. Pure functions: no host calls.
+
+/// Why the app's response ends the app's own connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// `Connection: close` (any case, anywhere in the token list).
+    ConnectionClose,
+    /// `Proxy-Connection: close`, which Envoy's HTTP/1 pool honours too.
+    ProxyConnectionClose,
+    /// No `Content-Length` and not chunked: the body ends when the app closes (HTTP/1.0 or 1.1).
+    CloseDelimited,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ConnectionClose => "connection_close",
+            EndReason::ProxyConnectionClose => "proxy_connection_close",
+            EndReason::CloseDelimited => "close_delimited",
+        }
+    }
+}
+
+/// Why a connection-ending response is passed through without relaying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Client speaks HTTP/2, HTTP/3 or HTTP/1.0: no `Connection` header to relay at L4.
+    NotHttp11,
+    /// WebSocket or other `Upgrade`: the connection changes protocol; leave it alone.
+    Upgrade,
+    /// CONNECT tunnels are not HTTP responses on the wire after the head.
+    Connect,
+    /// 1xx (including 101): not a final response.
+    Informational,
+    /// No network role on this connection, so the marker could not be rewritten.
+    NoNetworkRole,
+}
+
+impl SkipReason {
+    pub const ALL: [SkipReason; 5] = [
+        SkipReason::NotHttp11,
+        SkipReason::Upgrade,
+        SkipReason::Connect,
+        SkipReason::Informational,
+        SkipReason::NoNetworkRole,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::NotHttp11 => "not_http11",
+            SkipReason::Upgrade => "upgrade",
+            SkipReason::Connect => "connect",
+            SkipReason::Informational => "informational",
+            SkipReason::NoNetworkRole => "no_network_role",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The app keeps its connection: nothing to do.
+    Keep,
+    Relay(EndReason),
+    Skip(SkipReason),
+}
+
+/// What the HTTP role reads from the app's response headers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ResponseFacts<'a> {
+    pub status: u16,
+    pub connection: Option<&'a str>,
+    pub proxy_connection: Option<&'a str>,
+    pub content_length: bool,
+    pub transfer_encoding: Option<&'a str>,
+}
+
+/// What the HTTP role reads about the request, only once a response ends its connection.
+#[derive(Debug, Default, Clone)]
+pub struct RequestFacts {
+    /// Envoy's `request.protocol`: "HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3".
+    pub protocol: String,
+    pub method: String,
+    pub upgrade: Option<String>,
+    pub connection: Option<String>,
+}
+
+/// True when a comma-separated header value holds `token` (RFC 9110 §5.6.1, case-insensitive).
+pub fn has_token(list: &str, token: &str) -> bool {
+    list.split(',').any(|t| t.trim_matches([' ', '\t']).eq_ignore_ascii_case(token))
+}
+
+/// Does the app's response end the app's connection? `None` on the keep-alive fast path.
+pub fn upstream_end(resp: &ResponseFacts) -> Option<EndReason> {
+    if resp.connection.is_some_and(|c| has_token(c, "close")) {
+        return Some(EndReason::ConnectionClose);
+    }
+    if resp.proxy_connection.is_some_and(|c| has_token(c, "close")) {
+        return Some(EndReason::ProxyConnectionClose);
+    }
+    let bodyless = resp.status < 200 || resp.status == 204 || resp.status == 304;
+    let chunked = resp.transfer_encoding.is_some_and(|te| has_token(te, "chunked"));
+    if !bodyless && !resp.content_length && !chunked {
+        return Some(EndReason::CloseDelimited);
+    }
+    None
+}
+
+/// Full decision for one response. `request` is only consulted when the app ended its
+/// connection, so the host calls behind it stay off the common path.
+pub fn decide(resp: &ResponseFacts, request: impl FnOnce() -> RequestFacts) -> Decision {
+    let Some(end) = upstream_end(resp) else {
+        return Decision::Keep;
+    };
+    if resp.status < 200 {
+        return Decision::Skip(SkipReason::Informational);
+    }
+    let req = request();
+    if req.method.eq_ignore_ascii_case("CONNECT") {
+        return Decision::Skip(SkipReason::Connect);
+    }
+    if req.upgrade.is_some() || req.connection.as_deref().is_some_and(|c| has_token(c, "upgrade")) {
+        return Decision::Skip(SkipReason::Upgrade);
+    }
+    if req.protocol != "HTTP/1.1" {
+        return Decision::Skip(SkipReason::NotHttp11);
+    }
+    if end == EndReason::CloseDelimited && req.method.eq_ignore_ascii_case("HEAD") {
+        // A HEAD response never has a body, so missing framing headers mean nothing.
+        return Decision::Keep;
+    }
+    Decision::Relay(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(connection: Option<&str>) -> ResponseFacts<'_> {
+        ResponseFacts { status: 200, connection, content_length: true, ..Default::default() }
+    }
+
+    fn h11() -> RequestFacts {
+        RequestFacts { protocol: "HTTP/1.1".into(), method: "GET".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn tokens_any_case_any_position() {
+        assert!(has_token("close", "close"));
+        assert!(has_token("Keep-Alive, CLOSE", "close"));
+        assert!(has_token(" te ,\tclose\t", "close"));
+        assert!(!has_token("closed", "close"));
+        assert!(!has_token("keep-alive", "close"));
+        assert!(!has_token("", "close"));
+        assert!(!has_token("clo se", "close"));
+    }
+
+    #[test]
+    fn keep_alive_is_the_fast_path() {
+        assert_eq!(upstream_end(&ok(None)), None);
+        assert_eq!(upstream_end(&ok(Some("keep-alive"))), None);
+        let chunked = ResponseFacts {
+            status: 200,
+            transfer_encoding: Some("gzip, Chunked"),
+            ..Default::default()
+        };
+        assert_eq!(upstream_end(&chunked), None);
+        let mut called = false;
+        assert_eq!(
+            decide(&ok(None), || {
+                called = true;
+                h11()
+            }),
+            Decision::Keep
+        );
+        assert!(!called, "request facts must not be read on the keep-alive path");
+    }
+
+    #[test]
+    fn connection_close_relays() {
+        assert_eq!(decide(&ok(Some("Close")), h11), Decision::Relay(EndReason::ConnectionClose));
+        let proxy = ResponseFacts { proxy_connection: Some("close"), ..ok(None) };
+        assert_eq!(decide(&proxy, h11), Decision::Relay(EndReason::ProxyConnectionClose));
+    }
+
+    #[test]
+    fn close_delimited_relays_but_not_for_head_or_bodyless() {
+        let eof = ResponseFacts { status: 200, ..Default::default() };
+        assert_eq!(decide(&eof, h11), Decision::Relay(EndReason::CloseDelimited));
+        let head = || RequestFacts { method: "HEAD".into(), ..h11() };
+        assert_eq!(decide(&eof, head), Decision::Keep);
+        for status in [204, 304] {
+            let r = ResponseFacts { status, ..Default::default() };
+            assert_eq!(upstream_end(&r), None, "{status}");
+        }
+        // HEAD with an explicit close still relays.
+        assert_eq!(decide(&ok(Some("close")), head), Decision::Relay(EndReason::ConnectionClose));
+    }
+
+    #[test]
+    fn skips() {
+        let close = ok(Some("close"));
+        let h2 = || RequestFacts { protocol: "HTTP/2".into(), ..h11() };
+        assert_eq!(decide(&close, h2), Decision::Skip(SkipReason::NotHttp11));
+        let h10 = || RequestFacts { protocol: "HTTP/1.0".into(), ..h11() };
+        assert_eq!(decide(&close, h10), Decision::Skip(SkipReason::NotHttp11));
+        let ws = || RequestFacts { upgrade: Some("websocket".into()), ..h11() };
+        assert_eq!(decide(&close, ws), Decision::Skip(SkipReason::Upgrade));
+        let conn_upgrade = || RequestFacts { connection: Some("keep-alive, Upgrade".into()), ..h11() };
+        assert_eq!(decide(&close, conn_upgrade), Decision::Skip(SkipReason::Upgrade));
+        let connect = || RequestFacts { method: "CONNECT".into(), ..h11() };
+        assert_eq!(decide(&close, connect), Decision::Skip(SkipReason::Connect));
+        let switching = ResponseFacts { status: 101, ..close };
+        assert_eq!(decide(&switching, h11), Decision::Skip(SkipReason::Informational));
+    }
+
+    #[test]
+    fn reason_names_are_prometheus_friendly() {
+        for r in SkipReason::ALL {
+            assert!(r.as_str().bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()));
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Thin, fallible wrappers over the proxy-wasm host ABI, plus metrics and the nonce.
+//!
+//! The SDK panics on statuses it does not expect from `set_buffer`, `set_property` and
+//! `close_downstream`; a panic in a filter traps the VM, so these three are declared here
+//! again and return errors instead.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, Bytes, LogLevel, MapType, MetricType, StreamType};
+
+use crate::decision::SkipReason;
+
+/// Connection filter-state key through which the network role announces itself and its
+/// per-connection nonce to the HTTP role, across VMs too.
+pub const NONCE_PROPERTY: &str = "close_relay_nonce";
+
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_set_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        size: usize,
+        data: *const u8,
+        data_size: usize,
+    ) -> u32;
+    fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, size: usize)
+        -> u32;
+    fn proxy_close_stream(stream_type: u32) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key: *const u8,
+        key_size: usize,
+        value: *mut *mut u8,
+        value_size: *mut usize,
+    ) -> u32;
+}
+
+/// A host status other than Ok, as its raw ABI number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError(pub u32);
+
+fn status(raw: u32) -> Result<(), HostError> {
+    if raw == 0 {
+        Ok(())
+    } else {
+        Err(HostError(raw))
+    }
+}
+
+/// Replaces the first `len` bytes of a connection buffer with `with`.
+pub fn replace_prefix(buffer: BufferType, len: usize, with: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointers and lengths come from live slices; the host copies before returning.
+    status(unsafe { proxy_set_buffer_bytes(buffer as u32, 0, len, with.as_ptr(), with.len()) })
+}
+
+pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
+    // SAFETY: as above; a single-segment path needs no separators.
+    status(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+/// Closes the client connection of the effective context after flushing what was written.
+pub fn close_downstream() -> Result<(), HostError> {
+    // SAFETY: a plain integer argument (StreamType::Downstream).
+    status(unsafe { proxy_close_stream(StreamType::Downstream as u32) })
+}
+
+pub fn set_effective_context(id: u32) -> Result<(), HostError> {
+    hostcalls::set_effective_context(id).map_err(|s| HostError(s as u32))
+}
+
+pub fn get_property(path: Vec<&str>) -> Option<Bytes> {
+    hostcalls::get_property(path).ok().flatten()
+}
+
+pub fn get_buffer(buffer: BufferType, max: usize) -> Option<Bytes> {
+    hostcalls::get_buffer(buffer, 0, max).ok().flatten()
+}
+
+/// One header's value; `None` when absent or when the map is not readable in this phase
+/// (Envoy refuses request headers once the response is being encoded, for example).
+pub fn header(map: MapType, name: &str) -> Option<String> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host allocates `data` through our `proxy_on_memory_allocate` export and
+    // hands its ownership to us; `Vec::from_raw_parts` takes it back with the same length.
+    unsafe {
+        let raw = proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size);
+        if raw == 1 {
+            return None; // NotFound: the header is absent.
+        }
+        if raw != 0 {
+            log::debug!("header {name:?} of map {map:?} not readable: status {raw}");
+            return None;
+        }
+        if data.is_null() {
+            return Some(String::new());
+        }
+        String::from_utf8(Vec::from_raw_parts(data, size, size)).ok()
+    }
+}
+
+/// Makes `log` calls below the host's level free: they are filtered before formatting.
+pub fn follow_host_log_level() {
+    let level = hostcalls::get_log_level().unwrap_or(LogLevel::Info);
+    proxy_wasm::set_log_level(level);
+}
+
+/// A hard-to-guess 64-bit value as 16 hex digits. `RandomState` is seeded from WASI
+/// `random_get`, which Envoy implements; each call advances its key.
+pub fn nonce() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    if let Ok(now) = hostcalls::get_current_time() {
+        if let Ok(since) = now.duration_since(std::time::UNIX_EPOCH) {
+            hasher.write_u128(since.as_nanos());
+        }
+    }
+    format!("{:016x}", hasher.finish())
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counter(Option<u32>);
+
+impl Counter {
+    fn define(name: &str) -> Counter {
+        Counter(hostcalls::define_metric(MetricType::Counter, name).ok())
+    }
+
+    pub fn inc(self) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+}
+
+/// Every counter the module exports. Envoy shows them as `wasmcustom.<name>` in its stats and
+/// as `<name>` in Prometheus output; both roles define all of them so names never move.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metrics {
+    pub responses: Counter,
+    pub relayed: Counter,
+    pub skipped: [Counter; SkipReason::ALL.len()],
+    pub headers_rewritten: Counter,
+    pub connections_closed: Counter,
+    pub requests_closed: Counter,
+    pub config_errors: Counter,
+}
+
+impl Metrics {
+    pub fn define() -> Metrics {
+        Metrics {
+            responses: Counter::define("close_relay_responses_total"),
+            relayed: Counter::define("close_relay_relayed_total"),
+            skipped: SkipReason::ALL
+                .map(|r| Counter::define(&format!("close_relay_skipped_{}_total", r.as_str()))),
+            headers_rewritten: Counter::define("close_relay_headers_rewritten_total"),
+            connections_closed: Counter::define("close_relay_connections_closed_total"),
+            requests_closed: Counter::define("close_relay_requests_closed_total"),
+            config_errors: Counter::define("close_relay_config_errors_total"),
+        }
+    }
+
+    pub fn skipped(&self, reason: SkipReason) -> Counter {
+        let i = SkipReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.skipped[i]
+    }
+}

@@ -1,0 +1,207 @@
+//! Byte-level edits the network role makes on the client connection. Pure functions.
+//!
+//! Envoy's proxy-wasm buffers only accept a replacement that starts at offset 0 (drain a
+//! prefix, prepend new bytes), so every edit is expressed as "replace the first `len` bytes".
+
+use crate::decision::has_token;
+
+/// Name of the private response header the HTTP role adds and the network role rewrites.
+/// Its value is a per-connection secret nonce, so an app cannot forge it.
+pub const MARKER: &str = "x-close-relay";
+const CLOSE_LINE: &[u8] = b"connection: close\r\n";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    /// How many bytes at the start of the buffer are replaced.
+    pub len: usize,
+    pub with: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadRewrite {
+    /// Not a response head carrying our marker: leave the bytes alone.
+    None,
+    /// Marker found; `already_close` when Envoy itself (drain) had added `connection: close`.
+    Rewritten { edit: Edit, already_close: bool },
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Turns the marker line `x-close-relay: <nonce>` of an HTTP/1.1 response head at the start of
+/// `buf` into `connection: close` (or drops it when the head already says close). Looks at no
+/// more than `max_head` bytes. Any other bytes, body included, are returned unchanged.
+pub fn rewrite_response_head(buf: &[u8], nonce: &str, max_head: usize) -> HeadRewrite {
+    if !buf.starts_with(b"HTTP/1.1 ") {
+        return HeadRewrite::None;
+    }
+    let window = &buf[..buf.len().min(max_head)];
+    // Header lines live between the status line and the blank line (or the window's end).
+    let Some(status_end) = find(window, b"\r\n") else {
+        return HeadRewrite::None;
+    };
+    let head_end = find(window, b"\r\n\r\n").map(|i| i + 4);
+    let fields_end = head_end.map_or(window.len(), |e| e - 2);
+    let mut marker = None;
+    let mut already_close = false;
+    let mut pos = status_end + 2;
+    while pos < fields_end {
+        let Some(len) = find(&window[pos..fields_end], b"\r\n") else { break };
+        let line = &window[pos..pos + len];
+        if let Some((name, value)) = split_field(line) {
+            if name.eq_ignore_ascii_case(MARKER.as_bytes()) && value == nonce.as_bytes() {
+                marker = Some((pos, pos + len + 2));
+            } else if name.eq_ignore_ascii_case(b"connection")
+                && std::str::from_utf8(value).is_ok_and(|v| has_token(v, "close"))
+            {
+                already_close = true;
+            }
+        }
+        pos += len + 2;
+    }
+    let Some((start, end)) = marker else {
+        return HeadRewrite::None;
+    };
+    let len = head_end.unwrap_or(end);
+    let mut with = Vec::with_capacity(len);
+    with.extend_from_slice(&window[..start]);
+    if !already_close {
+        with.extend_from_slice(CLOSE_LINE);
+    }
+    with.extend_from_slice(&window[end..len]);
+    HeadRewrite::Rewritten { edit: Edit { len, with }, already_close }
+}
+
+fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let value = &line[colon + 1..];
+    let skip = value.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    Some((&line[..colon], &value[skip..]))
+}
+
+/// Adds `connection: close` to the HTTP/1.x request head that starts `buf`, right after the
+/// request line, so Envoy's HCM answers it with `connection: close` and closes natively.
+/// Returns `None` unless `buf` starts with a complete, well-formed request line: a body or an
+/// HTTP/2 preface is never touched.
+pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
+    let line_end = find(&buf[..buf.len().min(8192)], b"\r\n")?;
+    let line = &buf[..line_end];
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    let well_formed = parts.next().is_none()
+        && (1..=20).contains(&method.len())
+        && method.iter().all(u8::is_ascii_uppercase)
+        && !target.is_empty()
+        && target.iter().all(|b| b.is_ascii_graphic())
+        && (version == b"HTTP/1.1" || version == b"HTTP/1.0");
+    if !well_formed || method == b"PRI" {
+        return None;
+    }
+    let mut with = Vec::with_capacity(line_end + 2 + CLOSE_LINE.len());
+    with.extend_from_slice(&buf[..line_end + 2]);
+    with.extend_from_slice(CLOSE_LINE);
+    Some(Edit { len: line_end + 2, with })
+}
+
+/// Applies an edit to a copy of `buf` (what Envoy does with drain + prepend); for tests and
+/// fuzzing the network role's behaviour without a host.
+pub fn apply(buf: &[u8], edit: &Edit) -> Vec<u8> {
+    let mut out = edit.with.clone();
+    out.extend_from_slice(&buf[edit.len..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONCE: &str = "0123456789abcdef";
+
+    fn head(extra: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n{extra}date: Tue\r\nserver: envoy\r\n\r\nhello"
+        )
+        .into_bytes()
+    }
+
+    fn rewritten(buf: &[u8]) -> (Vec<u8>, bool) {
+        match rewrite_response_head(buf, NONCE, 16384) {
+            HeadRewrite::Rewritten { edit, already_close } => (apply(buf, &edit), already_close),
+            HeadRewrite::None => panic!("no rewrite of {:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    #[test]
+    fn marker_becomes_connection_close_body_intact() {
+        let buf = head(&format!("{MARKER}: {NONCE}\r\n"));
+        let (out, already) = rewritten(&buf);
+        assert!(!already);
+        assert_eq!(out, head("connection: close\r\n"));
+    }
+
+    #[test]
+    fn marker_dropped_when_envoy_already_closes() {
+        let buf = head(&format!("{MARKER}: {NONCE}\r\nconnection: close\r\n"));
+        let (out, already) = rewritten(&buf);
+        assert!(already);
+        assert_eq!(out, head("connection: close\r\n"));
+    }
+
+    #[test]
+    fn wrong_nonce_or_no_marker_untouched() {
+        for buf in [
+            head(&format!("{MARKER}: ffffffffffffffff\r\n")),
+            head(""),
+            head(&format!("{MARKER}: {NONCE}x\r\n")),
+            b"HTTP/1.0 200 OK\r\nx-close-relay: 0123456789abcdef\r\n\r\n".to_vec(),
+            format!("\r\n{MARKER}: {NONCE}\r\n").into_bytes(),
+            b"HTTP/1.1 200".to_vec(),
+        ] {
+            assert_eq!(rewrite_response_head(&buf, NONCE, 16384), HeadRewrite::None);
+        }
+    }
+
+    #[test]
+    fn marker_in_body_is_not_a_header() {
+        let mut buf = head("");
+        buf.extend_from_slice(format!("\r\n{MARKER}: {NONCE}\r\n").as_bytes());
+        assert_eq!(rewrite_response_head(&buf, NONCE, 16384), HeadRewrite::None);
+    }
+
+    #[test]
+    fn marker_beyond_window_is_not_seen() {
+        let buf = head(&format!("{MARKER}: {NONCE}\r\n"));
+        assert_eq!(rewrite_response_head(&buf, NONCE, 40), HeadRewrite::None);
+    }
+
+    #[test]
+    fn head_without_end_in_this_write_still_rewrites_the_marker() {
+        let buf = format!("HTTP/1.1 200 OK\r\n{MARKER}: {NONCE}\r\nserver: en").into_bytes();
+        let (out, _) = rewritten(&buf);
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nconnection: close\r\nserver: en");
+    }
+
+    #[test]
+    fn request_close_injected_after_request_line() {
+        let req = b"GET /a?b=c HTTP/1.1\r\nhost: x\r\n\r\n";
+        let edit = inject_request_close(req).unwrap();
+        assert_eq!(apply(req, &edit), b"GET /a?b=c HTTP/1.1\r\nconnection: close\r\nhost: x\r\n\r\n");
+    }
+
+    #[test]
+    fn request_injection_refuses_non_requests() {
+        for buf in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            b"GET / HTTP/2.0\r\n",
+            b"get / HTTP/1.1\r\n",
+            b"GET  / HTTP/1.1\r\n",
+            b"GET / HTTP/1.1",
+            b"\x16\x03\x01\x02\x00",
+            b"{\"json\": \"body\"}\r\n",
+            b"",
+        ] {
+            assert_eq!(inject_request_close(buf), None, "{:?}", String::from_utf8_lossy(buf));
+        }
+    }
+}
