@@ -1,1 +1,506 @@
+//! Test harness: real Envoy, the real `.wasm`, the real app binary, raw sockets, all on
+//! 127.0.0.1. Every process started here is killed by PID when its guard drops, also when a
+//! test fails.
 
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The byte at offset `i` of the app's `/big-close` body.
+pub fn pattern_byte(i: usize) -> u8 {
+    b"0123456789abcdefghijklmnopqrstuvwxyz"[i % 36]
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The Envoy under test: `$ENVOY`, else the newest one `make envoy` installed under `.envoy/`.
+pub fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY") {
+        return PathBuf::from(p);
+    }
+    let mut found: Vec<PathBuf> = fs::read_dir(repo_root().join(".envoy"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("envoy/_bin/envoy"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort_by_key(|p| version_key(&p.to_string_lossy()));
+    found.pop().unwrap_or_else(|| panic!("no Envoy: run `make envoy` or set ENVOY=/path/to/envoy"))
+}
+
+fn version_key(path: &str) -> Vec<u32> {
+    path.split(['/', '.']).filter_map(|s| s.parse().ok()).collect()
+}
+
+/// `1.40.0` for the Envoy under test (from `envoy --version`: `... version: <sha>/1.40.0/...`).
+pub fn envoy_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        let out = Command::new(envoy_bin()).arg("--version").output().expect("run envoy --version");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split("version: ")
+            .nth(1)
+            .and_then(|v| v.split('/').nth(1))
+            .unwrap_or("unknown")
+            .to_string()
+    })
+}
+
+pub fn wasm_path() -> PathBuf {
+    let p = repo_root().join("target/wasm32-wasip1/release/close_relay.wasm");
+    assert!(p.exists(), "{} missing: run `make build`", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A child process killed (by PID) and reaped on drop.
+pub struct Proc {
+    child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, cmd: &mut Command) -> Proc {
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Proc { child, name }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+fn connectable(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A scratch directory under `target/e2e/` for one test's configs and logs.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = repo_root().join("target/e2e").join(format!("{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// The `app` binary cargo built beside this executable (tests live one level deeper, in deps/).
+pub fn app_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("app"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("app binary not found near {}: cargo build -p e2e", exe.display()))
+}
+
+pub struct App {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl App {
+    pub fn start() -> App {
+        let port = free_port();
+        let proc = Proc::spawn(
+            "app",
+            Command::new(app_bin())
+                .args(["--port", &port.to_string()])
+                .stderr(Stdio::null()),
+        );
+        wait_until("app to listen", Duration::from_secs(10), || connectable(port));
+        App { port, _proc: proc }
+    }
+}
+
+/// How close-relay is loaded into the test Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// Plain sidecar: the bug.
+    None,
+    /// Both roles in one VM (same vm_id), as Istio probably does with one image.
+    SameVm,
+    /// Each role in its own VM (different vm_id), as EnvoyFilter users may configure.
+    SeparateVms,
+    /// Only the HTTP role, a misconfiguration that must not break anything.
+    HttpOnly,
+}
+
+pub struct EnvoySpec {
+    pub filter: Filter,
+    pub http_config: String,
+    pub network_config: String,
+    pub app_port: u16,
+}
+
+impl EnvoySpec {
+    pub fn new(filter: Filter, app_port: u16) -> EnvoySpec {
+        EnvoySpec {
+            filter,
+            http_config: String::new(),
+            network_config: String::new(),
+            app_port,
+        }
+    }
+}
+
+fn wasm_filter(kind: &str, root_id: &str, vm_id: &str, config: &str) -> Value {
+    json!({
+        "name": format!("close_relay.{kind}"),
+        "typed_config": {
+            "@type": format!("type.googleapis.com/envoy.extensions.filters.{kind}.wasm.v3.Wasm"),
+            "config": {
+                "name": format!("close_relay_{kind}"),
+                "root_id": root_id,
+                "failure_policy": "FAIL_OPEN",
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": config
+                },
+                "vm_config": {
+                    "vm_id": vm_id,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm_path()}}
+                }
+            }
+        }
+    })
+}
+
+/// An Istio-like inbound sidecar listener: [network role] -> HCM([http role] -> router).
+pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
+    let (net_vm, http_vm) = match spec.filter {
+        Filter::SeparateVms => ("close_relay_net", "close_relay_http"),
+        _ => ("close_relay", "close_relay"),
+    };
+    let mut filters = Vec::new();
+    if matches!(spec.filter, Filter::SameVm | Filter::SeparateVms) {
+        filters.push(wasm_filter("network", "close_relay_network", net_vm, &spec.network_config));
+    }
+    let mut http_filters = Vec::new();
+    if spec.filter != Filter::None {
+        http_filters.push(wasm_filter("http", "close_relay_http", http_vm, &spec.http_config));
+    }
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    }));
+    filters.push(json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "inbound_0.0.0.0_8080",
+            "codec_type": "AUTO",
+            "upgrade_configs": [{"upgrade_type": "websocket"}],
+            "route_config": {
+                "name": "inbound|8080||",
+                "virtual_hosts": [{
+                    "name": "inbound|http|8080", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"},
+                                "route": {"cluster": "inbound|8080||", "timeout": "0s"}}]
+                }]
+            },
+            "http_filters": http_filters
+        }
+    }));
+    let address = |port: u16| json!({"socket_address": {"address": "127.0.0.1", "port_value": port}});
+    json!({
+        "admin": {"address": address(admin)},
+        "static_resources": {
+            "listeners": [{
+                "name": "virtualInbound",
+                "address": address(listen),
+                "traffic_direction": "INBOUND",
+                "filter_chains": [{"filters": filters}]
+            }],
+            "clusters": [
+                {
+                    "name": "inbound|8080||",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {"cluster_name": "inbound|8080||", "endpoints": [
+                        {"lb_endpoints": [{"endpoint": {"address": address(spec.app_port)}}]}]}
+                },
+                {
+                    "name": "prometheus_stats",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {"cluster_name": "prometheus_stats", "endpoints": [
+                        {"lb_endpoints": [{"endpoint": {"address": address(admin)}}]}]}
+                }
+            ]
+        }
+    })
+}
+
+pub struct Envoy {
+    pub port: u16,
+    pub admin: u16,
+    pub dir: PathBuf,
+    proc: Proc,
+}
+
+impl Envoy {
+    pub fn start(name: &str, spec: &EnvoySpec) -> Envoy {
+        let dir = scratch(name);
+        let (port, admin) = (free_port(), free_port());
+        let config = dir.join("envoy.json");
+        fs::write(&config, envoy_config(spec, port, admin).to_string()).expect("write config");
+        let log = dir.join("envoy.log");
+        let mut proc = Proc::spawn(
+            "envoy",
+            Command::new(envoy_bin())
+                .arg("-c")
+                .arg(&config)
+                .args(["--concurrency", "2", "--disable-hot-restart", "-l", "info"])
+                .args(["--component-log-level", "wasm:debug", "--file-flush-interval-msec", "50"])
+                .arg("--log-path")
+                .arg(&log)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(connectable(port) && admin_get(admin, "/ready").is_some_and(|b| b.contains("LIVE"))) {
+            if proc.exited() || Instant::now() > deadline {
+                panic!("envoy did not start; log:\n{}", fs::read_to_string(&log).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Envoy { port, admin, dir, proc }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// Wasm log lines only, for failure messages.
+    pub fn wasm_log(&self) -> String {
+        self.log().lines().filter(|l| l.contains("[wasm]")).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The wasm log once it holds every one of `needles` (Envoy flushes its log file on a
+    /// timer), or as it is after a few seconds.
+    pub fn wasm_log_with(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.wasm_log();
+            if needles.iter().all(|n| log.contains(n)) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A counter from the admin API; 0 when absent.
+    pub fn counter(&self, name: &str) -> u64 {
+        let body = admin_get(self.admin, &format!("/stats?filter=^{name}$")).unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn prometheus(&self) -> String {
+        admin_get(self.admin, "/stats/prometheus").unwrap_or_default()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        !self.proc.exited()
+    }
+
+    pub fn connect(&self) -> Conn {
+        Conn::open(self.port)
+    }
+}
+
+/// GET on the admin API; `None` when it does not answer 200.
+pub fn admin_get(port: u16, path: &str) -> Option<String> {
+    let mut c = Conn::try_open(port).ok()?;
+    c.send(&format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")).ok()?;
+    let r = c.try_response("GET").ok()?;
+    (r.status == 200).then(|| String::from_utf8_lossy(&r.body).into_owned())
+}
+
+/// A parsed HTTP/1.x response with its head exactly as it came off the wire.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub raw_head: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn says_close(&self) -> bool {
+        self.header("connection").is_some_and(|v| v.to_ascii_lowercase().contains("close"))
+    }
+
+    pub fn leaks_marker(&self) -> bool {
+        self.raw_head.to_ascii_lowercase().contains("x-close-relay")
+    }
+}
+
+/// A raw client connection: writes bytes, parses responses, and tells whether the server
+/// closed the socket.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn open(port: u16) -> Conn {
+        Conn::try_open(port).unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"))
+    }
+
+    pub fn try_open(port: u16) -> io::Result<Conn> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Conn { stream, buf: Vec::new() })
+    }
+
+    pub fn send(&mut self, raw: &str) -> io::Result<()> {
+        self.stream.write_all(raw.as_bytes())
+    }
+
+    /// Sends a GET (or `method`) for `path` with optional extra header lines.
+    pub fn request(&mut self, method: &str, path: &str, extra: &str) -> Response {
+        self.send(&format!("{method} {path} HTTP/1.1\r\nhost: app\r\n{extra}\r\n"))
+            .expect("send request");
+        self.response(method)
+    }
+
+    pub fn get(&mut self, path: &str) -> Response {
+        self.request("GET", path, "")
+    }
+
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; 65536];
+        let n = self.stream.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    fn take_until(&mut self, delim: &[u8]) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.windows(delim.len()).position(|w| w == delim) {
+                return Ok(self.buf.drain(..i + delim.len()).collect());
+            }
+            if self.fill()? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed mid-message"));
+            }
+        }
+    }
+
+    fn take_exact(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        while self.buf.len() < n {
+            if self.fill()? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed mid-body"));
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    pub fn response(&mut self, method: &str) -> Response {
+        self.try_response(method).expect("read response")
+    }
+
+    pub fn try_response(&mut self, method: &str) -> io::Result<Response> {
+        let head = self.take_until(b"\r\n\r\n")?;
+        let raw_head = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = raw_head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let mut r = Response { status, raw_head, headers, body: Vec::new() };
+        if method == "HEAD" || status < 200 || status == 204 || status == 304 {
+            return Ok(r);
+        }
+        if let Some(len) = r.header("content-length").and_then(|v| v.parse().ok()) {
+            r.body = self.take_exact(len)?;
+        } else if r.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            loop {
+                let size_line = self.take_until(b"\r\n")?;
+                let size = usize::from_str_radix(String::from_utf8_lossy(&size_line).trim(), 16)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let data = self.take_exact(size + 2)?;
+                if size == 0 {
+                    break;
+                }
+                r.body.extend_from_slice(&data[..size]);
+            }
+        } else {
+            while self.fill()? > 0 {}
+            r.body = std::mem::take(&mut self.buf);
+        }
+        Ok(r)
+    }
+
+    /// True when the server closed the connection (EOF or reset) within `within`, with no
+    /// further bytes before it.
+    pub fn closed_by_server(&mut self, within: Duration) -> bool {
+        let _ = self.stream.set_read_timeout(Some(within));
+        let closed = self.buf.is_empty()
+            && match self.fill() {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+            };
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(10)));
+        closed
+    }
+
+    /// Reads whatever raw bytes arrive within `within` (for upgraded connections).
+    pub fn read_raw(&mut self, want: usize, within: Duration) -> Vec<u8> {
+        let _ = self.stream.set_read_timeout(Some(within));
+        while self.buf.len() < want && matches!(self.fill(), Ok(n) if n > 0) {}
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(10)));
+        std::mem::take(&mut self.buf)
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}

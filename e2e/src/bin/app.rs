@@ -1,0 +1,160 @@
+//! The upstream app for e2e tests and the demo: a small HTTP/1.x server on 127.0.0.1 whose
+//! paths give each kind of response the filter must handle, byte for byte as written here.
+//!
+//! Usage: `app --port 8080`. Paths:
+//! - `/keep`                keep-alive, Content-Length
+//! - `/close`               `Connection: close` (HEAD: head only)
+//! - `/close-token`         `Connection: Keep-Alive, CLOSE`
+//! - `/proxy-close`         `Proxy-Connection: close`
+//! - `/eof`                 HTTP/1.1, no framing: body ends at close
+//! - `/http10-eof`          HTTP/1.0, no framing, close
+//! - `/chunked-close`       chunked body + `Connection: close`
+//! - `/big-close?bytes=N`   N pattern bytes (default 8 MiB) + `Connection: close`
+//! - `/status-close?code=N` status N (204, 304, ...) without body + `Connection: close`
+//! - `/spoof`               keep-alive response carrying forged `x-close-relay` headers
+//! - `/ws`                  with `Upgrade:` answers 101 and then echoes raw bytes
+//!
+//! A request header `x-app-close: 1` makes any path answer with `Connection: close`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+
+use e2e::pattern_byte;
+
+fn main() {
+    let port = std::env::args()
+        .skip_while(|a| a != "--port")
+        .nth(1)
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(8080);
+    let listener = match TcpListener::bind(("127.0.0.1", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("app: cannot listen on 127.0.0.1:{port}: {e}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!("app: listening on 127.0.0.1:{port}");
+    for stream in listener.incoming().flatten() {
+        thread::spawn(move || {
+            let _ = serve(stream);
+        });
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    query: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    }
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_string();
+    let target = parts.next().unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_string(), query.to_string());
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 {
+            return Ok(None);
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let req = Request { method, path, query, headers };
+    let body_len: usize = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    io::copy(&mut reader.by_ref().take(body_len as u64), &mut io::sink())?;
+    Ok(Some(req))
+}
+
+fn serve(stream: TcpStream) -> io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    while let Some(req) = read_request(&mut reader)? {
+        let head_only = req.method == "HEAD";
+        let forced = req.header("x-app-close") == Some("1");
+        let close = if forced { "Connection: close\r\n" } else { "" };
+        let simple = |extra: &str, body: &str| {
+            let body = if head_only { "" } else { body };
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{extra}{close}\r\n{body}")
+        };
+        let (response, keep) = match req.path.as_str() {
+            "/keep" => (simple("", "ok"), !forced),
+            "/close" => (simple("Connection: close\r\n", "ok"), false),
+            "/close-token" => (simple("Connection: Keep-Alive, CLOSE\r\n", "ok"), false),
+            "/proxy-close" => (simple("Proxy-Connection: close\r\n", "ok"), false),
+            "/eof" => ("HTTP/1.1 200 OK\r\n\r\neof-body".to_string(), false),
+            "/http10-eof" => ("HTTP/1.0 200 OK\r\n\r\nhttp10-body".to_string(), false),
+            "/chunked-close" => (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+                 5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+                    .to_string(),
+                false,
+            ),
+            "/status-close" => {
+                let code = req.param("code").unwrap_or("204");
+                (format!("HTTP/1.1 {code} X\r\nConnection: close\r\n\r\n"), false)
+            }
+            "/spoof" => (
+                simple("x-close-relay: 0000000000000000\r\nX-Close-Relay: close\r\n", "ok"),
+                !forced,
+            ),
+            "/big-close" => {
+                let n: usize = req.param("bytes").and_then(|b| b.parse().ok()).unwrap_or(8 << 20);
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n");
+                out.write_all(head.as_bytes())?;
+                let mut sent = 0;
+                while sent < n {
+                    let end = (sent + 65536).min(n);
+                    let piece: Vec<u8> = (sent..end).map(pattern_byte).collect();
+                    out.write_all(&piece)?;
+                    sent = end;
+                }
+                return Ok(());
+            }
+            "/ws" if req.header("upgrade").is_some() => {
+                out.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                )?;
+                // Echo raw bytes until the peer closes: Envoy relays them untouched.
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = reader.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    out.write_all(&buf[..n])?;
+                }
+            }
+            _ => ("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(), true),
+        };
+        out.write_all(response.as_bytes())?;
+        if !keep {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
