@@ -10,6 +10,8 @@
 //! Decisions live in [`decision`] and [`wire`] as pure functions; everything that talks to the
 //! host is in [`host`] and the two context types.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod config;
 pub mod decision;
 pub mod host;

@@ -114,10 +114,8 @@ impl StreamContext for NetworkRole {
     }
 
     fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        if self.close_pending && size > 0 {
-            if self.shared.active().is_some_and(|c| c.close_connection) {
-                self.close_on_next_request(size);
-            }
+        if self.close_pending && size > 0 && self.shared.active().is_some_and(|c| c.close_connection) {
+            self.close_on_next_request(size);
         }
         Action::Continue
     }

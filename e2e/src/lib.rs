@@ -134,7 +134,13 @@ pub struct App {
 
 impl App {
     pub fn start() -> App {
-        let port = free_port();
+        App::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> App {
+        if connectable(port) {
+            panic!("127.0.0.1:{port} is already in use");
+        }
         let proc = Proc::spawn(
             "app",
             Command::new(app_bin())
@@ -279,12 +285,19 @@ impl Envoy {
         let (port, admin) = (free_port(), free_port());
         let config = dir.join("envoy.json");
         fs::write(&config, envoy_config(spec, port, admin).to_string()).expect("write config");
+        Envoy::launch(dir, &config, port, admin)
+    }
+
+    /// Starts Envoy on a config file that listens on `port` with its admin on `admin`, from
+    /// the repository root (where the shipped configs expect to be run).
+    pub fn launch(dir: PathBuf, config: &Path, port: u16, admin: u16) -> Envoy {
         let log = dir.join("envoy.log");
         let mut proc = Proc::spawn(
             "envoy",
             Command::new(envoy_bin())
+                .current_dir(repo_root())
                 .arg("-c")
-                .arg(&config)
+                .arg(config)
                 .args(["--concurrency", "2", "--disable-hot-restart", "-l", "info"])
                 .args(["--component-log-level", "wasm:debug", "--file-flush-interval-msec", "50"])
                 .arg("--log-path")

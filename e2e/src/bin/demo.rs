@@ -1,0 +1,51 @@
+//! `make demo`: the bug and the fix side by side on 127.0.0.1, with real Envoy processes.
+//! Starts the app on :8080, a plain sidecar on :10001 and a close-relay sidecar from
+//! `envoyfilter/local/envoy.yaml` on :10000, sends the same requests to both, prints what the
+//! client (the ALB) sees, and stops everything it started.
+
+use std::time::{Duration, Instant};
+
+use e2e::{scratch, App, Conn, Envoy, EnvoySpec, Filter};
+
+fn show(label: &str, port: u16, path: &str) {
+    let mut c = Conn::open(port);
+    let started = Instant::now();
+    let r = c.get(path);
+    let connection = r.header("connection").unwrap_or("(none)").to_string();
+    let socket = if c.closed_by_server(Duration::from_secs(2)) {
+        format!("closed by Envoy ({:.1} ms after the request)", started.elapsed().as_secs_f64() * 1e3)
+    } else {
+        "open, will be reused".to_string()
+    };
+    println!("  {label:<28} GET {path:<6} -> {} | connection: {connection:<6} | socket {socket}", r.status);
+}
+
+fn main() {
+    println!("close-relay demo, Envoy {} ({})", e2e::envoy_version(), e2e::envoy_bin().display());
+    let app = App::start_on(8080);
+    let plain = Envoy::start("demo-plain", &EnvoySpec::new(Filter::None, app.port));
+    let relay = Envoy::launch(
+        scratch("demo-relay"),
+        &e2e::repo_root().join("envoyfilter/local/envoy.yaml"),
+        10000,
+        9901,
+    );
+    println!("app 127.0.0.1:8080 | plain sidecar 127.0.0.1:{} | close-relay sidecar 127.0.0.1:10000\n", plain.port);
+    println!("The app is shutting down and answers `Connection: close` (/close):");
+    show("sidecar without close-relay", plain.port, "/close");
+    show("sidecar with close-relay", relay.port, "/close");
+    println!("  -> without the filter the ALB keeps sending into the dying pod; with it, it reconnects.");
+    println!("\nA healthy app keeps its connections (/keep), and close-relay leaves them alone:");
+    show("sidecar without close-relay", plain.port, "/keep");
+    show("sidecar with close-relay", relay.port, "/keep");
+    println!("\nclose-relay counters (admin 127.0.0.1:9901/stats?filter=close_relay):");
+    for line in e2e::admin_get(relay.admin, "/stats?filter=close_relay").unwrap_or_default().lines() {
+        if !line.ends_with(": 0") {
+            println!("  {line}");
+        }
+    }
+    println!("\nBy hand, from the repository root:");
+    println!("  target/debug/app --port 8080 &");
+    println!("  {} -c envoyfilter/local/envoy.yaml &", e2e::envoy_bin().display());
+    println!("  curl -sv http://127.0.0.1:10000/close");
+}
