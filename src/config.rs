@@ -27,7 +27,9 @@ pub struct Config {
     /// After relaying, close the client connection: right after the response when both roles
     /// share a VM, otherwise on the client's next request.
     pub close_connection: bool,
-    /// How many bytes of a response head the network role inspects at most.
+    /// How many bytes of a response head the network role inspects at most. Must exceed the
+    /// largest head Envoy lets through (its HTTP/1 codec limit is 60 KiB by default), or the
+    /// marker of a larger head could not be rewritten.
     pub max_head_bytes: usize,
 }
 
@@ -38,12 +40,12 @@ impl Default for Config {
             enabled: true,
             relay_upstream_close: true,
             close_connection: true,
-            max_head_bytes: 16 * 1024,
+            max_head_bytes: 96 * 1024,
         }
     }
 }
 
-const MAX_HEAD_BYTES_RANGE: (usize, usize) = (256, 1024 * 1024);
+const MAX_HEAD_BYTES_RANGE: (usize, usize) = (1024, 8 * 1024 * 1024);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

@@ -132,6 +132,19 @@ fn large_body_under_back_pressure_arrives_intact_before_the_close() {
 }
 
 #[test]
+fn a_large_response_head_is_relayed_without_leaking_the_marker() {
+    let (_app, envoy) = setup("bighead", Filter::SameVm);
+    let mut c = envoy.connect();
+    let r = c.get("/big-head-close?bytes=40960");
+    assert_eq!(r.status, 200, "{}", &r.raw_head[..200.min(r.raw_head.len())]);
+    assert!(r.raw_head.len() > 40_000);
+    assert!(r.says_close(), "40 KiB head not relayed");
+    assert_clean(&r, &envoy);
+    assert_eq!(r.body, b"ok");
+    assert!(c.closed_by_server(SOON));
+}
+
+#[test]
 fn an_upstream_cannot_spoof_the_marker() {
     let (_app, envoy) = setup("spoof", Filter::SameVm);
     let mut c = envoy.connect();

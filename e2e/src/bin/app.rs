@@ -11,6 +11,7 @@
 //! - `/chunked-close`       chunked body + `Connection: close`
 //! - `/big-close?bytes=N`   N pattern bytes (default 8 MiB) + `Connection: close`
 //! - `/status-close?code=N` status N (204, 304, ...) without body + `Connection: close`
+//! - `/big-head-close?bytes=N` about N bytes of `x-pad-*` headers + `Connection: close`
 //! - `/spoof`               keep-alive response carrying forged `x-close-relay` headers
 //! - `/ws`                  with `Upgrade:` answers 101 and then echoes raw bytes
 //!
@@ -117,6 +118,13 @@ fn serve(stream: TcpStream) -> io::Result<()> {
             "/status-close" => {
                 let code = req.param("code").unwrap_or("204");
                 (format!("HTTP/1.1 {code} X\r\nConnection: close\r\n\r\n"), false)
+            }
+            "/big-head-close" => {
+                let n: usize = req.param("bytes").and_then(|b| b.parse().ok()).unwrap_or(40 << 10);
+                let pads: String = (0..n.div_ceil(4000))
+                    .map(|i| format!("x-pad-{i}: {}\r\n", "a".repeat(3990)))
+                    .collect();
+                (simple(&format!("{pads}Connection: close\r\n"), "ok"), false)
             }
             "/spoof" => (
                 simple("x-close-relay: 0000000000000000\r\nX-Close-Relay: close\r\n", "ok"),
