@@ -106,8 +106,13 @@ pub fn upstream_end(resp: &ResponseFacts) -> Option<EndReason> {
 }
 
 /// Full decision for one response. `request` is only consulted when the app ended its
-/// connection, so the host calls behind it stay off the common path.
-pub fn decide(resp: &ResponseFacts, request: impl FnOnce() -> RequestFacts) -> Decision {
+/// connection, and `unframed_ends_connection` only for a response without framing, so the host
+/// calls behind them stay off the common path.
+pub fn decide(
+    resp: &ResponseFacts,
+    request: impl FnOnce() -> RequestFacts,
+    unframed_ends_connection: impl FnOnce() -> bool,
+) -> Decision {
     let Some(end) = upstream_end(resp) else {
         return Decision::Keep;
     };
@@ -124,11 +129,56 @@ pub fn decide(resp: &ResponseFacts, request: impl FnOnce() -> RequestFacts) -> D
     if req.protocol != "HTTP/1.1" {
         return Decision::Skip(SkipReason::NotHttp11);
     }
-    if end == EndReason::CloseDelimited && req.method.eq_ignore_ascii_case("HEAD") {
-        // A HEAD response never has a body, so missing framing headers mean nothing.
+    if end == EndReason::CloseDelimited
+        && (req.method.eq_ignore_ascii_case("HEAD") || !unframed_ends_connection())
+    {
+        // A HEAD response never has a body, and an HTTP/2 app frames its bodies itself: in
+        // both, missing framing headers say nothing about the connection.
         return Decision::Keep;
     }
     Decision::Relay(end)
+}
+
+/// Tells a close-delimited HTTP/1 app from an HTTP/2 (h2c) app, which wasm cannot ask Envoy
+/// about: both send responses without `Content-Length` or chunking. A close-delimited response
+/// ends its upstream connection, so the next one comes over a new connection; an HTTP/2 app
+/// keeps answering over the same one. Seeing an app's unframed response arrive on the upstream
+/// connection that carried its previous one marks that app as multiplexed for good. The cost
+/// is one relayed close per VM before an HTTP/2 app is recognised.
+#[derive(Debug, Default)]
+pub struct UnframedLearner {
+    hosts: std::collections::HashMap<String, Unframed>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Unframed {
+    /// The last unframed response came over this upstream connection (its local address).
+    LastOn(String),
+    Multiplexed,
+}
+
+/// Upstream hosts remembered at most; a sidecar talks to one app, so this is generous.
+const LEARNER_CAPACITY: usize = 256;
+
+impl UnframedLearner {
+    /// An unframed response from `host` arrived over the upstream connection whose local
+    /// address is `local`: does it end that connection?
+    pub fn ends_connection(&mut self, host: &str, local: &str) -> bool {
+        match self.hosts.get(host) {
+            Some(Unframed::Multiplexed) => false,
+            Some(Unframed::LastOn(previous)) if previous == local => {
+                self.hosts.insert(host.to_string(), Unframed::Multiplexed);
+                false
+            }
+            _ => {
+                if self.hosts.len() >= LEARNER_CAPACITY {
+                    self.hosts.clear();
+                }
+                self.hosts.insert(host.to_string(), Unframed::LastOn(local.to_string()));
+                true
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +187,10 @@ mod tests {
 
     fn ok(connection: Option<&str>) -> ResponseFacts<'_> {
         ResponseFacts { status: 200, connection, content_length: true, ..Default::default() }
+    }
+
+    fn yes() -> bool {
+        true
     }
 
     fn h11() -> RequestFacts {
@@ -166,10 +220,14 @@ mod tests {
         assert_eq!(upstream_end(&chunked), None);
         let mut called = false;
         assert_eq!(
-            decide(&ok(None), || {
-                called = true;
-                h11()
-            }),
+            decide(
+                &ok(None),
+                || {
+                    called = true;
+                    h11()
+                },
+                || unreachable!("framing is not consulted on the keep-alive path")
+            ),
             Decision::Keep
         );
         assert!(!called, "request facts must not be read on the keep-alive path");
@@ -177,40 +235,70 @@ mod tests {
 
     #[test]
     fn connection_close_relays() {
-        assert_eq!(decide(&ok(Some("Close")), h11), Decision::Relay(EndReason::ConnectionClose));
+        assert_eq!(decide(&ok(Some("Close")), h11, yes), Decision::Relay(EndReason::ConnectionClose));
         let proxy = ResponseFacts { proxy_connection: Some("close"), ..ok(None) };
-        assert_eq!(decide(&proxy, h11), Decision::Relay(EndReason::ProxyConnectionClose));
+        assert_eq!(decide(&proxy, h11, yes), Decision::Relay(EndReason::ProxyConnectionClose));
     }
 
     #[test]
     fn close_delimited_relays_but_not_for_head_or_bodyless() {
         let eof = ResponseFacts { status: 200, ..Default::default() };
-        assert_eq!(decide(&eof, h11), Decision::Relay(EndReason::CloseDelimited));
+        assert_eq!(decide(&eof, h11, yes), Decision::Relay(EndReason::CloseDelimited));
         let head = || RequestFacts { method: "HEAD".into(), ..h11() };
-        assert_eq!(decide(&eof, head), Decision::Keep);
+        assert_eq!(decide(&eof, head, yes), Decision::Keep);
         for status in [204, 304] {
             let r = ResponseFacts { status, ..Default::default() };
             assert_eq!(upstream_end(&r), None, "{status}");
         }
         // HEAD with an explicit close still relays.
-        assert_eq!(decide(&ok(Some("close")), head), Decision::Relay(EndReason::ConnectionClose));
+        assert_eq!(decide(&ok(Some("close")), head, yes), Decision::Relay(EndReason::ConnectionClose));
+    }
+
+    #[test]
+    fn unframed_response_from_a_multiplexed_app_keeps() {
+        let eof = ResponseFacts { status: 200, ..Default::default() };
+        assert_eq!(decide(&eof, h11, || false), Decision::Keep);
+    }
+
+    #[test]
+    fn learner_tells_close_delimited_from_http2() {
+        let mut l = UnframedLearner::default();
+        // HTTP/1 close-delimited: every response on a fresh upstream connection.
+        assert!(l.ends_connection("10.0.0.1:8080", "127.0.0.1:40001"));
+        assert!(l.ends_connection("10.0.0.1:8080", "127.0.0.1:40002"));
+        assert!(l.ends_connection("10.0.0.1:8080", "127.0.0.1:40003"));
+        // HTTP/2: the second response on the same connection gives it away, for good.
+        assert!(l.ends_connection("10.0.0.2:8080", "127.0.0.1:50001"));
+        assert!(!l.ends_connection("10.0.0.2:8080", "127.0.0.1:50001"));
+        assert!(!l.ends_connection("10.0.0.2:8080", "127.0.0.1:50002"));
+        // Hosts are independent.
+        assert!(l.ends_connection("10.0.0.1:8080", "127.0.0.1:40004"));
+    }
+
+    #[test]
+    fn learner_is_bounded() {
+        let mut l = UnframedLearner::default();
+        for i in 0..10 * LEARNER_CAPACITY {
+            l.ends_connection(&format!("h{i}"), "l");
+        }
+        assert!(l.hosts.len() <= LEARNER_CAPACITY);
     }
 
     #[test]
     fn skips() {
         let close = ok(Some("close"));
         let h2 = || RequestFacts { protocol: "HTTP/2".into(), ..h11() };
-        assert_eq!(decide(&close, h2), Decision::Skip(SkipReason::NotHttp11));
+        assert_eq!(decide(&close, h2, yes), Decision::Skip(SkipReason::NotHttp11));
         let h10 = || RequestFacts { protocol: "HTTP/1.0".into(), ..h11() };
-        assert_eq!(decide(&close, h10), Decision::Skip(SkipReason::NotHttp11));
+        assert_eq!(decide(&close, h10, yes), Decision::Skip(SkipReason::NotHttp11));
         let ws = || RequestFacts { upgrade: Some("websocket".into()), ..h11() };
-        assert_eq!(decide(&close, ws), Decision::Skip(SkipReason::Upgrade));
+        assert_eq!(decide(&close, ws, yes), Decision::Skip(SkipReason::Upgrade));
         let conn_upgrade = || RequestFacts { connection: Some("keep-alive, Upgrade".into()), ..h11() };
-        assert_eq!(decide(&close, conn_upgrade), Decision::Skip(SkipReason::Upgrade));
+        assert_eq!(decide(&close, conn_upgrade, yes), Decision::Skip(SkipReason::Upgrade));
         let connect = || RequestFacts { method: "CONNECT".into(), ..h11() };
-        assert_eq!(decide(&close, connect), Decision::Skip(SkipReason::Connect));
+        assert_eq!(decide(&close, connect, yes), Decision::Skip(SkipReason::Connect));
         let switching = ResponseFacts { status: 101, ..close };
-        assert_eq!(decide(&switching, h11), Decision::Skip(SkipReason::Informational));
+        assert_eq!(decide(&switching, h11, yes), Decision::Skip(SkipReason::Informational));
     }
 
     #[test]

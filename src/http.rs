@@ -9,7 +9,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use crate::decision::{decide, Decision, RequestFacts, ResponseFacts, SkipReason};
+use crate::decision::{decide, Decision, RequestFacts, ResponseFacts, SkipReason, UnframedLearner};
 use crate::{host, network, wire, Shared};
 
 pub struct HttpRole {
@@ -56,7 +56,22 @@ fn response_facts(headers: &[(String, String)]) -> ResponseFacts<'_> {
     facts
 }
 
+/// Per VM: whether an unframed response really ends the app's connection (see the learner).
+fn unframed_ends_connection() -> bool {
+    let host = host::get_property(vec!["upstream", "address"]);
+    let local = host::get_property(vec!["upstream", "local_address"]);
+    let (Some(host), Some(local)) = (host, local) else {
+        // No upstream connection (a local reply): nothing to learn, and nothing to relay.
+        return false;
+    };
+    LEARNER.with(|l| {
+        l.borrow_mut()
+            .ends_connection(&String::from_utf8_lossy(&host), &String::from_utf8_lossy(&local))
+    })
+}
+
 thread_local! {
+    static LEARNER: std::cell::RefCell<UnframedLearner> = std::cell::RefCell::default();
     static WARNED_NO_NETWORK_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -81,10 +96,11 @@ impl HttpContext for HttpRole {
         };
         let facts = response_facts(&headers);
         let request = &mut self.request;
-        let decision = decide(&facts, || RequestFacts {
-            protocol: downstream_protocol(),
-            ..std::mem::take(request)
-        });
+        let decision = decide(
+            &facts,
+            || RequestFacts { protocol: downstream_protocol(), ..std::mem::take(request) },
+            unframed_ends_connection,
+        );
         let end = match decision {
             Decision::Keep => return Action::Continue,
             Decision::Skip(reason) => {

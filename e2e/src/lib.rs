@@ -137,7 +137,16 @@ impl App {
         App::start_on(free_port())
     }
 
+    /// The app speaking HTTP/2 with prior knowledge (h2c).
+    pub fn start_h2c() -> App {
+        App::spawn(free_port(), &["--h2c"])
+    }
+
     pub fn start_on(port: u16) -> App {
+        App::spawn(port, &[])
+    }
+
+    fn spawn(port: u16, extra: &[&str]) -> App {
         if connectable(port) {
             panic!("127.0.0.1:{port} is already in use");
         }
@@ -145,6 +154,7 @@ impl App {
             "app",
             Command::new(app_bin())
                 .args(["--port", &port.to_string()])
+                .args(extra)
                 .stderr(Stdio::null()),
         );
         wait_until("app to listen", Duration::from_secs(10), || connectable(port));
@@ -170,6 +180,10 @@ pub struct EnvoySpec {
     pub http_config: String,
     pub network_config: String,
     pub app_port: u16,
+    /// Talk HTTP/2 (h2c) to the app, as Istio does for `http2`/`grpc` ports.
+    pub app_h2c: bool,
+    /// Envoy worker threads; each runs its own copy of the VMs.
+    pub concurrency: u32,
 }
 
 impl EnvoySpec {
@@ -179,6 +193,8 @@ impl EnvoySpec {
             http_config: String::new(),
             network_config: String::new(),
             app_port,
+            app_h2c: false,
+            concurrency: 2,
         }
     }
 }
@@ -243,6 +259,14 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
         }
     }));
     let address = |port: u16| json!({"socket_address": {"address": "127.0.0.1", "port_value": port}});
+    let app_protocol = if spec.app_h2c {
+        json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }})
+    } else {
+        json!({})
+    };
     json!({
         "admin": {"address": address(admin)},
         "static_resources": {
@@ -257,6 +281,7 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
                     "name": "inbound|8080||",
                     "type": "STATIC",
                     "connect_timeout": "1s",
+                    "typed_extension_protocol_options": app_protocol,
                     "load_assignment": {"cluster_name": "inbound|8080||", "endpoints": [
                         {"lb_endpoints": [{"endpoint": {"address": address(spec.app_port)}}]}]}
                 },
@@ -285,12 +310,16 @@ impl Envoy {
         let (port, admin) = (free_port(), free_port());
         let config = dir.join("envoy.json");
         fs::write(&config, envoy_config(spec, port, admin).to_string()).expect("write config");
-        Envoy::launch(dir, &config, port, admin)
+        Envoy::launch_with(dir, &config, port, admin, spec.concurrency)
     }
 
     /// Starts Envoy on a config file that listens on `port` with its admin on `admin`, from
     /// the repository root (where the shipped configs expect to be run).
     pub fn launch(dir: PathBuf, config: &Path, port: u16, admin: u16) -> Envoy {
+        Envoy::launch_with(dir, config, port, admin, 2)
+    }
+
+    fn launch_with(dir: PathBuf, config: &Path, port: u16, admin: u16, concurrency: u32) -> Envoy {
         let log = dir.join("envoy.log");
         let mut proc = Proc::spawn(
             "envoy",
@@ -298,7 +327,7 @@ impl Envoy {
                 .current_dir(repo_root())
                 .arg("-c")
                 .arg(config)
-                .args(["--concurrency", "2", "--disable-hot-restart", "-l", "info"])
+                .args(["--concurrency", &concurrency.to_string(), "--disable-hot-restart", "-l", "info"])
                 .args(["--component-log-level", "wasm:debug", "--file-flush-interval-msec", "50"])
                 .arg("--log-path")
                 .arg(&log)

@@ -210,6 +210,30 @@ fn h2c_downstream_is_untouched_and_never_sees_the_marker() {
 }
 
 #[test]
+fn an_http2_app_without_content_length_is_learned_not_closed() {
+    // HTTP/2 apps frame bodies themselves, so their responses look close-delimited to wasm.
+    // One worker, so the one relay it may take to learn is exact.
+    let app = App::start_h2c();
+    let mut spec = EnvoySpec::new(Filter::SameVm, app.port);
+    spec.app_h2c = true;
+    spec.concurrency = 1;
+    let envoy = Envoy::start("h2app", &spec);
+    let mut first = envoy.connect();
+    let r = first.get("/");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"h2-ok"[..]));
+    let mut c = envoy.connect();
+    for _ in 0..5 {
+        let r = c.get("/");
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"h2-ok"[..]));
+        assert!(!r.says_close(), "HTTP/2 app response relayed as close:\n{}", r.raw_head);
+        assert_clean(&r, &envoy);
+    }
+    assert!(!c.closed_by_server(A_WHILE));
+    assert!(envoy.counter("wasmcustom.close_relay_relayed_total") <= 1);
+    say("HTTP/2 app: unframed responses recognised as multiplexed, connections kept");
+}
+
+#[test]
 fn bad_configuration_fails_open_with_a_clear_log() {
     let app = App::start();
     let mut spec = EnvoySpec::new(Filter::SameVm, app.port);

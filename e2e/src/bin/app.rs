@@ -1,7 +1,9 @@
 //! The upstream app for e2e tests and the demo: a small HTTP/1.x server on 127.0.0.1 whose
 //! paths give each kind of response the filter must handle, byte for byte as written here.
 //!
-//! Usage: `app --port 8080`. Paths:
+//! Usage: `app --port 8080 [--h2c]`. With `--h2c` it speaks HTTP/2 with prior knowledge and
+//! answers every request with 200 and a body, without `content-length` (HTTP/2 frames bodies
+//! itself). Otherwise HTTP/1.x, by path:
 //! - `/keep`                keep-alive, Content-Length
 //! - `/close`               `Connection: close` (HEAD: head only)
 //! - `/close-token`         `Connection: Keep-Alive, CLOSE`
@@ -29,6 +31,9 @@ fn main() {
         .nth(1)
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or(8080);
+    if std::env::args().any(|a| a == "--h2c") {
+        return serve_h2c(port);
+    }
     let listener = match TcpListener::bind(("127.0.0.1", port)) {
         Ok(l) => l,
         Err(e) => {
@@ -165,4 +170,35 @@ fn serve(stream: TcpStream) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve_h2c(port: u16) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("app: no runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("app: cannot listen on 127.0.0.1:{port}: {e}");
+                std::process::exit(1);
+            }
+        };
+        eprintln!("app: h2c on 127.0.0.1:{port}");
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else { return };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let response = http::Response::builder().status(200).body(()).unwrap_or_default();
+                    if let Ok(mut body) = respond.send_response(response, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"h2-ok"), true);
+                    }
+                }
+            });
+        }
+    });
 }
