@@ -132,6 +132,24 @@ fn large_body_under_back_pressure_arrives_intact_before_the_close() {
 }
 
 #[test]
+fn expect_100_continue_then_close_is_relayed_on_the_final_response() {
+    let (_app, envoy) = setup("continue", Filter::SameVm);
+    let mut c = envoy.connect();
+    c.send("POST /close HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+        .unwrap();
+    let interim = c.response("POST");
+    assert_eq!(interim.status, 100, "{}", interim.raw_head);
+    assert_clean(&interim, &envoy);
+    assert!(!interim.says_close());
+    c.send("hello").unwrap();
+    let r = c.response("POST");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+    assert!(r.says_close(), "{}", r.raw_head);
+    assert_clean(&r, &envoy);
+    assert!(c.closed_by_server(SOON));
+}
+
+#[test]
 fn a_large_response_head_is_relayed_without_leaking_the_marker() {
     let (_app, envoy) = setup("bighead", Filter::SameVm);
     let mut c = envoy.connect();
