@@ -11,7 +11,7 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType};
 
-use crate::wire::{self, HeadRewrite};
+use crate::wire::{self, Edit, HeadRewrite};
 use crate::{host, Shared};
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
@@ -28,6 +28,14 @@ thread_local! {
 /// The network context serving the connection with `nonce`, if it lives in this VM.
 pub fn context_for(nonce: &str) -> Option<u32> {
     CONTEXTS.with(|c| c.borrow().get(nonce).copied())
+}
+
+fn apply(buffer: BufferType, edit: &Edit) -> bool {
+    let applied = host::replace_prefix(buffer, edit.len, &edit.with);
+    if let Err(e) = applied {
+        warn!("close-relay: could not edit {buffer:?}: {e:?}");
+    }
+    applied.is_ok()
 }
 
 pub struct NetworkRole {
@@ -61,13 +69,10 @@ impl NetworkRole {
         else {
             return;
         };
-        match host::replace_prefix(BufferType::UpstreamData, edit.len, &edit.with) {
-            Ok(()) => {
-                self.close_pending = true;
-                self.shared.metrics.headers_rewritten.inc();
-                debug!("marker rewritten to connection: close (envoy already closing: {already_close})");
-            }
-            Err(e) => warn!("close-relay: could not rewrite response head: {e:?}"),
+        if apply(BufferType::UpstreamData, &edit) {
+            self.close_pending = true;
+            self.shared.metrics.headers_rewritten.inc();
+            debug!("marker rewritten to connection: close (envoy already closing: {already_close})");
         }
     }
 
@@ -78,13 +83,10 @@ impl NetworkRole {
         let Some(edit) = wire::inject_request_close(&buf) else {
             return;
         };
-        match host::replace_prefix(BufferType::DownstreamData, edit.len, &edit.with) {
-            Ok(()) => {
-                self.close_pending = false;
-                self.shared.metrics.requests_closed.inc();
-                debug!("added connection: close to the next request");
-            }
-            Err(e) => warn!("close-relay: could not edit request head: {e:?}"),
+        if apply(BufferType::DownstreamData, &edit) {
+            self.close_pending = false;
+            self.shared.metrics.requests_closed.inc();
+            debug!("added connection: close to the next request");
         }
     }
 }

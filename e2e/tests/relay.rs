@@ -23,6 +23,13 @@ fn assert_clean(r: &Response, envoy: &Envoy) {
     assert!(!r.leaks_marker(), "marker leaked:\n{}\nwasm log:\n{}", r.raw_head, envoy.wasm_log());
 }
 
+/// The client saw `connection: close`, no marker, and exactly `body`.
+fn assert_relayed(r: &Response, envoy: &Envoy, body: &[u8]) {
+    assert!(r.says_close(), "close not relayed:\n{}\nwasm log:\n{}", r.raw_head, envoy.wasm_log());
+    assert_clean(r, envoy);
+    assert_eq!(r.body, body, "body of\n{}", r.raw_head);
+}
+
 #[test]
 fn without_filter_the_close_is_swallowed_and_the_connection_stays_open() {
     let (_app, envoy) = setup("nofilter", Filter::None);
@@ -41,9 +48,8 @@ fn same_vm_relays_close_and_closes_right_after_the_response() {
     let (_app, envoy) = setup("samevm", Filter::SameVm);
     let mut c = envoy.connect();
     let r = c.get("/close");
-    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
-    assert!(r.says_close(), "close not relayed:\n{}\n{}", r.raw_head, envoy.wasm_log());
-    assert_clean(&r, &envoy);
+    assert_eq!(r.status, 200);
+    assert_relayed(&r, &envoy, b"ok");
     assert!(c.closed_by_server(SOON), "Envoy did not close after the relayed response");
     assert_eq!(envoy.counter("wasmcustom.close_relay_relayed_total"), 1);
     assert_eq!(envoy.counter("wasmcustom.close_relay_headers_rewritten_total"), 1);
@@ -56,9 +62,7 @@ fn separate_vms_relay_close_and_close_on_the_next_request() {
     let (_app, envoy) = setup("sepvm", Filter::SeparateVms);
     let mut c = envoy.connect();
     let r = c.get("/close");
-    assert!(r.says_close(), "close not relayed:\n{}\n{}", r.raw_head, envoy.wasm_log());
-    assert_clean(&r, &envoy);
-    assert_eq!(r.body, b"ok");
+    assert_relayed(&r, &envoy, b"ok");
     // A client that ignores the header and sends again gets its answer, then a close.
     let next = c.request("GET", "/keep", "connection: keep-alive\r\n");
     assert_eq!(next.status, 200);
@@ -98,17 +102,14 @@ fn every_way_an_app_ends_its_connection_is_relayed_with_the_body_intact() {
         let mut c = envoy.connect();
         let r = c.request(method, path, "");
         assert_eq!(r.status, 200, "{method} {path}");
-        assert!(r.says_close(), "{method} {path} not relayed:\n{}", r.raw_head);
-        assert_clean(&r, &envoy);
-        assert_eq!(r.body, body, "{method} {path} body");
+        assert_relayed(&r, &envoy, body);
         assert!(c.closed_by_server(SOON), "{method} {path} not closed");
     }
     for code in [204, 304] {
         let mut c = envoy.connect();
         let r = c.get(&format!("/status-close?code={code}"));
         assert_eq!(r.status, code);
-        assert!(r.says_close(), "{code} not relayed:\n{}", r.raw_head);
-        assert_clean(&r, &envoy);
+        assert_relayed(&r, &envoy, b"");
         assert!(c.closed_by_server(SOON), "{code} not closed");
     }
 }
@@ -143,9 +144,8 @@ fn expect_100_continue_then_close_is_relayed_on_the_final_response() {
     assert!(!interim.says_close());
     c.send("hello").unwrap();
     let r = c.response("POST");
-    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
-    assert!(r.says_close(), "{}", r.raw_head);
-    assert_clean(&r, &envoy);
+    assert_eq!(r.status, 200);
+    assert_relayed(&r, &envoy, b"ok");
     assert!(c.closed_by_server(SOON));
 }
 
@@ -156,9 +156,7 @@ fn a_large_response_head_is_relayed_without_leaking_the_marker() {
     let r = c.get("/big-head-close?bytes=40960");
     assert_eq!(r.status, 200, "{}", &r.raw_head[..200.min(r.raw_head.len())]);
     assert!(r.raw_head.len() > 40_000);
-    assert!(r.says_close(), "40 KiB head not relayed");
-    assert_clean(&r, &envoy);
-    assert_eq!(r.body, b"ok");
+    assert_relayed(&r, &envoy, b"ok");
     assert!(c.closed_by_server(SOON));
 }
 
