@@ -27,6 +27,11 @@ pub struct Config {
     /// After relaying, close the client connection: right after the response when both roles
     /// share a VM, otherwise on the client's next request.
     pub close_connection: bool,
+    /// A 5xx Envoy returns because it could not connect to the app closes the client
+    /// connection, draining or not, so one ALB connection meets at most one such error.
+    pub close_on_connect_failure: bool,
+    /// Pod-level drain awareness: close every client connection once the pod is going away.
+    pub drain: DrainConfig,
     /// How many bytes of a response head the network role inspects at most. Must exceed the
     /// largest head Envoy lets through (its HTTP/1 codec limit is 60 KiB by default), or the
     /// marker of a larger head could not be rewritten.
@@ -40,8 +45,107 @@ impl Default for Config {
             enabled: true,
             relay_upstream_close: true,
             close_connection: true,
+            close_on_connect_failure: true,
+            drain: DrainConfig::default(),
             max_head_bytes: 96 * 1024,
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainConfig {
+    pub enabled: bool,
+    /// How often each VM refreshes the shared drain state and looks for idle connections.
+    pub tick_ms: u64,
+    /// While draining, a connection with no request in flight and no bytes for this long is
+    /// closed. The grace avoids racing a request already on the wire.
+    pub idle_grace_ms: u64,
+    /// Sidecar drain: Envoy's admin API (`/ready`, `/stats`) polled through a cluster.
+    pub sidecar: Poll,
+    /// App shutdown: Envoy could not connect to the app, or the app reset connections.
+    pub app_failure: AppFailure,
+    /// App shutdown: many `Connection: close` answers in a short window. Off by default.
+    pub app_closes: AppCloses,
+    /// App shutdown: its readiness URL fails. Off by default (needs the app's cluster).
+    pub app_readiness: Poll,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            enabled: true,
+            tick_ms: 200,
+            idle_grace_ms: 1000,
+            sidecar: Poll {
+                enabled: true,
+                cluster: "prometheus_stats".into(),
+                ..Poll::default()
+            },
+            app_failure: AppFailure::default(),
+            app_closes: AppCloses::default(),
+            app_readiness: Poll { enabled: false, path: "/ready".into(), ..Poll::default() },
+        }
+    }
+}
+
+/// An HTTP GET made every `interval_ms` through an Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Poll {
+    pub enabled: bool,
+    pub cluster: String,
+    /// Only for `app_readiness`; the sidecar poll reads `/ready` and `/stats`.
+    pub path: String,
+    pub authority: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failed probes before the source turns on (`app_readiness` only).
+    pub failures: u32,
+}
+
+impl Default for Poll {
+    fn default() -> Self {
+        Poll {
+            enabled: false,
+            cluster: String::new(),
+            path: String::new(),
+            authority: "localhost".into(),
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            failures: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppFailure {
+    pub enabled: bool,
+    /// Count resets of established connections (UC/UR), not only refused connections (UF).
+    pub resets: bool,
+    /// How long the pod stays draining after the last failure.
+    pub hold_ms: u64,
+}
+
+impl Default for AppFailure {
+    fn default() -> Self {
+        AppFailure { enabled: true, resets: true, hold_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppCloses {
+    pub enabled: bool,
+    pub threshold: u64,
+    pub window_ms: u64,
+    pub hold_ms: u64,
+}
+
+impl Default for AppCloses {
+    fn default() -> Self {
+        AppCloses { enabled: false, threshold: 5, window_ms: 2_000, hold_ms: 10_000 }
     }
 }
 
@@ -86,15 +190,47 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let (lo, hi) = MAX_HEAD_BYTES_RANGE;
-        if !(lo..=hi).contains(&self.max_head_bytes) {
+        let d = &self.drain;
+        let ms = |v: u64| v as usize;
+        in_range("max_head_bytes", self.max_head_bytes, MAX_HEAD_BYTES_RANGE)?;
+        in_range("drain.tick_ms", ms(d.tick_ms), (10, 10_000))?;
+        in_range("drain.idle_grace_ms", ms(d.idle_grace_ms), (0, 600_000))?;
+        in_range("drain.app_failure.hold_ms", ms(d.app_failure.hold_ms), (0, 3_600_000))?;
+        in_range("drain.app_closes.threshold", ms(d.app_closes.threshold), (1, 1_000_000))?;
+        in_range("drain.app_closes.window_ms", ms(d.app_closes.window_ms), (1, 3_600_000))?;
+        in_range("drain.app_closes.hold_ms", ms(d.app_closes.hold_ms), (0, 3_600_000))?;
+        for (name, poll) in [("drain.sidecar", &d.sidecar), ("drain.app_readiness", &d.app_readiness)] {
+            if !poll.enabled {
+                continue;
+            }
+            if poll.cluster.is_empty() {
+                return Err(ConfigError {
+                    field: Some(format!("{name}.cluster")),
+                    message: "must name an Envoy cluster when enabled".into(),
+                });
+            }
+            in_range(&format!("{name}.interval_ms"), ms(poll.interval_ms), (50, 3_600_000))?;
+            in_range(&format!("{name}.timeout_ms"), ms(poll.timeout_ms), (10, 60_000))?;
+            in_range(&format!("{name}.failures"), poll.failures as usize, (1, 1000))?;
+        }
+        if d.app_readiness.enabled && !d.app_readiness.path.starts_with('/') {
             return Err(ConfigError {
-                field: Some("max_head_bytes".into()),
-                message: format!("{} is out of range {lo}..={hi}", self.max_head_bytes),
+                field: Some("drain.app_readiness.path".into()),
+                message: format!("{:?} must start with /", d.app_readiness.path),
             });
         }
         Ok(())
     }
+}
+
+fn in_range(field: &str, value: usize, (lo, hi): (usize, usize)) -> Result<(), ConfigError> {
+    if (lo..=hi).contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError {
+        field: Some(field.into()),
+        message: format!("{value} is out of range {lo}..={hi}"),
+    })
 }
 
 /// serde's type errors say what was wrong but not where; deserializing each field on its own
@@ -184,6 +320,28 @@ mod tests {
         let e = Config::parse(br#"{"max_head_bytes":1}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("max_head_bytes"));
         assert!(Config::parse(br#"{"max_head_bytes":99999999}"#).is_err());
+    }
+
+    #[test]
+    fn drain_section_defaults_and_nested_errors() {
+        let c = Config::parse(br#"{"drain": {"idle_grace_ms": 250}}"#).unwrap();
+        assert_eq!(c.drain.idle_grace_ms, 250);
+        assert_eq!(c.drain.sidecar.cluster, "prometheus_stats");
+        assert!(c.drain.sidecar.enabled && c.drain.app_failure.enabled && !c.drain.app_closes.enabled);
+        let e = Config::parse(br#"{"drain": {"sidecar": {"clustr": "x"}}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain"));
+        assert!(e.message.contains("clustr"), "{e}");
+        let e = Config::parse(br#"{"drain": {"app_readiness": {"enabled": true}}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.app_readiness.cluster"));
+        let e = Config::parse(br#"{"drain": {"tick_ms": 0}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.tick_ms"));
+        let e = Config::parse(
+            br#"{"drain": {"app_readiness": {"enabled": true, "cluster": "app", "path": "ready"}}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.app_readiness.path"));
+        // A disabled sidecar poll needs no cluster.
+        assert!(Config::parse(br#"{"drain": {"sidecar": {"enabled": false, "cluster": ""}}}"#).is_ok());
     }
 
     #[test]

@@ -1,22 +1,28 @@
 //! Should this response close the client's connection, and why. Pure functions: no host calls.
 
-/// Why the app's response ends the app's own connection.
+/// Why a response closes the client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// `Connection: close` (any case, anywhere in the token list).
+pub enum Reason {
+    /// The app said `Connection: close` (any case, anywhere in the token list).
     ConnectionClose,
-    /// `Proxy-Connection: close`, which Envoy's HTTP/1 pool honours too.
+    /// The app said `Proxy-Connection: close`, which Envoy's HTTP/1 pool honours too.
     ProxyConnectionClose,
     /// No `Content-Length` and not chunked: the body ends when the app closes (HTTP/1.0 or 1.1).
     CloseDelimited,
+    /// Envoy could not connect to the app: this client must not meet that error twice.
+    ConnectFailure,
+    /// The pod is going away: every connection goes.
+    Draining,
 }
 
-impl EndReason {
+impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
-            EndReason::ConnectionClose => "connection_close",
-            EndReason::ProxyConnectionClose => "proxy_connection_close",
-            EndReason::CloseDelimited => "close_delimited",
+            Reason::ConnectionClose => "connection_close",
+            Reason::ProxyConnectionClose => "proxy_connection_close",
+            Reason::CloseDelimited => "close_delimited",
+            Reason::ConnectFailure => "connect_failure",
+            Reason::Draining => "draining",
         }
     }
 }
@@ -58,9 +64,9 @@ impl SkipReason {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// The app keeps its connection: nothing to do.
+    /// The connection stays: nothing to do.
     Keep,
-    Relay(EndReason),
+    Relay(Reason),
     Skip(SkipReason),
 }
 
@@ -90,31 +96,45 @@ pub fn has_token(list: &str, token: &str) -> bool {
 }
 
 /// Does the app's response end the app's connection? `None` on the keep-alive fast path.
-pub fn upstream_end(resp: &ResponseFacts) -> Option<EndReason> {
+pub fn upstream_end(resp: &ResponseFacts) -> Option<Reason> {
     if resp.connection.is_some_and(|c| has_token(c, "close")) {
-        return Some(EndReason::ConnectionClose);
+        return Some(Reason::ConnectionClose);
     }
     if resp.proxy_connection.is_some_and(|c| has_token(c, "close")) {
-        return Some(EndReason::ProxyConnectionClose);
+        return Some(Reason::ProxyConnectionClose);
     }
     let bodyless = resp.status < 200 || resp.status == 204 || resp.status == 304;
     let chunked = resp.transfer_encoding.is_some_and(|te| has_token(te, "chunked"));
     if !bodyless && !resp.content_length && !chunked {
-        return Some(EndReason::CloseDelimited);
+        return Some(Reason::CloseDelimited);
     }
     None
 }
 
-/// Full decision for one response. `request` is only consulted when the app ended its
-/// connection, and `unframed_ends_connection` only for a response without framing, so the host
+/// Pod- and stream-level signals besides the response itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Signals {
+    /// The pod is going away (see `drain`).
+    pub draining: bool,
+    /// This response is Envoy's own 5xx for a failed connect to the app (flag UF).
+    pub connect_failure: bool,
+}
+
+/// Full decision for one response. `request` is only consulted when something asks for a
+/// close, and `unframed_ends_connection` only for a response without framing, so the host
 /// calls behind them stay off the common path.
 pub fn decide(
     resp: &ResponseFacts,
+    signals: Signals,
     request: impl FnOnce() -> RequestFacts,
     unframed_ends_connection: impl FnOnce() -> bool,
 ) -> Decision {
-    let Some(end) = upstream_end(resp) else {
-        return Decision::Keep;
+    let end = upstream_end(resp);
+    let reason = match (signals.connect_failure, end, signals.draining) {
+        (true, _, _) => Reason::ConnectFailure,
+        (false, Some(end), _) => end,
+        (false, None, true) => Reason::Draining,
+        (false, None, false) => return Decision::Keep,
     };
     if resp.status < 200 {
         return Decision::Skip(SkipReason::Informational);
@@ -129,14 +149,14 @@ pub fn decide(
     if req.protocol != "HTTP/1.1" {
         return Decision::Skip(SkipReason::NotHttp11);
     }
-    if end == EndReason::CloseDelimited
+    if reason == Reason::CloseDelimited
         && (req.method.eq_ignore_ascii_case("HEAD") || !unframed_ends_connection())
     {
         // A HEAD response never has a body, and an HTTP/2 app frames its bodies itself: in
         // both, missing framing headers say nothing about the connection.
-        return Decision::Keep;
+        return if signals.draining { Decision::Relay(Reason::Draining) } else { Decision::Keep };
     }
-    Decision::Relay(end)
+    Decision::Relay(reason)
 }
 
 /// Tells a close-delimited HTTP/1 app from an HTTP/2 (h2c) app, which wasm cannot ask Envoy
@@ -193,6 +213,10 @@ mod tests {
         true
     }
 
+    fn calm() -> Signals {
+        Signals::default()
+    }
+
     fn h11() -> RequestFacts {
         RequestFacts { protocol: "HTTP/1.1".into(), method: "GET".into(), ..Default::default() }
     }
@@ -222,6 +246,7 @@ mod tests {
         assert_eq!(
             decide(
                 &ok(None),
+                calm(),
                 || {
                     called = true;
                     h11()
@@ -235,29 +260,29 @@ mod tests {
 
     #[test]
     fn connection_close_relays() {
-        assert_eq!(decide(&ok(Some("Close")), h11, yes), Decision::Relay(EndReason::ConnectionClose));
+        assert_eq!(decide(&ok(Some("Close")), calm(), h11, yes), Decision::Relay(Reason::ConnectionClose));
         let proxy = ResponseFacts { proxy_connection: Some("close"), ..ok(None) };
-        assert_eq!(decide(&proxy, h11, yes), Decision::Relay(EndReason::ProxyConnectionClose));
+        assert_eq!(decide(&proxy, calm(), h11, yes), Decision::Relay(Reason::ProxyConnectionClose));
     }
 
     #[test]
     fn close_delimited_relays_but_not_for_head_or_bodyless() {
         let eof = ResponseFacts { status: 200, ..Default::default() };
-        assert_eq!(decide(&eof, h11, yes), Decision::Relay(EndReason::CloseDelimited));
+        assert_eq!(decide(&eof, calm(), h11, yes), Decision::Relay(Reason::CloseDelimited));
         let head = || RequestFacts { method: "HEAD".into(), ..h11() };
-        assert_eq!(decide(&eof, head, yes), Decision::Keep);
+        assert_eq!(decide(&eof, calm(), head, yes), Decision::Keep);
         for status in [204, 304] {
             let r = ResponseFacts { status, ..Default::default() };
             assert_eq!(upstream_end(&r), None, "{status}");
         }
         // HEAD with an explicit close still relays.
-        assert_eq!(decide(&ok(Some("close")), head, yes), Decision::Relay(EndReason::ConnectionClose));
+        assert_eq!(decide(&ok(Some("close")), calm(), head, yes), Decision::Relay(Reason::ConnectionClose));
     }
 
     #[test]
     fn unframed_response_from_a_multiplexed_app_keeps() {
         let eof = ResponseFacts { status: 200, ..Default::default() };
-        assert_eq!(decide(&eof, h11, || false), Decision::Keep);
+        assert_eq!(decide(&eof, calm(), h11, || false), Decision::Keep);
     }
 
     #[test]
@@ -285,20 +310,44 @@ mod tests {
     }
 
     #[test]
+    fn draining_closes_every_final_http11_response() {
+        let draining = Signals { draining: true, ..calm() };
+        assert_eq!(decide(&ok(None), draining, h11, yes), Decision::Relay(Reason::Draining));
+        // The app's own reason wins when it has one.
+        assert_eq!(decide(&ok(Some("close")), draining, h11, yes), Decision::Relay(Reason::ConnectionClose));
+        // Unframed from an HTTP/2 app, or HEAD: still closed, because draining.
+        let eof = ResponseFacts { status: 200, ..Default::default() };
+        assert_eq!(decide(&eof, draining, h11, || false), Decision::Relay(Reason::Draining));
+        // Skips still apply.
+        let h2 = || RequestFacts { protocol: "HTTP/2".into(), ..h11() };
+        assert_eq!(decide(&ok(None), draining, h2, yes), Decision::Skip(SkipReason::NotHttp11));
+        let ws = || RequestFacts { upgrade: Some("websocket".into()), ..h11() };
+        assert_eq!(decide(&ok(None), draining, ws, yes), Decision::Skip(SkipReason::Upgrade));
+    }
+
+    #[test]
+    fn connect_failure_always_closes() {
+        let failed = ResponseFacts { status: 503, content_length: true, ..Default::default() };
+        let signals = Signals { connect_failure: true, ..calm() };
+        assert_eq!(decide(&failed, signals, h11, yes), Decision::Relay(Reason::ConnectFailure));
+        assert_eq!(decide(&failed, calm(), h11, yes), Decision::Keep);
+    }
+
+    #[test]
     fn skips() {
         let close = ok(Some("close"));
         let h2 = || RequestFacts { protocol: "HTTP/2".into(), ..h11() };
-        assert_eq!(decide(&close, h2, yes), Decision::Skip(SkipReason::NotHttp11));
+        assert_eq!(decide(&close, calm(), h2, yes), Decision::Skip(SkipReason::NotHttp11));
         let h10 = || RequestFacts { protocol: "HTTP/1.0".into(), ..h11() };
-        assert_eq!(decide(&close, h10, yes), Decision::Skip(SkipReason::NotHttp11));
+        assert_eq!(decide(&close, calm(), h10, yes), Decision::Skip(SkipReason::NotHttp11));
         let ws = || RequestFacts { upgrade: Some("websocket".into()), ..h11() };
-        assert_eq!(decide(&close, ws, yes), Decision::Skip(SkipReason::Upgrade));
+        assert_eq!(decide(&close, calm(), ws, yes), Decision::Skip(SkipReason::Upgrade));
         let conn_upgrade = || RequestFacts { connection: Some("keep-alive, Upgrade".into()), ..h11() };
-        assert_eq!(decide(&close, conn_upgrade, yes), Decision::Skip(SkipReason::Upgrade));
+        assert_eq!(decide(&close, calm(), conn_upgrade, yes), Decision::Skip(SkipReason::Upgrade));
         let connect = || RequestFacts { method: "CONNECT".into(), ..h11() };
-        assert_eq!(decide(&close, connect, yes), Decision::Skip(SkipReason::Connect));
+        assert_eq!(decide(&close, calm(), connect, yes), Decision::Skip(SkipReason::Connect));
         let switching = ResponseFacts { status: 101, ..close };
-        assert_eq!(decide(&switching, h11, yes), Decision::Skip(SkipReason::Informational));
+        assert_eq!(decide(&switching, calm(), h11, yes), Decision::Skip(SkipReason::Informational));
     }
 
     #[test]

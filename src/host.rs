@@ -5,9 +5,13 @@
 //! again and return errors instead.
 
 use proxy_wasm::hostcalls;
+use std::cell::Cell;
+use std::time::{Duration, UNIX_EPOCH};
+
 use proxy_wasm::types::{BufferType, Bytes, LogLevel, MapType, MetricType, StreamType};
 
 use crate::decision::SkipReason;
+use crate::drain::Source;
 
 /// Connection filter-state key through which the network role announces itself and its
 /// per-connection nonce to the HTTP role, across VMs too.
@@ -118,6 +122,72 @@ pub fn nonce() -> String {
     format!("{:016x}", hasher.finish())
 }
 
+thread_local! {
+    /// Milliseconds since the epoch as of the last tick: good enough for idle graces and drain
+    /// holds, and free to read on the data path.
+    static COARSE_NOW: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The host's clock in ms since the epoch; also refreshes [`coarse_now`].
+pub fn now_ms() -> u64 {
+    let now = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    COARSE_NOW.set(now);
+    now
+}
+
+pub fn coarse_now() -> u64 {
+    COARSE_NOW.get()
+}
+
+pub fn set_tick(period_ms: u64) {
+    let _ = hostcalls::set_tick_period(Duration::from_millis(period_ms));
+}
+
+/// Shared data (one store per `vm_id`, seen by every worker and both roles): value and CAS.
+pub fn shared_get(key: &str) -> (Vec<u8>, Option<u32>) {
+    match hostcalls::get_shared_data(key) {
+        Ok((value, cas)) => (value.unwrap_or_default(), cas),
+        Err(_) => (Vec::new(), None),
+    }
+}
+
+/// Read-modify-write of one shared key with CAS retries; `f` returns what to store, or
+/// `None` to leave it. Returns what `f` returned for the write that won.
+pub fn shared_update<T>(key: &str, mut f: impl FnMut(&[u8]) -> Option<(Vec<u8>, T)>) -> Option<T> {
+    for _ in 0..8 {
+        let (current, cas) = shared_get(key);
+        let (next, out) = f(&current)?;
+        match hostcalls::set_shared_data(key, Some(&next), cas) {
+            Ok(()) => return Some(out),
+            Err(_) => continue, // CAS mismatch: another worker wrote first; read again.
+        }
+    }
+    None
+}
+
+/// GET `path` through Envoy `cluster`; the answer arrives in the root's
+/// `on_http_call_response` under the returned token.
+pub fn http_get(cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32> {
+    let headers = vec![(":method", "GET"), (":path", path), (":authority", authority)];
+    hostcalls::dispatch_http_call(cluster, headers, None, vec![], Duration::from_millis(timeout_ms))
+        .map_err(|e| log::debug!("dispatch to cluster {cluster:?} failed: {e:?}"))
+        .ok()
+}
+
+/// Status and body of the HTTP call answer being delivered; status 0 when it failed.
+pub fn http_call_response(body_size: usize) -> (u16, Vec<u8>) {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = get_buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
+    (status, body)
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counter(Option<u32>);
 
@@ -133,6 +203,21 @@ impl Counter {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauge(Option<u32>);
+
+impl Gauge {
+    fn define(name: &str) -> Gauge {
+        Gauge(hostcalls::define_metric(MetricType::Gauge, name).ok())
+    }
+
+    pub fn set(self, value: u64) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+}
+
 /// Every counter the module exports. Envoy shows them as `wasmcustom.<name>` in its stats and
 /// as `<name>` in Prometheus output; both roles define all of them so names never move.
 #[derive(Debug, Clone, Copy, Default)]
@@ -144,6 +229,11 @@ pub struct Metrics {
     pub connections_closed: Counter,
     pub requests_closed: Counter,
     pub config_errors: Counter,
+    pub drain_entered: [Counter; Source::ALL.len()],
+    pub idle_closed: Counter,
+    pub closed_while_draining: Counter,
+    pub closed_connect_failure: Counter,
+    pub draining: Gauge,
 }
 
 impl Metrics {
@@ -157,7 +247,18 @@ impl Metrics {
             connections_closed: Counter::define("close_relay_connections_closed_total"),
             requests_closed: Counter::define("close_relay_requests_closed_total"),
             config_errors: Counter::define("close_relay_config_errors_total"),
+            drain_entered: Source::ALL
+                .map(|s| Counter::define(&format!("close_relay_drain_entered_{}_total", s.as_str()))),
+            idle_closed: Counter::define("close_relay_idle_closed_total"),
+            closed_while_draining: Counter::define("close_relay_closed_while_draining_total"),
+            closed_connect_failure: Counter::define("close_relay_closed_connect_failure_total"),
+            draining: Gauge::define("close_relay_draining"),
         }
+    }
+
+    pub fn entered(&self, source: Source) -> Counter {
+        let i = Source::ALL.iter().position(|s| *s == source).unwrap_or(0);
+        self.drain_entered[i]
     }
 
     pub fn skipped(&self, reason: SkipReason) -> Counter {

@@ -1,6 +1,8 @@
-//! The HTTP role: looks at each response from the app, and when the app ended its connection
-//! marks the response for the network role and, when both share a VM, closes the client
-//! connection once the response is written.
+//! The HTTP role: looks at each response and decides whether the client connection must end
+//! (the app ended its own, Envoy could not reach the app, or the pod is draining). Then it marks
+//! the response for the network role, and when both share a VM, closes the client connection
+//! once the response is written. It also reports app failures, which start a drain, and, in a
+//! shared VM, which connections have a request in flight.
 
 use std::rc::Rc;
 
@@ -9,19 +11,69 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use crate::decision::{decide, Decision, RequestFacts, ResponseFacts, SkipReason, UnframedLearner};
-use crate::{host, network, wire, Shared};
+use crate::config::Config;
+use crate::decision::{decide, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner};
+use crate::drain::Source;
+use crate::network::{self, ConnRef};
+use crate::{host, pod, wire, Shared};
+
+/// Envoy's legacy response-flag bits (`response.flags`).
+const FLAG_UPSTREAM_REMOTE_RESET: u64 = 1 << 4; // UR
+const FLAG_UPSTREAM_CONNECTION_FAILURE: u64 = 1 << 5; // UF
+const FLAG_UPSTREAM_CONNECTION_TERMINATION: u64 = 1 << 6; // UC
 
 pub struct HttpRole {
     shared: Rc<Shared>,
     request: RequestFacts,
-    /// Nonce of the client connection to close in `on_log`, once the response is complete.
-    close_after: Option<String>,
+    /// This connection's nonce, once read (the network role published it).
+    nonce: Option<String>,
+    /// This connection's state when its network role shares the VM; its in-flight count
+    /// includes this request until `on_done`.
+    conn: Option<ConnRef>,
+    /// Close the client connection in `on_log`, once the response is complete.
+    close_after: bool,
 }
 
 impl HttpRole {
     pub fn new(shared: Rc<Shared>) -> Self {
-        HttpRole { shared, request: RequestFacts::default(), close_after: None }
+        HttpRole { shared, request: RequestFacts::default(), nonce: None, conn: None, close_after: false }
+    }
+
+    fn nonce(&mut self) -> Option<String> {
+        if self.nonce.is_none() {
+            let raw = host::get_property(vec![host::NONCE_PROPERTY])?;
+            self.nonce = Some(String::from_utf8_lossy(&raw).into_owned());
+        }
+        self.nonce.clone()
+    }
+
+    /// In a shared VM, counts this request against its connection so the idle sweep never
+    /// closes a connection with a request in flight.
+    fn track_request(&mut self) {
+        let Some(conn) = self.nonce().and_then(|n| network::conn_for(&n)) else { return };
+        {
+            let mut c = conn.borrow_mut();
+            c.activity.tracked = true;
+            c.activity.in_flight += 1;
+        }
+        self.conn = Some(conn);
+    }
+
+    /// Envoy's own 5xx for an app it could not reach: signals for this response, and an app
+    /// failure for the whole pod.
+    fn upstream_failure(&self, config: &Config, status: u16) -> bool {
+        if status < 500 {
+            return false;
+        }
+        let flags = response_flags();
+        let refused = flags & FLAG_UPSTREAM_CONNECTION_FAILURE != 0;
+        let reset = flags & (FLAG_UPSTREAM_REMOTE_RESET | FLAG_UPSTREAM_CONNECTION_TERMINATION) != 0;
+        let failure = &config.drain.app_failure;
+        if config.drain.enabled && failure.enabled && (refused || (failure.resets && reset)) {
+            debug!("app failure (response flags {flags:#x}): pod draining for {} ms", failure.hold_ms);
+            pod::enter(Source::AppFailure, host::now_ms() + failure.hold_ms, &self.shared.metrics);
+        }
+        refused && config.close_on_connect_failure
     }
 }
 
@@ -39,6 +91,15 @@ fn request_facts_on_request() -> RequestFacts {
 fn downstream_protocol() -> String {
     let protocol = host::get_property(vec!["request", "protocol"]).unwrap_or_default();
     String::from_utf8_lossy(&protocol).into_owned()
+}
+
+fn response_flags() -> u64 {
+    let raw = host::get_property(vec!["response", "flags"]).unwrap_or_default();
+    let mut word = [0u8; 8];
+    for (slot, byte) in word.iter_mut().zip(raw) {
+        *slot = byte;
+    }
+    u64::from_le_bytes(word)
 }
 
 fn response_facts(headers: &[(String, String)]) -> ResponseFacts<'_> {
@@ -70,51 +131,81 @@ fn unframed_ends_connection() -> bool {
     })
 }
 
+fn app_ended(reason: Reason) -> bool {
+    matches!(reason, Reason::ConnectionClose | Reason::ProxyConnectionClose | Reason::CloseDelimited)
+}
+
 thread_local! {
     static LEARNER: std::cell::RefCell<UnframedLearner> = std::cell::RefCell::default();
     static WARNED_NO_NETWORK_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-impl Context for HttpRole {}
+impl Context for HttpRole {
+    fn on_done(&mut self) -> bool {
+        if let Some(conn) = self.conn.take() {
+            let mut c = conn.borrow_mut();
+            c.activity.in_flight = c.activity.in_flight.saturating_sub(1);
+            c.activity.last_ms = host::coarse_now();
+            c.activity.last_was_response = true;
+        }
+        true
+    }
+}
 
 impl HttpContext for HttpRole {
     fn on_http_request_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
-        if self.shared.active().is_some() {
-            self.request = request_facts_on_request();
+        let Some(config) = self.shared.active() else { return Action::Continue };
+        let drain = config.drain.enabled;
+        self.request = request_facts_on_request();
+        if drain {
+            self.track_request();
         }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
-        let Some(config) = self.shared.active() else {
+        let shared = self.shared.clone();
+        let Some(config) = shared.active() else {
             return Action::Continue;
         };
-        let metrics = self.shared.metrics;
+        let metrics = shared.metrics;
         metrics.responses.inc();
         let Ok(headers) = hostcalls::get_map(MapType::HttpResponseHeaders) else {
             return Action::Continue;
         };
         let facts = response_facts(&headers);
+        let connect_failure = self.upstream_failure(config, facts.status);
+        let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure };
         let request = &mut self.request;
         let decision = decide(
             &facts,
+            signals,
             || RequestFacts { protocol: downstream_protocol(), ..std::mem::take(request) },
             unframed_ends_connection,
         );
-        let end = match decision {
+        let mut reason = match decision {
             Decision::Keep => return Action::Continue,
-            Decision::Skip(reason) => {
-                metrics.skipped(reason).inc();
-                debug!("app ended its connection; not relayed: {}", reason.as_str());
+            Decision::Skip(skip) => {
+                metrics.skipped(skip).inc();
+                debug!("connection should end; not relayed: {}", skip.as_str());
                 return Action::Continue;
             }
-            Decision::Relay(end) => end,
+            Decision::Relay(reason) => reason,
         };
-        if !config.relay_upstream_close {
-            debug!("app ended its connection ({}); relay_upstream_close is off", end.as_str());
-            return Action::Continue;
+        if app_ended(reason) {
+            let closes = &config.drain.app_closes;
+            if config.drain.enabled && closes.enabled && pod::count_app_close(closes.window_ms, closes.threshold) {
+                pod::enter(Source::AppCloses, host::now_ms() + closes.hold_ms, &metrics);
+            }
+            if !config.relay_upstream_close {
+                if !signals.draining {
+                    debug!("app ended its connection ({}); relay_upstream_close is off", reason.as_str());
+                    return Action::Continue;
+                }
+                reason = Reason::Draining;
+            }
         }
-        let Some(nonce) = host::get_property(vec![host::NONCE_PROPERTY]) else {
+        let Some(nonce) = self.nonce() else {
             metrics.skipped(SkipReason::NoNetworkRole).inc();
             if !WARNED_NO_NETWORK_ROLE.replace(true) {
                 warn!(
@@ -124,33 +215,32 @@ impl HttpContext for HttpRole {
             }
             return Action::Continue;
         };
-        let nonce = String::from_utf8_lossy(&nonce).into_owned();
         if hostcalls::add_map_value(MapType::HttpResponseHeaders, wire::MARKER, &nonce).is_err() {
             return Action::Continue;
         }
         metrics.relayed.inc();
-        debug!("app ended its connection ({}); relaying connection: close", end.as_str());
-        if config.close_connection {
-            self.close_after = Some(nonce);
+        match reason {
+            Reason::Draining => metrics.closed_while_draining.inc(),
+            Reason::ConnectFailure => metrics.closed_connect_failure.inc(),
+            _ => {}
         }
+        debug!("closing client connection after this response: {}", reason.as_str());
+        self.close_after = config.close_connection;
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        let Some(nonce) = self.close_after.take() else { return };
-        let Some(connection) = network::context_for(&nonce) else {
-            debug!("network role is in another VM; it closes on the next request");
+        if !std::mem::take(&mut self.close_after) {
+            return;
+        }
+        let conn = self.conn.clone().or_else(|| self.nonce.as_deref().and_then(network::conn_for));
+        let Some(conn) = conn else {
+            debug!("network role is in another VM; it closes on the next request or when idle");
             return;
         };
-        // The network role's context owns the client connection; acting as it, the close
-        // flushes the response already written and then closes.
-        let closed = host::set_effective_context(connection).and_then(|_| host::close_downstream());
-        match closed {
-            Ok(()) => {
-                self.shared.metrics.connections_closed.inc();
-                debug!("closed client connection after relayed response");
-            }
-            Err(e) => debug!("could not close client connection: {e:?}"),
+        if network::close(&conn) {
+            self.shared.metrics.connections_closed.inc();
+            debug!("closed client connection after the response");
         }
     }
 }
@@ -158,7 +248,6 @@ impl HttpContext for HttpRole {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::EndReason;
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -170,7 +259,7 @@ mod tests {
         let f = response_facts(&h);
         assert_eq!((f.status, f.connection, f.content_length), (200, Some("close"), true));
         let h = pairs(&[(":status", "200"), ("x-envoy-upstream-service-time", "0")]);
-        assert_eq!(crate::decision::upstream_end(&response_facts(&h)), Some(EndReason::CloseDelimited));
+        assert_eq!(crate::decision::upstream_end(&response_facts(&h)), Some(Reason::CloseDelimited));
         let h = pairs(&[(":status", "nope")]);
         assert_eq!(response_facts(&h).status, 0);
     }

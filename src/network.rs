@@ -1,7 +1,8 @@
-//! The network role: sits before the HCM and sees the bytes Envoy writes to the client. It
-//! rewrites the HTTP role's marker into `connection: close`, and when the HTTP role could not
-//! close the connection itself (different VM), adds `connection: close` to the client's next
-//! request so the HCM answers it with close and closes natively.
+//! The network role: sits before the HCM and sees the bytes Envoy writes to the client.
+//! - Rewrites the HTTP role's marker into `connection: close`.
+//! - When the HTTP role could not close the connection itself (different VM), adds
+//!   `connection: close` to the client's next request, so the HCM answers with close and closes.
+//! - Closes idle connections while the pod drains, and those already told to close.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -11,23 +12,84 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType};
 
+use crate::drain::{self, Activity};
+use crate::host::{self, Metrics};
 use crate::wire::{self, Edit, HeadRewrite};
-use crate::{host, Shared};
+use crate::Shared;
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;
 /// A request line longer than this is not worth editing.
 const REQUEST_READ: usize = 8192;
 
-thread_local! {
-    /// Network contexts of this VM by connection nonce. One VM runs on one worker thread and a
-    /// connection stays on its worker, so an HTTP role that finds its nonce here shares the VM.
-    static CONTEXTS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+/// One client connection as this VM knows it; shared with a same-VM HTTP role.
+#[derive(Debug, Default)]
+pub struct Conn {
+    /// The network role's context id, to act as it (`set_effective_context`).
+    pub context_id: u32,
+    pub activity: Activity,
+    /// A relayed `connection: close` went out: the connection must end.
+    pub close_pending: bool,
+    /// We asked Envoy to close it; nothing more to do.
+    pub closing: bool,
 }
 
-/// The network context serving the connection with `nonce`, if it lives in this VM.
-pub fn context_for(nonce: &str) -> Option<u32> {
-    CONTEXTS.with(|c| c.borrow().get(nonce).copied())
+pub type ConnRef = Rc<RefCell<Conn>>;
+
+thread_local! {
+    /// Connections of this VM by nonce. One VM runs on one worker thread and a connection stays
+    /// on its worker, so an HTTP role that finds its nonce here shares the VM.
+    static CONNS: RefCell<HashMap<String, ConnRef>> = RefCell::new(HashMap::new());
+}
+
+/// The connection with `nonce`, if its network role lives in this VM.
+pub fn conn_for(nonce: &str) -> Option<ConnRef> {
+    CONNS.with(|c| c.borrow().get(nonce).cloned())
+}
+
+/// Closes a client connection after what was written to it is flushed, acting as its network
+/// context. Never called with `CONNS` borrowed: Envoy may call back into this VM while closing.
+pub fn close(conn: &ConnRef) -> bool {
+    let id = {
+        let mut c = conn.borrow_mut();
+        if c.closing {
+            return false;
+        }
+        c.closing = true;
+        c.context_id
+    };
+    match host::set_effective_context(id).and_then(|_| host::close_downstream()) {
+        Ok(()) => true,
+        Err(e) => {
+            debug!("could not close client connection: {e:?}");
+            false
+        }
+    }
+}
+
+/// On each tick of the network root: closes connections that are idle and either told to
+/// close already, or on a pod that is draining.
+pub fn sweep(draining: bool, grace_ms: u64, metrics: &Metrics) {
+    let now = host::coarse_now();
+    let due: Vec<(ConnRef, bool)> = CONNS.with(|c| {
+        c.borrow()
+            .values()
+            .filter_map(|conn| {
+                let c = conn.borrow();
+                let wanted = draining || c.close_pending;
+                (wanted && !c.closing && drain::idle(&c.activity, now, grace_ms))
+                    .then(|| (conn.clone(), c.close_pending))
+            })
+            .collect()
+    });
+    for (conn, told) in due {
+        if close(&conn) {
+            if draining && !told {
+                metrics.idle_closed.inc();
+            }
+            debug!("closed idle client connection (draining: {draining}, told to close: {told})");
+        }
+    }
 }
 
 fn apply(buffer: BufferType, edit: &Edit) -> bool {
@@ -39,16 +101,15 @@ fn apply(buffer: BufferType, edit: &Edit) -> bool {
 }
 
 pub struct NetworkRole {
-    id: u32,
     shared: Rc<Shared>,
     nonce: Option<String>,
-    /// A relayed close went out; the client's next request must end the connection.
-    close_pending: bool,
+    conn: ConnRef,
 }
 
 impl NetworkRole {
     pub fn new(id: u32, shared: Rc<Shared>) -> Self {
-        NetworkRole { id, shared, nonce: None, close_pending: false }
+        let conn = Rc::new(RefCell::new(Conn { context_id: id, ..Conn::default() }));
+        NetworkRole { shared, nonce: None, conn }
     }
 
     fn rewrite_head(&mut self, size: usize, nonce: &str, max_head: usize) {
@@ -70,7 +131,7 @@ impl NetworkRole {
             return;
         };
         if apply(BufferType::UpstreamData, &edit) {
-            self.close_pending = true;
+            self.conn.borrow_mut().close_pending = true;
             self.shared.metrics.headers_rewritten.inc();
             debug!("marker rewritten to connection: close (envoy already closing: {already_close})");
         }
@@ -84,7 +145,7 @@ impl NetworkRole {
             return;
         };
         if apply(BufferType::DownstreamData, &edit) {
-            self.close_pending = false;
+            self.conn.borrow_mut().close_pending = false;
             self.shared.metrics.requests_closed.inc();
             debug!("added connection: close to the next request");
         }
@@ -94,7 +155,7 @@ impl NetworkRole {
 impl Context for NetworkRole {
     fn on_done(&mut self) -> bool {
         if let Some(nonce) = self.nonce.take() {
-            CONTEXTS.with(|c| c.borrow_mut().remove(&nonce));
+            CONNS.with(|c| c.borrow_mut().remove(&nonce));
         }
         true
     }
@@ -110,13 +171,22 @@ impl StreamContext for NetworkRole {
             warn!("close-relay: cannot announce the network role on this connection: {e:?}");
             return Action::Continue;
         }
-        CONTEXTS.with(|c| c.borrow_mut().insert(nonce.clone(), self.id));
+        self.conn.borrow_mut().activity.last_ms = host::coarse_now();
+        CONNS.with(|c| c.borrow_mut().insert(nonce.clone(), self.conn.clone()));
         self.nonce = Some(nonce);
         Action::Continue
     }
 
     fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        if self.close_pending && size > 0 && self.shared.active().is_some_and(|c| c.close_connection) {
+        let Some(config) = self.shared.active() else { return Action::Continue };
+        let close_pending = {
+            let mut c = self.conn.borrow_mut();
+            c.activity.last_ms = host::coarse_now();
+            c.activity.last_was_response = false;
+            c.activity.saw_request = true;
+            c.close_pending
+        };
+        if close_pending && size > 0 && config.close_connection {
             self.close_on_next_request(size);
         }
         Action::Continue
@@ -126,6 +196,11 @@ impl StreamContext for NetworkRole {
         let (Some(config), Some(nonce)) = (self.shared.active(), self.nonce.clone()) else {
             return Action::Continue;
         };
+        {
+            let mut c = self.conn.borrow_mut();
+            c.activity.last_ms = host::coarse_now();
+            c.activity.last_was_response = true;
+        }
         if size >= 9 {
             self.rewrite_head(size, &nonce, config.max_head_bytes);
         }

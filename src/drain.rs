@@ -1,0 +1,298 @@
+//! Pod-level drain state: which sources say the pod is going away, and since when. Pure
+//! functions and plain data; the roots keep the state in proxy-wasm shared data so every
+//! worker thread, and both roles, see one state.
+
+/// What told us the pod is going away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Envoy's admin `/ready` says DRAINING: `healthcheck/fail`, or the server draining.
+    SidecarHealth,
+    /// Envoy drains its listeners (`drain_listeners?inboundonly&graceful`, as istio-agent
+    /// sends on SIGTERM): its HCMs count drain closes with no listener update under way.
+    SidecarDrain,
+    /// The app refuses connections or resets them (Envoy answers 503 UF/UC/UR).
+    AppFailure,
+    /// The app answered with `Connection: close` more than a threshold within a window.
+    AppCloses,
+    /// The app's own readiness URL fails.
+    AppReadiness,
+}
+
+impl Source {
+    pub const ALL: [Source; 5] = [
+        Source::SidecarHealth,
+        Source::SidecarDrain,
+        Source::AppFailure,
+        Source::AppCloses,
+        Source::AppReadiness,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::SidecarHealth => "sidecar_health",
+            Source::SidecarDrain => "sidecar_drain",
+            Source::AppFailure => "app_failure",
+            Source::AppCloses => "app_closes",
+            Source::AppReadiness => "app_readiness",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Fixed-width little-endian u64s: how small records live in shared data. Missing words read
+/// as 0, so a short or foreign value is harmless.
+pub fn decode_u64s<const N: usize>(bytes: &[u8]) -> [u64; N] {
+    let mut out = [0u64; N];
+    for (slot, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        *slot = u64::from_le_bytes(word);
+    }
+    out
+}
+
+pub fn encode_u64s(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Active "until" for a source that stays on until its cause clears.
+pub const UNTIL_CLEARED: u64 = u64::MAX;
+
+/// Per source: 0 when inactive, else the time (ms since the epoch) it stays active until.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainState {
+    until: [u64; Source::ALL.len()],
+}
+
+impl DrainState {
+    /// Tolerant of short or foreign bytes: whatever is missing counts as inactive.
+    pub fn decode(bytes: &[u8]) -> DrainState {
+        DrainState { until: decode_u64s(bytes) }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        encode_u64s(&self.until)
+    }
+
+    pub fn is_active(&self, source: Source, now_ms: u64) -> bool {
+        self.until[source.index()] > now_ms
+    }
+
+    pub fn draining(&self, now_ms: u64) -> bool {
+        Source::ALL.iter().any(|s| self.is_active(*s, now_ms))
+    }
+
+    pub fn active_sources(&self, now_ms: u64) -> Vec<Source> {
+        Source::ALL.into_iter().filter(|s| self.is_active(*s, now_ms)).collect()
+    }
+
+    /// Activates `source` until `until` (never shortening an active one). Returns true when
+    /// this turned the source on: the caller counts an entry.
+    pub fn enter(&mut self, source: Source, until: u64, now_ms: u64) -> bool {
+        let was = self.is_active(source, now_ms);
+        let slot = &mut self.until[source.index()];
+        *slot = (*slot).max(until);
+        !was
+    }
+
+    pub fn clear(&mut self, source: Source) {
+        self.until[source.index()] = 0;
+    }
+}
+
+/// Admin `/ready`: 200 "LIVE" normally, 503 "DRAINING" after `healthcheck/fail` or while the
+/// server drains. Anything else (starting up, an error) is not evidence of a drain.
+pub fn ready_says_draining(status: u16, body: &[u8]) -> bool {
+    status != 200 && body.windows(8).any(|w| w.eq_ignore_ascii_case(b"DRAINING"))
+}
+
+/// What one admin `/stats` read says about listener drains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Sum of `http.<prefix>.downstream_cx_drain_close` over all HCMs but the admin's own.
+    pub drain_closes: u64,
+    /// Listeners or filter chains draining because of a config update (LDS), not shutdown.
+    pub update_draining: u64,
+}
+
+/// Parses `/stats` text (`name: value` lines).
+pub fn parse_drain_stats(stats: &str) -> DrainStats {
+    let mut out = DrainStats::default();
+    for line in stats.lines() {
+        let Some((name, value)) = line.split_once(": ") else { continue };
+        let Ok(value) = value.trim().parse::<u64>() else { continue };
+        if name.starts_with("http.") && name.ends_with(".downstream_cx_drain_close") {
+            if name != "http.admin.downstream_cx_drain_close" {
+                out.drain_closes += value;
+            }
+        } else if name == "listener_manager.total_listeners_draining"
+            || name == "listener_manager.total_filter_chains_draining"
+        {
+            out.update_draining += value;
+        }
+    }
+    out
+}
+
+/// Is Envoy draining its listeners for shutdown? Drain closes went up between two reads, and
+/// neither read saw a listener update draining (those close connections too, routinely).
+pub fn listeners_draining(previous: Option<DrainStats>, now: DrainStats) -> bool {
+    match previous {
+        Some(prev) => {
+            now.drain_closes > prev.drain_closes
+                && prev.update_draining == 0
+                && now.update_draining == 0
+        }
+        None => false,
+    }
+}
+
+/// Counts events in a fixed window; the window restarts when it has passed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    pub start_ms: u64,
+    pub count: u64,
+}
+
+impl Window {
+    pub fn decode(bytes: &[u8]) -> Window {
+        let [start_ms, count] = decode_u64s(bytes);
+        Window { start_ms, count }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        encode_u64s(&[self.start_ms, self.count])
+    }
+
+    /// Records one event at `now_ms` and returns the count in the current window.
+    pub fn record(&mut self, now_ms: u64, window_ms: u64) -> u64 {
+        if now_ms >= self.start_ms.saturating_add(window_ms) || self.count == 0 {
+            *self = Window { start_ms: now_ms, count: 0 };
+        }
+        self.count += 1;
+        self.count
+    }
+}
+
+/// What the network role knows about one client connection's activity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Last time bytes moved either way (ms since the epoch).
+    pub last_ms: u64,
+    /// Requests the HTTP role saw start and not yet finish (exact when both share a VM).
+    pub in_flight: u32,
+    /// The HTTP role reports this connection's requests (both roles in one VM).
+    pub tracked: bool,
+    /// The last bytes were written to the client (a response), not read from it.
+    pub last_was_response: bool,
+    /// Any request bytes were read at all.
+    pub saw_request: bool,
+}
+
+/// May this connection be closed as idle now? Never with a request in flight, never within
+/// `grace_ms` of the last byte (a request may be on the wire), and, when the HTTP role cannot
+/// report (separate VMs), only after a response, not while a request waits for one.
+pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64) -> bool {
+    if a.in_flight > 0 || now_ms < a.last_ms.saturating_add(grace_ms) {
+        return false;
+    }
+    a.tracked || !a.saw_request || a.last_was_response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_tolerates_garbage() {
+        let mut s = DrainState::default();
+        assert!(s.enter(Source::AppFailure, 5_000, 1_000));
+        assert!(s.enter(Source::SidecarHealth, UNTIL_CLEARED, 1_000));
+        assert_eq!(DrainState::decode(&s.encode()), s);
+        assert_eq!(DrainState::decode(b""), DrainState::default());
+        assert_eq!(DrainState::decode(b"abc"), DrainState::default());
+        let mut longer = s.encode();
+        longer.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(DrainState::decode(&longer), s);
+    }
+
+    #[test]
+    fn sources_expire_or_wait_to_be_cleared() {
+        let mut s = DrainState::default();
+        assert!(!s.draining(0));
+        s.enter(Source::AppFailure, 2_000, 1_000);
+        assert!(s.draining(1_999));
+        assert!(!s.draining(2_000), "held sources expire");
+        assert!(s.enter(Source::SidecarHealth, UNTIL_CLEARED, 3_000));
+        assert!(!s.enter(Source::SidecarHealth, UNTIL_CLEARED, 4_000), "no second entry");
+        assert_eq!(s.active_sources(u64::MAX - 1), vec![Source::SidecarHealth]);
+        s.clear(Source::SidecarHealth);
+        assert!(!s.draining(5_000));
+    }
+
+    #[test]
+    fn entering_never_shortens() {
+        let mut s = DrainState::default();
+        s.enter(Source::AppFailure, 9_000, 0);
+        assert!(!s.enter(Source::AppFailure, 5_000, 1_000));
+        assert!(s.is_active(Source::AppFailure, 8_000));
+    }
+
+    #[test]
+    fn ready_endpoint() {
+        assert!(ready_says_draining(503, b"DRAINING\n"));
+        assert!(!ready_says_draining(200, b"LIVE\n"));
+        assert!(!ready_says_draining(503, b"PRE_INITIALIZING\n"));
+        assert!(!ready_says_draining(0, b""));
+    }
+
+    #[test]
+    fn drain_stats_sum_all_hcms_but_admin() {
+        let stats = "http.admin.downstream_cx_drain_close: 7\n\
+                     http.inbound_0.0.0.0_8080.downstream_cx_drain_close: 2\n\
+                     http.outbound_x.downstream_cx_drain_close: 1\n\
+                     http.inbound_0.0.0.0_8080.downstream_cx_drain_closed_extra: 9\n\
+                     listener_manager.total_listeners_draining: 0\n\
+                     listener_manager.total_filter_chains_draining: 1\n\
+                     garbage line\n";
+        assert_eq!(parse_drain_stats(stats), DrainStats { drain_closes: 3, update_draining: 1 });
+    }
+
+    #[test]
+    fn listener_drain_needs_a_rise_without_updates() {
+        let at = |c, u| DrainStats { drain_closes: c, update_draining: u };
+        assert!(!listeners_draining(None, at(5, 0)), "first read is only a baseline");
+        assert!(!listeners_draining(Some(at(5, 0)), at(5, 0)));
+        assert!(listeners_draining(Some(at(5, 0)), at(6, 0)));
+        assert!(!listeners_draining(Some(at(5, 0)), at(6, 1)), "LDS update drain");
+        assert!(!listeners_draining(Some(at(5, 1)), at(6, 0)), "update just ended");
+    }
+
+    #[test]
+    fn window_counts_and_restarts() {
+        let mut w = Window::default();
+        assert_eq!(w.record(1_000, 500), 1);
+        assert_eq!(w.record(1_200, 500), 2);
+        assert_eq!(w.record(1_499, 500), 3);
+        assert_eq!(w.record(1_500, 500), 1, "window passed");
+        assert_eq!(Window::decode(&w.encode()), w);
+    }
+
+    #[test]
+    fn idle_rules() {
+        let quiet = Activity { last_ms: 1_000, ..Default::default() };
+        assert!(!idle(&quiet, 1_500, 1_000), "within grace");
+        assert!(idle(&quiet, 2_000, 1_000), "never used");
+        let busy = Activity { in_flight: 1, tracked: true, ..quiet };
+        assert!(!idle(&busy, 99_000, 1_000));
+        let tracked_done = Activity { tracked: true, saw_request: true, ..quiet };
+        assert!(idle(&tracked_done, 2_000, 1_000));
+        let waiting = Activity { saw_request: true, last_was_response: false, ..quiet };
+        assert!(!idle(&waiting, 99_000, 1_000), "untracked request waiting for its response");
+        let answered = Activity { saw_request: true, last_was_response: true, ..quiet };
+        assert!(idle(&answered, 2_000, 1_000));
+    }
+}

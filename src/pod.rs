@@ -1,0 +1,81 @@
+//! The pod's drain state as this VM sees it: the record in shared data, behind a per-VM cache
+//! that the ticks refresh, so the data path reads a `Cell` and never the host.
+
+use std::cell::Cell;
+
+use log::info;
+
+use crate::drain::{DrainState, Source, Window, UNTIL_CLEARED};
+use crate::host::{self, Metrics};
+
+const STATE_KEY: &str = "close_relay.drain";
+const CLOSES_KEY: &str = "close_relay.app_closes";
+
+thread_local! {
+    static DRAINING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Is the pod going away? As of the last tick or local entry.
+pub fn draining() -> bool {
+    DRAINING.get()
+}
+
+/// Re-reads the shared record (held sources expire here); returns whether draining.
+pub fn refresh(metrics: &Metrics) -> bool {
+    let now = host::now_ms();
+    let state = DrainState::decode(&host::shared_get(STATE_KEY).0);
+    let draining = state.draining(now);
+    if draining != DRAINING.replace(draining) {
+        let sources: Vec<_> = state.active_sources(now).iter().map(|s| s.as_str()).collect();
+        info!("close-relay: pod draining: {draining} (sources: {sources:?})");
+    }
+    metrics.draining.set(u64::from(draining));
+    draining
+}
+
+/// Turns `source` on until `until` (ms since the epoch, or [`UNTIL_CLEARED`]). The worker
+/// whose write turns it on counts the entry.
+pub fn enter(source: Source, until: u64, metrics: &Metrics) {
+    let now = host::now_ms();
+    let entered = host::shared_update(STATE_KEY, |current| {
+        let mut state = DrainState::decode(current);
+        let entered = state.enter(source, until, now);
+        Some((state.encode(), entered))
+    });
+    if entered == Some(true) {
+        metrics.entered(source).inc();
+        let until = if until == UNTIL_CLEARED { "cleared".into() } else { format!("+{} ms", until - now) };
+        info!("close-relay: pod draining, source {} (until {until})", source.as_str());
+    }
+    if until > now {
+        DRAINING.set(true);
+    }
+}
+
+/// Turns `source` off, when its cause has cleared (e.g. `healthcheck/ok`).
+pub fn clear(source: Source, metrics: &Metrics) {
+    let now = host::now_ms();
+    let cleared = host::shared_update(STATE_KEY, |current| {
+        let mut state = DrainState::decode(current);
+        if !state.is_active(source, now) {
+            return None;
+        }
+        state.clear(source);
+        Some((state.encode(), ()))
+    });
+    if cleared.is_some() {
+        info!("close-relay: drain source {} cleared", source.as_str());
+        refresh(metrics);
+    }
+}
+
+/// Counts one app `Connection: close` in the shared window; true once the threshold is met.
+pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
+    let now = host::now_ms();
+    host::shared_update(CLOSES_KEY, |current| {
+        let mut window = Window::decode(current);
+        let count = window.record(now, window_ms);
+        Some((window.encode(), count))
+    })
+    .is_some_and(|count| count >= threshold)
+}

@@ -1,0 +1,201 @@
+//! The root context of either role: configuration, the tick that keeps this VM's view of the
+//! pod's drain state fresh, and the polls (Envoy admin, app readiness) that feed that state.
+//! Every worker's root ticks; shared-data CAS elects one of them per poll interval.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use log::{debug, error, info, warn};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
+use proxy_wasm::types::{BufferType, ContextType};
+
+use crate::config::{self, Config, Poll, Role};
+use crate::drain::{self, DrainStats, Source, UNTIL_CLEARED};
+use crate::host::{self, Metrics};
+use crate::{http, network, pod, Shared};
+
+const SIDECAR_POLL_KEY: &str = "close_relay.poll.sidecar";
+const SIDECAR_STATS_KEY: &str = "close_relay.sidecar.stats";
+const READINESS_POLL_KEY: &str = "close_relay.poll.readiness";
+const READINESS_FAILURES_KEY: &str = "close_relay.readiness.failures";
+/// Only the counters `drain::parse_drain_stats` reads, percent-encoded for the query string.
+const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%29%24";
+
+/// What an outstanding HTTP call was for.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Ready,
+    Stats,
+    Readiness,
+}
+
+pub struct Root {
+    role: Role,
+    shared: Rc<Shared>,
+    calls: HashMap<u32, Call>,
+    /// Polls whose dispatch failed (no such cluster): warned once, retried every interval.
+    warned: [bool; 2],
+}
+
+impl Default for Root {
+    fn default() -> Self {
+        Root {
+            role: Role::Http,
+            shared: Rc::new(Shared { config: None, metrics: Metrics::default() }),
+            calls: HashMap::new(),
+            warned: [false; 2],
+        }
+    }
+}
+
+/// Claims the next poll of `key` for this worker if it is due; the CAS makes one winner.
+fn claim(key: &str, interval_ms: u64) -> bool {
+    let now = host::now_ms();
+    host::shared_update(key, |current| {
+        let [due] = drain::decode_u64s(current);
+        (now >= due).then(|| (drain::encode_u64s(&[now + interval_ms]), ()))
+    })
+    .is_some()
+}
+
+impl Root {
+    fn poll(&mut self, which: usize, poll: &Poll, path: &str, call: Call) {
+        match host::http_get(&poll.cluster, &poll.authority, path, poll.timeout_ms) {
+            Some(token) => {
+                self.calls.insert(token, call);
+            }
+            None if !self.warned[which] => {
+                self.warned[which] = true;
+                warn!(
+                    "close-relay: cannot reach cluster {:?} for {path}; that drain source is \
+                     blind until it exists",
+                    poll.cluster
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn on_ready(&mut self, status: u16, body: &[u8]) {
+        let Some(config) = self.shared.active() else { return };
+        let metrics = &self.shared.metrics;
+        if drain::ready_says_draining(status, body) {
+            pod::enter(Source::SidecarHealth, UNTIL_CLEARED, metrics);
+        } else if status == 200 {
+            pod::clear(Source::SidecarHealth, metrics);
+        }
+        let sidecar = config.drain.sidecar.clone();
+        self.poll(0, &sidecar, STATS_PATH, Call::Stats);
+    }
+
+    fn on_stats(&mut self, status: u16, body: &[u8]) {
+        if status != 200 {
+            return;
+        }
+        let now = drain::parse_drain_stats(&String::from_utf8_lossy(body));
+        let previous = host::shared_update(SIDECAR_STATS_KEY, |current| {
+            let [seen, drain_closes, update_draining] = drain::decode_u64s(current);
+            let previous = (seen == 1).then_some(DrainStats { drain_closes, update_draining });
+            Some((drain::encode_u64s(&[1, now.drain_closes, now.update_draining]), previous))
+        })
+        .flatten();
+        if drain::listeners_draining(previous, now) {
+            pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &self.shared.metrics);
+        }
+    }
+
+    fn on_readiness(&mut self, status: u16) {
+        let Some(config) = self.shared.active() else { return };
+        let metrics = &self.shared.metrics;
+        if (200..300).contains(&status) {
+            host::shared_update(READINESS_FAILURES_KEY, |_| Some((drain::encode_u64s(&[0]), ())));
+            pod::clear(Source::AppReadiness, metrics);
+            return;
+        }
+        let failures = host::shared_update(READINESS_FAILURES_KEY, |current| {
+            let [n] = drain::decode_u64s(current);
+            Some((drain::encode_u64s(&[n + 1]), n + 1))
+        })
+        .unwrap_or(0);
+        debug!("app readiness probe failed ({status}), {failures} in a row");
+        if failures >= u64::from(config.drain.app_readiness.failures) {
+            pod::enter(Source::AppReadiness, UNTIL_CLEARED, metrics);
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        let Some(call) = self.calls.remove(&token) else { return };
+        let (status, body) = host::http_call_response(body_size);
+        match call {
+            Call::Ready => self.on_ready(status, &body),
+            Call::Stats => self.on_stats(status, &body),
+            Call::Readiness => self.on_readiness(status),
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        host::follow_host_log_level();
+        let raw = host::get_buffer(BufferType::PluginConfiguration, usize::MAX).unwrap_or_default();
+        let root_id = host::get_property(vec!["plugin_root_id"]).unwrap_or_default();
+        let root_id = String::from_utf8_lossy(&root_id);
+        self.role = config::role_hint(&raw).unwrap_or_else(|| config::role_from_root_id(&root_id));
+        let metrics = Metrics::define();
+        let config = match Config::parse(&raw) {
+            Ok(config) => {
+                info!("close-relay {:?} role ready (root id {root_id:?}): {config:?}", self.role);
+                Some(config)
+            }
+            Err(e) => {
+                metrics.config_errors.inc();
+                error!(
+                    "close-relay {:?} role DISABLED, passing traffic through: invalid plugin \
+                     configuration: {e}",
+                    self.role
+                );
+                None
+            }
+        };
+        self.shared = Rc::new(Shared { config, metrics });
+        if let Some(config) = self.shared.active().filter(|c| c.drain.enabled) {
+            host::set_tick(config.drain.tick_ms);
+            pod::refresh(&self.shared.metrics);
+        }
+        // Returning false would make Envoy reject the plugin; we fail open instead.
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(config) = self.shared.active() else { return };
+        let drain = config.drain.clone();
+        let draining = pod::refresh(&self.shared.metrics);
+        if drain.sidecar.enabled && claim(SIDECAR_POLL_KEY, drain.sidecar.interval_ms) {
+            self.poll(0, &drain.sidecar, "/ready", Call::Ready);
+        }
+        let readiness = &drain.app_readiness;
+        if readiness.enabled && claim(READINESS_POLL_KEY, readiness.interval_ms) {
+            self.poll(1, readiness, &readiness.path, Call::Readiness);
+        }
+        if self.role == Role::Network {
+            network::sweep(draining, drain.idle_grace_ms, &self.shared.metrics);
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(match self.role {
+            Role::Http => ContextType::HttpContext,
+            Role::Network => ContextType::StreamContext,
+        })
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(http::HttpRole::new(self.shared.clone())))
+    }
+
+    fn create_stream_context(&self, id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(network::NetworkRole::new(id, self.shared.clone())))
+    }
+}
