@@ -129,7 +129,7 @@ pub fn app_bin() -> PathBuf {
 
 pub struct App {
     pub port: u16,
-    _proc: Proc,
+    proc: Option<Proc>,
 }
 
 impl App {
@@ -158,7 +158,25 @@ impl App {
                 .stderr(Stdio::null()),
         );
         wait_until("app to listen", Duration::from_secs(10), || connectable(port));
-        App { port, _proc: proc }
+        App { port, proc: Some(proc) }
+    }
+
+    /// Kills the app (SIGKILL): its port refuses connections from now on.
+    pub fn kill(&mut self) {
+        drop(self.proc.take());
+        wait_until("app port to close", Duration::from_secs(5), || !connectable(self.port));
+    }
+
+    /// Starts the app again on the same port.
+    pub fn restart(&mut self) {
+        *self = App::start_on(self.port);
+    }
+
+    /// Makes the app's `/ready` answer 200 (`true`) or 503.
+    pub fn set_ready(&self, ready: bool) {
+        let mut c = Conn::open(self.port);
+        let r = c.get(&format!("/set-ready?v={}", u8::from(ready)));
+        assert_eq!(r.status, 200);
     }
 }
 
@@ -184,6 +202,10 @@ pub struct EnvoySpec {
     pub app_h2c: bool,
     /// Envoy worker threads; each runs its own copy of the VMs.
     pub concurrency: u32,
+    /// `--drain-strategy` (Envoy's default is gradual; Istio runs immediate).
+    pub drain_strategy: &'static str,
+    /// The inbound listener's `drain_type`: DEFAULT or MODIFY_ONLY.
+    pub drain_type: &'static str,
 }
 
 impl EnvoySpec {
@@ -195,6 +217,8 @@ impl EnvoySpec {
             app_port,
             app_h2c: false,
             concurrency: 2,
+            drain_strategy: "immediate",
+            drain_type: "DEFAULT",
         }
     }
 }
@@ -274,6 +298,7 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
                 "name": "virtualInbound",
                 "address": address(listen),
                 "traffic_direction": "INBOUND",
+                "drain_type": spec.drain_type,
                 "filter_chains": [{"filters": filters}]
             }],
             "clusters": [
@@ -310,16 +335,18 @@ impl Envoy {
         let (port, admin) = (free_port(), free_port());
         let config = dir.join("envoy.json");
         fs::write(&config, envoy_config(spec, port, admin).to_string()).expect("write config");
-        Envoy::launch_with(dir, &config, port, admin, spec.concurrency)
+        let args = ["--concurrency", &spec.concurrency.to_string(), "--drain-strategy", spec.drain_strategy]
+            .map(String::from);
+        Envoy::launch_with(dir, &config, port, admin, &args)
     }
 
     /// Starts Envoy on a config file that listens on `port` with its admin on `admin`, from
     /// the repository root (where the shipped configs expect to be run).
     pub fn launch(dir: PathBuf, config: &Path, port: u16, admin: u16) -> Envoy {
-        Envoy::launch_with(dir, config, port, admin, 2)
+        Envoy::launch_with(dir, config, port, admin, &["--concurrency".into(), "2".into()])
     }
 
-    fn launch_with(dir: PathBuf, config: &Path, port: u16, admin: u16, concurrency: u32) -> Envoy {
+    fn launch_with(dir: PathBuf, config: &Path, port: u16, admin: u16, args: &[String]) -> Envoy {
         let log = dir.join("envoy.log");
         let mut proc = Proc::spawn(
             "envoy",
@@ -327,7 +354,8 @@ impl Envoy {
                 .current_dir(repo_root())
                 .arg("-c")
                 .arg(config)
-                .args(["--concurrency", &concurrency.to_string(), "--disable-hot-restart", "-l", "info"])
+                .args(args)
+                .args(["--disable-hot-restart", "-l", "info"])
                 .args(["--component-log-level", "wasm:debug", "--file-flush-interval-msec", "50"])
                 .arg("--log-path")
                 .arg(&log)
@@ -373,6 +401,15 @@ impl Envoy {
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// POST on the admin API (`/healthcheck/fail`, `/drain_listeners?...`).
+    pub fn admin_post(&self, path: &str) {
+        let mut c = Conn::open(self.admin);
+        c.send(&format!("POST {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n"))
+            .expect("admin post");
+        let r = c.response("POST");
+        assert_eq!(r.status, 200, "POST {path}: {}", String::from_utf8_lossy(&r.body));
     }
 
     pub fn prometheus(&self) -> String {
@@ -532,6 +569,23 @@ impl Conn {
             };
         let _ = self.stream.set_read_timeout(Some(Duration::from_secs(10)));
         closed
+    }
+
+    /// Whether the server has closed this connection, without waiting: a pending EOF or reset
+    /// says closed; no data yet says open.
+    pub fn open_now(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let _ = self.stream.set_nonblocking(true);
+        let mut probe = [0u8; 1];
+        let open = match self.stream.peek(&mut probe) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        };
+        let _ = self.stream.set_nonblocking(false);
+        open
     }
 
     /// Reads whatever raw bytes arrive within `within` (for upgraded connections).

@@ -16,14 +16,18 @@
 //! - `/big-head-close?bytes=N` about N bytes of `x-pad-*` headers + `Connection: close`
 //! - `/spoof`               keep-alive response carrying forged `x-close-relay` headers
 //! - `/ws`                  with `Upgrade:` answers 101 and then echoes raw bytes
+//! - `/ready`               200, or 503 after `/set-ready?v=0` (until `/set-ready?v=1`)
 //!
 //! A request header `x-app-close: 1` makes any path answer with `Connection: close`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 use e2e::pattern_byte;
+
+static READY: AtomicBool = AtomicBool::new(true);
 
 fn main() {
     let port = std::env::args()
@@ -130,6 +134,14 @@ fn serve(stream: TcpStream) -> io::Result<()> {
                     .map(|i| format!("x-pad-{i}: {}\r\n", "a".repeat(3990)))
                     .collect();
                 (simple(&format!("{pads}Connection: close\r\n"), "ok"), false)
+            }
+            "/ready" => {
+                let status = if READY.load(Ordering::Relaxed) { "200 OK" } else { "503 Unavailable" };
+                (format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n{close}\r\n"), !forced)
+            }
+            "/set-ready" => {
+                READY.store(req.param("v") == Some("1"), Ordering::Relaxed);
+                (simple("", "ok"), !forced)
             }
             "/spoof" => (
                 simple("x-close-relay: 0000000000000000\r\nX-Close-Relay: close\r\n", "ok"),

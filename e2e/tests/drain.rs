@@ -1,0 +1,270 @@
+//! Drain awareness against a real Envoy: an ALB-like pool of keep-alive connections (some
+//! busy, some idle) into the sidecar; then something says the pod is going away. Every busy
+//! connection must get `connection: close` on its next response and be closed, every idle
+//! one must be closed by us (Envoy itself leaves idle ones open, envoy#42305), and nothing may
+//! close before the trigger. Each test prints the time from trigger to the last close.
+
+use std::time::{Duration, Instant};
+
+use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
+
+const BUSY: usize = 3;
+const IDLE: usize = 3;
+/// Default config: admin polled every 1 s, ticks every 200 ms, idle grace 1 s.
+const WITHIN: Duration = Duration::from_secs(6);
+
+struct Pool {
+    busy: Vec<Conn>,
+    idle: Vec<Conn>,
+}
+
+/// Opens the pool the way an ALB keeps one: each connection has carried a request.
+fn pool(envoy: &Envoy) -> Pool {
+    let mut open = |_| {
+        let mut c = envoy.connect();
+        let r = c.get("/keep");
+        assert_eq!(r.status, 200);
+        assert!(!r.says_close(), "{}", r.raw_head);
+        c
+    };
+    let busy = (0..BUSY).map(&mut open).collect();
+    let idle = (0..IDLE).map(&mut open).collect();
+    let mut pool = Pool { busy, idle };
+    // Longer than a poll interval plus a few sweeps: a false positive would show here.
+    std::thread::sleep(Duration::from_millis(1300));
+    for (i, c) in pool.busy.iter_mut().chain(pool.idle.iter_mut()).enumerate() {
+        assert!(c.open_now(), "connection {i} closed before any trigger\n{}", envoy.wasm_log());
+    }
+    pool
+}
+
+/// Busy connections keep sending (as ALB traffic does) until they are told to close; idle ones
+/// are only watched. Returns the time from `trigger` to the last connection closed, and the
+/// statuses the busy connections saw.
+fn all_closed(envoy: &Envoy, mut pool: Pool, trigger: Instant, path: &str) -> (Duration, Vec<u16>) {
+    let deadline = trigger + WITHIN;
+    let mut last_close = trigger;
+    let mut statuses = Vec::new();
+    let mut told = vec![false; pool.busy.len()];
+    let mut closed_busy = vec![false; pool.busy.len()];
+    let mut closed_idle = vec![false; pool.idle.len()];
+    while Instant::now() < deadline {
+        for (i, c) in pool.busy.iter_mut().enumerate() {
+            if closed_busy[i] {
+                continue;
+            }
+            if told[i] || !c.open_now() {
+                if !c.open_now() {
+                    closed_busy[i] = true;
+                    last_close = Instant::now();
+                }
+                continue;
+            }
+            match c.send(&format!("GET {path} HTTP/1.1\r\nhost: app\r\n\r\n")).map(|_| c.try_response("GET")) {
+                Ok(Ok(r)) => {
+                    statuses.push(r.status);
+                    assert!(!r.leaks_marker(), "{}", r.raw_head);
+                    told[i] = r.says_close();
+                }
+                // Closed between our check and the send: that is a close, not an error.
+                _ => {
+                    closed_busy[i] = true;
+                    last_close = Instant::now();
+                }
+            }
+        }
+        for (i, c) in pool.idle.iter_mut().enumerate() {
+            if !closed_idle[i] && !c.open_now() {
+                closed_idle[i] = true;
+                last_close = Instant::now();
+            }
+        }
+        if closed_busy.iter().chain(&closed_idle).all(|c| *c) {
+            return (last_close - trigger, statuses);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "not all closed within {WITHIN:?}: busy told {told:?} closed {closed_busy:?}, idle closed \
+         {closed_idle:?}\n{}",
+        envoy.wasm_log()
+    );
+}
+
+fn report(source: &str, setup: &str, took: Duration) {
+    eprintln!(
+        "[envoy {}] drain source {source} ({setup}): trigger -> last connection closed in {} ms",
+        e2e::envoy_version(),
+        took.as_millis()
+    );
+}
+
+fn start(name: &str, spec: EnvoySpec) -> Envoy {
+    Envoy::start(name, &spec)
+}
+
+fn spec(app: &App) -> EnvoySpec {
+    EnvoySpec::new(Filter::SameVm, app.port)
+}
+
+fn healthcheck_fail(name: &str, spec: EnvoySpec, setup: &str) {
+    // Shared data is per vm_id: each VM group keeps, and enters, its own drain state.
+    let vm_groups = if spec.filter == Filter::SeparateVms { 2 } else { 1 };
+    let envoy = start(name, spec);
+    let pool = pool(&envoy);
+    let trigger = Instant::now();
+    envoy.admin_post("/healthcheck/fail");
+    let (took, statuses) = all_closed(&envoy, pool, trigger, "/keep");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_sidecar_health_total"), vm_groups);
+    assert!(envoy.counter("wasmcustom.close_relay_idle_closed_total") >= IDLE as u64);
+    report("sidecar_health (healthcheck/fail)", setup, took);
+}
+
+#[test]
+fn healthcheck_fail_closes_everything_with_immediate_drain() {
+    let app = App::start();
+    healthcheck_fail("hc-immediate", spec(&app), "--drain-strategy immediate");
+}
+
+#[test]
+fn healthcheck_fail_closes_everything_with_gradual_drain() {
+    let app = App::start();
+    let spec = EnvoySpec { drain_strategy: "gradual", ..spec(&app) };
+    healthcheck_fail("hc-gradual", spec, "--drain-strategy gradual");
+}
+
+#[test]
+fn healthcheck_fail_closes_everything_on_a_modify_only_listener() {
+    // Envoy adds no `connection: close` here at all; only close-relay does.
+    let app = App::start();
+    let spec = EnvoySpec { drain_type: "MODIFY_ONLY", ..spec(&app) };
+    healthcheck_fail("hc-modify-only", spec, "drain_type MODIFY_ONLY");
+}
+
+#[test]
+fn healthcheck_fail_closes_everything_with_roles_in_separate_vms() {
+    let app = App::start();
+    let spec = EnvoySpec { filter: Filter::SeparateVms, ..spec(&app) };
+    healthcheck_fail("hc-sepvm", spec, "separate VMs");
+}
+
+#[test]
+fn istio_agent_drain_listeners_closes_everything() {
+    let app = App::start();
+    let envoy = start("drain-listeners", spec(&app));
+    let pool = pool(&envoy);
+    let trigger = Instant::now();
+    envoy.admin_post("/drain_listeners?inboundonly&graceful");
+    let (took, statuses) = all_closed(&envoy, pool, trigger, "/keep");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_sidecar_drain_total"), 1);
+    assert!(envoy.counter("wasmcustom.close_relay_idle_closed_total") >= IDLE as u64);
+    report("sidecar_drain (drain_listeners?inboundonly&graceful)", "--drain-strategy immediate", took);
+}
+
+#[test]
+fn healthcheck_ok_ends_the_drain() {
+    let app = App::start();
+    let envoy = start("hc-recovery", spec(&app));
+    envoy.admin_post("/healthcheck/fail");
+    let entered = Instant::now();
+    while envoy.counter("wasmcustom.close_relay_drain_entered_sidecar_health_total") == 0 {
+        assert!(entered.elapsed() < WITHIN, "drain never entered\n{}", envoy.wasm_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    envoy.admin_post("/healthcheck/ok");
+    let cleared = Instant::now();
+    while envoy.counter("wasmcustom.close_relay_draining") != 0 {
+        assert!(cleared.elapsed() < WITHIN, "drain never left\n{}", envoy.wasm_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = cleared.elapsed();
+    // Every worker refreshes within a tick; then connections are kept again.
+    std::thread::sleep(Duration::from_millis(400));
+    let mut c = envoy.connect();
+    for _ in 0..3 {
+        let r = c.get("/keep");
+        assert!(!r.says_close(), "still closing after healthcheck/ok:\n{}", r.raw_head);
+    }
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(c.open_now(), "idle connection closed after the drain ended");
+    eprintln!("[envoy {}] drain left {} ms after healthcheck/ok", e2e::envoy_version(), left.as_millis());
+}
+
+#[test]
+fn app_killed_closes_everything_and_each_connection_meets_at_most_one_error() {
+    let mut app = App::start();
+    let envoy = start("app-killed", spec(&app));
+    let pool = pool(&envoy);
+    let trigger = Instant::now();
+    app.kill();
+    let (took, statuses) = all_closed(&envoy, pool, trigger, "/keep");
+    let errors = statuses.iter().filter(|s| **s >= 500).count();
+    assert!(errors <= BUSY, "a connection met more than one 503: {statuses:?}");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total"), 1);
+    report("app_failure (app killed, 503 UF)", "--drain-strategy immediate", took);
+}
+
+#[test]
+fn a_connect_failure_closes_its_connection_even_without_drain_awareness() {
+    let mut app = App::start();
+    let mut spec = spec(&app);
+    spec.http_config = r#"{"drain": {"enabled": false}}"#.into();
+    spec.network_config = r#"{"role": "network", "drain": {"enabled": false}}"#.into();
+    let envoy = start("connect-failure", spec);
+    app.kill();
+    for _ in 0..2 {
+        let mut c = envoy.connect();
+        let r = c.get("/keep");
+        assert_eq!(r.status, 503);
+        assert!(r.says_close(), "503 UF did not close:\n{}", r.raw_head);
+        assert!(c.closed_by_server(Duration::from_secs(3)));
+    }
+    assert_eq!(envoy.counter("wasmcustom.close_relay_closed_connect_failure_total"), 2);
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total"), 0);
+}
+
+#[test]
+fn app_close_threshold_closes_everything() {
+    let app = App::start();
+    let mut spec = spec(&app);
+    let closes = r#""drain": {"app_closes": {"enabled": true, "threshold": 3, "window_ms": 5000}}"#;
+    spec.http_config = format!("{{{closes}}}");
+    spec.network_config = format!(r#"{{"role": "network", {closes}}}"#);
+    let envoy = start("app-closes", spec);
+    let pool = pool(&envoy);
+    let trigger = Instant::now();
+    for _ in 0..3 {
+        let mut c = envoy.connect();
+        assert!(c.get("/close").says_close());
+    }
+    let (took, _) = all_closed(&envoy, pool, trigger, "/keep");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_closes_total"), 1);
+    report("app_closes (3 Connection: close in 5 s)", "threshold 3", took);
+}
+
+#[test]
+fn app_readiness_failing_closes_everything_and_recovering_ends_it() {
+    let app = App::start();
+    let mut spec = spec(&app);
+    let ready = r#""drain": {"app_readiness": {"enabled": true, "cluster": "inbound|8080||", "path": "/ready"}}"#;
+    spec.http_config = format!("{{{ready}}}");
+    spec.network_config = format!(r#"{{"role": "network", {ready}}}"#);
+    let envoy = start("app-readiness", spec);
+    let pool = pool(&envoy);
+    let trigger = Instant::now();
+    app.set_ready(false);
+    let (took, _) = all_closed(&envoy, pool, trigger, "/keep");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_readiness_total"), 1);
+    report("app_readiness (/ready answers 503)", "probe every 1 s", took);
+    app.set_ready(true);
+    let recovered = Instant::now();
+    while envoy.counter("wasmcustom.close_relay_draining") != 0 {
+        assert!(recovered.elapsed() < WITHIN, "drain never left\n{}", envoy.wasm_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    let mut c = envoy.connect();
+    assert!(!c.get("/keep").says_close());
+}
