@@ -4,13 +4,14 @@
 ENVOY_VERSIONS ?= 1.40.0 1.36.4
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
+E2E_TESTS      := --test relay --test drain
 SHELL          := /bin/bash
 WASM           := target/wasm32-wasip1/release/close_relay.wasm
 PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build test unit lint e2e demo deps envoy clean
+.PHONY: all build test unit lint e2e demo deps envoy clean drain-timings
 
 all: build
 
@@ -42,13 +43,28 @@ lint: deps
 e2e: build envoy
 	$(CARGO) build -p e2e --tests --bins
 ifdef ENVOY
-	$(CARGO) test -p e2e --test relay -- --nocapture
+	$(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture
 else
 	@for v in $(ENVOY_VERSIONS); do \
 	  echo "=== e2e on Envoy $$v"; \
-	  ENVOY=$(CURDIR)/$(call envoy_bin,$$v) $(CARGO) test -p e2e --test relay -- --nocapture || exit 1; \
+	  ENVOY=$(CURDIR)/$(call envoy_bin,$$v) $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture || exit 1; \
 	done
 endif
+
+# Drain timings: the drain suite RUNS times per Envoy version, then the median (and min-max)
+# of "trigger -> last connection closed" per source, from the tests' own timestamps.
+RUNS ?= 5
+drain-timings: build envoy
+	$(CARGO) build -p e2e --tests --bins
+	@rm -f target/drain-timings.log
+	@for v in $(ENVOY_VERSIONS); do for i in $$(seq $(RUNS)); do \
+	  ENVOY=$(CURDIR)/$(call envoy_bin,$$v) $(CARGO) test -q -p e2e --test drain -- --nocapture 2>&1 \
+	    | grep -oE '\[envoy .*(closed in [0-9]+ ms|left [0-9]+ ms after healthcheck/ok)' >> target/drain-timings.log || exit 1; \
+	done; done
+	@sed -E 's/ in ([0-9]+) ms$$/\t\1/; s/ left ([0-9]+) ms after healthcheck\/ok/ left after healthcheck\/ok\t\1/' target/drain-timings.log \
+	  | sort -t$$'\t' -k1,1 -k2,2n | awk -F'\t' '{ v[$$1] = v[$$1] " " $$2; n[$$1]++ } \
+	    END { for (k in v) { split(substr(v[k], 2), a, " "); m = a[int((n[k] + 1) / 2)]; \
+	      printf "%s: median %d ms (min %d, max %d, n=%d)\n", k, m, a[1], a[n[k]], n[k] } }' | sort
 
 # Everything, then one closing line that sums every test binary's result.
 test:

@@ -308,7 +308,7 @@ fn metrics_have_stable_prometheus_names() {
 }
 
 #[test]
-fn shipped_local_envoy_yaml_is_accepted_by_this_envoy() {
+fn shipped_local_envoy_yaml_validates_loads_both_roles_and_relays() {
     let out = std::process::Command::new(e2e::envoy_bin())
         .current_dir(e2e::repo_root())
         .args(["--mode", "validate", "-c", "envoyfilter/local/envoy.yaml"])
@@ -316,4 +316,21 @@ fn shipped_local_envoy_yaml_is_accepted_by_this_envoy() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.contains("OK"), "{text}");
+    // The same file, on free ports so it can run beside anything else.
+    let app = App::start();
+    let (port, admin) = (e2e::free_port(), e2e::free_port());
+    let yaml = std::fs::read_to_string(e2e::repo_root().join("envoyfilter/local/envoy.yaml")).unwrap()
+        .replace("port_value: 10000", &format!("port_value: {port}"))
+        .replace("port_value: 9901", &format!("port_value: {admin}"))
+        .replace("port_value: 8080", &format!("port_value: {}", app.port));
+    let dir = e2e::scratch("shipped-yaml");
+    std::fs::write(dir.join("envoy.yaml"), yaml).unwrap();
+    let envoy = Envoy::launch(dir.clone(), &dir.join("envoy.yaml"), port, admin);
+    let log = envoy.wasm_log_with(&["Http role ready", "Network role ready"]);
+    assert!(log.contains("Http role ready") && log.contains("Network role ready"), "{log}");
+    assert!(!log.contains("DISABLED"), "shipped configuration rejected:\n{log}");
+    let mut c = envoy.connect();
+    let r = c.get("/close");
+    assert_relayed(&r, &envoy, b"ok");
+    assert!(c.closed_by_server(SOON));
 }
