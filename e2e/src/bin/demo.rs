@@ -38,6 +38,23 @@ fn main() {
     println!("\nA healthy app keeps its connections (/keep), and close-relay leaves them alone:");
     show("sidecar without close-relay", plain.port, "/keep");
     show("sidecar with close-relay", relay.port, "/keep");
+    println!("\nThe pod is going away: the sidecar drains (admin /healthcheck/fail). Two idle ALB connections each:");
+    let mut idle: Vec<(&str, Conn)> = Vec::new();
+    for (label, port) in [("sidecar without close-relay", plain.port), ("sidecar with close-relay", relay.port)] {
+        for _ in 0..2 {
+            let mut c = Conn::open(port);
+            c.get("/keep");
+            idle.push((label, c));
+        }
+    }
+    let drained = Instant::now();
+    plain.admin_post("/healthcheck/fail");
+    relay.admin_post("/healthcheck/fail");
+    std::thread::sleep(Duration::from_millis(2500));
+    for (label, c) in idle.iter_mut() {
+        let state = if c.open_now() { "still open: the ALB will send its next request into the dying pod" } else { "closed: the ALB reconnects to a healthy pod" };
+        println!("  {label:<28} idle connection {:.1} s after the drain began: {state}", drained.elapsed().as_secs_f64());
+    }
     println!("\nclose-relay counters (admin 127.0.0.1:9901/stats?filter=close_relay):");
     for line in e2e::admin_get(relay.admin, "/stats?filter=close_relay").unwrap_or_default().lines() {
         if !line.ends_with(": 0") {
