@@ -180,7 +180,9 @@ impl RootContext for Root {
             self.poll(1, readiness, &readiness.path, Call::Readiness);
         }
         if self.role == Role::Network {
-            network::sweep(draining, drain.idle_grace_ms, &self.shared.metrics);
+            // Activity times come from the tick clock, up to one tick stale: adding a tick keeps
+            // `idle_grace_ms` a true minimum.
+            network::sweep(draining, drain.idle_grace_ms + drain.tick_ms, &self.shared.metrics);
         }
     }
 
