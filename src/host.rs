@@ -168,6 +168,23 @@ pub fn shared_update<T>(key: &str, mut f: impl FnMut(&[u8]) -> Option<(Vec<u8>, 
     None
 }
 
+pub fn register_queue(name: &str) -> Option<u32> {
+    hostcalls::register_shared_queue(name).ok()
+}
+
+pub fn enqueue(token: u32) {
+    let _ = hostcalls::enqueue_shared_queue(token, Some(b"drain"));
+}
+
+/// Empties a shared queue (its items only say "look now").
+pub fn drain_queue(token: u32) {
+    for _ in 0..1024 {
+        if !matches!(hostcalls::dequeue_shared_queue(token), Ok(Some(_))) {
+            break;
+        }
+    }
+}
+
 /// GET `path` through Envoy `cluster`; the answer arrives in the root's
 /// `on_http_call_response` under the returned token.
 pub fn http_get(cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32> {

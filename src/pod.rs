@@ -5,11 +5,15 @@ use std::cell::Cell;
 
 use log::info;
 
-use crate::drain::{DrainState, Source, Window, UNTIL_CLEARED};
+use crate::drain::{self, DrainState, Source, Window, UNTIL_CLEARED};
 use crate::host::{self, Metrics};
 
 const STATE_KEY: &str = "close_relay.drain";
 const CLOSES_KEY: &str = "close_relay.app_closes";
+/// Shared-queue tokens of every network root, woken when a drain begins.
+const WAKE_KEY: &str = "close_relay.wake";
+/// Tokens kept at most; older ones belong to VMs long replaced by config updates.
+const WAKE_CAPACITY: usize = 64;
 
 thread_local! {
     static DRAINING: Cell<bool> = const { Cell::new(false) };
@@ -43,6 +47,7 @@ pub fn enter(source: Source, until: u64, metrics: &Metrics) {
         Some((state.encode(), entered))
     });
     if entered == Some(true) {
+        wake_all();
         metrics.entered(source).inc();
         let until = if until == UNTIL_CLEARED { "cleared".into() } else { format!("+{} ms", until - now) };
         info!("close-relay: pod draining, source {} (until {until})", source.as_str());
@@ -78,4 +83,28 @@ pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
         Some((window.encode(), count))
     })
     .is_some_and(|count| count >= threshold)
+}
+
+/// Registers this VM's wake queue: a drain that begins on any worker then reaches this one
+/// within a dispatcher turn (`on_queue_ready`), not a tick later, before an ALB reuses an idle
+/// connection into a pod whose app already refuses new ones.
+pub fn register_wake() -> Option<u32> {
+    let name = format!("close_relay.wake.{}", host::nonce());
+    let token = host::register_queue(&name)?;
+    host::shared_update(WAKE_KEY, |current| {
+        let mut tokens: Vec<u64> = current.chunks_exact(8).map(|c| drain::decode_u64s::<1>(c)[0]).collect();
+        tokens.push(u64::from(token));
+        let excess = tokens.len().saturating_sub(WAKE_CAPACITY);
+        Some((drain::encode_u64s(&tokens[excess..]), ()))
+    });
+    Some(token)
+}
+
+fn wake_all() {
+    let (tokens, _) = host::shared_get(WAKE_KEY);
+    for chunk in tokens.chunks_exact(8) {
+        let [token] = drain::decode_u64s::<1>(chunk);
+        // A token of a VM that is gone fails; nothing to do about it.
+        host::enqueue(token as u32);
+    }
 }

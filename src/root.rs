@@ -124,6 +124,18 @@ impl Root {
     }
 }
 
+impl Root {
+    fn sweep(&self, draining: bool) {
+        let Some(config) = self.shared.active() else { return };
+        if self.role == Role::Network {
+            // Activity times come from the tick clock, up to one tick stale: adding a tick
+            // keeps `idle_grace_ms` a true minimum.
+            let grace = config.drain.idle_grace_ms + config.drain.tick_ms;
+            network::sweep(draining, grace, &self.shared.metrics);
+        }
+    }
+}
+
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
         let Some(call) = self.calls.remove(&token) else { return };
@@ -163,6 +175,9 @@ impl RootContext for Root {
         if let Some(config) = self.shared.active().filter(|c| c.drain.enabled) {
             host::set_tick(config.drain.tick_ms);
             pod::refresh(&self.shared.metrics);
+            if self.role == Role::Network && pod::register_wake().is_none() {
+                warn!("close-relay: no wake queue; idle connections close on the next tick");
+            }
         }
         // Returning false would make Envoy reject the plugin; we fail open instead.
         true
@@ -179,11 +194,13 @@ impl RootContext for Root {
         if readiness.enabled && claim(READINESS_POLL_KEY, readiness.interval_ms) {
             self.poll(1, readiness, &readiness.path, Call::Readiness);
         }
-        if self.role == Role::Network {
-            // Activity times come from the tick clock, up to one tick stale: adding a tick keeps
-            // `idle_grace_ms` a true minimum.
-            network::sweep(draining, drain.idle_grace_ms + drain.tick_ms, &self.shared.metrics);
-        }
+        self.sweep(draining);
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        host::drain_queue(queue_id);
+        let draining = pod::refresh(&self.shared.metrics);
+        self.sweep(draining);
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod rollout;
+
 /// The byte at offset `i` of the app's `/big-close` body.
 pub fn pattern_byte(i: usize) -> u8 {
     b"0123456789abcdefghijklmnopqrstuvwxyz"[i % 36]
@@ -83,6 +85,14 @@ impl Proc {
 
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// SIGTERM, as the kubelet sends it.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) on our own child's PID with a valid signal number.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
     }
 }
 
@@ -165,6 +175,22 @@ impl App {
     pub fn kill(&mut self) {
         drop(self.proc.take());
         wait_until("app port to close", Duration::from_secs(5), || !connectable(self.port));
+    }
+
+    /// The app with extra arguments (`--shutdown close-idle`, ...) on a free port.
+    pub fn start_with(extra: &[&str]) -> App {
+        App::spawn(free_port(), extra)
+    }
+
+    /// Sends SIGTERM: the app shuts down gracefully in its `--shutdown` mode.
+    pub fn terminate(&self) {
+        if let Some(p) = &self.proc {
+            p.terminate();
+        }
+    }
+
+    pub fn exited(&mut self) -> bool {
+        self.proc.as_mut().is_none_or(Proc::exited)
     }
 
     /// Starts the app again on the same port.
@@ -418,6 +444,11 @@ impl Envoy {
 
     pub fn alive(&mut self) -> bool {
         !self.proc.exited()
+    }
+
+    /// Stops Envoy (by PID), as the kubelet does when the sidecar's time is up.
+    pub fn stop(self) {
+        drop(self);
     }
 
     pub fn connect(&self) -> Conn {

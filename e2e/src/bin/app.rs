@@ -19,38 +19,109 @@
 //! - `/ready`               200, or 503 after `/set-ready?v=0` (until `/set-ready?v=1`)
 //!
 //! A request header `x-app-close: 1` makes any path answer with `Connection: close`.
+//!
+//! Graceful shutdown on SIGTERM, as real apps do it (`--shutdown MODE`):
+//! - `close-header` (default): stop accepting (new connections are refused), answer the next
+//!   request on each existing connection with `Connection: close`;
+//! - `close-idle`: like Go's `Server.Shutdown`: refuse new connections, close idle ones at
+//!   once, finish in-flight ones with `Connection: close`;
+//! - `prestop`: keep serving normally for `--prestop-ms` (default 3000), then `close-header`.
+//! The app exits once no connection is left, or after `--shutdown-timeout-ms` (default 5000).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use e2e::pattern_byte;
 
 static READY: AtomicBool = AtomicBool::new(true);
+/// Set once the app is shutting down: no new connections, every connection ends.
+static CLOSING: AtomicBool = AtomicBool::new(false);
+static CLOSE_IDLE: AtomicBool = AtomicBool::new(false);
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+/// How often a waiting connection looks at the shutdown state.
+const POLL: Duration = Duration::from_millis(10);
+
+fn arg(name: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != name).nth(1)
+}
 
 fn main() {
-    let port = std::env::args()
-        .skip_while(|a| a != "--port")
-        .nth(1)
-        .and_then(|p| p.parse::<u16>().ok())
-        .unwrap_or(8080);
+    let port = arg("--port").and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
     if std::env::args().any(|a| a == "--h2c") {
         return serve_h2c(port);
     }
-    let listener = match TcpListener::bind(("127.0.0.1", port)) {
+    let mode = arg("--shutdown").unwrap_or_else(|| "close-header".into());
+    let ms = |name: &str, default: u64| arg(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (prestop, timeout) = (ms("--prestop-ms", 3000), ms("--shutdown-timeout-ms", 5000));
+    let listener = match TcpListener::bind(("127.0.0.1", port)).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("app: cannot listen on 127.0.0.1:{port}: {e}");
             std::process::exit(1);
         }
     };
-    eprintln!("app: listening on 127.0.0.1:{port}");
-    for stream in listener.incoming().flatten() {
-        thread::spawn(move || {
-            let _ = serve(stream);
-        });
+    let term = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()) {
+        eprintln!("app: no SIGTERM handler: {e}");
+        std::process::exit(1);
     }
+    eprintln!("app: listening on 127.0.0.1:{port}, shutdown mode {mode}");
+    let mut termed: Option<Instant> = None;
+    loop {
+        if term.load(Ordering::Relaxed) && termed.is_none() {
+            termed = Some(Instant::now());
+            eprintln!("app: SIGTERM, shutting down ({mode})");
+        }
+        if let Some(at) = termed {
+            let delay = if mode == "prestop" { prestop } else { 0 };
+            if at.elapsed() >= Duration::from_millis(delay) {
+                break;
+            }
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                OPEN.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    let _ = serve(stream);
+                    OPEN.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(POLL),
+            Err(_) => thread::sleep(POLL),
+        }
+    }
+    // Refuse new connections from now on; end the existing ones as the mode says.
+    drop(listener);
+    CLOSE_IDLE.store(mode == "close-idle", Ordering::SeqCst);
+    CLOSING.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_millis(timeout);
+    while OPEN.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(POLL);
+    }
+    eprintln!("app: exiting, {} connection(s) left", OPEN.load(Ordering::SeqCst));
+    std::process::exit(0);
+}
+
+/// Waits for the first byte of the next request. `false` when the connection should end
+/// instead: the peer closed, or the app closes idle connections on shutdown.
+fn next_request_arrives(reader: &mut BufReader<TcpStream>) -> io::Result<bool> {
+    reader.get_ref().set_read_timeout(Some(POLL))?;
+    let arrived = loop {
+        if CLOSING.load(Ordering::SeqCst) && CLOSE_IDLE.load(Ordering::SeqCst) {
+            break false;
+        }
+        match reader.fill_buf() {
+            Ok(buf) => break !buf.is_empty(),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    reader.get_ref().set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(arrived)
 }
 
 struct Request {
@@ -101,11 +172,13 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>
 }
 
 fn serve(stream: TcpStream) -> io::Result<()> {
+    let _ = stream.set_nonblocking(false);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
-    while let Some(req) = read_request(&mut reader)? {
+    while next_request_arrives(&mut reader)? {
+        let Some(req) = read_request(&mut reader)? else { break };
         let head_only = req.method == "HEAD";
-        let forced = req.header("x-app-close") == Some("1");
+        let forced = req.header("x-app-close") == Some("1") || CLOSING.load(Ordering::SeqCst);
         let close = if forced { "Connection: close\r\n" } else { "" };
         let simple = |extra: &str, body: &str| {
             let body = if head_only { "" } else { body };

@@ -1,0 +1,584 @@
+//! The rolling-restart rig of the brief (§1, §4), all real processes on 127.0.0.1:
+//! load client -> nginx (the ALB: keep-alive pool, `Connection` cleared, no retries) ->
+//! kube-proxy (a TCP forwarder choosing a pod per NEW connection, established ones pinned) ->
+//! pod = Envoy sidecar (inbound listener like Istio's, with or without close-relay) -> app.
+//! A Deployment-style restart (maxSurge 1) replaces pod A by pod B under steady load.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::{free_port, scratch, App, Conn, Envoy, EnvoySpec, Filter, Proc};
+
+/// How the app shuts down on SIGTERM (see `app --shutdown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppMode {
+    CloseHeader,
+    CloseIdle,
+    Prestop,
+}
+
+impl AppMode {
+    pub const ALL: [AppMode; 3] = [AppMode::CloseHeader, AppMode::CloseIdle, AppMode::Prestop];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppMode::CloseHeader => "close-header",
+            AppMode::CloseIdle => "close-idle",
+            AppMode::Prestop => "prestop",
+        }
+    }
+}
+
+/// What the sidecar does when the pod terminates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarMode {
+    /// istio-agent: `drain_listeners?inboundonly&graceful`, wait terminationDrainDuration, stop.
+    IstioAgent,
+    /// Held until the app exits (EXIT_ON_ZERO_ACTIVE_CONNECTIONS, native sidecars), then stop.
+    Held,
+}
+
+impl SidecarMode {
+    pub const ALL: [SidecarMode; 2] = [SidecarMode::Held, SidecarMode::IstioAgent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SidecarMode::IstioAgent => "istio-agent drain",
+            SidecarMode::Held => "held until app exit",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub close_relay: bool,
+    /// close-relay also treats the app's first `Connection: close` as the pod going away
+    /// (`drain.app_closes.threshold: 1`), the earliest signal when the sidecar is held.
+    pub first_close_drains: bool,
+    pub app: AppMode,
+    pub sidecar: SidecarMode,
+    /// Endpoint removal lags the SIGTERM by this much.
+    pub endpoint_lag_ms: u64,
+    pub rate_per_s: u64,
+    pub concurrency: usize,
+    pub duration_ms: u64,
+    /// When the rolling restart begins, from the start of the load.
+    pub restart_at_ms: u64,
+    /// istio-agent's terminationDrainDuration.
+    pub termination_drain_ms: u64,
+    pub prestop_ms: u64,
+    pub app_shutdown_timeout_ms: u64,
+}
+
+impl RunSpec {
+    pub fn new(close_relay: bool, app: AppMode, sidecar: SidecarMode) -> RunSpec {
+        RunSpec {
+            close_relay,
+            first_close_drains: false,
+            app,
+            sidecar,
+            endpoint_lag_ms: 0,
+            rate_per_s: 200,
+            concurrency: 8,
+            duration_ms: 9_000,
+            restart_at_ms: 2_000,
+            termination_drain_ms: 5_000,
+            prestop_ms: 3_000,
+            app_shutdown_timeout_ms: 5_000,
+        }
+    }
+
+    /// The close-relay plugin configuration (HTTP role; the network role adds its role).
+    pub fn relay_config(&self) -> String {
+        if self.first_close_drains {
+            r#"{"drain": {"app_closes": {"enabled": true, "threshold": 1}}}"#.into()
+        } else {
+            String::new()
+        }
+    }
+
+    pub fn filter_label(&self) -> &'static str {
+        match (self.close_relay, self.first_close_drains) {
+            (false, _) => "no filter",
+            (true, false) => "close-relay",
+            (true, true) => "close-relay, first close drains",
+        }
+    }
+
+    pub fn label(&self) -> String {
+        format!(
+            "{} | app {} | sidecar {}",
+            self.filter_label(),
+            self.app.as_str(),
+            self.sidecar.as_str()
+        )
+    }
+}
+
+/// A TCP forwarder like kube-proxy: each new connection goes to the next endpoint in the
+/// current list; established connections stay where they are.
+pub struct KubeProxy {
+    pub port: u16,
+    endpoints: Arc<Mutex<Vec<u16>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl KubeProxy {
+    pub fn start(endpoints: Vec<u16>) -> KubeProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("kube-proxy bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let endpoints = Arc::new(Mutex::new(endpoints));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (eps, halt) = (endpoints.clone(), stop.clone());
+        thread::spawn(move || {
+            let next = AtomicUsize::new(0);
+            while !halt.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                };
+                let target = {
+                    let eps = eps.lock().unwrap_or_else(|e| e.into_inner());
+                    (!eps.is_empty()).then(|| eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()])
+                };
+                let upstream = target.and_then(|p| TcpStream::connect(("127.0.0.1", p)).ok());
+                match upstream {
+                    Some(up) => forward(client, up),
+                    None => drop(client), // no endpoint: the connection is refused
+                }
+            }
+        });
+        KubeProxy { port, endpoints, stop }
+    }
+
+    pub fn set_endpoints(&self, endpoints: Vec<u16>) {
+        *self.endpoints.lock().unwrap_or_else(|e| e.into_inner()) = endpoints;
+    }
+}
+
+impl Drop for KubeProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn forward(client: TcpStream, upstream: TcpStream) {
+    let _ = client.set_nonblocking(false);
+    let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+    let pairs = [
+        (client.try_clone(), upstream.try_clone()),
+        (upstream.try_clone(), client.try_clone()),
+    ];
+    for (from, to) in pairs {
+        let (Ok(mut from), Ok(mut to)) = (from, to) else { return };
+        thread::spawn(move || {
+            let mut buf = [0u8; 16384];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) => {
+                        // A FIN goes on as a FIN, so each side sees the other close.
+                        let _ = to.shutdown(Shutdown::Write);
+                        return;
+                    }
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            let _ = from.shutdown(Shutdown::Both);
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = to.shutdown(Shutdown::Both);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// nginx as the ALB: an upstream keep-alive pool over HTTP/1.1, `Connection` cleared toward
+/// the targets (so their `Connection: close` is honoured by closing that pooled connection),
+/// and no retry of a failed request (`proxy_next_upstream off`), as an ALB does not retry.
+pub struct Nginx {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Nginx {
+    pub fn start(dir: &std::path::Path, upstream: u16) -> Nginx {
+        let port = free_port();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+             fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
+             upstream pods {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://pods;\n\
+             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_next_upstream off;\n\
+             proxy_connect_timeout 2s;\n      proxy_read_timeout 5s;\n    }}\n  }}\n}}\n",
+            dir = dir.display()
+        );
+        let path = dir.join("nginx.conf");
+        fs::write(&path, conf).expect("write nginx.conf");
+        let nginx = ["/usr/sbin/nginx", "nginx"].into_iter().find(|p| Path::new(p).exists() || *p == "nginx");
+        let proc = Proc::spawn(
+            "nginx",
+            Command::new(nginx.unwrap_or("nginx"))
+                .arg("-p")
+                .arg(dir)
+                .arg("-c")
+                .arg(&path)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start: {}", fs::read_to_string(dir.join("error.log")).unwrap_or_default());
+            thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { port, _proc: proc }
+    }
+}
+
+use std::path::Path;
+
+/// One pod: the app and its Envoy sidecar.
+pub struct Pod {
+    pub app: App,
+    pub envoy: Envoy,
+}
+
+impl Pod {
+    /// Starts and waits until ready (Envoy LIVE, app answering), like a readiness probe.
+    pub fn start(name: &str, spec: &RunSpec) -> Pod {
+        let mut args = vec!["--shutdown", spec.app.as_str()];
+        let (prestop, timeout) = (spec.prestop_ms.to_string(), spec.app_shutdown_timeout_ms.to_string());
+        args.extend(["--prestop-ms", &prestop, "--shutdown-timeout-ms", &timeout]);
+        let app = App::start_with(&args);
+        let filter = if spec.close_relay { Filter::SameVm } else { Filter::None };
+        let mut envoy_spec = EnvoySpec::new(filter, app.port);
+        let config = spec.relay_config();
+        envoy_spec.network_config = match config.strip_prefix('{') {
+            Some(rest) => format!(r#"{{"role": "network", {rest}"#),
+            None => r#"{"role": "network"}"#.into(),
+        };
+        envoy_spec.http_config = config;
+        let envoy = Envoy::start(name, &envoy_spec);
+        Pod { app, envoy }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Status(u16),
+    /// The client could not talk to the ALB at all.
+    ConnError,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at_ms: u64,
+    pub outcome: Outcome,
+}
+
+/// A bounded load: `concurrency` clients, each with its own keep-alive connection to nginx,
+/// together sending `rate_per_s` requests per second for `duration`.
+fn load(port: u16, rate_per_s: u64, concurrency: usize, duration: Duration, start: Instant) -> Vec<Sample> {
+    let interval = Duration::from_secs_f64(concurrency as f64 / rate_per_s.max(1) as f64);
+    let workers: Vec<_> = (0..concurrency)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut samples = Vec::new();
+                let mut conn: Option<Conn> = None;
+                let mut next = start + interval.mul_f64(i as f64 / concurrency as f64);
+                while next < start + duration {
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        thread::sleep(wait);
+                    }
+                    next += interval;
+                    let at_ms = start.elapsed().as_millis() as u64;
+                    let outcome = match request(&mut conn, port) {
+                        Ok((status, close)) => {
+                            if close {
+                                conn = None;
+                            }
+                            Outcome::Status(status)
+                        }
+                        Err(_) => {
+                            conn = None;
+                            Outcome::ConnError
+                        }
+                    };
+                    samples.push(Sample { at_ms, outcome });
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut all: Vec<Sample> = workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect();
+    all.sort_by_key(|s| s.at_ms);
+    all
+}
+
+fn request(conn: &mut Option<Conn>, port: u16) -> io::Result<(u16, bool)> {
+    if conn.is_none() {
+        *conn = Some(Conn::try_open(port)?);
+    }
+    let c = conn.as_mut().ok_or_else(|| io::Error::other("no connection"))?;
+    c.send("GET /keep HTTP/1.1\r\nhost: alb\r\n\r\n")?;
+    let r = c.try_response("GET")?;
+    Ok((r.status, r.says_close()))
+}
+
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub spec: RunSpec,
+    pub requests: u64,
+    pub five_xx: u64,
+    pub conn_errors: u64,
+    pub statuses: BTreeMap<u16, u64>,
+    /// Milliseconds from the start of the load of each 5xx.
+    pub five_xx_at: Vec<u64>,
+    /// What the rig did, and when.
+    pub events: Vec<(u64, String)>,
+}
+
+impl RunResult {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "close_relay": self.spec.close_relay,
+            "filter": self.spec.filter_label(),
+            "close_relay_config": self.spec.relay_config(),
+            "app_mode": self.spec.app.as_str(),
+            "sidecar_mode": self.spec.sidecar.as_str(),
+            "rate_per_s": self.spec.rate_per_s,
+            "concurrency": self.spec.concurrency,
+            "duration_ms": self.spec.duration_ms,
+            "endpoint_lag_ms": self.spec.endpoint_lag_ms,
+            "requests": self.requests,
+            "five_xx": self.five_xx,
+            "conn_errors": self.conn_errors,
+            "statuses": self.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "five_xx_at_ms": self.five_xx_at,
+            "events": self.events.iter().map(|(t, e)| json!({"at_ms": t, "event": e})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// One rolling restart under load: pod A serves, pod B replaces it (maxSurge 1).
+pub fn run(name: &str, spec: &RunSpec) -> RunResult {
+    let dir: PathBuf = scratch(&format!("rollout-{name}"));
+    let a = Pod::start(&format!("{name}-a"), spec);
+    let kube = KubeProxy::start(vec![a.envoy.port]);
+    let nginx = Nginx::start(&dir, kube.port);
+    let start = Instant::now();
+    let (port, rate, conc, duration) =
+        (nginx.port, spec.rate_per_s, spec.concurrency, Duration::from_millis(spec.duration_ms));
+    let load = thread::spawn(move || load(port, rate, conc, duration, start));
+    let mut events = Vec::new();
+    let mut note = |what: &str| events.push((start.elapsed().as_millis() as u64, what.to_string()));
+    thread::sleep(Duration::from_millis(spec.restart_at_ms).saturating_sub(start.elapsed()));
+
+    note("rollout: start pod B");
+    let b = Pod::start(&format!("{name}-b"), spec);
+    kube.set_endpoints(vec![a.envoy.port, b.envoy.port]);
+    note("pod B ready, added to endpoints");
+    let Pod { app: mut app_a, envoy: envoy_a } = a;
+    if spec.endpoint_lag_ms == 0 {
+        kube.set_endpoints(vec![b.envoy.port]);
+        note("pod A removed from endpoints");
+    }
+    app_a.terminate();
+    if spec.sidecar == SidecarMode::IstioAgent {
+        envoy_a.admin_post("/drain_listeners?inboundonly&graceful");
+    }
+    note("pod A: SIGTERM (app and sidecar)");
+    let terminated = Instant::now();
+    let mut removed = spec.endpoint_lag_ms == 0;
+    let mut app_exited = false;
+    let sidecar_stop_at = match spec.sidecar {
+        SidecarMode::IstioAgent => Some(terminated + Duration::from_millis(spec.termination_drain_ms)),
+        SidecarMode::Held => None,
+    };
+    let give_up = terminated + Duration::from_millis(spec.prestop_ms + spec.app_shutdown_timeout_ms + 5_000);
+    let mut envoy_a = Some(envoy_a);
+    while envoy_a.is_some() && Instant::now() < give_up {
+        if !removed && terminated.elapsed() >= Duration::from_millis(spec.endpoint_lag_ms) {
+            kube.set_endpoints(vec![b.envoy.port]);
+            note("pod A removed from endpoints");
+            removed = true;
+        }
+        if !app_exited && app_a.exited() {
+            app_exited = true;
+            note("pod A: app exited");
+        }
+        let stop = match sidecar_stop_at {
+            Some(at) => Instant::now() >= at,
+            None => app_exited,
+        };
+        if stop {
+            if let Some(e) = envoy_a.take() {
+                e.stop();
+            }
+            note("pod A: sidecar stopped");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    if !removed {
+        kube.set_endpoints(vec![b.envoy.port]);
+        note("pod A removed from endpoints");
+    }
+    let samples = load.join().unwrap_or_default();
+    note("load done");
+    drop(envoy_a);
+    summarize(spec, samples, events)
+}
+
+fn summarize(spec: &RunSpec, samples: Vec<Sample>, events: Vec<(u64, String)>) -> RunResult {
+    let mut statuses = BTreeMap::new();
+    let mut five_xx_at = Vec::new();
+    let mut conn_errors = 0;
+    for s in &samples {
+        match s.outcome {
+            Outcome::Status(code) => {
+                *statuses.entry(code).or_insert(0) += 1;
+                if code >= 500 {
+                    five_xx_at.push(s.at_ms);
+                }
+            }
+            Outcome::ConnError => conn_errors += 1,
+        }
+    }
+    RunResult {
+        spec: spec.clone(),
+        requests: samples.len() as u64,
+        five_xx: five_xx_at.len() as u64,
+        conn_errors,
+        statuses,
+        five_xx_at,
+        events,
+    }
+}
+
+/// Why a close-relay cell cannot reach 0 by physics, if it is one of those.
+pub fn physics(r: &RunResult) -> Option<String> {
+    if !r.spec.close_relay || r.five_xx == 0 {
+        return None;
+    }
+    let n = r.five_xx;
+    Some(match (r.spec.app, r.spec.first_close_drains) {
+        (AppMode::CloseIdle, _) => format!(
+            "{n} 5xx: at SIGTERM the app closed all its idle connections and refused new ones at \
+             the same instant, before any drain signal; a request reaching pod A then had no \
+             upstream at all. close-relay closes each such ALB connection on its first 503 (UF) \
+             and drains the rest, so each ALB connection meets at most one."
+        ),
+        (AppMode::CloseHeader | AppMode::Prestop, false) => format!(
+            "{n} 5xx: once shutting down, the app refused new connections; Envoy's pooled \
+             connections to it carried one more answer each (relayed as close), but the ALB held \
+             more idle connections to the pod than that, and with the default configuration \
+             nothing says 'pod going away' before the first 503 (which then drains the rest). \
+             With a held sidecar, `drain.app_closes.threshold: 1` makes the app's first close \
+             that signal (next row)."
+        ),
+        _ => format!("{n} 5xx not explained by physics: a defect to investigate ({:?})", r.statuses),
+    })
+}
+
+/// The report table: rows = filter, columns = app shutdown mode x sidecar mode.
+pub fn table(results: &[RunResult], header: &str) -> String {
+    let mut out = format!("{header}\ncells: requests / 5xx / connection errors\n\n");
+    let cols: Vec<(AppMode, SidecarMode)> =
+        AppMode::ALL.iter().flat_map(|a| SidecarMode::ALL.map(|s| (*a, s))).collect();
+    out.push_str(&format!("{:<33}", ""));
+    for (a, s) in &cols {
+        out.push_str(&format!("| {:<24}", format!("{} / {}", a.as_str(), if *s == SidecarMode::Held { "held" } else { "istio drain" })));
+    }
+    out.push('\n');
+    let mut rows: Vec<&'static str> = results.iter().map(|r| r.spec.filter_label()).collect();
+    rows.dedup();
+    for row in rows {
+        out.push_str(&format!("{row:<33}"));
+        for (a, s) in &cols {
+            let cell = results
+                .iter()
+                .rev()
+                .find(|r| r.spec.filter_label() == row && r.spec.app == *a && r.spec.sidecar == *s)
+                .map_or("-".to_string(), |r| format!("{} / {} / {}", r.requests, r.five_xx, r.conn_errors));
+            out.push_str(&format!("| {cell:<24}"));
+        }
+        out.push('\n');
+    }
+    out.push_str("\n\"Istio-style drain only\" = the no-filter row, istio drain columns.\n");
+    for r in results {
+        if let Some(why) = physics(r) {
+            out.push_str(&format!("physics, {}: {why}\n", r.spec.label()));
+        }
+    }
+    out
+}
+
+/// 5xx per 250 ms over time, one panel per app mode, one line per filter x sidecar mode.
+pub fn chart(results: &[RunResult], path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1200, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let panels = root.split_evenly((AppMode::ALL.len(), 1));
+    let bucket = 250u64;
+    let end = results.iter().map(|r| r.spec.duration_ms).max().unwrap_or(1000);
+    let buckets = |r: &RunResult| {
+        let mut counts = vec![0u64; (end / bucket + 1) as usize];
+        for t in &r.five_xx_at {
+            if let Some(c) = counts.get_mut((t / bucket) as usize) {
+                *c += 1;
+            }
+        }
+        counts
+    };
+    let peak = results.iter().flat_map(buckets).max().unwrap_or(0).max(1);
+    let colors = [RED, MAGENTA, BLUE, GREEN, CYAN, BLACK];
+    for (panel, app) in panels.iter().zip(AppMode::ALL) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("app {}: 5xx per {bucket} ms at the ALB", app.as_str()), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(40)
+            .build_cartesian_2d(0f64..end as f64 / 1000.0, 0u64..peak + 1)
+            .map_err(|e| e.to_string())?;
+        chart.configure_mesh().x_desc("seconds").draw().map_err(|e| e.to_string())?;
+        for (i, r) in results.iter().filter(|r| r.spec.app == app).enumerate() {
+            let counts = buckets(r);
+            let color = colors[i % colors.len()];
+            let points = counts.iter().enumerate().map(|(b, c)| ((b as u64 * bucket) as f64 / 1000.0, *c));
+            let label = format!("{} / {} ({} 5xx)", r.spec.filter_label(), r.spec.sidecar.as_str(), r.five_xx);
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
