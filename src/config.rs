@@ -59,8 +59,13 @@ pub struct DrainConfig {
     /// How often each VM refreshes the shared drain state and looks for idle connections.
     pub tick_ms: u64,
     /// While draining, a connection with no request in flight and no bytes for this long is
-    /// closed. The grace avoids racing a request already on the wire.
+    /// closed. The grace covers a request already on the wire (requests that arrived are
+    /// tracked exactly); longer only lets an ALB reuse the connection into a dying pod.
     pub idle_grace_ms: u64,
+    /// The idle grace when the app itself is going away (`app_failure`, `app_closes`): it
+    /// refuses new connections, so an idle ALB connection left open meets a 503 as soon as it
+    /// is reused, while closing it risks only a request crossing the close on the wire.
+    pub app_idle_grace_ms: u64,
     /// Sidecar drain: Envoy's admin API (`/ready`, `/stats`) polled through a cluster.
     pub sidecar: Poll,
     /// App shutdown: Envoy could not connect to the app, or the app reset connections.
@@ -75,8 +80,9 @@ impl Default for DrainConfig {
     fn default() -> Self {
         DrainConfig {
             enabled: true,
-            tick_ms: 200,
-            idle_grace_ms: 1000,
+            tick_ms: 100,
+            idle_grace_ms: 250,
+            app_idle_grace_ms: 0,
             sidecar: Poll {
                 enabled: true,
                 cluster: "prometheus_stats".into(),
@@ -195,6 +201,7 @@ impl Config {
         in_range("max_head_bytes", self.max_head_bytes, MAX_HEAD_BYTES_RANGE)?;
         in_range("drain.tick_ms", ms(d.tick_ms), (10, 10_000))?;
         in_range("drain.idle_grace_ms", ms(d.idle_grace_ms), (0, 600_000))?;
+        in_range("drain.app_idle_grace_ms", ms(d.app_idle_grace_ms), (0, 600_000))?;
         in_range("drain.app_failure.hold_ms", ms(d.app_failure.hold_ms), (0, 3_600_000))?;
         in_range("drain.app_closes.threshold", ms(d.app_closes.threshold), (1, 1_000_000))?;
         in_range("drain.app_closes.window_ms", ms(d.app_closes.window_ms), (1, 3_600_000))?;

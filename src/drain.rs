@@ -85,6 +85,12 @@ impl DrainState {
         Source::ALL.iter().any(|s| self.is_active(*s, now_ms))
     }
 
+    /// The app itself is going away (it refuses connections or is closing them), as opposed to
+    /// the sidecar draining in front of an app that still serves.
+    pub fn app_going(&self, now_ms: u64) -> bool {
+        self.is_active(Source::AppFailure, now_ms) || self.is_active(Source::AppCloses, now_ms)
+    }
+
     pub fn active_sources(&self, now_ms: u64) -> Vec<Source> {
         Source::ALL.into_iter().filter(|s| self.is_active(*s, now_ms)).collect()
     }
@@ -229,8 +235,11 @@ mod tests {
         assert!(s.enter(Source::SidecarHealth, UNTIL_CLEARED, 3_000));
         assert!(!s.enter(Source::SidecarHealth, UNTIL_CLEARED, 4_000), "no second entry");
         assert_eq!(s.active_sources(u64::MAX - 1), vec![Source::SidecarHealth]);
+        assert!(!s.app_going(5_000));
         s.clear(Source::SidecarHealth);
         assert!(!s.draining(5_000));
+        s.enter(Source::AppCloses, 6_000, 5_000);
+        assert!(s.app_going(5_500) && !s.app_going(6_000));
     }
 
     #[test]

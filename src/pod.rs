@@ -17,6 +17,12 @@ const WAKE_CAPACITY: usize = 64;
 
 thread_local! {
     static DRAINING: Cell<bool> = const { Cell::new(false) };
+    static APP_GOING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Is the app itself going away (see [`DrainState::app_going`])? As of the last refresh.
+pub fn app_going() -> bool {
+    APP_GOING.get()
 }
 
 /// Is the pod going away? As of the last tick or local entry.
@@ -29,6 +35,7 @@ pub fn refresh(metrics: &Metrics) -> bool {
     let now = host::now_ms();
     let state = DrainState::decode(&host::shared_get(STATE_KEY).0);
     let draining = state.draining(now);
+    APP_GOING.set(state.app_going(now));
     if draining != DRAINING.replace(draining) {
         let sources: Vec<_> = state.active_sources(now).iter().map(|s| s.as_str()).collect();
         info!("close-relay: pod draining: {draining} (sources: {sources:?})");
@@ -54,6 +61,9 @@ pub fn enter(source: Source, until: u64, metrics: &Metrics) {
     }
     if until > now {
         DRAINING.set(true);
+        if matches!(source, Source::AppFailure | Source::AppCloses) {
+            APP_GOING.set(true);
+        }
     }
 }
 

@@ -128,9 +128,11 @@ impl Root {
     fn sweep(&self, draining: bool) {
         let Some(config) = self.shared.active() else { return };
         if self.role == Role::Network {
+            let drain = &config.drain;
             // Activity times come from the tick clock, up to one tick stale: adding a tick
-            // keeps `idle_grace_ms` a true minimum.
-            let grace = config.drain.idle_grace_ms + config.drain.tick_ms;
+            // keeps a grace a true minimum.
+            let grace = if pod::app_going() { drain.app_idle_grace_ms } else { drain.idle_grace_ms };
+            let grace = if grace == 0 { 0 } else { grace + drain.tick_ms };
             network::sweep(draining, grace, &self.shared.metrics);
         }
     }

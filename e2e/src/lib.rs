@@ -446,9 +446,14 @@ impl Envoy {
         !self.proc.exited()
     }
 
-    /// Stops Envoy (by PID), as the kubelet does when the sidecar's time is up.
-    pub fn stop(self) {
-        drop(self);
+    /// Stops Envoy (by PID) as the kubelet does when the sidecar's time is up: SIGTERM, then
+    /// SIGKILL if it is still there after a second. SIGTERM lets it flush its log.
+    pub fn stop(mut self) {
+        self.proc.terminate();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !self.proc.exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn connect(&self) -> Conn {

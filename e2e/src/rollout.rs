@@ -78,6 +78,9 @@ pub struct RunSpec {
     pub termination_drain_ms: u64,
     pub prestop_ms: u64,
     pub app_shutdown_timeout_ms: u64,
+    /// Held sidecar: how long after the app exits the kubelet stops it (it notices container
+    /// exits on its ~1 s PLEG relist).
+    pub sidecar_stop_after_app_ms: u64,
 }
 
 impl RunSpec {
@@ -95,6 +98,7 @@ impl RunSpec {
             termination_drain_ms: 5_000,
             prestop_ms: 3_000,
             app_shutdown_timeout_ms: 5_000,
+            sidecar_stop_after_app_ms: 1_000,
         }
     }
 
@@ -411,12 +415,13 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
     note("pod A: SIGTERM (app and sidecar)");
     let terminated = Instant::now();
     let mut removed = spec.endpoint_lag_ms == 0;
-    let mut app_exited = false;
+    let mut app_exited: Option<Instant> = None;
     let sidecar_stop_at = match spec.sidecar {
         SidecarMode::IstioAgent => Some(terminated + Duration::from_millis(spec.termination_drain_ms)),
         SidecarMode::Held => None,
     };
-    let give_up = terminated + Duration::from_millis(spec.prestop_ms + spec.app_shutdown_timeout_ms + 5_000);
+    let give_up = terminated
+        + Duration::from_millis(spec.prestop_ms + spec.app_shutdown_timeout_ms + spec.sidecar_stop_after_app_ms + 5_000);
     let mut envoy_a = Some(envoy_a);
     while envoy_a.is_some() && Instant::now() < give_up {
         if !removed && terminated.elapsed() >= Duration::from_millis(spec.endpoint_lag_ms) {
@@ -424,13 +429,14 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
             note("pod A removed from endpoints");
             removed = true;
         }
-        if !app_exited && app_a.exited() {
-            app_exited = true;
+        if app_exited.is_none() && app_a.exited() {
+            app_exited = Some(Instant::now());
             note("pod A: app exited");
         }
-        let stop = match sidecar_stop_at {
-            Some(at) => Instant::now() >= at,
-            None => app_exited,
+        let stop = match (sidecar_stop_at, app_exited) {
+            (Some(at), _) => Instant::now() >= at,
+            (None, Some(exited)) => exited.elapsed() >= Duration::from_millis(spec.sidecar_stop_after_app_ms),
+            (None, None) => false,
         };
         if stop {
             if let Some(e) = envoy_a.take() {

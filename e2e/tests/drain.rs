@@ -10,7 +10,7 @@ use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
 
 const BUSY: usize = 3;
 const IDLE: usize = 3;
-/// Default config: admin polled every 1 s, ticks every 200 ms, idle grace 1 s.
+/// Default config: admin polled every 1 s, ticks every 100 ms, idle grace 250 ms.
 const WITHIN: Duration = Duration::from_secs(6);
 
 struct Pool {

@@ -41,5 +41,5 @@ fn rolling_restart_with_close_relay_gives_the_alb_no_error() {
     let r = run("short-relay", &short(true));
     say(&r);
     assert!(r.requests > 500, "load too small: {}", r.requests);
-    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?}\n{:?}", r.statuses, r.events);
+    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
 }

@@ -26,6 +26,7 @@
 //! - `close-idle`: like Go's `Server.Shutdown`: refuse new connections, close idle ones at
 //!   once, finish in-flight ones with `Connection: close`;
 //! - `prestop`: keep serving normally for `--prestop-ms` (default 3000), then `close-header`.
+//!
 //! The app exits once no connection is left, or after `--shutdown-timeout-ms` (default 5000).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
