@@ -517,8 +517,12 @@ pub fn table(results: &[RunResult], header: &str) -> String {
         out.push_str(&format!("| {:<24}", format!("{} / {}", a.as_str(), if *s == SidecarMode::Held { "held" } else { "istio drain" })));
     }
     out.push('\n');
-    let mut rows: Vec<&'static str> = results.iter().map(|r| r.spec.filter_label()).collect();
-    rows.dedup();
+    let mut rows: Vec<&'static str> = Vec::new();
+    for r in results {
+        if !rows.contains(&r.spec.filter_label()) {
+            rows.push(r.spec.filter_label());
+        }
+    }
     for row in rows {
         out.push_str(&format!("{row:<33}"));
         for (a, s) in &cols {
