@@ -59,7 +59,7 @@ RUNS ?= 5
 drain-timings: build envoy
 	$(CARGO) build -p e2e --tests --bins
 	@rm -f target/drain-timings.log
-	@for v in $(ENVOY_VERSIONS); do for i in $$(seq $(RUNS)); do \
+	@set -o pipefail; for v in $(ENVOY_VERSIONS); do for i in $$(seq $(RUNS)); do \
 	  ENVOY=$(CURDIR)/$(call envoy_bin,$$v) $(CARGO) test -q -p e2e --test drain -- --nocapture 2>&1 \
 	    | grep -oE '\[envoy .*(closed in [0-9]+ ms|left [0-9]+ ms after healthcheck/ok)' >> target/drain-timings.log || exit 1; \
 	done; done

@@ -429,6 +429,19 @@ impl Envoy {
             .unwrap_or(0)
     }
 
+    /// The counter once it reaches `at_least`, or its value after `within`: for counters that
+    /// other VMs bump on their own poll schedule.
+    pub fn counter_reaching(&self, name: &str, at_least: u64, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.counter(name);
+            if v >= at_least || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// POST on the admin API (`/healthcheck/fail`, `/drain_listeners?...`).
     pub fn admin_post(&self, path: &str) {
         let mut c = Conn::open(self.admin);
