@@ -196,16 +196,26 @@ pub struct Activity {
     pub last_was_response: bool,
     /// Any request bytes were read at all.
     pub saw_request: bool,
+    /// What the first bytes read said: an HTTP/1 request, something else, or not yet known.
+    pub http1: Option<bool>,
 }
 
 /// May this connection be closed as idle now? Never with a request in flight, never within
 /// `grace_ms` of the last byte (a request may be on the wire), and, when the HTTP role cannot
-/// report (separate VMs), only after a response, not while a request waits for one.
+/// report (separate VMs), only after a response, not while a request waits for one. Only
+/// HTTP/1 connections are ours: a TCP chain (a server-first protocol, TLS passed through, h2
+/// with prior knowledge) is never closed.
 pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64) -> bool {
     if a.in_flight > 0 || now_ms < a.last_ms.saturating_add(grace_ms) {
         return false;
     }
-    a.tracked || !a.saw_request || a.last_was_response
+    match a.http1 {
+        Some(true) => a.tracked || a.last_was_response,
+        Some(false) => false,
+        // Nothing decided yet: idle only if nobody has spoken; a server that spoke first is
+        // not serving HTTP.
+        None => !a.saw_request && !a.last_was_response,
+    }
 }
 
 #[cfg(test)]
@@ -295,13 +305,25 @@ mod tests {
         let quiet = Activity { last_ms: 1_000, ..Default::default() };
         assert!(!idle(&quiet, 1_500, 1_000), "within grace");
         assert!(idle(&quiet, 2_000, 1_000), "never used");
-        let busy = Activity { in_flight: 1, tracked: true, ..quiet };
+        let http1 = Activity { saw_request: true, http1: Some(true), ..quiet };
+        let busy = Activity { in_flight: 1, tracked: true, ..http1 };
         assert!(!idle(&busy, 99_000, 1_000));
-        let tracked_done = Activity { tracked: true, saw_request: true, ..quiet };
+        let tracked_done = Activity { tracked: true, ..http1 };
         assert!(idle(&tracked_done, 2_000, 1_000));
-        let waiting = Activity { saw_request: true, last_was_response: false, ..quiet };
+        let waiting = Activity { last_was_response: false, ..http1 };
         assert!(!idle(&waiting, 99_000, 1_000), "untracked request waiting for its response");
-        let answered = Activity { saw_request: true, last_was_response: true, ..quiet };
+        let answered = Activity { last_was_response: true, ..http1 };
         assert!(idle(&answered, 2_000, 1_000));
+    }
+
+    #[test]
+    fn connections_that_are_not_http1_are_never_idle() {
+        let quiet = Activity { last_ms: 1_000, ..Default::default() };
+        let other = Activity { saw_request: true, http1: Some(false), last_was_response: true, ..quiet };
+        assert!(!idle(&other, 99_000, 1_000), "TCP chain, TLS passthrough or h2 preface");
+        let server_first = Activity { last_was_response: true, ..quiet };
+        assert!(!idle(&server_first, 99_000, 1_000), "the server spoke first: not HTTP");
+        let undecided = Activity { saw_request: true, ..quiet };
+        assert!(!idle(&undecided, 99_000, 1_000), "a few bytes, not yet a method");
     }
 }

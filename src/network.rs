@@ -179,13 +179,18 @@ impl StreamContext for NetworkRole {
 
     fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
         let Some(config) = self.shared.active() else { return Action::Continue };
-        let close_pending = {
+        let (close_pending, undecided) = {
             let mut c = self.conn.borrow_mut();
             c.activity.last_ms = host::coarse_now();
             c.activity.last_was_response = false;
             c.activity.saw_request = true;
-            c.close_pending
+            (c.close_pending, c.activity.http1.is_none())
         };
+        if undecided && size > 0 {
+            // Once per connection: the sweep closes only connections that speak HTTP/1.
+            let first = host::get_buffer(BufferType::DownstreamData, size.min(FIRST_READ)).unwrap_or_default();
+            self.conn.borrow_mut().activity.http1 = wire::starts_http1_request(&first);
+        }
         if close_pending && size > 0 && config.close_connection {
             self.close_on_next_request(size);
         }

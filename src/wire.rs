@@ -104,6 +104,19 @@ pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
     Some(Edit { len: line_end + 2, with })
 }
 
+/// Do the first bytes a client sent start an HTTP/1 request (a method token, then a space)?
+/// `None` while too few bytes have come to tell. TLS, binary protocols and the HTTP/2 preface
+/// (`PRI * HTTP/2.0`) are `Some(false)`.
+pub fn starts_http1_request(buf: &[u8]) -> Option<bool> {
+    const MAX_METHOD: usize = 20;
+    let token = buf.iter().take(MAX_METHOD + 1).take_while(|b| b.is_ascii_uppercase()).count();
+    match buf.get(token) {
+        None if token < MAX_METHOD => None,
+        Some(b' ') if token > 0 => Some(&buf[..token] != b"PRI"),
+        _ => Some(false),
+    }
+}
+
 /// Applies an edit to a copy of `buf` (what Envoy does with drain + prepend); for tests and
 /// fuzzing the network role's behaviour without a host.
 pub fn apply(buf: &[u8], edit: &Edit) -> Vec<u8> {
@@ -117,6 +130,20 @@ mod tests {
     use super::*;
 
     const NONCE: &str = "0123456789abcdef";
+
+    #[test]
+    fn tells_http1_requests_from_other_protocols() {
+        assert_eq!(starts_http1_request(b"GET / HTTP/1.1\r\n"), Some(true));
+        assert_eq!(starts_http1_request(b"M-SEARCH"), Some(false));
+        assert_eq!(starts_http1_request(b"PROPFIND /x"), Some(true));
+        assert_eq!(starts_http1_request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(false));
+        assert_eq!(starts_http1_request(&[0x16, 0x03, 0x01, 0x02]), Some(false), "TLS");
+        assert_eq!(starts_http1_request(b" GET"), Some(false));
+        assert_eq!(starts_http1_request(b"get / HTTP/1.1"), Some(false));
+        assert_eq!(starts_http1_request(b"GE"), None, "not enough bytes yet");
+        assert_eq!(starts_http1_request(b""), None);
+        assert_eq!(starts_http1_request(&[b'A'; 40]), Some(false), "no method is that long");
+    }
 
     fn head(extra: &str) -> Vec<u8> {
         format!(
