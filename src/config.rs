@@ -7,6 +7,8 @@ use std::fmt;
 
 /// Which half of the module a plugin instance plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+// Serialize only natively, for e2e checks of the shipped manifests; the .wasm never writes one.
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// `envoy.filters.http.wasm`: sees the app's response headers and decides.
@@ -16,6 +18,7 @@ pub enum Role {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Role of this instance; when absent it comes from the root id (see [`role_from_root_id`]).
@@ -53,6 +56,7 @@ impl Default for Config {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct DrainConfig {
     pub enabled: bool,
@@ -97,6 +101,7 @@ impl Default for DrainConfig {
 
 /// An HTTP GET made every `interval_ms` through an Envoy cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct Poll {
     pub enabled: bool,
@@ -125,6 +130,7 @@ impl Default for Poll {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct AppFailure {
     pub enabled: bool,
@@ -141,6 +147,7 @@ impl Default for AppFailure {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct AppCloses {
     pub enabled: bool,

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod istio;
+pub mod oci;
 pub mod rollout;
 
 /// The byte at offset `i` of the app's `/big-close` body.
