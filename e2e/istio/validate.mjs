@@ -39,26 +39,26 @@ function declaredType(apiVersion, kind) {
   return { checker, type: checker.getDeclaredTypeOfSymbol(symbol) };
 }
 
-/** Every field of `value` that `type` does not declare, as JSON pointers. */
+/** Every field of `value` that `type` does not declare, as JSON pointers. A union (a CRD's
+ * oneOf) declares what any of its members declares. */
 function unknownFields(checker, value, type, path, found) {
   type = checker.getNonNullableType(type);
-  if (type.isUnion()) {
-    const objects = type.types.filter((t) => t.flags & ts.TypeFlags.Object);
-    if (objects.length !== 1) return; // a union of shapes: the schema check covers it
-    type = objects[0];
-  }
+  const members = (type.isUnion() ? type.types : [type]).filter(
+    (t) => t.flags & ts.TypeFlags.Object || t.isIntersection(),
+  );
+  if (members.length === 0) return;
   if (Array.isArray(value)) {
-    const element = checker.isArrayType(type) ? checker.getTypeArguments(type)[0] : undefined;
+    const element = members.map((m) => (checker.isArrayType(m) ? checker.getTypeArguments(m)[0] : undefined)).find(Boolean);
     if (element) value.forEach((v, i) => unknownFields(checker, v, element, `${path}/${i}`, found));
     return;
   }
   if (value === null || typeof value !== "object") return;
-  const index = checker.getIndexTypeOfType(type, ts.IndexKind.String);
-  const props = checker.getPropertiesOfType(type);
+  const index = members.map((m) => checker.getIndexTypeOfType(m, ts.IndexKind.String)).find(Boolean);
   if (index) {
     for (const [k, v] of Object.entries(value)) unknownFields(checker, v, index, `${path}/${k}`, found);
     return;
   }
+  const props = members.flatMap((m) => checker.getPropertiesOfType(m));
   if (props.length === 0) return; // `{}`: x-kubernetes-preserve-unknown-fields, e.g. pluginConfig
   for (const [k, v] of Object.entries(value)) {
     const prop = props.find((p) => p.name === k);

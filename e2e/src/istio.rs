@@ -70,6 +70,13 @@ fn insert_before(list: &mut Value, before: &str, filter: Value) {
     list.insert(at, filter);
 }
 
+/// Istio's bootstrap names the node; xDS subscriptions, file-based ones too, require it.
+fn sidecar_node(bootstrap: &mut Value) {
+    if bootstrap.get("node").is_none() {
+        bootstrap["node"] = json!({"id": "sidecar~127.0.0.1~checkout-0.shop~shop.svc.cluster.local", "cluster": "checkout.shop"});
+    }
+}
+
 /// Writes an ECDS resource where Envoy will read it, and returns the config source for it.
 fn ecds_file(dir: &Path, resource: &Value) -> Value {
     let name = resource["name"].as_str().expect("extension config name");
@@ -91,6 +98,7 @@ fn agent_pulls(extension: &mut Value, wasm: &Path) {
 
 /// Applies an EnvoyFilter's patches to `bootstrap`'s inbound listeners (see the module docs).
 pub fn apply_envoy_filter(bootstrap: &mut Value, envoy_filter: &Value, wasm: &Path, dir: &Path) {
+    sidecar_node(bootstrap);
     let mut extensions = Map::new();
     for p in envoy_filter["spec"]["configPatches"].as_array().expect("configPatches") {
         let (apply_to, op, value) = (&p["applyTo"], &p["patch"]["operation"], &p["patch"]["value"]);
@@ -139,6 +147,7 @@ pub fn apply_envoy_filter(bootstrap: &mut Value, envoy_filter: &Value, wasm: &Pa
 /// Turns WasmPlugins into ECDS filters on `bootstrap`'s inbound listeners, as istiod does (see
 /// the module docs), with `wasm` as the module istio-agent pulled.
 pub fn apply_wasm_plugins(bootstrap: &mut Value, plugins: &[Value], wasm: &Path, dir: &Path) {
+    sidecar_node(bootstrap);
     for plugin in plugins {
         let spec = &plugin["spec"];
         assert_eq!(plugin["kind"], "WasmPlugin");

@@ -134,6 +134,7 @@ fn blob(dir: &Path, desc: &Value) -> Result<Vec<u8>, String> {
 
 /// What an image layout holds, read as Istio's agent reads a pulled image: the manifest (its
 /// digest and media types) and the bytes of `plugin.wasm` from the last layer.
+#[derive(Debug)]
 pub struct Pulled {
     pub manifest_digest: String,
     pub manifest: Value,

