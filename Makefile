@@ -71,6 +71,7 @@ build: deps
 
 unit: deps
 	$(CARGO) test -p close-relay --lib
+	$(CARGO) test -p e2e --lib
 
 lint: deps
 	$(CARGO) clippy -p close-relay --target wasm32-wasip1 --release -- -D warnings
