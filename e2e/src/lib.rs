@@ -219,7 +219,20 @@ pub enum Filter {
     SeparateVms,
     /// Only the HTTP role, a misconfiguration that must not break anything.
     HttpOnly,
+    /// The peer a user would pick instead: Envoy's Lua filter asking the HCM to close the
+    /// connection after a response whose `Connection` says close (`make bench`).
+    Lua,
 }
+
+/// The Lua peer: what close-relay's core relay does, in Envoy's built-in Lua.
+const LUA_PEER: &str = r#"
+function envoy_on_response(response_handle)
+  local c = response_handle:headers():get("connection")
+  if c ~= nil and string.find(string.lower(c), "close", 1, true) then
+    response_handle:streamInfo():drainConnectionUponCompletion()
+  end
+end
+"#;
 
 pub struct EnvoySpec {
     pub filter: Filter,
@@ -285,8 +298,16 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
         filters.push(wasm_filter("network", "close_relay_network", net_vm, &spec.network_config));
     }
     let mut http_filters = Vec::new();
-    if spec.filter != Filter::None {
-        http_filters.push(wasm_filter("http", "close_relay_http", http_vm, &spec.http_config));
+    match spec.filter {
+        Filter::None => {}
+        Filter::Lua => http_filters.push(json!({
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": LUA_PEER}
+            }
+        })),
+        _ => http_filters.push(wasm_filter("http", "close_relay_http", http_vm, &spec.http_config)),
     }
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
@@ -455,6 +476,10 @@ impl Envoy {
 
     pub fn prometheus(&self) -> String {
         admin_get(self.admin, "/stats/prometheus").unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     pub fn alive(&mut self) -> bool {

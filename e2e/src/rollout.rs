@@ -223,18 +223,38 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// The ALB stand-in: a keep-alive pool to `upstream`, no retries.
     pub fn start(dir: &std::path::Path, upstream: u16) -> Nginx {
+        Nginx::launch(
+            dir,
+            &format!(
+                "upstream pods {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+                 server {{\n    listen 127.0.0.1:{{port}};\n    location / {{\n      proxy_pass http://pods;\n\
+                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_next_upstream off;\n\
+                 proxy_connect_timeout 2s;\n      proxy_read_timeout 5s;\n    }}\n  }}\n"
+            ),
+        )
+    }
+
+    /// A fast app for benchmarks: `200 ok` on every path, keep-alive without limit.
+    pub fn static_ok(dir: &std::path::Path) -> Nginx {
+        Nginx::launch(
+            dir,
+            "keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
+             server {\n    listen 127.0.0.1:{port};\n    location / { return 200 \"ok\\n\"; }\n  }\n",
+        )
+    }
+
+    /// One nginx process (no master) serving `http_block`, in which `{port}` is its port.
+    fn launch(dir: &std::path::Path, http_block: &str) -> Nginx {
         let port = free_port();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
              error_log {dir}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
-             fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
-             upstream pods {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
-             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://pods;\n\
-             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_next_upstream off;\n\
-             proxy_connect_timeout 2s;\n      proxy_read_timeout 5s;\n    }}\n  }}\n}}\n",
-            dir = dir.display()
+             fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  {http}}}\n",
+            dir = dir.display(),
+            http = http_block.replace("{port}", &port.to_string()),
         );
         let path = dir.join("nginx.conf");
         fs::write(&path, conf).expect("write nginx.conf");
@@ -257,6 +277,10 @@ impl Nginx {
             thread::sleep(Duration::from_millis(20));
         }
         Nginx { port, _proc: proc }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self._proc.pid()
     }
 }
 
