@@ -14,7 +14,7 @@ use proxy_wasm::types::{Action, BufferType};
 
 use crate::drain::{self, Activity};
 use crate::host::{self, Metrics};
-use crate::wire::{self, Edit, HeadRewrite};
+use crate::wire::{self, Edit, HeadRewrite, HeadStep};
 use crate::Shared;
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
@@ -32,6 +32,14 @@ pub struct Conn {
     pub close_pending: bool,
     /// We asked Envoy to close it; nothing more to do.
     pub closing: bool,
+    /// An HTTP role in this VM reports on this connection: writes need reading only when it
+    /// has marked a response (`head_pending`). Without one (separate VMs), every write that
+    /// may start a response head is read.
+    pub http_role_here: bool,
+    /// The HTTP role marked a response whose head has not been written yet.
+    pub head_pending: bool,
+    /// Bytes of that head held back until the rest of it is written.
+    pub carry: Vec<u8>,
 }
 
 pub type ConnRef = Rc<RefCell<Conn>>;
@@ -40,6 +48,23 @@ thread_local! {
     /// Connections of this VM by nonce. One VM runs on one worker thread and a connection stays
     /// on its worker, so an HTTP role that finds its nonce here shares the VM.
     static CONNS: RefCell<HashMap<String, ConnRef>> = RefCell::new(HashMap::new());
+}
+
+thread_local! {
+    /// The connection this VM's network role last saw bytes on. Envoy hands those bytes to the
+    /// HCM right after us, in the same call, and a request's stream starts there; a pipelined
+    /// request resumes right after the previous response's last write, which we see too. So
+    /// the HTTP role of a new stream takes it instead of asking the host for its connection.
+    static CURRENT: RefCell<Option<ConnRef>> = const { RefCell::new(None) };
+}
+
+/// The connection whose bytes Envoy is processing now, once (see [`CURRENT`]).
+pub fn take_current() -> Option<ConnRef> {
+    CURRENT.with(|c| c.borrow_mut().take())
+}
+
+fn set_current(conn: &ConnRef) {
+    CURRENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
 }
 
 /// The connection with `nonce`, if its network role lives in this VM.
@@ -112,6 +137,32 @@ impl NetworkRole {
         NetworkRole { shared, nonce: None, conn }
     }
 
+    /// Same VM: the next head is marked; rewrite it, holding back pieces until it is whole.
+    fn rewrite_marked_head(&mut self, size: usize, nonce: &str, max_head: usize) {
+        let Some(write) = host::get_buffer(BufferType::UpstreamData, size.min(max_head)) else {
+            return;
+        };
+        let step = {
+            let mut c = self.conn.borrow_mut();
+            let step = wire::feed_marked_head(&mut c.carry, &write, nonce, max_head);
+            c.head_pending = step == HeadStep::Hold;
+            step
+        };
+        match step {
+            HeadStep::Hold => {
+                apply(BufferType::UpstreamData, &Edit { len: write.len(), with: Vec::new() });
+            }
+            HeadStep::Done { edit: Some(edit), rewritten } => {
+                if apply(BufferType::UpstreamData, &edit) && rewritten {
+                    self.rewritten();
+                }
+            }
+            HeadStep::Done { edit: None, .. } => {}
+        }
+    }
+
+    /// Separate VMs: nobody says which writes carry a marked head, so any that starts one is
+    /// read, and the head must come whole in that write.
     fn rewrite_head(&mut self, size: usize, nonce: &str, max_head: usize) {
         let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else {
             return;
@@ -125,16 +176,18 @@ impl NetworkRole {
                 None => return,
             }
         }
-        let HeadRewrite::Rewritten { edit, already_close } =
-            wire::rewrite_response_head(&buf, nonce, max_head)
-        else {
+        let HeadRewrite::Rewritten { edit, .. } = wire::rewrite_response_head(&buf, nonce, max_head) else {
             return;
         };
         if apply(BufferType::UpstreamData, &edit) {
-            self.conn.borrow_mut().close_pending = true;
-            self.shared.metrics.headers_rewritten.inc();
-            debug!("marker rewritten to connection: close (envoy already closing: {already_close})");
+            self.rewritten();
         }
+    }
+
+    fn rewritten(&self) {
+        self.conn.borrow_mut().close_pending = true;
+        self.shared.metrics.headers_rewritten.inc();
+        debug!("marker rewritten to connection: close");
     }
 
     fn close_on_next_request(&mut self, size: usize) {
@@ -179,6 +232,9 @@ impl StreamContext for NetworkRole {
 
     fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
         let Some(config) = self.shared.active() else { return Action::Continue };
+        if self.nonce.is_some() {
+            set_current(&self.conn);
+        }
         let (close_pending, undecided) = {
             let mut c = self.conn.borrow_mut();
             c.activity.last_ms = host::coarse_now();
@@ -201,12 +257,16 @@ impl StreamContext for NetworkRole {
         let (Some(config), Some(nonce)) = (self.shared.active(), self.nonce.clone()) else {
             return Action::Continue;
         };
-        {
+        set_current(&self.conn);
+        let (marked, http_role_here) = {
             let mut c = self.conn.borrow_mut();
             c.activity.last_ms = host::coarse_now();
             c.activity.last_was_response = true;
-        }
-        if size >= 9 {
+            (c.head_pending, c.http_role_here)
+        };
+        if marked {
+            self.rewrite_marked_head(size, &nonce, config.max_head_bytes);
+        } else if !http_role_here && size >= 9 {
             self.rewrite_head(size, &nonce, config.max_head_bytes);
         }
         Action::Continue

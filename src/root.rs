@@ -14,6 +14,8 @@ use crate::drain::{self, DrainStats, Source, UNTIL_CLEARED};
 use crate::host::{self, Metrics};
 use crate::{http, network, pod, Shared};
 
+/// Without drain awareness the tick only flushes batched metrics; once a second is enough.
+const METRICS_FLUSH_MS: u64 = 1000;
 const SIDECAR_POLL_KEY: &str = "close_relay.poll.sidecar";
 const SIDECAR_STATS_KEY: &str = "close_relay.sidecar.stats";
 const READINESS_POLL_KEY: &str = "close_relay.poll.readiness";
@@ -174,6 +176,10 @@ impl RootContext for Root {
             }
         };
         self.shared = Rc::new(Shared { config, metrics });
+        if let Some(config) = self.shared.active().filter(|c| !c.drain.enabled) {
+            // No drain: the tick only flushes batched metrics.
+            host::set_tick(config.drain.tick_ms.max(METRICS_FLUSH_MS));
+        }
         if let Some(config) = self.shared.active().filter(|c| c.drain.enabled) {
             host::set_tick(config.drain.tick_ms);
             pod::refresh(&self.shared.metrics);
@@ -187,6 +193,10 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(config) = self.shared.active() else { return };
+        self.shared.metrics.flush();
+        if !config.drain.enabled {
+            return;
+        }
         let drain = config.drain.clone();
         let draining = pod::refresh(&self.shared.metrics);
         if drain.sidecar.enabled && claim(SIDECAR_POLL_KEY, drain.sidecar.interval_ms) {

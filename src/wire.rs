@@ -73,6 +73,41 @@ pub fn rewrite_response_head(buf: &[u8], nonce: &str, max_head: usize) -> HeadRe
     HeadRewrite::Rewritten { edit: Edit { len, with }, already_close }
 }
 
+/// What to do with one write while a marked response head is on its way (the HTTP role said
+/// so, from the same VM): the head is rewritten whole, even when Envoy writes it in pieces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadStep {
+    /// Replace this write's first `len` bytes with `with`; the head is done.
+    Done { edit: Option<Edit>, rewritten: bool },
+    /// The head is not complete yet: hold this write back (it is in `carry`) until the rest.
+    Hold,
+}
+
+/// Feeds one write of `write` bytes while a marked head is expected. `carry` holds what earlier
+/// writes held back. A head never ends without a blank line, so holding part of one back
+/// never stalls a response; a head larger than `max_head`, or bytes that do not start a
+/// response head, are released as they are.
+pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], nonce: &str, max_head: usize) -> HeadStep {
+    let held = carry.len();
+    carry.extend_from_slice(write);
+    let data = &carry[..];
+    let looks_like_head = data.len() < 9 && b"HTTP/1.1 ".starts_with(data) || data.starts_with(b"HTTP/1.1 ");
+    if looks_like_head && find(data, b"\r\n\r\n").is_none() && data.len() < max_head {
+        return HeadStep::Hold;
+    }
+    let step = match rewrite_response_head(data, nonce, max_head) {
+        HeadRewrite::Rewritten { edit, .. } => {
+            HeadStep::Done { edit: Some(Edit { len: write.len(), with: apply(data, &edit) }), rewritten: true }
+        }
+        HeadRewrite::None if held > 0 => {
+            HeadStep::Done { edit: Some(Edit { len: write.len(), with: data.to_vec() }), rewritten: false }
+        }
+        HeadRewrite::None => HeadStep::Done { edit: None, rewritten: false },
+    };
+    carry.clear();
+    step
+}
+
 fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
     let colon = line.iter().position(|&b| b == b':')?;
     let value = &line[colon + 1..];
@@ -150,6 +185,46 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n{extra}date: Tue\r\nserver: envoy\r\n\r\nhello"
         )
         .into_bytes()
+    }
+
+    /// Feeds `stream` in writes cut at `cuts` as the network role does; returns what the
+    /// client receives.
+    fn fed(stream: &[u8], cuts: &[usize], max_head: usize) -> Vec<u8> {
+        let mut carry = Vec::new();
+        let mut out = Vec::new();
+        let mut pending = true;
+        let mut at = 0;
+        for &end in cuts.iter().chain(std::iter::once(&stream.len())) {
+            let write = &stream[at..end.max(at)];
+            at = end.max(at);
+            if !pending {
+                out.extend_from_slice(write);
+                continue;
+            }
+            match feed_marked_head(&mut carry, write, NONCE, max_head) {
+                HeadStep::Hold => {}
+                HeadStep::Done { edit, .. } => {
+                    pending = false;
+                    out.extend_from_slice(&edit.map_or(write.to_vec(), |e| apply(write, &e)));
+                }
+            }
+        }
+        out.extend_from_slice(&carry);
+        out
+    }
+
+    #[test]
+    fn a_head_written_in_pieces_is_rewritten_whole() {
+        let stream = head(&format!("{MARKER}: {NONCE}\r\n"));
+        let (expected, _) = rewritten(&stream);
+        for cut in 0..stream.len() {
+            assert_eq!(fed(&stream, &[cut], 16384), expected, "cut at {cut}");
+        }
+        assert_eq!(fed(&stream, &[3, 20, 40, 41, 60], 16384), expected);
+        // Not a head, or past the limit: released untouched.
+        assert_eq!(fed(b"hello world", &[5], 16384), b"hello world");
+        let big = head(&format!("x-big: {}\r\n{MARKER}: {NONCE}\r\n", "a".repeat(100)));
+        assert_eq!(fed(&big, &[50], 64), big);
     }
 
     fn rewritten(buf: &[u8]) -> (Vec<u8>, bool) {

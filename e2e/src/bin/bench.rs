@@ -30,6 +30,18 @@ fn configs() -> Vec<(&'static str, Filter)> {
     all
 }
 
+/// Envoy gets a core of its own; wrk and the app share the other, so Envoy's CPU time per
+/// request is not blurred by them competing for its core.
+const ENVOY_CPU: &str = "1";
+const LOAD_CPU: &str = "0";
+
+fn pin(pid: u32, cpu: &str) {
+    let ok = Command::new("taskset").args(["-a", "-cp", cpu, &pid.to_string()]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("bench: could not pin {pid} to CPU {cpu}; figures will be noisier");
+    }
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -65,6 +77,8 @@ fn micros(v: &str) -> f64 {
     }
 }
 
+type Metric = (&'static str, fn(&Sample) -> f64);
+
 struct Sample {
     rps: f64,
     p50_us: f64,
@@ -77,8 +91,8 @@ struct Sample {
 /// One wrk run against `envoy`; keep-alive, one wrk thread.
 fn measure(envoy: &Envoy, conns: u32, seconds: u32) -> Sample {
     let cpu0 = cpu_seconds(envoy.pid());
-    let out = Command::new("wrk")
-        .args(["-t1", &format!("-c{conns}"), &format!("-d{seconds}s"), "--latency"])
+    let out = Command::new("taskset")
+        .args(["-c", LOAD_CPU, "wrk", "-t1", &format!("-c{conns}"), &format!("-d{seconds}s"), "--latency"])
         .arg(format!("http://127.0.0.1:{}/", envoy.port))
         .output()
         .expect("run wrk (make bench installs it)");
@@ -133,7 +147,9 @@ fn main() {
             (*name, Envoy::start(&format!("bench-{}", name.replace(' ', "-")), &spec))
         })
         .collect();
+    pin(app.pid(), LOAD_CPU);
     for (_, envoy) in &envoys {
+        pin(envoy.pid(), ENVOY_CPU);
         measure(envoy, 16, 1); // warm up: VMs, pools, caches
     }
     // samples[conns][config] = one Sample per round
@@ -196,7 +212,7 @@ fn main() {
             let runs = &by_config[name];
             let ratio = |f: fn(&Sample) -> f64| median_min_max(runs.iter().zip(base).map(|(r, b)| f(r) / f(b)).collect());
             let cell = |(m, lo, hi): (f64, f64, f64)| format!("{m:.3} ({lo:.3}-{hi:.3})");
-            let metrics: [(&str, fn(&Sample) -> f64); 5] = [
+            let metrics: [Metric; 5] = [
                 ("rps", |s| s.rps),
                 ("p50", |s| s.p50_us),
                 ("p99", |s| s.p99_us),
