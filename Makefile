@@ -16,7 +16,7 @@ PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build test unit lint e2e demo deps envoy clean drain-timings rollout oci push istio-tools
+.PHONY: all build test unit lint e2e demo deps envoy clean drain-timings rollout oci push istio-tools fuzz bench soak
 
 all: build
 
@@ -72,9 +72,18 @@ build: deps
 unit: deps
 	$(CARGO) test -p close-relay --lib
 	$(CARGO) test -p e2e --lib
+	$(CARGO) test -p close-relay --test properties
+
+# The property fuzzers of tests/properties.rs at length: FUZZ_CASES generated inputs per
+# property (the default run in `make test` is 256), optimised build, with the time it took.
+FUZZ_CASES ?= 1000000
+fuzz: deps
+	$(CARGO) build --release -p close-relay --tests
+	time PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p close-relay --test properties
 
 lint: deps
 	$(CARGO) clippy -p close-relay --target wasm32-wasip1 --release -- -D warnings
+	$(CARGO) clippy -p close-relay --tests -- -D warnings
 	$(CARGO) clippy -p e2e --all-targets -- -D warnings
 
 # The e2e suite once per Envoy version; ENVOY=/path/to/envoy runs it on that binary only.

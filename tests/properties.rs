@@ -1,0 +1,255 @@
+//! Fuzzing every parser the filter has, as properties over generated input (proptest): the
+//! plugin configuration, `Connection` token lists, the response-head rewrite (on arbitrary
+//! splits into writes, huge heads, one response after another), the request edit, the drain
+//! state and the admin pages we parse. Each must never panic, never leak the marker and never
+//! change a body byte. `make test` runs the default number of cases; `make fuzz` runs many more
+//! (PROPTEST_CASES).
+
+use close_relay::config::Config;
+use close_relay::decision::has_token;
+use close_relay::drain::{self, DrainState, Window};
+use close_relay::wire::{self, HeadStep, MARKER};
+use proptest::prelude::*;
+
+const NONCE: &str = "00ff00ff00ff00ff";
+
+fn config() -> ProptestConfig {
+    ProptestConfig { failure_persistence: None, ..ProptestConfig::default() }
+}
+
+/// A header field line's name: ours, the ones we read, or anything token-like.
+fn header_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("connection".to_string()),
+        Just("Connection".to_string()),
+        Just("content-length".to_string()),
+        Just(MARKER.to_string()),
+        Just("X-Close-Relay".to_string()),
+        "[a-zA-Z][a-zA-Z0-9-]{0,30}",
+    ]
+}
+
+/// A field value: close tokens, our nonce or another one, or arbitrary visible text.
+fn header_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("close".to_string()),
+        Just("keep-alive, Close".to_string()),
+        Just("0123456789abcdef".to_string()),
+        "[ -~]{0,40}".prop_map(|v| v.trim().to_string()),
+        "[ -~]{200,3000}".prop_map(|v| v.trim().to_string()),
+    ]
+}
+
+/// A response head Envoy could write: status line, fields (maybe ours, anywhere), blank line.
+fn head() -> impl Strategy<Value = (Vec<u8>, bool)> {
+    any::<bool>().prop_flat_map(head_marked)
+}
+
+fn head_marked(marked: bool) -> impl Strategy<Value = (Vec<u8>, bool)> {
+    (prop::collection::vec((header_name(), header_value()), 0..12), Just(marked), any::<prop::sample::Index>())
+        .prop_map(|(fields, marked, at)| {
+            let mut lines: Vec<String> = fields
+                .into_iter()
+                // Only the HTTP role knows the nonce: nobody else can write it.
+                .filter(|(_, v)| !v.contains(NONCE))
+                .map(|(n, v)| format!("{n}: {v}\r\n"))
+                .collect();
+            if marked {
+                lines.insert(at.index(lines.len() + 1), format!("{MARKER}: {NONCE}\r\n"));
+            }
+            (format!("HTTP/1.1 200 OK\r\n{}\r\n", lines.concat()).into_bytes(), marked)
+        })
+}
+
+/// What the client must get for `head`: the marker line gone, and `connection: close` in its
+/// place unless the head already said close.
+fn expected(head: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let marker = format!("{MARKER}: {NONCE}\r\n");
+    let already = text.split("\r\n").skip(1).any(|l| {
+        l.split_once(':')
+            .is_some_and(|(n, v)| n.eq_ignore_ascii_case("connection") && has_token(v.trim_start(), "close"))
+    });
+    text.replacen(&marker, if already { "" } else { "connection: close\r\n" }, 1).into_bytes()
+}
+
+fn leaks(out: &[u8]) -> bool {
+    out.windows(NONCE.len()).any(|w| w == NONCE.as_bytes())
+}
+
+/// The network role fed writes cut at `cuts` while a marked head is pending (same VM).
+fn fed(stream: &[u8], cuts: &[usize], max_head: usize) -> Vec<u8> {
+    let (mut carry, mut out, mut pending, mut at) = (Vec::new(), Vec::new(), true, 0);
+    let mut ends: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+    ends.sort_unstable();
+    ends.push(stream.len());
+    for end in ends {
+        let write = &stream[at..end];
+        at = end;
+        if !pending {
+            out.extend_from_slice(write);
+            continue;
+        }
+        match wire::feed_marked_head(&mut carry, write, NONCE, max_head) {
+            HeadStep::Hold => {}
+            HeadStep::Done { edit, .. } => {
+                pending = false;
+                out.extend_from_slice(&edit.map_or_else(|| write.to_vec(), |e| wire::apply(write, &e)));
+            }
+        }
+    }
+    out.extend_from_slice(&carry);
+    out
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn config_never_panics_on_bytes(raw in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = Config::parse(&raw);
+    }
+
+    #[test]
+    fn config_errors_name_an_unknown_field(key in "[a-z_]{1,20}", value in any::<u32>()) {
+        let known = serde_json::to_value(Config::default()).unwrap();
+        prop_assume!(known.get(&key).is_none());
+        let err = Config::parse(format!("{{\"{key}\": {value}}}").as_bytes()).unwrap_err();
+        prop_assert_eq!(err.field.as_deref(), Some(key.as_str()));
+    }
+
+    #[test]
+    fn config_of_any_json_shape_never_panics(v in json()) {
+        let _ = Config::parse(v.to_string().as_bytes());
+        let _ = Config::parse(serde_json::json!({"drain": v}).to_string().as_bytes());
+    }
+
+    #[test]
+    fn token_lists_match_the_rfc_model(list in "[ -~\t]{0,60}", token in "[a-zA-Z-]{1,12}") {
+        let lower = |s: &str| s.bytes().map(|b| b.to_ascii_lowercase()).collect::<Vec<u8>>();
+        let model = list.split(',').any(|t| lower(t.trim_matches(|c| c == ' ' || c == '\t')) == lower(&token));
+        prop_assert_eq!(has_token(&list, &token), model);
+    }
+
+    #[test]
+    fn a_head_in_one_write_is_rewritten_and_the_body_untouched(
+        (head, marked) in head(), body in prop::collection::vec(any::<u8>(), 0..2048),
+    ) {
+        let mut write = head.clone();
+        write.extend_from_slice(&body);
+        let out = match wire::rewrite_response_head(&write, NONCE, 1 << 20) {
+            wire::HeadRewrite::Rewritten { edit, .. } => wire::apply(&write, &edit),
+            wire::HeadRewrite::None => write.clone(),
+        };
+        let shown = String::from_utf8_lossy(&head);
+        prop_assert!(!marked || !leaks(&out[..out.len() - body.len()]), "marker leaked from {:?}", shown);
+        prop_assert_eq!(&out[out.len() - body.len()..], &body[..], "body changed");
+        if marked {
+            prop_assert_eq!(&out[..out.len() - body.len()], &expected(&head)[..]);
+        } else {
+            prop_assert_eq!(out, write);
+        }
+    }
+
+    #[test]
+    fn a_marked_head_cut_anywhere_is_rewritten_whole(
+        (head, _) in head_marked(true),
+        body in prop::collection::vec(any::<u8>(), 0..1024),
+        cuts in prop::collection::vec(any::<usize>(), 0..6),
+    ) {
+        let mut stream = head.clone();
+        stream.extend_from_slice(&body);
+        let mut want = expected(&head);
+        want.extend_from_slice(&body);
+        prop_assert_eq!(fed(&stream, &cuts, 1 << 20), want);
+    }
+
+    #[test]
+    fn a_head_past_the_limit_is_released_untouched(
+        (head, _) in head(), cuts in prop::collection::vec(any::<usize>(), 0..4), percent in 1usize..100,
+    ) {
+        let limit = head.len() * percent / 100;
+        let out = fed(&head, &cuts, limit);
+        // Past the limit nothing is rewritten; the bytes all arrive, in order.
+        // The marker may sit inside the window with the head's end (and a `connection: close`)
+        // past it: then close is said twice, which is harmless.
+        let marker = format!("{MARKER}: {NONCE}\r\n");
+        let doubled = String::from_utf8_lossy(&head).replacen(&marker, "connection: close\r\n", 1).into_bytes();
+        prop_assert!(out == head || out == expected(&head) || out == doubled,
+            "{:?} became {:?}", String::from_utf8_lossy(&head), String::from_utf8_lossy(&out));
+    }
+
+    #[test]
+    fn responses_one_after_another_are_each_rewritten(
+        heads in prop::collection::vec(head(), 1..5), cuts in prop::collection::vec(any::<usize>(), 0..3),
+    ) {
+        for (head, marked) in heads {
+            let body = b"0123456789";
+            let mut stream = head.clone();
+            stream.extend_from_slice(body);
+            let out = fed(&stream, &cuts, 1 << 20);
+            let mut want = if marked { expected(&head) } else { head.clone() };
+            want.extend_from_slice(body);
+            prop_assert_eq!(out, want);
+        }
+    }
+
+    #[test]
+    fn request_edit_only_inserts_after_the_request_line(buf in request_bytes()) {
+        if let Some(edit) = wire::inject_request_close(&buf) {
+            let out = wire::apply(&buf, &edit);
+            let line_end = buf.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+            prop_assert_eq!(&out[..line_end], &buf[..line_end]);
+            prop_assert_eq!(&out[line_end..line_end + 19], b"connection: close\r\n");
+            prop_assert_eq!(&out[line_end + 19..], &buf[line_end..]);
+        }
+    }
+
+    #[test]
+    fn http1_sniff_never_panics_and_a_longer_prefix_only_decides(buf in prop::collection::vec(any::<u8>(), 0..40)) {
+        let full = wire::starts_http1_request(&buf);
+        for n in 0..buf.len() {
+            let partial = wire::starts_http1_request(&buf[..n]);
+            prop_assert!(partial.is_none() || partial == full);
+        }
+    }
+
+    #[test]
+    fn drain_state_and_admin_pages_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..128), text in "[ -~\n]{0,400}") {
+        let s = DrainState::decode(&bytes);
+        prop_assert_eq!(DrainState::decode(&s.encode()), s);
+        let _ = Window::decode(&bytes);
+        let _ = drain::ready_says_draining(503, &bytes);
+        let stats = drain::parse_drain_stats(&text);
+        let _ = drain::listeners_draining(Some(stats), drain::parse_drain_stats(&text));
+    }
+}
+
+fn request_bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..200),
+        ("[A-Z]{1,8}", "[!-~]{1,30}", prop_oneof![Just("HTTP/1.1"), Just("HTTP/1.0"), Just("HTTP/2.0")], "[ -~\r\n]{0,80}")
+            .prop_map(|(m, t, v, rest)| format!("{m} {t} {v}\r\n{rest}").into_bytes()),
+    ]
+}
+
+fn json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        "[ -~]{0,12}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(
+                prop_oneof![Just("enabled".to_string()), Just("tick_ms".to_string()), Just("sidecar".to_string()), "[a-z_]{1,10}"],
+                inner,
+                0..5
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
