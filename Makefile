@@ -4,7 +4,7 @@
 ENVOY_VERSIONS ?= 1.40.0 1.36.4
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
-E2E_TESTS      := --test relay --test drain --test rollout --test istio
+E2E_TESTS      := --test relay --test drain --test rollout --test istio --test trap
 VERSION        := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 OCI_DIR        ?= target/oci
 ISTIO_OUT      ?= target/istio
@@ -69,6 +69,10 @@ build: deps
 	$(CARGO) build --release --target wasm32-wasip1 -p close-relay
 	@ls -l $(WASM) | awk '{print "built $(WASM): " $$5 " bytes"}'
 
+# The fault-injection build the trap tests load (see Cargo.toml [features]).
+build-fault: deps
+	$(CARGO) build --release --target wasm32-wasip1 -p close-relay --features fault-injection --target-dir target/fault
+
 unit: deps
 	$(CARGO) test -p close-relay --lib
 	$(CARGO) test -p e2e --lib
@@ -87,7 +91,7 @@ lint: deps
 	$(CARGO) clippy -p e2e --all-targets -- -D warnings
 
 # The e2e suite once per Envoy version; ENVOY=/path/to/envoy runs it on that binary only.
-e2e: build envoy istio-tools
+e2e: build build-fault envoy istio-tools
 	$(CARGO) build -p e2e --tests --bins
 ifdef ENVOY
 	$(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture

@@ -163,6 +163,10 @@ impl Context for HttpRole {
 impl HttpContext for HttpRole {
     fn on_http_request_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
         let Some(config) = self.shared.active() else { return Action::Continue };
+        #[cfg(feature = "fault-injection")]
+        if host::header(MapType::HttpRequestHeaders, ":path").as_deref() == Some("/__close_relay_trap") {
+            std::process::abort();
+        }
         let drain = config.drain.enabled;
         self.request = request_facts_on_request();
         if drain {

@@ -245,6 +245,10 @@ impl StreamContext for NetworkRole {
         if undecided && size > 0 {
             // Once per connection: the sweep closes only connections that speak HTTP/1.
             let first = host::get_buffer(BufferType::DownstreamData, size.min(FIRST_READ)).unwrap_or_default();
+            #[cfg(feature = "fault-injection")]
+            if first.starts_with(b"TRAP ") {
+                std::process::abort();
+            }
             self.conn.borrow_mut().activity.http1 = wire::starts_http1_request(&first);
         }
         if close_pending && size > 0 && config.close_connection {

@@ -64,6 +64,13 @@ pub fn wasm_path() -> PathBuf {
     p
 }
 
+/// The module built with `--features fault-injection` (`make build-fault`): it traps on demand.
+pub fn fault_wasm_path() -> PathBuf {
+    let p = repo_root().join("target/fault/wasm32-wasip1/release/close_relay.wasm");
+    assert!(p.exists(), "{} missing: run `make build-fault`", p.display());
+    p
+}
+
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
@@ -247,6 +254,10 @@ pub struct EnvoySpec {
     pub drain_strategy: &'static str,
     /// The inbound listener's `drain_type`: DEFAULT or MODIFY_ONLY.
     pub drain_type: &'static str,
+    /// The module both roles load: the release build, or the fault-injection build.
+    pub wasm: PathBuf,
+    /// What Envoy does when the module traps: FAIL_OPEN (ours), FAIL_CLOSED, FAIL_RELOAD.
+    pub failure_policy: &'static str,
 }
 
 impl EnvoySpec {
@@ -260,11 +271,13 @@ impl EnvoySpec {
             concurrency: 2,
             drain_strategy: "immediate",
             drain_type: "DEFAULT",
+            wasm: wasm_path(),
+            failure_policy: "FAIL_OPEN",
         }
     }
 }
 
-fn wasm_filter(kind: &str, root_id: &str, vm_id: &str, config: &str) -> Value {
+fn wasm_filter(spec: &EnvoySpec, kind: &str, root_id: &str, vm_id: &str, config: &str) -> Value {
     json!({
         "name": format!("close_relay.{kind}"),
         "typed_config": {
@@ -272,7 +285,7 @@ fn wasm_filter(kind: &str, root_id: &str, vm_id: &str, config: &str) -> Value {
             "config": {
                 "name": format!("close_relay_{kind}"),
                 "root_id": root_id,
-                "failure_policy": "FAIL_OPEN",
+                "failure_policy": spec.failure_policy,
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": config
@@ -280,7 +293,7 @@ fn wasm_filter(kind: &str, root_id: &str, vm_id: &str, config: &str) -> Value {
                 "vm_config": {
                     "vm_id": vm_id,
                     "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": wasm_path()}}
+                    "code": {"local": {"filename": spec.wasm}}
                 }
             }
         }
@@ -295,7 +308,7 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
     };
     let mut filters = Vec::new();
     if matches!(spec.filter, Filter::SameVm | Filter::SeparateVms) {
-        filters.push(wasm_filter("network", "close_relay_network", net_vm, &spec.network_config));
+        filters.push(wasm_filter(spec, "network", "close_relay_network", net_vm, &spec.network_config));
     }
     let mut http_filters = Vec::new();
     match spec.filter {
@@ -307,7 +320,7 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
                 "default_source_code": {"inline_string": LUA_PEER}
             }
         })),
-        _ => http_filters.push(wasm_filter("http", "close_relay_http", http_vm, &spec.http_config)),
+        _ => http_filters.push(wasm_filter(spec, "http", "close_relay_http", http_vm, &spec.http_config)),
     }
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
