@@ -4,7 +4,7 @@
 ENVOY_VERSIONS ?= 1.40.0 1.36.4
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
-E2E_TESTS      := --test relay --test drain --test rollout --test istio --test trap
+E2E_TESTS      := --test relay --test drain --test rollout --test istio --test trap --test soak
 VERSION        := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 OCI_DIR        ?= target/oci
 ISTIO_OUT      ?= target/istio
@@ -128,6 +128,20 @@ test:
 rollout: build envoy
 	$(CARGO) build -p e2e --bins
 	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/rollout
+
+# Minutes of mixed load with faults on a plain and a close-relay sidecar (e2e/src/soak.rs):
+# SOAK_SECONDS (300) on one Envoy (ENVOY_DEMO, or ENVOY=...); report in target/soak/.
+SOAK_SECONDS ?= 300
+soak: build envoy
+	$(CARGO) build -p e2e --bins
+	SOAK_SECONDS=$(SOAK_SECONDS) ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/soak
+
+# Cost on the common path: Envoy alone, with close-relay, with the Lua peer (e2e/src/bin/bench.rs);
+# table on stdout and target/bench/. BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNS tune it.
+bench: build envoy
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(CARGO) build -p e2e --bins
+	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/bench
 
 demo: build envoy
 	$(CARGO) build -p e2e --bins

@@ -122,6 +122,9 @@ pub struct DrainStats {
     pub drain_closes: u64,
     /// Listeners or filter chains draining because of a config update (LDS), not shutdown.
     pub update_draining: u64,
+    /// Connections opened, and connects that failed, to the app (`cluster.inbound|...`).
+    pub app_cx_total: u64,
+    pub app_cx_connect_fail: u64,
 }
 
 /// Parses `/stats` text (`name: value` lines).
@@ -138,6 +141,12 @@ pub fn parse_drain_stats(stats: &str) -> DrainStats {
             || name == "listener_manager.total_filter_chains_draining"
         {
             out.update_draining += value;
+        } else if name.starts_with("cluster.inbound|") {
+            if name.ends_with(".upstream_cx_total") {
+                out.app_cx_total += value;
+            } else if name.ends_with(".upstream_cx_connect_fail") {
+                out.app_cx_connect_fail += value;
+            }
         }
     }
     out
@@ -154,6 +163,17 @@ pub fn listeners_draining(previous: Option<DrainStats>, now: DrainStats) -> bool
         }
         None => false,
     }
+}
+
+/// Does the app accept connections again? Between two reads Envoy opened a connection to it
+/// that did not fail. Ends an `app_failure` drain before its hold runs out: an app that was
+/// killed and restarted serves again, while one shutting down refuses every new connection.
+pub fn app_accepting(previous: Option<DrainStats>, now: DrainStats) -> bool {
+    previous.is_some_and(|prev| {
+        let opened = now.app_cx_total.saturating_sub(prev.app_cx_total);
+        let failed = now.app_cx_connect_fail.saturating_sub(prev.app_cx_connect_fail);
+        opened > failed
+    })
 }
 
 /// Counts events in a fixed window; the window restarts when it has passed.
@@ -205,16 +225,17 @@ pub struct Activity {
 /// report (separate VMs), only after a response, not while a request waits for one. Only
 /// HTTP/1 connections are ours: a TCP chain (a server-first protocol, TLS passed through, h2
 /// with prior knowledge) is never closed.
-pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64) -> bool {
+pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64) -> bool {
     if a.in_flight > 0 || now_ms < a.last_ms.saturating_add(grace_ms) {
         return false;
     }
     match a.http1 {
         Some(true) => a.tracked || a.last_was_response,
         Some(false) => false,
-        // Nothing decided yet: idle only if nobody has spoken; a server that spoke first is
-        // not serving HTTP.
-        None => !a.saw_request && !a.last_was_response,
+        // Nothing decided yet: idle only if nobody has spoken, and not before a new connection
+        // had `fresh_grace_ms` to send its first request (a client opens one to use it). A
+        // server that spoke first is not serving HTTP.
+        None => !a.saw_request && !a.last_was_response && now_ms >= a.last_ms.saturating_add(fresh_grace_ms),
     }
 }
 
@@ -277,12 +298,12 @@ mod tests {
                      listener_manager.total_listeners_draining: 0\n\
                      listener_manager.total_filter_chains_draining: 1\n\
                      garbage line\n";
-        assert_eq!(parse_drain_stats(stats), DrainStats { drain_closes: 3, update_draining: 1 });
+        assert_eq!(parse_drain_stats(stats), DrainStats { drain_closes: 3, update_draining: 1, ..Default::default() });
     }
 
     #[test]
     fn listener_drain_needs_a_rise_without_updates() {
-        let at = |c, u| DrainStats { drain_closes: c, update_draining: u };
+        let at = |c, u| DrainStats { drain_closes: c, update_draining: u, ..Default::default() };
         assert!(!listeners_draining(None, at(5, 0)), "first read is only a baseline");
         assert!(!listeners_draining(Some(at(5, 0)), at(5, 0)));
         assert!(listeners_draining(Some(at(5, 0)), at(6, 0)));
@@ -303,27 +324,48 @@ mod tests {
     #[test]
     fn idle_rules() {
         let quiet = Activity { last_ms: 1_000, ..Default::default() };
-        assert!(!idle(&quiet, 1_500, 1_000), "within grace");
-        assert!(idle(&quiet, 2_000, 1_000), "never used");
+        assert!(!idle(&quiet, 1_500, 1_000, 1_000), "within grace");
+        assert!(idle(&quiet, 2_000, 1_000, 1_000), "never used");
         let http1 = Activity { saw_request: true, http1: Some(true), ..quiet };
         let busy = Activity { in_flight: 1, tracked: true, ..http1 };
-        assert!(!idle(&busy, 99_000, 1_000));
+        assert!(!idle(&busy, 99_000, 1_000, 1_000));
         let tracked_done = Activity { tracked: true, ..http1 };
-        assert!(idle(&tracked_done, 2_000, 1_000));
+        assert!(idle(&tracked_done, 2_000, 1_000, 1_000));
         let waiting = Activity { last_was_response: false, ..http1 };
-        assert!(!idle(&waiting, 99_000, 1_000), "untracked request waiting for its response");
+        assert!(!idle(&waiting, 99_000, 1_000, 1_000), "untracked request waiting for its response");
         let answered = Activity { last_was_response: true, ..http1 };
-        assert!(idle(&answered, 2_000, 1_000));
+        assert!(idle(&answered, 2_000, 1_000, 1_000));
+    }
+
+    #[test]
+    fn a_new_connection_gets_the_fresh_grace_even_when_the_grace_is_zero() {
+        let fresh = Activity { last_ms: 1_000, ..Default::default() };
+        assert!(!idle(&fresh, 1_100, 0, 350), "its first request may be on the way");
+        assert!(idle(&fresh, 1_350, 0, 350));
+        let answered = Activity { last_ms: 1_000, saw_request: true, http1: Some(true), last_was_response: true, ..Default::default() };
+        assert!(idle(&answered, 1_000, 0, 350), "used and answered: the zero grace applies");
+    }
+
+    #[test]
+    fn the_app_accepts_again_once_a_new_connection_to_it_did_not_fail() {
+        let at = |total, fail| DrainStats { app_cx_total: total, app_cx_connect_fail: fail, ..Default::default() };
+        assert!(!app_accepting(None, at(5, 0)));
+        assert!(!app_accepting(Some(at(5, 2)), at(8, 5)), "every new connection refused");
+        assert!(app_accepting(Some(at(5, 2)), at(8, 4)), "one got through");
+        assert!(!app_accepting(Some(at(5, 2)), at(5, 2)), "no new connection says nothing");
+        let stats = "cluster.inbound|8080||.upstream_cx_total: 7\ncluster.inbound|8080||.upstream_cx_connect_fail: 3\n\
+                     cluster.prometheus_stats.upstream_cx_total: 99\n";
+        assert_eq!((parse_drain_stats(stats).app_cx_total, parse_drain_stats(stats).app_cx_connect_fail), (7, 3));
     }
 
     #[test]
     fn connections_that_are_not_http1_are_never_idle() {
         let quiet = Activity { last_ms: 1_000, ..Default::default() };
         let other = Activity { saw_request: true, http1: Some(false), last_was_response: true, ..quiet };
-        assert!(!idle(&other, 99_000, 1_000), "TCP chain, TLS passthrough or h2 preface");
+        assert!(!idle(&other, 99_000, 1_000, 1_000), "TCP chain, TLS passthrough or h2 preface");
         let server_first = Activity { last_was_response: true, ..quiet };
-        assert!(!idle(&server_first, 99_000, 1_000), "the server spoke first: not HTTP");
+        assert!(!idle(&server_first, 99_000, 1_000, 1_000), "the server spoke first: not HTTP");
         let undecided = Activity { saw_request: true, ..quiet };
-        assert!(!idle(&undecided, 99_000, 1_000), "a few bytes, not yet a method");
+        assert!(!idle(&undecided, 99_000, 1_000, 1_000), "a few bytes, not yet a method");
     }
 }

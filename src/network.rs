@@ -94,7 +94,7 @@ pub fn close(conn: &ConnRef) -> bool {
 
 /// On each tick of the network root: closes connections that are idle and either told to
 /// close already, or on a pod that is draining.
-pub fn sweep(draining: bool, grace_ms: u64, metrics: &Metrics) {
+pub fn sweep(draining: bool, grace_ms: u64, fresh_grace_ms: u64, metrics: &Metrics) {
     let now = host::coarse_now();
     let due: Vec<(ConnRef, bool)> = CONNS.with(|c| {
         c.borrow()
@@ -102,7 +102,7 @@ pub fn sweep(draining: bool, grace_ms: u64, metrics: &Metrics) {
             .filter_map(|conn| {
                 let c = conn.borrow();
                 let wanted = draining || c.close_pending;
-                (wanted && !c.closing && drain::idle(&c.activity, now, grace_ms))
+                (wanted && !c.closing && drain::idle(&c.activity, now, grace_ms, fresh_grace_ms))
                     .then(|| (conn.clone(), c.close_pending))
             })
             .collect()

@@ -21,7 +21,7 @@ const SIDECAR_STATS_KEY: &str = "close_relay.sidecar.stats";
 const READINESS_POLL_KEY: &str = "close_relay.poll.readiness";
 const READINESS_FAILURES_KEY: &str = "close_relay.readiness.failures";
 /// Only the counters `drain::parse_drain_stats` reads, percent-encoded for the query string.
-const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%29%24";
+const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%29%24";
 
 /// What an outstanding HTTP call was for.
 #[derive(Debug, Clone, Copy)]
@@ -96,13 +96,18 @@ impl Root {
         }
         let now = drain::parse_drain_stats(&String::from_utf8_lossy(body));
         let previous = host::shared_update(SIDECAR_STATS_KEY, |current| {
-            let [seen, drain_closes, update_draining] = drain::decode_u64s(current);
-            let previous = (seen == 1).then_some(DrainStats { drain_closes, update_draining });
-            Some((drain::encode_u64s(&[1, now.drain_closes, now.update_draining]), previous))
+            let [seen, drain_closes, update_draining, app_cx_total, app_cx_connect_fail] = drain::decode_u64s(current);
+            let previous = (seen == 1)
+                .then_some(DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail });
+            let record = [1, now.drain_closes, now.update_draining, now.app_cx_total, now.app_cx_connect_fail];
+            Some((drain::encode_u64s(&record), previous))
         })
         .flatten();
         if drain::listeners_draining(previous, now) {
             pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &self.shared.metrics);
+        }
+        if drain::app_accepting(previous, now) {
+            pod::clear(Source::AppFailure, &self.shared.metrics);
         }
     }
 
@@ -133,9 +138,10 @@ impl Root {
             let drain = &config.drain;
             // Activity times come from the tick clock, up to one tick stale: adding a tick
             // keeps a grace a true minimum.
+            let with_tick = |grace: u64| if grace == 0 { 0 } else { grace + drain.tick_ms };
             let grace = if pod::app_going() { drain.app_idle_grace_ms } else { drain.idle_grace_ms };
-            let grace = if grace == 0 { 0 } else { grace + drain.tick_ms };
-            network::sweep(draining, grace, &self.shared.metrics);
+            let fresh = with_tick(drain.idle_grace_ms);
+            network::sweep(draining, with_tick(grace), fresh, &self.shared.metrics);
         }
     }
 }

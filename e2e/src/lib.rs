@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 pub mod istio;
 pub mod oci;
 pub mod rollout;
+pub mod soak;
 
 /// The byte at offset `i` of the app's `/big-close` body.
 pub fn pattern_byte(i: usize) -> u8 {
@@ -402,6 +403,33 @@ impl Envoy {
         Envoy::launch_with(dir, &config, port, admin, &args)
     }
 
+    /// Like [`Envoy::start`], but the listener comes over LDS from a watched file, so a test
+    /// can swap it ([`Envoy::swap_listener`]) as istiod pushes listener updates.
+    pub fn start_lds(name: &str, spec: &EnvoySpec) -> Envoy {
+        let dir = scratch(name);
+        let (port, admin) = (free_port(), free_port());
+        let mut config = envoy_config(spec, port, admin);
+        let listener = config["static_resources"]["listeners"][0].take();
+        config["static_resources"]["listeners"] = json!([]);
+        fs::create_dir_all(dir.join("lds")).expect("lds dir");
+        config["node"] = json!({"id": "sidecar~127.0.0.1~soak", "cluster": "soak"});
+        config["dynamic_resources"] = json!({"lds_config": {
+            "path_config_source": {"path": dir.join("lds/lds.json"), "watched_directory": {"path": dir.join("lds")}},
+            "resource_api_version": "V3"
+        }});
+        write_lds(&dir, &listener, 1);
+        let file = dir.join("envoy.json");
+        fs::write(&file, config.to_string()).expect("write config");
+        let args = ["--concurrency", &spec.concurrency.to_string(), "--drain-strategy", spec.drain_strategy, "--drain-time-s", "2"]
+            .map(String::from);
+        Envoy::launch_with(dir, &file, port, admin, &args)
+    }
+
+    /// Replaces the LDS listener (atomically: write, then move into the watched directory).
+    pub fn swap_listener(&self, listener: &Value, version: u64) {
+        write_lds(&self.dir, listener, version);
+    }
+
     /// Starts Envoy on a config file that listens on `port` with its admin on `admin`, from
     /// the repository root (where the shipped configs expect to be run).
     pub fn launch(dir: PathBuf, config: &Path, port: u16, admin: u16) -> Envoy {
@@ -515,6 +543,15 @@ impl Envoy {
 }
 
 /// GET on the admin API; `None` when it does not answer 200.
+fn write_lds(dir: &Path, listener: &Value, version: u64) {
+    let mut resource = listener.clone();
+    resource["@type"] = json!("type.googleapis.com/envoy.config.listener.v3.Listener");
+    let response = json!({"version_info": version.to_string(), "resources": [resource]});
+    let tmp = dir.join("lds.json.tmp");
+    fs::write(&tmp, response.to_string()).expect("write lds");
+    fs::rename(&tmp, dir.join("lds/lds.json")).expect("move lds into place");
+}
+
 pub fn admin_get(port: u16, path: &str) -> Option<String> {
     let mut c = Conn::try_open(port).ok()?;
     c.send(&format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")).ok()?;

@@ -221,6 +221,18 @@ fn serve(stream: TcpStream) -> io::Result<()> {
                 simple("x-close-relay: 0000000000000000\r\nX-Close-Relay: close\r\n", "ok"),
                 !forced,
             ),
+            "/big" => {
+                // A large keep-alive body (the soak's big and slow clients).
+                let n: usize = req.param("bytes").and_then(|b| b.parse().ok()).unwrap_or(1 << 20);
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n{close}\r\n");
+                out.write_all(head.as_bytes())?;
+                let body: Vec<u8> = (0..n).map(pattern_byte).collect();
+                out.write_all(&body)?;
+                if forced {
+                    return Ok(());
+                }
+                continue;
+            }
             "/big-close" => {
                 let n: usize = req.param("bytes").and_then(|b| b.parse().ok()).unwrap_or(8 << 20);
                 let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n");
