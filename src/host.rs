@@ -217,7 +217,7 @@ impl Counter {
         self.add(1);
     }
 
-    fn add(self, n: u64) {
+    pub fn add(self, n: u64) {
         if let (Some(id), Ok(n)) = (self.0, i64::try_from(n)) {
             let _ = hostcalls::increment_metric(id, n);
         }

@@ -50,8 +50,7 @@ impl HttpRole {
     /// In a shared VM, counts this request against its connection so the idle sweep never
     /// closes a connection with a request in flight.
     fn track_request(&mut self) {
-        let conn = network::take_current().or_else(|| self.nonce().and_then(|n| network::conn_for(&n)));
-        let Some(conn) = conn else { return };
+        let Some(conn) = self.nonce().and_then(|n| network::conn_for(&n)) else { return };
         {
             let mut c = conn.borrow_mut();
             c.activity.tracked = true;
@@ -259,9 +258,8 @@ impl HttpContext for HttpRole {
             debug!("network role is in another VM; it closes on the next request or when idle");
             return;
         };
-        if network::close(&conn) {
-            self.shared.metrics.connections_closed.inc();
-            debug!("closed client connection after the response");
+        if !network::close_soon(&conn) {
+            debug!("no wake queue; the client connection closes on the next tick");
         }
     }
 }

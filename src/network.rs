@@ -10,12 +10,12 @@ use std::rc::Rc;
 
 use log::{debug, warn};
 use proxy_wasm::traits::{Context, StreamContext};
-use proxy_wasm::types::{Action, BufferType};
+use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::drain::{self, Activity};
 use crate::host::{self, Metrics};
 use crate::wire::{self, Edit, HeadRewrite, HeadStep};
-use crate::Shared;
+use crate::{pod, Shared};
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;
@@ -30,7 +30,8 @@ pub struct Conn {
     pub activity: Activity,
     /// A relayed `connection: close` went out: the connection must end.
     pub close_pending: bool,
-    /// We asked Envoy to close it; nothing more to do.
+    /// We asked Envoy to close it, or the connection is gone (its network context is done):
+    /// nothing more to do, and its context id must not be used again.
     pub closing: bool,
     /// An HTTP role in this VM reports on this connection: writes need reading only when it
     /// has marked a response (`head_pending`). Without one (separate VMs), every write that
@@ -51,20 +52,23 @@ thread_local! {
 }
 
 thread_local! {
-    /// The connection this VM's network role last saw bytes on. Envoy hands those bytes to the
-    /// HCM right after us, in the same call, and a request's stream starts there; a pipelined
-    /// request resumes right after the previous response's last write, which we see too. So
-    /// the HTTP role of a new stream takes it instead of asking the host for its connection.
-    static CURRENT: RefCell<Option<ConnRef>> = const { RefCell::new(None) };
+    /// Connections an HTTP role asked to close once its response is done (see [`close_soon`]).
+    static CLOSE_SOON: RefCell<Vec<ConnRef>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The connection whose bytes Envoy is processing now, once (see [`CURRENT`]).
-pub fn take_current() -> Option<ConnRef> {
-    CURRENT.with(|c| c.borrow_mut().take())
+/// Closes `conn` on the next dispatcher turn, not now: an HTTP role's `on_log` can run while
+/// Envoy is itself closing the connection (the stream ends with it), and closing it again from
+/// there crashes Envoy (a segfault, seen in the soak on 1.40.0). False without a wake queue:
+/// the tick's sweep closes it then, as a connection told to close.
+pub fn close_soon(conn: &ConnRef) -> bool {
+    CLOSE_SOON.with(|c| c.borrow_mut().push(conn.clone()));
+    pod::wake_self()
 }
 
-fn set_current(conn: &ConnRef) {
-    CURRENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
+/// The network root's turn: closes what HTTP roles asked for; returns how many closed.
+pub fn close_requested() -> u64 {
+    let due = CLOSE_SOON.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    due.iter().map(|conn| u64::from(close(conn))).sum()
 }
 
 /// The connection with `nonce`, if its network role lives in this VM.
@@ -207,6 +211,8 @@ impl NetworkRole {
 
 impl Context for NetworkRole {
     fn on_done(&mut self) -> bool {
+        // An HTTP role may still hold this connection; it must never act as a finished context.
+        self.conn.borrow_mut().closing = true;
         if let Some(nonce) = self.nonce.take() {
             CONNS.with(|c| c.borrow_mut().remove(&nonce));
         }
@@ -215,6 +221,17 @@ impl Context for NetworkRole {
 }
 
 impl StreamContext for NetworkRole {
+    /// The connection is closing (either side, or Envoy): closing it again from an HTTP role's
+    /// `on_log`, which Envoy runs when a stream ends with its connection, crashes Envoy
+    /// (segfault, seen in the soak on 1.40.0). Mark it done first.
+    fn on_downstream_close(&mut self, _peer: PeerType) {
+        self.conn.borrow_mut().closing = true;
+    }
+
+    fn on_upstream_close(&mut self, _peer: PeerType) {
+        self.conn.borrow_mut().closing = true;
+    }
+
     fn on_new_connection(&mut self) -> Action {
         if self.shared.active().is_none() {
             return Action::Continue;
@@ -232,9 +249,6 @@ impl StreamContext for NetworkRole {
 
     fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
         let Some(config) = self.shared.active() else { return Action::Continue };
-        if self.nonce.is_some() {
-            set_current(&self.conn);
-        }
         let (close_pending, undecided) = {
             let mut c = self.conn.borrow_mut();
             c.activity.last_ms = host::coarse_now();
@@ -261,7 +275,6 @@ impl StreamContext for NetworkRole {
         let (Some(config), Some(nonce)) = (self.shared.active(), self.nonce.clone()) else {
             return Action::Continue;
         };
-        set_current(&self.conn);
         let (marked, http_role_here) = {
             let mut c = self.conn.borrow_mut();
             c.activity.last_ms = host::coarse_now();

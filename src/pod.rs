@@ -18,6 +18,8 @@ const WAKE_CAPACITY: usize = 64;
 thread_local! {
     static DRAINING: Cell<bool> = const { Cell::new(false) };
     static APP_GOING: Cell<bool> = const { Cell::new(false) };
+    /// This VM's own wake queue, once its network root registered one.
+    static OWN_WAKE: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
 /// Is the app itself going away (see [`DrainState::app_going`])? As of the last refresh.
@@ -101,6 +103,7 @@ pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
 pub fn register_wake() -> Option<u32> {
     let name = format!("close_relay.wake.{}", host::nonce());
     let token = host::register_queue(&name)?;
+    OWN_WAKE.set(Some(token));
     host::shared_update(WAKE_KEY, |current| {
         let mut tokens: Vec<u64> = current.chunks_exact(8).map(|c| drain::decode_u64s::<1>(c)[0]).collect();
         tokens.push(u64::from(token));
@@ -108,6 +111,11 @@ pub fn register_wake() -> Option<u32> {
         Some((drain::encode_u64s(&tokens[excess..]), ()))
     });
     Some(token)
+}
+
+/// Wakes this VM's network root on the next dispatcher turn; false without a wake queue.
+pub fn wake_self() -> bool {
+    OWN_WAKE.get().map(host::enqueue).is_some()
 }
 
 fn wake_all() {

@@ -186,12 +186,12 @@ impl RootContext for Root {
             // No drain: the tick only flushes batched metrics.
             host::set_tick(config.drain.tick_ms.max(METRICS_FLUSH_MS));
         }
+        if self.shared.active().is_some() && self.role == Role::Network && pod::register_wake().is_none() {
+            warn!("close-relay: no wake queue; connections close on the next tick");
+        }
         if let Some(config) = self.shared.active().filter(|c| c.drain.enabled) {
             host::set_tick(config.drain.tick_ms);
             pod::refresh(&self.shared.metrics);
-            if self.role == Role::Network && pod::register_wake().is_none() {
-                warn!("close-relay: no wake queue; idle connections close on the next tick");
-            }
         }
         // Returning false would make Envoy reject the plugin; we fail open instead.
         true
@@ -217,8 +217,16 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         host::drain_queue(queue_id);
-        let draining = pod::refresh(&self.shared.metrics);
-        self.sweep(draining);
+        let closed = network::close_requested();
+        if closed > 0 {
+            self.shared.metrics.connections_closed.add(closed);
+            debug!("closed {closed} client connection(s) after their response");
+        }
+        let Some(config) = self.shared.active() else { return };
+        if config.drain.enabled {
+            let draining = pod::refresh(&self.shared.metrics);
+            self.sweep(draining);
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -79,16 +79,15 @@ impl Stack {
         let mut l = self.listener.clone();
         let chain = &mut l["filter_chains"][0]["filters"];
         for f in chain.as_array_mut().into_iter().flatten() {
-            if let Some(config) = f["typed_config"]["config"].as_object_mut() {
-                if bad {
-                    config.insert("configuration".into(), json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "{\"role\": \"network\", \"bogus\": true}"}));
-                }
+            let network_wasm = f["typed_config"].get("config").is_some();
+            if bad && network_wasm {
+                f["typed_config"]["config"]["configuration"] = json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "{\"role\": \"network\", \"bogus\": true}"});
             }
             let hcm = &mut f["typed_config"];
             if hcm["stat_prefix"].is_string() {
                 hcm["stat_prefix"] = json!(format!("inbound_v{version}"));
                 for h in hcm["http_filters"].as_array_mut().into_iter().flatten() {
-                    if bad && h["typed_config"]["config"].is_object() {
+                    if bad && h["typed_config"].get("config").is_some() {
                         h["typed_config"]["config"]["configuration"] = json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "{\"bogus\": true}"});
                     }
                 }
@@ -444,6 +443,13 @@ pub fn verdict(soak: &Soak) -> Result<(), String> {
     let (early, late) = soak.rss_trend(ours);
     if late > early + (early / 10).max(8 * 1024) {
         problems.push(format!("Envoy's memory grew: {early} KiB -> {late} KiB"));
+    }
+    for s in &soak.stacks {
+        let rejected = s.envoy.counter("listener_manager.lds.update_rejected");
+        let accepted = s.envoy.counter("listener_manager.lds.update_success");
+        if rejected > 0 || accepted < 1 + 2 * (soak.faults.len() as u64 / 3) {
+            problems.push(format!("{}: listener pushes accepted {accepted}, rejected {rejected}", s.name));
+        }
     }
     let count = |name: &str| ours.envoy.counter(&format!("wasmcustom.close_relay_{name}_total"));
     for name in ["relayed", "config_errors", "drain_entered_sidecar_health", "drain_entered_app_failure"] {
