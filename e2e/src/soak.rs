@@ -182,8 +182,12 @@ fn slow_big(stack: &Stack, start: Instant, c: &mut Conn) -> bool {
         stack.tally.failed(at, format!("/big slow: {}", head.lines().next().unwrap_or_default()));
         return !head.contains("connection: close");
     }
-    if body.len() != BIG || body.iter().enumerate().any(|(i, b)| *b != pattern_byte(i)) {
+    // A wrong byte, or too many, is corruption; a body cut short (the app killed mid-body) is
+    // a failed request like any other.
+    if body.len() > BIG || body.iter().enumerate().any(|(i, b)| *b != pattern_byte(i)) {
         stack.tally.corrupt.fetch_add(1, Ordering::Relaxed);
+    }
+    if body.len() != BIG {
         stack.tally.failed(at, format!("/big slow: body of {} bytes", body.len()));
         return false;
     }
