@@ -334,3 +334,30 @@ fn shipped_local_envoy_yaml_validates_loads_both_roles_and_relays() {
     assert_relayed(&r, &envoy, b"ok");
     assert!(c.closed_by_server(SOON));
 }
+
+#[test]
+fn the_lua_peer_relays_the_close_where_envoy_has_drain_connection_upon_completion() {
+    // `make bench` compares close-relay's cost with this Lua filter: it must do the same core
+    // job (Envoy's `drainConnectionUponCompletion`), or the comparison means nothing. Older
+    // Envoys lack the call: there the peer does not exist, and the test shows it.
+    let (_app, envoy) = setup("lua", Filter::Lua);
+    let mut c = envoy.connect();
+    assert!(!c.get("/keep").says_close());
+    let r = c.get("/close");
+    let missing = "attempt to call method 'drainConnectionUponCompletion' (a nil value)";
+    // Envoy writes its log file every 50 ms here.
+    let deadline = std::time::Instant::now() + SOON;
+    let mut log = envoy.log();
+    while !r.says_close() && !log.contains(missing) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        log = envoy.log();
+    }
+    if log.contains(missing) {
+        assert!(!r.says_close(), "{}", r.raw_head);
+        say("Lua peer: this Envoy has no drainConnectionUponCompletion; the peer cannot relay here");
+        return;
+    }
+    assert!(r.says_close(), "Lua peer did not relay:\n{}", r.raw_head);
+    assert!(c.closed_by_server(SOON));
+    say("Lua peer (bench comparison): relays the app's close and closes the connection");
+}
