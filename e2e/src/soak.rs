@@ -283,72 +283,80 @@ pub fn run(seconds: u64) -> Soak {
             }));
         }
     }
+    // The fault schedule may panic (an Envoy that died refuses its admin port): the workers
+    // are stopped and joined first in any case, so every process is stopped by its owner.
     let mut faults = Vec::new();
-    let at = |ms: u64| {
-        let target = start + Duration::from_millis(ms);
-        if let Some(wait) = target.checked_duration_since(Instant::now()) {
-            thread::sleep(wait);
-        }
-    };
-    let now_ms = || start.elapsed().as_millis() as u64;
-    let sample = |stacks: &[Arc<Stack>]| {
-        for s in stacks {
-            if let Ok(mut r) = s.rss_kib.lock() {
-                r.push((now_ms(), rss_kib(s.envoy.pid())));
+    let schedule = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let at = |ms: u64| {
+            let target = start + Duration::from_millis(ms);
+            if let Some(wait) = target.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
             }
-        }
-    };
-    let mut version = 1;
-    let mut cycle = 0;
-    while now_ms() + 20_000 <= seconds * 1000 || cycle == 0 {
-        let t0 = cycle * 20_000;
-        at(t0 + 3_000);
-        let from = now_ms();
-        for s in &stacks {
-            if let Ok(mut app) = s.app.lock() {
-                app.kill();
+        };
+        let now_ms = || start.elapsed().as_millis() as u64;
+        let sample = |stacks: &[Arc<Stack>]| {
+            for s in stacks {
+                if let Ok(mut r) = s.rss_kib.lock() {
+                    r.push((now_ms(), rss_kib(s.envoy.pid())));
+                }
             }
-        }
-        at(t0 + 4_000);
-        for s in &stacks {
-            if let Ok(mut app) = s.app.lock() {
-                app.restart();
+        };
+        let mut version = 1;
+        let mut cycle = 0;
+        while now_ms() + 20_000 <= seconds * 1000 || cycle == 0 {
+            let t0 = cycle * 20_000;
+            at(t0 + 3_000);
+            let from = now_ms();
+            for s in &stacks {
+                if let Ok(mut app) = s.app.lock() {
+                    app.kill();
+                }
             }
+            at(t0 + 4_000);
+            for s in &stacks {
+                if let Ok(mut app) = s.app.lock() {
+                    app.restart();
+                }
+            }
+            faults.push(Fault { what: "app SIGKILLed and restarted", from_ms: from, to_ms: now_ms() });
+            sample(&stacks);
+            at(t0 + 8_000);
+            let from = now_ms();
+            for s in &stacks {
+                s.envoy.admin_post("/healthcheck/fail");
+            }
+            at(t0 + 10_000);
+            for s in &stacks {
+                s.envoy.admin_post("/healthcheck/ok");
+            }
+            faults.push(Fault { what: "healthcheck/fail, then ok", from_ms: from, to_ms: now_ms() });
+            sample(&stacks);
+            at(t0 + 13_000);
+            let from = now_ms();
+            version += 1;
+            for s in &stacks {
+                s.push_listener(version, true);
+            }
+            at(t0 + 16_000);
+            version += 1;
+            for s in &stacks {
+                s.push_listener(version, false);
+            }
+            faults.push(Fault { what: "listener pushed with a bad plugin config, then a good one", from_ms: from, to_ms: now_ms() });
+            at(t0 + 19_000);
+            sample(&stacks);
+            cycle += 1;
         }
-        faults.push(Fault { what: "app SIGKILLed and restarted", from_ms: from, to_ms: now_ms() });
+        at(seconds * 1000);
         sample(&stacks);
-        at(t0 + 8_000);
-        let from = now_ms();
-        for s in &stacks {
-            s.envoy.admin_post("/healthcheck/fail");
-        }
-        at(t0 + 10_000);
-        for s in &stacks {
-            s.envoy.admin_post("/healthcheck/ok");
-        }
-        faults.push(Fault { what: "healthcheck/fail, then ok", from_ms: from, to_ms: now_ms() });
-        sample(&stacks);
-        at(t0 + 13_000);
-        let from = now_ms();
-        version += 1;
-        for s in &stacks {
-            s.push_listener(version, true);
-        }
-        at(t0 + 16_000);
-        version += 1;
-        for s in &stacks {
-            s.push_listener(version, false);
-        }
-        faults.push(Fault { what: "listener pushed with a bad plugin config, then a good one", from_ms: from, to_ms: now_ms() });
-        at(t0 + 19_000);
-        sample(&stacks);
-        cycle += 1;
-    }
-    at(seconds * 1000);
-    sample(&stacks);
+    }));
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.join();
+    }
+    if let Err(panic) = schedule {
+        drop(stacks);
+        std::panic::resume_unwind(panic);
     }
     let alive = stacks.iter().map(|s| rss_kib(s.envoy.pid()) > 0 && crate::admin_get(s.envoy.admin, "/ready").is_some()).collect();
     Soak { stacks, faults, seconds, alive }

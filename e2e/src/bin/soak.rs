@@ -10,7 +10,10 @@ fn main() {
     let dir = e2e::repo_root().join("target/soak");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("report.txt"), &report);
-    if let Err(why) = e2e::soak::verdict(&soak) {
+    let verdict = e2e::soak::verdict(&soak);
+    // Stops every process the soak started (by PID, on drop) before exiting.
+    drop(soak);
+    if let Err(why) = verdict {
         eprintln!("soak FAILED: {why}");
         std::process::exit(1);
     }
