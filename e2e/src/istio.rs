@@ -70,8 +70,34 @@ fn insert_before(list: &mut Value, before: &str, filter: Value) {
     list.insert(at, filter);
 }
 
+/// Where a filter goes in an inbound filter chain.
+enum Before<'a> {
+    /// Among the network filters, right before the HCM.
+    Hcm,
+    /// Among the HCM's HTTP filters, right before the one named.
+    HttpFilter(&'a str),
+}
+
+/// Inserts `filter` into every inbound filter chain that has an HCM.
+fn insert_inbound(bootstrap: &mut Value, at: Before, filter: &Value) {
+    for l in listeners(bootstrap).filter(|l| inbound(l)) {
+        for chain in l["filter_chains"].as_array_mut().expect("filter_chains") {
+            let filters = &mut chain["filters"];
+            let Some(hcm) = filters.as_array().and_then(|f| f.iter().position(|f| f["name"] == HCM)) else {
+                continue;
+            };
+            match at {
+                Before::Hcm => insert_before(filters, HCM, filter.clone()),
+                Before::HttpFilter(name) => {
+                    insert_before(&mut filters[hcm]["typed_config"]["http_filters"], name, filter.clone());
+                }
+            }
+        }
+    }
+}
+
 /// Istio's bootstrap names the node; xDS subscriptions, file-based ones too, require it.
-fn sidecar_node(bootstrap: &mut Value) {
+pub(crate) fn sidecar_node(bootstrap: &mut Value) {
     if bootstrap.get("node").is_none() {
         bootstrap["node"] = json!({"id": "sidecar~127.0.0.1~checkout-0.shop~shop.svc.cluster.local", "cluster": "checkout.shop"});
     }
@@ -125,22 +151,12 @@ pub fn apply_envoy_filter(bootstrap: &mut Value, envoy_filter: &Value, wasm: &Pa
             assert_eq!(filter["config_discovery"]["config_source"]["ads"], json!({}), "ECDS comes over ADS");
             filter["config_discovery"]["config_source"] = ecds_file(dir, ext);
         }
-        for l in listeners(bootstrap).filter(|l| inbound(l)) {
-            for chain in l["filter_chains"].as_array_mut().expect("filter_chains") {
-                let filters = &mut chain["filters"];
-                let Some(hcm) = filters.as_array_mut().and_then(|f| f.iter_mut().find(|f| f["name"] == HCM)) else {
-                    continue;
-                };
-                match apply_to {
-                    "NETWORK_FILTER" => insert_before(filters, HCM, filter.clone()),
-                    "HTTP_FILTER" => {
-                        let sub = chain_filter["subFilter"]["name"].as_str().expect("subFilter name");
-                        insert_before(&mut hcm["typed_config"]["http_filters"], sub, filter.clone());
-                    }
-                    other => panic!("unsupported applyTo {other}"),
-                }
-            }
-        }
+        let at = match apply_to {
+            "NETWORK_FILTER" => Before::Hcm,
+            "HTTP_FILTER" => Before::HttpFilter(chain_filter["subFilter"]["name"].as_str().expect("subFilter name")),
+            other => panic!("unsupported applyTo {other}"),
+        };
+        insert_inbound(bootstrap, at, &filter);
     }
 }
 
@@ -179,16 +195,7 @@ pub fn apply_wasm_plugins(bootstrap: &mut Value, plugins: &[Value], wasm: &Path,
                 "type_urls": [if network { NETWORK_WASM } else { HTTP_WASM }]
             }
         });
-        for l in listeners(bootstrap).filter(|l| inbound(l)) {
-            for chain in l["filter_chains"].as_array_mut().expect("filter_chains") {
-                let filters = &mut chain["filters"];
-                if network {
-                    insert_before(filters, HCM, filter.clone());
-                } else if let Some(hcm) = filters.as_array_mut().and_then(|f| f.iter_mut().find(|f| f["name"] == HCM)) {
-                    insert_before(&mut hcm["typed_config"]["http_filters"], ROUTER, filter.clone());
-                }
-            }
-        }
+        insert_inbound(bootstrap, if network { Before::Hcm } else { Before::HttpFilter(ROUTER) }, &filter);
     }
 }
 

@@ -394,34 +394,36 @@ pub struct Envoy {
 
 impl Envoy {
     pub fn start(name: &str, spec: &EnvoySpec) -> Envoy {
-        let dir = scratch(name);
-        let (port, admin) = (free_port(), free_port());
-        let config = dir.join("envoy.json");
-        fs::write(&config, envoy_config(spec, port, admin).to_string()).expect("write config");
-        let args = ["--concurrency", &spec.concurrency.to_string(), "--drain-strategy", spec.drain_strategy]
-            .map(String::from);
-        Envoy::launch_with(dir, &config, port, admin, &args)
+        Envoy::start_with(name, spec, false)
     }
 
     /// Like [`Envoy::start`], but the listener comes over LDS from a watched file, so a test
     /// can swap it ([`Envoy::swap_listener`]) as istiod pushes listener updates.
     pub fn start_lds(name: &str, spec: &EnvoySpec) -> Envoy {
+        Envoy::start_with(name, spec, true)
+    }
+
+    fn start_with(name: &str, spec: &EnvoySpec, lds: bool) -> Envoy {
         let dir = scratch(name);
         let (port, admin) = (free_port(), free_port());
         let mut config = envoy_config(spec, port, admin);
-        let listener = config["static_resources"]["listeners"][0].take();
-        config["static_resources"]["listeners"] = json!([]);
-        fs::create_dir_all(dir.join("lds")).expect("lds dir");
-        config["node"] = json!({"id": "sidecar~127.0.0.1~soak", "cluster": "soak"});
-        config["dynamic_resources"] = json!({"lds_config": {
-            "path_config_source": {"path": dir.join("lds/lds.json"), "watched_directory": {"path": dir.join("lds")}},
-            "resource_api_version": "V3"
-        }});
-        write_lds(&dir, &listener, 1);
+        let mut args = vec!["--concurrency".to_string(), spec.concurrency.to_string()];
+        args.extend(["--drain-strategy".to_string(), spec.drain_strategy.to_string()]);
+        if lds {
+            let listener = config["static_resources"]["listeners"][0].take();
+            config["static_resources"]["listeners"] = json!([]);
+            fs::create_dir_all(dir.join("lds")).expect("lds dir");
+            istio::sidecar_node(&mut config);
+            config["dynamic_resources"] = json!({"lds_config": {
+                "path_config_source": {"path": dir.join("lds/lds.json"), "watched_directory": {"path": dir.join("lds")}},
+                "resource_api_version": "V3"
+            }});
+            write_lds(&dir, &listener, 1);
+            // A listener push drains the old listener's connections for this long.
+            args.extend(["--drain-time-s".to_string(), "2".to_string()]);
+        }
         let file = dir.join("envoy.json");
         fs::write(&file, config.to_string()).expect("write config");
-        let args = ["--concurrency", &spec.concurrency.to_string(), "--drain-strategy", spec.drain_strategy, "--drain-time-s", "2"]
-            .map(String::from);
         Envoy::launch_with(dir, &file, port, admin, &args)
     }
 
@@ -521,6 +523,16 @@ impl Envoy {
 
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Envoy's resident memory (VmRSS) now, in KiB; 0 once it is gone.
+    pub fn rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn alive(&mut self) -> bool {

@@ -219,7 +219,7 @@ fn forward(client: TcpStream, upstream: TcpStream) {
 /// and no retry of a failed request (`proxy_next_upstream off`), as an ALB does not retry.
 pub struct Nginx {
     pub port: u16,
-    _proc: Proc,
+    proc: Proc,
 }
 
 impl Nginx {
@@ -276,11 +276,11 @@ impl Nginx {
             assert!(Instant::now() < deadline, "nginx did not start: {}", fs::read_to_string(dir.join("error.log")).unwrap_or_default());
             thread::sleep(Duration::from_millis(20));
         }
-        Nginx { port, _proc: proc }
+        Nginx { port, proc }
     }
 
     pub fn pid(&self) -> u32 {
-        self._proc.pid()
+        self.proc.pid()
     }
 }
 

@@ -55,15 +55,6 @@ pub struct Stack {
     pub rss_kib: Mutex<Vec<(u64, u64)>>,
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 impl Stack {
     fn start(name: &'static str, filter: Filter) -> Stack {
         let app = App::start();
@@ -297,7 +288,7 @@ pub fn run(seconds: u64) -> Soak {
         let sample = |stacks: &[Arc<Stack>]| {
             for s in stacks {
                 if let Ok(mut r) = s.rss_kib.lock() {
-                    r.push((now_ms(), rss_kib(s.envoy.pid())));
+                    r.push((now_ms(), s.envoy.rss_kib()));
                 }
             }
         };
@@ -358,7 +349,7 @@ pub fn run(seconds: u64) -> Soak {
         drop(stacks);
         std::panic::resume_unwind(panic);
     }
-    let alive = stacks.iter().map(|s| rss_kib(s.envoy.pid()) > 0 && crate::admin_get(s.envoy.admin, "/ready").is_some()).collect();
+    let alive = stacks.iter().map(|s| s.envoy.rss_kib() > 0 && crate::admin_get(s.envoy.admin, "/ready").is_some()).collect();
     Soak { stacks, faults, seconds, alive }
 }
 

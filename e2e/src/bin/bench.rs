@@ -57,15 +57,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / ticks
 }
 
-fn rss_kib(pid: u32) -> f64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn micros(v: &str) -> f64 {
     let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
     let n: f64 = num.parse().unwrap_or(f64::NAN);
@@ -113,7 +104,7 @@ fn measure(envoy: &Envoy, conns: u32, seconds: u32) -> Sample {
         p50_us: micros(&field("50%")),
         p99_us: micros(&field("99%")),
         cpu_us_per_req: cpu * 1e6 / requests,
-        rss_kib: rss_kib(envoy.pid()),
+        rss_kib: envoy.rss_kib() as f64,
         requests,
     }
 }
