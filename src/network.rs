@@ -142,7 +142,7 @@ impl NetworkRole {
     }
 
     /// Same VM: the next head is marked; rewrite it, holding back pieces until it is whole.
-    fn rewrite_marked_head(&mut self, size: usize, nonce: &str, max_head: usize) {
+    fn rewrite_marked_head(&self, size: usize, nonce: &str, max_head: usize) {
         let Some(write) = host::get_buffer(BufferType::UpstreamData, size.min(max_head)) else {
             return;
         };
@@ -167,7 +167,7 @@ impl NetworkRole {
 
     /// Separate VMs: nobody says which writes carry a marked head, so any that starts one is
     /// read, and the head must come whole in that write.
-    fn rewrite_head(&mut self, size: usize, nonce: &str, max_head: usize) {
+    fn rewrite_head(&self, size: usize, nonce: &str, max_head: usize) {
         let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else {
             return;
         };
@@ -272,7 +272,7 @@ impl StreamContext for NetworkRole {
     }
 
     fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        let (Some(config), Some(nonce)) = (self.shared.active(), self.nonce.clone()) else {
+        let (Some(config), Some(nonce)) = (self.shared.active(), self.nonce.as_deref()) else {
             return Action::Continue;
         };
         let (marked, http_role_here) = {
@@ -282,9 +282,9 @@ impl StreamContext for NetworkRole {
             (c.head_pending, c.http_role_here)
         };
         if marked {
-            self.rewrite_marked_head(size, &nonce, config.max_head_bytes);
+            self.rewrite_marked_head(size, nonce, config.max_head_bytes);
         } else if !http_role_here && size >= 9 {
-            self.rewrite_head(size, &nonce, config.max_head_bytes);
+            self.rewrite_head(size, nonce, config.max_head_bytes);
         }
         Action::Continue
     }

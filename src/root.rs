@@ -182,16 +182,17 @@ impl RootContext for Root {
             }
         };
         self.shared = Rc::new(Shared { config, metrics });
-        if let Some(config) = self.shared.active().filter(|c| !c.drain.enabled) {
-            // No drain: the tick only flushes batched metrics.
-            host::set_tick(config.drain.tick_ms.max(METRICS_FLUSH_MS));
-        }
-        if self.shared.active().is_some() && self.role == Role::Network && pod::register_wake().is_none() {
-            warn!("close-relay: no wake queue; connections close on the next tick");
-        }
-        if let Some(config) = self.shared.active().filter(|c| c.drain.enabled) {
-            host::set_tick(config.drain.tick_ms);
-            pod::refresh(&self.shared.metrics);
+        if let Some(config) = self.shared.active() {
+            if self.role == Role::Network && pod::register_wake().is_none() {
+                warn!("close-relay: no wake queue; connections close on the next tick");
+            }
+            if config.drain.enabled {
+                host::set_tick(config.drain.tick_ms);
+                pod::refresh(&self.shared.metrics);
+            } else {
+                // No drain: the tick only flushes batched metrics.
+                host::set_tick(config.drain.tick_ms.max(METRICS_FLUSH_MS));
+            }
         }
         // Returning false would make Envoy reject the plugin; we fail open instead.
         true

@@ -187,46 +187,6 @@ mod tests {
         .into_bytes()
     }
 
-    /// Feeds `stream` in writes cut at `cuts` as the network role does; returns what the
-    /// client receives.
-    fn fed(stream: &[u8], cuts: &[usize], max_head: usize) -> Vec<u8> {
-        let mut carry = Vec::new();
-        let mut out = Vec::new();
-        let mut pending = true;
-        let mut at = 0;
-        for &end in cuts.iter().chain(std::iter::once(&stream.len())) {
-            let write = &stream[at..end.max(at)];
-            at = end.max(at);
-            if !pending {
-                out.extend_from_slice(write);
-                continue;
-            }
-            match feed_marked_head(&mut carry, write, NONCE, max_head) {
-                HeadStep::Hold => {}
-                HeadStep::Done { edit, .. } => {
-                    pending = false;
-                    out.extend_from_slice(&edit.map_or(write.to_vec(), |e| apply(write, &e)));
-                }
-            }
-        }
-        out.extend_from_slice(&carry);
-        out
-    }
-
-    #[test]
-    fn a_head_written_in_pieces_is_rewritten_whole() {
-        let stream = head(&format!("{MARKER}: {NONCE}\r\n"));
-        let (expected, _) = rewritten(&stream);
-        for cut in 0..stream.len() {
-            assert_eq!(fed(&stream, &[cut], 16384), expected, "cut at {cut}");
-        }
-        assert_eq!(fed(&stream, &[3, 20, 40, 41, 60], 16384), expected);
-        // Not a head, or past the limit: released untouched.
-        assert_eq!(fed(b"hello world", &[5], 16384), b"hello world");
-        let big = head(&format!("x-big: {}\r\n{MARKER}: {NONCE}\r\n", "a".repeat(100)));
-        assert_eq!(fed(&big, &[50], 64), big);
-    }
-
     fn rewritten(buf: &[u8]) -> (Vec<u8>, bool) {
         match rewrite_response_head(buf, NONCE, 16384) {
             HeadRewrite::Rewritten { edit, already_close } => (apply(buf, &edit), already_close),

@@ -102,6 +102,24 @@ fn fed(stream: &[u8], cuts: &[usize], max_head: usize) -> Vec<u8> {
     out
 }
 
+/// The cases worth naming, beside the generated ones below.
+#[test]
+fn a_head_written_in_pieces_is_rewritten_whole() {
+    let head = |extra: &str| {
+        format!("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n{extra}date: Tue\r\nserver: envoy\r\n\r\nhello").into_bytes()
+    };
+    let stream = head(&format!("{MARKER}: {NONCE}\r\n"));
+    let want = expected(&stream);
+    for cut in 0..stream.len() {
+        assert_eq!(fed(&stream, &[cut], 16384), want, "cut at {cut}");
+    }
+    assert_eq!(fed(&stream, &[3, 20, 40, 41, 60], 16384), want);
+    // Not a head, or past the limit: released untouched.
+    assert_eq!(fed(b"hello world", &[5], 16384), b"hello world");
+    let big = head(&format!("x-big: {}\r\n{MARKER}: {NONCE}\r\n", "a".repeat(100)));
+    assert_eq!(fed(&big, &[50], 64), big);
+}
+
 proptest! {
     #![proptest_config(config())]
 
