@@ -37,8 +37,9 @@ pub struct Config {
     pub drain: DrainConfig,
     /// How many bytes of a response head the network role inspects at most. Must exceed the
     /// largest head Envoy lets through (its HTTP/1 codec limit is 60 KiB by default), or the
-    /// marker of a larger head could not be rewritten.
-    pub max_head_bytes: usize,
+    /// marker of a larger head could not be rewritten. A `u64` like every number here, so a
+    /// value is range-checked as written, never after a cast to wasm32's 32-bit `usize`.
+    pub max_head_bytes: u64,
 }
 
 impl Default for Config {
@@ -71,13 +72,13 @@ pub struct DrainConfig {
     /// is reused, while closing it risks only a request crossing the close on the wire.
     pub app_idle_grace_ms: u64,
     /// Sidecar drain: Envoy's admin API (`/ready`, `/stats`) polled through a cluster.
-    pub sidecar: Poll,
+    pub sidecar: SidecarPoll,
     /// App shutdown: Envoy could not connect to the app, or the app reset connections.
     pub app_failure: AppFailure,
     /// App shutdown: many `Connection: close` answers in a short window. Off by default.
     pub app_closes: AppCloses,
     /// App shutdown: its readiness URL fails. Off by default (needs the app's cluster).
-    pub app_readiness: Poll,
+    pub app_readiness: ReadinessProbe,
 }
 
 impl Default for DrainConfig {
@@ -87,40 +88,80 @@ impl Default for DrainConfig {
             tick_ms: 100,
             idle_grace_ms: 250,
             app_idle_grace_ms: 0,
-            sidecar: Poll {
-                enabled: true,
-                cluster: "prometheus_stats".into(),
-                ..Poll::default()
-            },
+            sidecar: SidecarPoll::default(),
             app_failure: AppFailure::default(),
             app_closes: AppCloses::default(),
-            app_readiness: Poll { enabled: false, path: "/ready".into(), ..Poll::default() },
+            app_readiness: ReadinessProbe::default(),
         }
     }
 }
 
-/// An HTTP GET made every `interval_ms` through an Envoy cluster.
+/// The sidecar's own admin API (`/ready`, then `/stats`), polled every `interval_ms`. Its own
+/// type, with its own defaults: a config that sets only `interval_ms` keeps the poll on.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
-pub struct Poll {
+pub struct SidecarPoll {
     pub enabled: bool,
     pub cluster: String,
-    /// Only for `app_readiness`; the sidecar poll reads `/ready` and `/stats`.
+    pub authority: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl Default for SidecarPoll {
+    fn default() -> Self {
+        SidecarPoll {
+            enabled: true,
+            cluster: "prometheus_stats".into(),
+            authority: "localhost".into(),
+            interval_ms: 1000,
+            timeout_ms: 1000,
+        }
+    }
+}
+
+/// Where a poll goes: the cluster, the `:authority`, and how long to wait for the answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub timeout_ms: u64,
+}
+
+impl SidecarPoll {
+    pub fn target(&self) -> Target<'_> {
+        Target { cluster: &self.cluster, authority: &self.authority, timeout_ms: self.timeout_ms }
+    }
+}
+
+impl ReadinessProbe {
+    pub fn target(&self) -> Target<'_> {
+        Target { cluster: &self.cluster, authority: &self.authority, timeout_ms: self.timeout_ms }
+    }
+}
+
+/// The app's readiness URL, probed every `interval_ms` through a cluster the user names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadinessProbe {
+    pub enabled: bool,
+    pub cluster: String,
     pub path: String,
     pub authority: String,
     pub interval_ms: u64,
     pub timeout_ms: u64,
-    /// Consecutive failed probes before the source turns on (`app_readiness` only).
+    /// Consecutive failed probes before the source turns on.
     pub failures: u32,
 }
 
-impl Default for Poll {
+impl Default for ReadinessProbe {
     fn default() -> Self {
-        Poll {
+        ReadinessProbe {
             enabled: false,
             cluster: String::new(),
-            path: String::new(),
+            path: "/ready".into(),
             authority: "localhost".into(),
             interval_ms: 1000,
             timeout_ms: 1000,
@@ -162,7 +203,7 @@ impl Default for AppCloses {
     }
 }
 
-const MAX_HEAD_BYTES_RANGE: (usize, usize) = (1024, 8 * 1024 * 1024);
+const MAX_HEAD_BYTES_RANGE: (u64, u64) = (1024, 8 * 1024 * 1024);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -190,55 +231,62 @@ impl Config {
             field: None,
             message: format!("not valid JSON: {e}"),
         })?;
-        let object = value.as_object().ok_or_else(|| ConfigError {
-            field: None,
-            message: "must be a JSON object".into(),
-        })?;
-        let config = match Config::deserialize(&value) {
-            Ok(config) => config,
-            Err(e) => return Err(blame_field(object, e)),
-        };
+        if !value.is_object() {
+            return Err(ConfigError { field: None, message: "must be a JSON object".into() });
+        }
+        let config: Config = serde_path_to_error::deserialize(&value).map_err(path_error)?;
         config.validate()?;
         Ok(config)
     }
 
+    /// `max_head_bytes` as a length; validation keeps it far below 4 GiB, so it always fits.
+    pub fn max_head(&self) -> usize {
+        usize::try_from(self.max_head_bytes).unwrap_or(usize::MAX)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.drain;
-        let ms = |v: u64| v as usize;
         in_range("max_head_bytes", self.max_head_bytes, MAX_HEAD_BYTES_RANGE)?;
-        in_range("drain.tick_ms", ms(d.tick_ms), (10, 10_000))?;
-        in_range("drain.idle_grace_ms", ms(d.idle_grace_ms), (0, 600_000))?;
-        in_range("drain.app_idle_grace_ms", ms(d.app_idle_grace_ms), (0, 600_000))?;
-        in_range("drain.app_failure.hold_ms", ms(d.app_failure.hold_ms), (0, 3_600_000))?;
-        in_range("drain.app_closes.threshold", ms(d.app_closes.threshold), (1, 1_000_000))?;
-        in_range("drain.app_closes.window_ms", ms(d.app_closes.window_ms), (1, 3_600_000))?;
-        in_range("drain.app_closes.hold_ms", ms(d.app_closes.hold_ms), (0, 3_600_000))?;
-        for (name, poll) in [("drain.sidecar", &d.sidecar), ("drain.app_readiness", &d.app_readiness)] {
-            if !poll.enabled {
-                continue;
-            }
-            if poll.cluster.is_empty() {
+        in_range("drain.tick_ms", d.tick_ms, (10, 10_000))?;
+        in_range("drain.idle_grace_ms", d.idle_grace_ms, (0, 600_000))?;
+        in_range("drain.app_idle_grace_ms", d.app_idle_grace_ms, (0, 600_000))?;
+        in_range("drain.app_failure.hold_ms", d.app_failure.hold_ms, (0, 3_600_000))?;
+        in_range("drain.app_closes.threshold", d.app_closes.threshold, (1, 1_000_000))?;
+        in_range("drain.app_closes.window_ms", d.app_closes.window_ms, (1, 3_600_000))?;
+        in_range("drain.app_closes.hold_ms", d.app_closes.hold_ms, (0, 3_600_000))?;
+        let (sidecar, probe) = (&d.sidecar, &d.app_readiness);
+        if sidecar.enabled {
+            check_target("drain.sidecar", &sidecar.cluster, sidecar.interval_ms, sidecar.timeout_ms)?;
+        }
+        if probe.enabled {
+            check_target("drain.app_readiness", &probe.cluster, probe.interval_ms, probe.timeout_ms)?;
+            in_range("drain.app_readiness.failures", probe.failures, (1, 1000))?;
+            if !probe.path.starts_with('/') {
                 return Err(ConfigError {
-                    field: Some(format!("{name}.cluster")),
-                    message: "must name an Envoy cluster when enabled".into(),
+                    field: Some("drain.app_readiness.path".into()),
+                    message: format!("{:?} must start with /", probe.path),
                 });
             }
-            in_range(&format!("{name}.interval_ms"), ms(poll.interval_ms), (50, 3_600_000))?;
-            in_range(&format!("{name}.timeout_ms"), ms(poll.timeout_ms), (10, 60_000))?;
-            in_range(&format!("{name}.failures"), poll.failures as usize, (1, 1000))?;
-        }
-        if d.app_readiness.enabled && !d.app_readiness.path.starts_with('/') {
-            return Err(ConfigError {
-                field: Some("drain.app_readiness.path".into()),
-                message: format!("{:?} must start with /", d.app_readiness.path),
-            });
         }
         Ok(())
     }
 }
 
-fn in_range(field: &str, value: usize, (lo, hi): (usize, usize)) -> Result<(), ConfigError> {
-    if (lo..=hi).contains(&value) {
+/// What an enabled poll needs: a cluster to go through and sane timings.
+fn check_target(name: &str, cluster: &str, interval_ms: u64, timeout_ms: u64) -> Result<(), ConfigError> {
+    if cluster.is_empty() {
+        return Err(ConfigError {
+            field: Some(format!("{name}.cluster")),
+            message: "must name an Envoy cluster when enabled".into(),
+        });
+    }
+    in_range(&format!("{name}.interval_ms"), interval_ms, (50, 3_600_000))?;
+    in_range(&format!("{name}.timeout_ms"), timeout_ms, (10, 60_000))
+}
+
+/// Checked on the field's own type: no cast can turn an out-of-range value into one in range.
+fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, (lo, hi): (T, T)) -> Result<(), ConfigError> {
+    if lo <= value && value <= hi {
         return Ok(());
     }
     Err(ConfigError {
@@ -247,26 +295,13 @@ fn in_range(field: &str, value: usize, (lo, hi): (usize, usize)) -> Result<(), C
     })
 }
 
-/// serde's type errors say what was wrong but not where; deserializing each field on its own
-/// finds the one at fault so the log line can name it.
-fn blame_field(
-    object: &serde_json::Map<String, serde_json::Value>,
-    whole: serde_json::Error,
-) -> ConfigError {
-    for (key, value) in object {
-        let mut single = serde_json::Map::new();
-        single.insert(key.clone(), value.clone());
-        if let Err(e) = Config::deserialize(serde_json::Value::Object(single)) {
-            let message = e.to_string();
-            let message = if message.starts_with("unknown field") {
-                message
-            } else {
-                format!("{message} (got {value})")
-            };
-            return ConfigError { field: Some(key.clone()), message };
-        }
-    }
-    ConfigError { field: None, message: whole.to_string() }
+/// Names the field at fault by its dotted path (`drain.sidecar.interval_ms`), an unknown one
+/// too. A number too large for its field is refused here with its type (past 2^64 JSON
+/// parses it as a float).
+fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    let field = (path != ".").then_some(path);
+    ConfigError { field, message: e.into_inner().to_string() }
 }
 
 /// The role when the configuration does not say: a root id that mentions "network"
@@ -343,7 +378,7 @@ mod tests {
         assert_eq!(c.drain.sidecar.cluster, "prometheus_stats");
         assert!(c.drain.sidecar.enabled && c.drain.app_failure.enabled && !c.drain.app_closes.enabled);
         let e = Config::parse(br#"{"drain": {"sidecar": {"clustr": "x"}}}"#).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("drain"));
+        assert_eq!(e.field.as_deref(), Some("drain.sidecar.clustr"));
         assert!(e.message.contains("clustr"), "{e}");
         let e = Config::parse(br#"{"drain": {"app_readiness": {"enabled": true}}}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("drain.app_readiness.cluster"));
@@ -356,6 +391,28 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("drain.app_readiness.path"));
         // A disabled sidecar poll needs no cluster.
         assert!(Config::parse(br#"{"drain": {"sidecar": {"enabled": false, "cluster": ""}}}"#).is_ok());
+        // Setting one field of the sidecar poll keeps its other defaults, `enabled` first.
+        let c = Config::parse(br#"{"drain": {"sidecar": {"interval_ms": 500}}}"#).unwrap();
+        assert!(c.drain.sidecar.enabled && c.drain.sidecar.cluster == "prometheus_stats");
+        // Only the readiness probe has a path and counts failures.
+        let e = Config::parse(br#"{"drain": {"sidecar": {"failures": 2}}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.sidecar.failures"));
+    }
+
+    #[test]
+    fn numbers_past_32_and_64_bits_are_refused_as_written() {
+        // 2^32 + 100 would be 100 after a cast to wasm32's usize: it must fail as itself.
+        let e = Config::parse(br#"{"drain": {"idle_grace_ms": 4294967396}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.idle_grace_ms"));
+        assert!(e.message.contains("4294967396"), "{e}");
+        let e = Config::parse(br#"{"max_head_bytes": 4294968320}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("max_head_bytes"));
+        let e = Config::parse(br#"{"drain": {"app_readiness": {"failures": 4294967297}}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.app_readiness.failures"));
+        let e = Config::parse(br#"{"drain": {"tick_ms": 18446744073709551716}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.tick_ms"));
+        let e = Config::parse(br#"{"drain": {"app_closes": {"threshold": -1}}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.app_closes.threshold"));
     }
 
     #[test]

@@ -282,9 +282,9 @@ impl StreamContext for NetworkRole {
             (c.head_pending, c.http_role_here)
         };
         if marked {
-            self.rewrite_marked_head(size, nonce, config.max_head_bytes);
+            self.rewrite_marked_head(size, nonce, config.max_head());
         } else if !http_role_here && size >= 9 {
-            self.rewrite_head(size, nonce, config.max_head_bytes);
+            self.rewrite_head(size, nonce, config.max_head());
         }
         Action::Continue
     }

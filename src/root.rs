@@ -9,7 +9,7 @@ use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType};
 
-use crate::config::{self, Config, Poll, Role};
+use crate::config::{self, Config, Role, Target};
 use crate::drain::{self, DrainStats, Source, UNTIL_CLEARED};
 use crate::host::{self, Metrics};
 use crate::{http, network, pod, Shared};
@@ -61,8 +61,8 @@ fn claim(key: &str, interval_ms: u64) -> bool {
 }
 
 impl Root {
-    fn poll(&mut self, which: usize, poll: &Poll, path: &str, call: Call) {
-        match host::http_get(&poll.cluster, &poll.authority, path, poll.timeout_ms) {
+    fn poll(&mut self, which: usize, target: Target, path: &str, call: Call) {
+        match host::http_get(target.cluster, target.authority, path, target.timeout_ms) {
             Some(token) => {
                 self.calls.insert(token, call);
             }
@@ -71,7 +71,7 @@ impl Root {
                 warn!(
                     "close-relay: cannot reach cluster {:?} for {path}; that drain source is \
                      blind until it exists",
-                    poll.cluster
+                    target.cluster
                 );
             }
             None => {}
@@ -87,7 +87,7 @@ impl Root {
             pod::clear(Source::SidecarHealth, metrics);
         }
         let sidecar = config.drain.sidecar.clone();
-        self.poll(0, &sidecar, STATS_PATH, Call::Stats);
+        self.poll(0, sidecar.target(), STATS_PATH, Call::Stats);
     }
 
     fn on_stats(&mut self, status: u16, body: &[u8]) {
@@ -207,11 +207,11 @@ impl RootContext for Root {
         let drain = config.drain.clone();
         let draining = pod::refresh(&self.shared.metrics);
         if drain.sidecar.enabled && claim(SIDECAR_POLL_KEY, drain.sidecar.interval_ms) {
-            self.poll(0, &drain.sidecar, "/ready", Call::Ready);
+            self.poll(0, drain.sidecar.target(), "/ready", Call::Ready);
         }
         let readiness = &drain.app_readiness;
         if readiness.enabled && claim(READINESS_POLL_KEY, readiness.interval_ms) {
-            self.poll(1, readiness, &readiness.path, Call::Readiness);
+            self.poll(1, readiness.target(), &readiness.path, Call::Readiness);
         }
         self.sweep(draining);
     }

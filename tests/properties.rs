@@ -120,8 +120,82 @@ fn a_head_written_in_pieces_is_rewritten_whole() {
     assert_eq!(fed(&big, &[50], 64), big);
 }
 
+/// Every numeric option, where it sits, and the range the README documents for it. An oracle
+/// kept apart from `Config::validate` on purpose.
+const NUMERIC_OPTIONS: &[(&str, u128, u128)] = &[
+    ("max_head_bytes", 1024, 8 * 1024 * 1024),
+    ("drain.tick_ms", 10, 10_000),
+    ("drain.idle_grace_ms", 0, 600_000),
+    ("drain.app_idle_grace_ms", 0, 600_000),
+    ("drain.app_failure.hold_ms", 0, 3_600_000),
+    ("drain.app_closes.threshold", 1, 1_000_000),
+    ("drain.app_closes.window_ms", 1, 3_600_000),
+    ("drain.app_closes.hold_ms", 0, 3_600_000),
+    ("drain.sidecar.interval_ms", 50, 3_600_000),
+    ("drain.sidecar.timeout_ms", 10, 60_000),
+    ("drain.app_readiness.interval_ms", 50, 3_600_000),
+    ("drain.app_readiness.timeout_ms", 10, 60_000),
+    ("drain.app_readiness.failures", 1, 1000),
+];
+
+/// `{"drain": {"sidecar": {"interval_ms": <value>}}}` for `drain.sidecar.interval_ms`, with the
+/// readiness probe switched on so its numbers are checked. `value` is JSON text: it may be
+/// past 2^64, which no Rust integer holds.
+fn config_with(path: &str, value: &str) -> String {
+    const PLACEHOLDER: &str = "__value__";
+    let mut root = serde_json::json!({});
+    let mut at = &mut root;
+    let keys: Vec<&str> = path.split('.').collect();
+    for (i, key) in keys.iter().enumerate() {
+        if *key == "app_readiness" {
+            at[*key] = serde_json::json!({"enabled": true, "cluster": "app"});
+        }
+        if i + 1 == keys.len() {
+            at[*key] = serde_json::json!(PLACEHOLDER);
+        } else if at.get(*key).is_none() {
+            at[*key] = serde_json::json!({});
+        }
+        at = &mut at[*key];
+    }
+    root.to_string().replace(&format!("\"{PLACEHOLDER}\""), value)
+}
+
+/// Values near the edges of 32 and 64 bits, written as JSON integers: those that are the
+/// range's own values once truncated (2^32 + lo), and those just past.
+fn wide_number() -> impl Strategy<Value = u128> {
+    let two32 = 1u128 << 32;
+    let two64 = 1u128 << 64;
+    prop_oneof![
+        (0u128..4_000_000).prop_map(move |x| two32 + x),
+        (0u128..1000).prop_map(move |x| two32 - 1 - x),
+        (0u128..4_000_000).prop_map(move |x| two64 - 1 - x),
+        (0u128..4_000_000).prop_map(move |x| two64 + x),
+        (0u128..1000).prop_map(move |x| (two32 << 1) + x),
+        0u128..8_000_000,
+    ]
+}
+
 proptest! {
     #![proptest_config(config())]
+
+    /// Accepted exactly when the value, as written, is in the option's range; refused with that
+    /// option named otherwise. A cast to 32 bits anywhere between the JSON and the check
+    /// would accept 2^32 + lo.
+    #[test]
+    fn numeric_options_are_checked_as_written(
+        option in 0..NUMERIC_OPTIONS.len(),
+        value in wide_number(),
+    ) {
+        let (path, lo, hi) = NUMERIC_OPTIONS[option];
+        let raw = config_with(path, &value.to_string());
+        match Config::parse(raw.as_bytes()) {
+            Ok(_) => prop_assert!((lo..=hi).contains(&value), "{raw} accepted"),
+            Err(e) => {
+                prop_assert!(!(lo..=hi).contains(&value), "{raw} refused: {e}");
+                prop_assert_eq!(e.field.as_deref(), Some(path), "{}", e);
+            }
+        }
+    }
 
     #[test]
     fn config_never_panics_on_bytes(raw in prop::collection::vec(any::<u8>(), 0..512)) {

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 pub mod istio;
 pub mod oci;
+pub mod ports;
 pub mod rollout;
 pub mod soak;
 
@@ -72,10 +73,7 @@ pub fn fault_wasm_path() -> PathBuf {
     p
 }
 
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
+pub use ports::Port;
 
 /// A child process killed (by PID) and reaped on drop.
 pub struct Proc {
@@ -149,47 +147,55 @@ pub fn app_bin() -> PathBuf {
 
 pub struct App {
     pub port: u16,
+    args: Vec<String>,
     proc: Option<Proc>,
+    /// Held while the app lives and across restarts, so its port is never handed to another;
+    /// dropped after `proc` (fields drop in order), once the app is gone.
+    _lease: Port,
 }
 
 impl App {
     pub fn start() -> App {
-        App::start_on(free_port())
+        App::start_with(&[])
     }
 
     /// The app speaking HTTP/2 with prior knowledge (h2c).
     pub fn start_h2c() -> App {
-        App::spawn(free_port(), &["--h2c"])
+        App::start_with(&["--h2c"])
     }
 
-    pub fn start_on(port: u16) -> App {
-        App::spawn(port, &[])
+    /// The app with extra arguments (`--shutdown close-idle`, ...) on a port of its own.
+    pub fn start_with(extra: &[&str]) -> App {
+        App::start_on(Port::lease(), extra)
     }
 
-    fn spawn(port: u16, extra: &[&str]) -> App {
-        if connectable(port) {
-            panic!("127.0.0.1:{port} is already in use");
-        }
-        let proc = Proc::spawn(
+    pub fn start_on(lease: Port, extra: &[&str]) -> App {
+        let mut app = App {
+            port: lease.get(),
+            args: extra.iter().map(|a| a.to_string()).collect(),
+            proc: None,
+            _lease: lease,
+        };
+        app.launch();
+        app
+    }
+
+    fn launch(&mut self) {
+        let port = self.port;
+        self.proc = Some(Proc::spawn(
             "app",
             Command::new(app_bin())
                 .args(["--port", &port.to_string()])
-                .args(extra)
+                .args(&self.args)
                 .stderr(Stdio::null()),
-        );
+        ));
         wait_until("app to listen", Duration::from_secs(10), || connectable(port));
-        App { port, proc: Some(proc) }
     }
 
     /// Kills the app (SIGKILL): its port refuses connections from now on.
     pub fn kill(&mut self) {
         drop(self.proc.take());
         wait_until("app port to close", Duration::from_secs(5), || !connectable(self.port));
-    }
-
-    /// The app with extra arguments (`--shutdown close-idle`, ...) on a free port.
-    pub fn start_with(extra: &[&str]) -> App {
-        App::spawn(free_port(), extra)
     }
 
     /// Sends SIGTERM: the app shuts down gracefully in its `--shutdown` mode.
@@ -203,9 +209,10 @@ impl App {
         self.proc.as_mut().is_none_or(Proc::exited)
     }
 
-    /// Starts the app again on the same port.
+    /// Starts the app again on the same port, in the same mode (kills it first if it runs).
     pub fn restart(&mut self) {
-        *self = App::start_on(self.port);
+        drop(self.proc.take());
+        self.launch();
     }
 
     /// Makes the app's `/ready` answer 200 (`true`) or 503.
@@ -390,6 +397,7 @@ pub struct Envoy {
     pub admin: u16,
     pub dir: PathBuf,
     proc: Proc,
+    _leases: [Port; 2],
 }
 
 impl Envoy {
@@ -405,8 +413,8 @@ impl Envoy {
 
     fn start_with(name: &str, spec: &EnvoySpec, lds: bool) -> Envoy {
         let dir = scratch(name);
-        let (port, admin) = (free_port(), free_port());
-        let mut config = envoy_config(spec, port, admin);
+        let (port, admin) = (Port::lease(), Port::lease());
+        let mut config = envoy_config(spec, port.get(), admin.get());
         let mut args = vec!["--concurrency".to_string(), spec.concurrency.to_string()];
         args.extend(["--drain-strategy".to_string(), spec.drain_strategy.to_string()]);
         if lds {
@@ -434,11 +442,13 @@ impl Envoy {
 
     /// Starts Envoy on a config file that listens on `port` with its admin on `admin`, from
     /// the repository root (where the shipped configs expect to be run).
-    pub fn launch(dir: PathBuf, config: &Path, port: u16, admin: u16) -> Envoy {
+    pub fn launch(dir: PathBuf, config: &Path, port: Port, admin: Port) -> Envoy {
         Envoy::launch_with(dir, config, port, admin, &["--concurrency".into(), "2".into()])
     }
 
-    fn launch_with(dir: PathBuf, config: &Path, port: u16, admin: u16, args: &[String]) -> Envoy {
+    /// The leases are held as long as Envoy runs: nothing else is handed its ports.
+    fn launch_with(dir: PathBuf, config: &Path, port_lease: Port, admin_lease: Port, args: &[String]) -> Envoy {
+        let (port, admin) = (port_lease.get(), admin_lease.get());
         let log = dir.join("envoy.log");
         let mut proc = Proc::spawn(
             "envoy",
@@ -461,7 +471,7 @@ impl Envoy {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Envoy { port, admin, dir, proc }
+        Envoy { port, admin, dir, proc, _leases: [port_lease, admin_lease] }
     }
 
     pub fn log(&self) -> String {

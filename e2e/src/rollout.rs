@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::{free_port, scratch, App, Conn, Envoy, EnvoySpec, Filter, Proc};
+use crate::{scratch, App, Conn, Envoy, EnvoySpec, Filter, Port, Proc};
 
 /// How the app shuts down on SIGTERM (see `app --shutdown`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +220,7 @@ fn forward(client: TcpStream, upstream: TcpStream) {
 pub struct Nginx {
     pub port: u16,
     proc: Proc,
+    _lease: Port,
 }
 
 impl Nginx {
@@ -247,7 +248,8 @@ impl Nginx {
 
     /// One nginx process (no master) serving `http_block`, in which `{port}` is its port.
     fn launch(dir: &std::path::Path, http_block: &str) -> Nginx {
-        let port = free_port();
+        let lease = Port::lease();
+        let port = lease.get();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
              error_log {dir}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
@@ -276,7 +278,7 @@ impl Nginx {
             assert!(Instant::now() < deadline, "nginx did not start: {}", fs::read_to_string(dir.join("error.log")).unwrap_or_default());
             thread::sleep(Duration::from_millis(20));
         }
-        Nginx { port, proc }
+        Nginx { port, proc, _lease: lease }
     }
 
     pub fn pid(&self) -> u32 {

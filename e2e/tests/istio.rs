@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use close_relay::config::{Config, Role};
 use e2e::istio::{self, EXAMPLE_IMAGE};
-use e2e::{App, Envoy, EnvoySpec, Filter, Proc};
+use e2e::{App, Envoy, EnvoySpec, Filter, Port, Proc};
 use serde_json::{json, Value};
 
 const SOON: Duration = Duration::from_secs(3);
@@ -160,8 +160,6 @@ fn key_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
 fn plugin_configs_in_the_manifests_show_every_option_at_its_default() {
     let mut defaults = serde_json::to_value(Config::default()).unwrap();
     defaults.as_object_mut().unwrap().remove("role");
-    // Only app_readiness probes a path and counts failures; the sidecar poll reads /ready and /stats.
-    defaults["drain"]["sidecar"].as_object_mut().unwrap().retain(|k, _| k != "path" && k != "failures");
     let mut every = Vec::new();
     key_paths(&defaults, "", &mut every);
 
@@ -191,7 +189,7 @@ fn plugin_configs_in_the_manifests_show_every_option_at_its_default() {
 }
 
 /// The app, and Envoy on `bootstrap` (after `envoy --mode validate` accepted it).
-fn run_envoy(name: &str, bootstrap: &Value, dir: &Path, port: u16, admin: u16) -> Envoy {
+fn run_envoy(name: &str, bootstrap: &Value, dir: &Path, port: Port, admin: Port) -> Envoy {
     let config = dir.join("envoy.json");
     fs::write(&config, serde_json::to_string_pretty(bootstrap).unwrap()).unwrap();
     let (ok, out) = run(Command::new(e2e::envoy_bin()).arg("--mode").arg("validate").arg("-c").arg(&config));
@@ -220,8 +218,8 @@ fn assert_relays(envoy: &Envoy) {
 fn envoy_filter_patches_on_an_istio_inbound_listener_give_a_config_envoy_runs() {
     let app = App::start();
     let dir = e2e::scratch("istio-envoyfilter");
-    let (port, admin) = (e2e::free_port(), e2e::free_port());
-    let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port, admin);
+    let (port, admin) = (Port::lease(), Port::lease());
+    let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port.get(), admin.get());
     let filter = istio::read_docs(&root().join("envoyfilter/envoyfilter.yaml")).remove(0);
     istio::apply_envoy_filter(&mut bootstrap, &filter, &e2e::wasm_path(), &dir);
     let chain = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"];
@@ -240,11 +238,13 @@ fn envoy_filter_patches_on_an_istio_inbound_listener_give_a_config_envoy_runs() 
 struct Registry {
     addr: String,
     _proc: Proc,
+    _port: Port,
 }
 
 impl Registry {
     fn start(dir: &Path) -> Registry {
-        let addr = format!("127.0.0.1:{}", e2e::free_port());
+        let lease = Port::lease();
+        let addr = format!("127.0.0.1:{}", lease.get());
         let config = dir.join("registry.yml");
         fs::write(
             &config,
@@ -259,13 +259,13 @@ impl Registry {
             "docker-registry",
             Command::new("docker-registry").arg("serve").arg(&config).stdout(log.try_clone().unwrap()).stderr(log),
         );
-        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let port = lease.get();
         let deadline = Instant::now() + Duration::from_secs(10);
         while e2e::admin_get(port, "/v2/").is_none() {
             assert!(Instant::now() < deadline, "registry did not start: {}", fs::read_to_string(dir.join("registry.log")).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(50));
         }
-        Registry { addr, _proc: proc }
+        Registry { addr, _proc: proc, _port: lease }
     }
 }
 
@@ -320,8 +320,8 @@ fn image_pushed_to_a_registry_pulls_back_identical_and_runs_as_wasm_plugins() {
 
     // The rendered WasmPlugin pair, as istiod would configure them, with the pulled module.
     let app = App::start();
-    let (port, admin) = (e2e::free_port(), e2e::free_port());
-    let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port, admin);
+    let (port, admin) = (Port::lease(), Port::lease());
+    let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port.get(), admin.get());
     let plugins = istio::read_docs(&rendered[0]);
     assert!(plugins.iter().all(|p| p["spec"]["url"] == image.as_str()));
     istio::apply_wasm_plugins(&mut bootstrap, &plugins, &plugin_wasm, &dir);

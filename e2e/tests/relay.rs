@@ -269,6 +269,32 @@ fn bad_configuration_fails_open_with_a_clear_log() {
     say("bad config: both roles logged the field at fault and passed traffic through");
 }
 
+/// wasm32's `usize` is 32 bits: 2^32 + 100 ms cast to it would run as a 100 ms grace, and
+/// 2^32 + 2048 bytes as a 2 KiB head limit. In the real module both must be refused as written.
+#[test]
+fn numbers_past_32_bits_are_refused_as_written_in_the_real_module() {
+    let app = App::start();
+    let mut spec = EnvoySpec::new(Filter::SameVm, app.port);
+    spec.http_config = r#"{"drain": {"idle_grace_ms": 4294967396}}"#.into();
+    spec.network_config = r#"{"role": "network", "max_head_bytes": 4294969344}"#.into();
+    let mut envoy = Envoy::start("widenumbers", &spec);
+    let mut c = envoy.connect();
+    let r = c.get("/close");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "traffic must keep flowing");
+    assert_clean(&r, &envoy);
+    assert!(!r.says_close(), "a disabled filter relayed:\n{}", r.raw_head);
+    let http = "field `drain.idle_grace_ms`: 4294967396 is out of range 0..=600000";
+    let network = "field `max_head_bytes`: 4294969344 is out of range 1024..=8388608";
+    let log = envoy.wasm_log_with(&[http, network]);
+    assert!(log.contains(http) && log.contains(network), "no clear error naming the field:\n{log}");
+    // Each role on each of the 2 workers (and on the main thread, where Envoy checks it first).
+    let disabled = log.matches("role DISABLED, passing traffic through").count() as u64;
+    assert!(disabled >= 2 * 2, "{log}");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_config_errors_total"), disabled);
+    assert!(envoy.alive());
+    say("2^32 + 100 ms and 2^32 + 2 KiB refused as written in the .wasm, both roles failed open");
+}
+
 #[test]
 fn http_role_alone_passes_traffic_and_warns() {
     let (_app, envoy) = setup("httponly", Filter::HttpOnly);
@@ -318,10 +344,10 @@ fn shipped_local_envoy_yaml_validates_loads_both_roles_and_relays() {
     assert!(out.status.success() && text.contains("OK"), "{text}");
     // The same file, on free ports so it can run beside anything else.
     let app = App::start();
-    let (port, admin) = (e2e::free_port(), e2e::free_port());
+    let (port, admin) = (e2e::Port::lease(), e2e::Port::lease());
     let yaml = std::fs::read_to_string(e2e::repo_root().join("envoyfilter/local/envoy.yaml")).unwrap()
-        .replace("port_value: 10000", &format!("port_value: {port}"))
-        .replace("port_value: 9901", &format!("port_value: {admin}"))
+        .replace("port_value: 10000", &format!("port_value: {}", port.get()))
+        .replace("port_value: 9901", &format!("port_value: {}", admin.get()))
         .replace("port_value: 8080", &format!("port_value: {}", app.port));
     let dir = e2e::scratch("shipped-yaml");
     std::fs::write(dir.join("envoy.yaml"), yaml).unwrap();

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{scratch, App, Conn, Envoy, EnvoySpec, Filter};
+use e2e::{scratch, App, Conn, Envoy, EnvoySpec, Filter, Port};
 
 fn show(label: &str, port: u16, path: &str) {
     let mut c = Conn::open(port);
@@ -22,13 +22,13 @@ fn show(label: &str, port: u16, path: &str) {
 
 fn main() {
     println!("close-relay demo, Envoy {} ({})", e2e::envoy_version(), e2e::envoy_bin().display());
-    let app = App::start_on(8080);
+    let app = App::start_on(Port::fixed(8080), &[]);
     let plain = Envoy::start("demo-plain", &EnvoySpec::new(Filter::None, app.port));
     let relay = Envoy::launch(
         scratch("demo-relay"),
         &e2e::repo_root().join("envoyfilter/local/envoy.yaml"),
-        10000,
-        9901,
+        Port::fixed(10000),
+        Port::fixed(9901),
     );
     println!("app 127.0.0.1:8080 | plain sidecar 127.0.0.1:{} | close-relay sidecar 127.0.0.1:10000\n", plain.port);
     println!("The app is shutting down and answers `Connection: close` (/close):");
