@@ -4,7 +4,7 @@
 ENVOY_VERSIONS ?= 1.40.0 1.36.4
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
-E2E_TESTS      := --test relay --test drain --test rollout --test istio --test trap --test soak
+E2E_TESTS      := --test relay --test drain --test rollout --test istio --test trap --test host_errors --test soak
 VERSION        := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 OCI_DIR        ?= target/oci
 ISTIO_OUT      ?= target/istio

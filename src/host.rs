@@ -1,12 +1,18 @@
-//! Thin, fallible wrappers over the proxy-wasm host ABI, plus metrics and the nonce.
+//! The one seam between the filter and the proxy-wasm host: every host call the filter makes
+//! goes through this file, and none of them can panic.
 //!
-//! The SDK panics on statuses it does not expect from `set_buffer`, `set_property` and
-//! `close_downstream`; a panic in a filter traps the VM, so these three are declared here
-//! again and return errors instead.
+//! The SDK's `hostcalls` (and the `Context` methods built on them) panic on any status they do
+//! not expect, and a panic is a trap: under FAIL_OPEN that worker then runs without the filter
+//! until Envoy restarts. So the ABI functions are declared here again, raw, and every status but
+//! Ok comes back as a [`HostError`]. Clippy's `disallowed-methods` (`clippy.toml`) refuses the
+//! SDK's versions everywhere; the one exception, `dispatch_http_call`, is explained where it is.
+//!
+//! The fault-injection build (`make build-fault`) can make any one of these calls fail as the
+//! host would (`CLOSE_RELAY_HOST_FAULT=<abi name>` in the VM's environment), so the e2e tests show
+//! each failure handled.
 
-use proxy_wasm::hostcalls;
 use std::cell::Cell;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, Bytes, LogLevel, MapType, MetricType, StreamType};
 
@@ -20,93 +26,362 @@ pub const NONCE_PROPERTY: &str = "close_relay_nonce";
 #[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]
 extern "C" {
-    fn proxy_set_buffer_bytes(
-        buffer_type: u32,
-        start: usize,
-        size: usize,
-        data: *const u8,
-        data_size: usize,
-    ) -> u32;
-    fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, size: usize)
-        -> u32;
-    fn proxy_close_stream(stream_type: u32) -> u32;
+    fn proxy_log(level: u32, message: *const u8, size: usize) -> u32;
+    fn proxy_get_log_level(level: *mut u32) -> u32;
+    fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_buffer_bytes(buffer: u32, start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_set_buffer_bytes(buffer: u32, start: usize, size: usize, data: *const u8, data_size: usize) -> u32;
+    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
     fn proxy_get_header_map_value(
-        map_type: u32,
+        map: u32,
         key: *const u8,
         key_size: usize,
         value: *mut *mut u8,
         value_size: *mut usize,
     ) -> u32;
+    fn proxy_add_header_map_value(map: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize)
+        -> u32;
+    fn proxy_get_property(path: *const u8, path_size: usize, value: *mut *mut u8, value_size: *mut usize) -> u32;
+    fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, size: usize) -> u32;
+    fn proxy_get_shared_data(
+        key: *const u8,
+        key_size: usize,
+        value: *mut *mut u8,
+        value_size: *mut usize,
+        cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32;
+    fn proxy_register_shared_queue(name: *const u8, name_size: usize, token: *mut u32) -> u32;
+    fn proxy_enqueue_shared_queue(token: u32, value: *const u8, value_size: usize) -> u32;
+    fn proxy_dequeue_shared_queue(token: u32, value: *mut *mut u8, value_size: *mut usize) -> u32;
+    fn proxy_close_stream(stream: u32) -> u32;
+    fn proxy_set_effective_context(id: u32) -> u32;
+    fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
+    fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(id: u32, value: u64) -> u32;
 }
 
 /// A host status other than Ok, as its raw ABI number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostError(pub u32);
 
-fn status(raw: u32) -> Result<(), HostError> {
-    if raw == 0 {
-        Ok(())
-    } else {
-        Err(HostError(raw))
+impl HostError {
+    /// `NotFound`: an absent header, property or key; an answer, not a failure.
+    pub const NOT_FOUND: HostError = HostError(1);
+    /// `InternalFailure`: what a host answers when it cannot do the call at all.
+    pub const INTERNAL_FAILURE: HostError = HostError(10);
+}
+
+/// Every host call this module makes, by its ABI name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Log,
+    GetLogLevel,
+    GetCurrentTime,
+    SetTickPeriod,
+    GetBufferBytes,
+    SetBufferBytes,
+    GetHeaderMapPairs,
+    GetHeaderMapValue,
+    AddHeaderMapValue,
+    GetProperty,
+    SetProperty,
+    GetSharedData,
+    SetSharedData,
+    RegisterSharedQueue,
+    EnqueueSharedQueue,
+    DequeueSharedQueue,
+    CloseStream,
+    SetEffectiveContext,
+    HttpCall,
+    DefineMetric,
+    IncrementMetric,
+    RecordMetric,
+}
+
+impl Call {
+    pub const ALL: [Call; 22] = [
+        Call::Log,
+        Call::GetLogLevel,
+        Call::GetCurrentTime,
+        Call::SetTickPeriod,
+        Call::GetBufferBytes,
+        Call::SetBufferBytes,
+        Call::GetHeaderMapPairs,
+        Call::GetHeaderMapValue,
+        Call::AddHeaderMapValue,
+        Call::GetProperty,
+        Call::SetProperty,
+        Call::GetSharedData,
+        Call::SetSharedData,
+        Call::RegisterSharedQueue,
+        Call::EnqueueSharedQueue,
+        Call::DequeueSharedQueue,
+        Call::CloseStream,
+        Call::SetEffectiveContext,
+        Call::HttpCall,
+        Call::DefineMetric,
+        Call::IncrementMetric,
+        Call::RecordMetric,
+    ];
+
+    pub fn abi_name(self) -> &'static str {
+        match self {
+            Call::Log => "proxy_log",
+            Call::GetLogLevel => "proxy_get_log_level",
+            Call::GetCurrentTime => "proxy_get_current_time_nanoseconds",
+            Call::SetTickPeriod => "proxy_set_tick_period_milliseconds",
+            Call::GetBufferBytes => "proxy_get_buffer_bytes",
+            Call::SetBufferBytes => "proxy_set_buffer_bytes",
+            Call::GetHeaderMapPairs => "proxy_get_header_map_pairs",
+            Call::GetHeaderMapValue => "proxy_get_header_map_value",
+            Call::AddHeaderMapValue => "proxy_add_header_map_value",
+            Call::GetProperty => "proxy_get_property",
+            Call::SetProperty => "proxy_set_property",
+            Call::GetSharedData => "proxy_get_shared_data",
+            Call::SetSharedData => "proxy_set_shared_data",
+            Call::RegisterSharedQueue => "proxy_register_shared_queue",
+            Call::EnqueueSharedQueue => "proxy_enqueue_shared_queue",
+            Call::DequeueSharedQueue => "proxy_dequeue_shared_queue",
+            Call::CloseStream => "proxy_close_stream",
+            Call::SetEffectiveContext => "proxy_set_effective_context",
+            Call::HttpCall => "proxy_http_call",
+            Call::DefineMetric => "proxy_define_metric",
+            Call::IncrementMetric => "proxy_increment_metric",
+            Call::RecordMetric => "proxy_record_metric",
+        }
     }
+}
+
+/// Runs one raw host call, or, in the fault-injection build, fails it as the host would.
+fn invoke(call: Call, raw: impl FnOnce() -> u32) -> Result<(), HostError> {
+    #[cfg(feature = "fault-injection")]
+    if fault::fails(call) {
+        return Err(HostError::INTERNAL_FAILURE);
+    }
+    let _ = call;
+    match raw() {
+        0 => Ok(()),
+        status => Err(HostError(status)),
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+mod fault {
+    use super::Call;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// The call named by `CLOSE_RELAY_HOST_FAULT` (WASI environment, from the VM config),
+        /// read once per VM: `Some(None)` when there is none.
+        static FAILING: Cell<Option<Option<Call>>> = const { Cell::new(None) };
+    }
+
+    pub fn fails(call: Call) -> bool {
+        let failing = FAILING.get().unwrap_or_else(|| {
+            let named = std::env::var("CLOSE_RELAY_HOST_FAULT").ok();
+            let failing = Call::ALL.into_iter().find(|c| named.as_deref() == Some(c.abi_name()));
+            FAILING.set(Some(failing));
+            failing
+        });
+        failing == Some(call)
+    }
+}
+
+/// Takes ownership of bytes the host allocated in this VM (through the SDK's
+/// `proxy_on_memory_allocate` export) and handed back as `data`/`size`.
+fn owned(data: *mut u8, size: usize) -> Option<Bytes> {
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: the host allocated `size` bytes at `data` with this module's allocator and gave
+    // up ownership; nothing else holds the pointer.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
 /// Replaces the first `len` bytes of a connection buffer with `with`.
 pub fn replace_prefix(buffer: BufferType, len: usize, with: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointers and lengths come from live slices; the host copies before returning.
-    status(unsafe { proxy_set_buffer_bytes(buffer as u32, 0, len, with.as_ptr(), with.len()) })
+    invoke(Call::SetBufferBytes, || unsafe {
+        proxy_set_buffer_bytes(buffer as u32, 0, len, with.as_ptr(), with.len())
+    })
+}
+
+/// Up to `max` bytes from the start of a buffer; `None` when absent, empty or unreadable.
+pub fn get_buffer(buffer: BufferType, max: usize) -> Option<Bytes> {
+    let (mut data, mut size) = (std::ptr::null_mut(), 0);
+    // SAFETY: out-pointers to locals; the host writes them before returning.
+    invoke(Call::GetBufferBytes, || unsafe { proxy_get_buffer_bytes(buffer as u32, 0, max, &mut data, &mut size) })
+        .ok()?;
+    owned(data, size)
 }
 
 pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
     // SAFETY: as above; a single-segment path needs no separators.
-    status(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+    invoke(Call::SetProperty, || unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+/// A property by its path segments (`["request", "protocol"]`); `None` when absent or when the
+/// host cannot give it.
+pub fn get_property(path: &[&str]) -> Option<Bytes> {
+    let joined = property_path(path);
+    let (mut data, mut size) = (std::ptr::null_mut(), 0);
+    // SAFETY: as above.
+    invoke(Call::GetProperty, || unsafe { proxy_get_property(joined.as_ptr(), joined.len(), &mut data, &mut size) })
+        .ok()?;
+    owned(data, size)
+}
+
+/// The ABI's property path: the segments joined by NULs.
+fn property_path(path: &[&str]) -> Vec<u8> {
+    path.join("\0").into_bytes()
 }
 
 /// Closes the client connection of the effective context after flushing what was written.
 pub fn close_downstream() -> Result<(), HostError> {
-    // SAFETY: a plain integer argument (StreamType::Downstream).
-    status(unsafe { proxy_close_stream(StreamType::Downstream as u32) })
+    // SAFETY: a plain integer argument.
+    invoke(Call::CloseStream, || unsafe { proxy_close_stream(StreamType::Downstream as u32) })
 }
 
 pub fn set_effective_context(id: u32) -> Result<(), HostError> {
-    hostcalls::set_effective_context(id).map_err(|s| HostError(s as u32))
+    // SAFETY: a plain integer argument.
+    invoke(Call::SetEffectiveContext, || unsafe { proxy_set_effective_context(id) })
 }
 
-pub fn get_property(path: Vec<&str>) -> Option<Bytes> {
-    hostcalls::get_property(path).ok().flatten()
+/// A whole header map in one call (each call is a round trip between Envoy and the VM).
+pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>, HostError> {
+    let (mut data, mut size) = (std::ptr::null_mut(), 0);
+    // SAFETY: as above.
+    invoke(Call::GetHeaderMapPairs, || unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) })?;
+    Ok(owned(data, size).map(|bytes| decode_pairs(&bytes)).unwrap_or_default())
 }
 
-pub fn get_buffer(buffer: BufferType, max: usize) -> Option<Bytes> {
-    hostcalls::get_buffer(buffer, 0, max).ok().flatten()
+/// The ABI's serialized map: a count, then each key's and value's length, then each key and
+/// value followed by a NUL. Garbage gives the pairs that were whole, never a panic; names and
+/// values that are not UTF-8 are taken lossily.
+pub fn decode_pairs(bytes: &[u8]) -> Vec<(String, String)> {
+    let word = |at: usize| -> Option<usize> {
+        let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(raw)).ok()
+    };
+    let Some(count) = word(0) else { return Vec::new() };
+    let mut pairs = Vec::new();
+    let Some(mut at) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else { return pairs };
+    let mut take = |len: usize| -> Option<String> {
+        let field = bytes.get(at..at.checked_add(len)?)?;
+        at = at.checked_add(len)?.checked_add(1)?;
+        Some(String::from_utf8_lossy(field).into_owned())
+    };
+    for i in 0..count {
+        let (Some(key_len), Some(value_len)) = (word(4 + i * 8), word(8 + i * 8)) else { break };
+        let (Some(key), Some(value)) = (take(key_len), take(value_len)) else { break };
+        pairs.push((key, value));
+    }
+    pairs
+}
+
+/// The ABI's serialized map, for HTTP calls' headers.
+pub fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = Vec::new();
+    out.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_le_bytes());
+    for (k, v) in pairs {
+        out.extend_from_slice(&len(k));
+        out.extend_from_slice(&len(v));
+    }
+    for (k, v) in pairs {
+        for s in [k, v] {
+            out.extend_from_slice(s.as_bytes());
+            out.push(0);
+        }
+    }
+    out
+}
+
+pub fn add_header(map: MapType, name: &str, value: &str) -> Result<(), HostError> {
+    // SAFETY: as above.
+    invoke(Call::AddHeaderMapValue, || unsafe {
+        proxy_add_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
 }
 
 /// One header's value; `None` when absent or when the map is not readable in this phase
 /// (Envoy refuses request headers once the response is being encoded, for example).
 pub fn header(map: MapType, name: &str) -> Option<String> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the host allocates `data` through our `proxy_on_memory_allocate` export and
-    // hands its ownership to us; `Vec::from_raw_parts` takes it back with the same length.
-    unsafe {
-        let raw = proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size);
-        if raw == 1 {
-            return None; // NotFound: the header is absent.
+    let (mut data, mut size) = (std::ptr::null_mut(), 0);
+    // SAFETY: as above.
+    let read = invoke(Call::GetHeaderMapValue, || unsafe {
+        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
+    });
+    match read {
+        Ok(()) => Some(owned(data, size).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default()),
+        Err(HostError::NOT_FOUND) => None,
+        Err(e) => {
+            log::debug!("header {name:?} of map {map:?} not readable: {e:?}");
+            None
         }
-        if raw != 0 {
-            log::debug!("header {name:?} of map {map:?} not readable: status {raw}");
-            return None;
-        }
-        if data.is_null() {
-            return Some(String::new());
-        }
-        String::from_utf8(Vec::from_raw_parts(data, size, size)).ok()
     }
+}
+
+/// Logs through the host. Installed once per VM by [`init_logging`]; a failed log call is
+/// dropped, never a panic.
+struct HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Trace => LogLevel::Trace,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Error => LogLevel::Error,
+        };
+        host_log(level, &record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
+fn host_log(level: LogLevel, message: &str) {
+    // SAFETY: pointer and length of a live string; the host copies it.
+    let _ = invoke(Call::Log, || unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) });
+}
+
+static LOGGER: HostLogger = HostLogger;
+
+/// Routes `log` to the host and a panic's message to its log (the SDK's own logger unwraps the
+/// log call's status). Once per VM, at start.
+pub fn init_logging() {
+    if log::set_logger(&LOGGER).is_ok() {
+        std::panic::set_hook(Box::new(|info| host_log(LogLevel::Critical, &info.to_string())));
+    }
+    log::set_max_level(log::LevelFilter::Info);
 }
 
 /// Makes `log` calls below the host's level free: they are filtered before formatting.
 pub fn follow_host_log_level() {
-    let level = hostcalls::get_log_level().unwrap_or(LogLevel::Info);
-    proxy_wasm::set_log_level(level);
+    let mut raw = LogLevel::Info as u32;
+    // SAFETY: out-pointer to a local.
+    if invoke(Call::GetLogLevel, || unsafe { proxy_get_log_level(&mut raw) }).is_err() {
+        return;
+    }
+    let filter = match raw {
+        0 => log::LevelFilter::Trace,
+        1 => log::LevelFilter::Debug,
+        2 => log::LevelFilter::Info,
+        3 => log::LevelFilter::Warn,
+        4 => log::LevelFilter::Error,
+        _ => log::LevelFilter::Off,
+    };
+    log::set_max_level(filter);
 }
 
 /// A hard-to-guess 64-bit value as 16 hex digits. `RandomState` is seeded from WASI
@@ -114,12 +389,17 @@ pub fn follow_host_log_level() {
 pub fn nonce() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    if let Ok(now) = hostcalls::get_current_time() {
-        if let Ok(since) = now.duration_since(std::time::UNIX_EPOCH) {
-            hasher.write_u128(since.as_nanos());
-        }
-    }
+    hasher.write_u64(now_ns());
     format!("{:016x}", hasher.finish())
+}
+
+fn now_ns() -> u64 {
+    let mut ns = 0u64;
+    // SAFETY: out-pointer to a local.
+    match invoke(Call::GetCurrentTime, || unsafe { proxy_get_current_time_nanoseconds(&mut ns) }) {
+        Ok(()) => ns,
+        Err(_) => 0,
+    }
 }
 
 thread_local! {
@@ -130,10 +410,7 @@ thread_local! {
 
 /// The host's clock in ms since the epoch; also refreshes [`coarse_now`].
 pub fn now_ms() -> u64 {
-    let now = hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = now_ns() / 1_000_000;
     COARSE_NOW.set(now);
     now
 }
@@ -143,15 +420,30 @@ pub fn coarse_now() -> u64 {
 }
 
 pub fn set_tick(period_ms: u64) {
-    let _ = hostcalls::set_tick_period(Duration::from_millis(period_ms));
+    let period = u32::try_from(period_ms).unwrap_or(u32::MAX);
+    // SAFETY: a plain integer argument.
+    let _ = invoke(Call::SetTickPeriod, || unsafe { proxy_set_tick_period_milliseconds(period) });
 }
 
 /// Shared data (one store per `vm_id`, seen by every worker and both roles): value and CAS.
+/// An absent key, or one the host cannot read, is empty.
 pub fn shared_get(key: &str) -> (Vec<u8>, Option<u32>) {
-    match hostcalls::get_shared_data(key) {
-        Ok((value, cas)) => (value.unwrap_or_default(), cas),
+    let (mut data, mut size, mut cas) = (std::ptr::null_mut(), 0, 0u32);
+    // SAFETY: out-pointers to locals.
+    let read = invoke(Call::GetSharedData, || unsafe {
+        proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+    });
+    match read {
+        Ok(()) => (owned(data, size).unwrap_or_default(), (cas != 0).then_some(cas)),
         Err(_) => (Vec::new(), None),
     }
+}
+
+fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+    // SAFETY: pointers and lengths of live slices; the host copies them.
+    invoke(Call::SetSharedData, || unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0))
+    })
 }
 
 /// Read-modify-write of one shared key with CAS retries; `f` returns what to store, or
@@ -160,7 +452,7 @@ pub fn shared_update<T>(key: &str, mut f: impl FnMut(&[u8]) -> Option<(Vec<u8>, 
     for _ in 0..8 {
         let (current, cas) = shared_get(key);
         let (next, out) = f(&current)?;
-        match hostcalls::set_shared_data(key, Some(&next), cas) {
+        match shared_set(key, &next, cas) {
             Ok(()) => return Some(out),
             Err(_) => continue, // CAS mismatch: another worker wrote first; read again.
         }
@@ -169,18 +461,28 @@ pub fn shared_update<T>(key: &str, mut f: impl FnMut(&[u8]) -> Option<(Vec<u8>, 
 }
 
 pub fn register_queue(name: &str) -> Option<u32> {
-    hostcalls::register_shared_queue(name).ok()
+    let mut token = 0u32;
+    // SAFETY: out-pointer to a local.
+    invoke(Call::RegisterSharedQueue, || unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut token) })
+        .ok()?;
+    Some(token)
 }
 
-pub fn enqueue(token: u32) {
-    let _ = hostcalls::enqueue_shared_queue(token, Some(b"drain"));
+pub fn enqueue(token: u32) -> Result<(), HostError> {
+    const ITEM: &[u8] = b"drain";
+    // SAFETY: pointer and length of a static slice.
+    invoke(Call::EnqueueSharedQueue, || unsafe { proxy_enqueue_shared_queue(token, ITEM.as_ptr(), ITEM.len()) })
 }
 
 /// Empties a shared queue (its items only say "look now").
 pub fn drain_queue(token: u32) {
     for _ in 0..1024 {
-        if !matches!(hostcalls::dequeue_shared_queue(token), Ok(Some(_))) {
-            break;
+        let (mut data, mut size) = (std::ptr::null_mut(), 0);
+        // SAFETY: out-pointers to locals.
+        let item = invoke(Call::DequeueSharedQueue, || unsafe { proxy_dequeue_shared_queue(token, &mut data, &mut size) });
+        drop(owned(data, size));
+        if item.is_err() {
+            break; // Empty (7), or the queue is gone
         }
     }
 }
@@ -188,21 +490,36 @@ pub fn drain_queue(token: u32) {
 /// GET `path` through Envoy `cluster`; the answer arrives in the root's
 /// `on_http_call_response` under the returned token.
 pub fn http_get(cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32> {
+    invoke(Call::HttpCall, || 0).ok()?;
     let headers = vec![(":method", "GET"), (":path", path), (":authority", authority)];
-    hostcalls::dispatch_http_call(cluster, headers, None, vec![], Duration::from_millis(timeout_ms))
-        .map_err(|e| log::debug!("dispatch to cluster {cluster:?} failed: {e:?}"))
-        .ok()
+    // The SDK's own call, the one exception to the seam: its dispatcher routes the answer by
+    // the token this call registers, and panics on a token it does not know, so a raw
+    // `proxy_http_call` cannot be used. It panics only on a status other than Ok, BadArgument
+    // and InternalFailure, and those are the only ones Envoy's httpCall returns.
+    #[allow(clippy::disallowed_methods)]
+    let dispatched = proxy_wasm::hostcalls::dispatch_http_call(
+        cluster,
+        headers,
+        None,
+        vec![],
+        Duration::from_millis(timeout_ms),
+    );
+    dispatched.map_err(|e| log::debug!("dispatch to cluster {cluster:?} failed: {e:?}")).ok()
 }
 
 /// Status and body of the HTTP call answer being delivered; status 0 when it failed.
 pub fn http_call_response(body_size: usize) -> (u16, Vec<u8>) {
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = header(MapType::HttpCallResponseHeaders, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = get_buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
     (status, body)
+}
+
+fn define_metric(kind: MetricType, name: &str) -> Option<u32> {
+    let mut id = 0u32;
+    // SAFETY: out-pointer to a local; name is a live string.
+    invoke(Call::DefineMetric, || unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) })
+        .ok()?;
+    Some(id)
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -210,7 +527,7 @@ pub struct Counter(Option<u32>);
 
 impl Counter {
     fn define(name: &str) -> Counter {
-        Counter(hostcalls::define_metric(MetricType::Counter, name).ok())
+        Counter(define_metric(MetricType::Counter, name))
     }
 
     pub fn inc(self) {
@@ -219,7 +536,8 @@ impl Counter {
 
     pub fn add(self, n: u64) {
         if let (Some(id), Ok(n)) = (self.0, i64::try_from(n)) {
-            let _ = hostcalls::increment_metric(id, n);
+            // SAFETY: plain integer arguments.
+            let _ = invoke(Call::IncrementMetric, || unsafe { proxy_increment_metric(id, n) });
         }
     }
 }
@@ -238,12 +556,13 @@ pub struct Gauge(Option<u32>);
 
 impl Gauge {
     fn define(name: &str) -> Gauge {
-        Gauge(hostcalls::define_metric(MetricType::Gauge, name).ok())
+        Gauge(define_metric(MetricType::Gauge, name))
     }
 
     pub fn set(self, value: u64) {
         if let Some(id) = self.0 {
-            let _ = hostcalls::record_metric(id, value);
+            // SAFETY: plain integer arguments.
+            let _ = invoke(Call::RecordMetric, || unsafe { proxy_record_metric(id, value) });
         }
     }
 }
@@ -313,5 +632,39 @@ impl Metrics {
     pub fn skipped(&self, reason: SkipReason) -> Counter {
         let i = SkipReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         self.skipped[i]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_round_trip_and_garbage_never_panics() {
+        let pairs = [(":status", "200"), ("connection", "close"), ("", "")];
+        let decoded = decode_pairs(&encode_pairs(&pairs));
+        let expected: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(decoded, expected);
+        assert!(decode_pairs(&[]).is_empty());
+        assert!(decode_pairs(&[0xff, 0xff, 0xff, 0xff]).is_empty());
+        let whole = encode_pairs(&pairs);
+        for cut in 0..whole.len() {
+            let some = decode_pairs(&whole[..cut]);
+            assert!(some.len() < pairs.len() || cut + 1 >= whole.len(), "cut {cut}: {some:?}");
+        }
+    }
+
+    #[test]
+    fn property_paths_join_segments_with_nul() {
+        assert_eq!(property_path(&["request", "protocol"]), b"request\0protocol");
+        assert_eq!(property_path(&[NONCE_PROPERTY]), b"close_relay_nonce");
+    }
+
+    #[test]
+    fn abi_names_are_distinct() {
+        let mut names: Vec<_> = Call::ALL.iter().map(|c| c.abi_name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Call::ALL.len());
     }
 }

@@ -7,7 +7,6 @@
 use std::rc::Rc;
 
 use log::{debug, warn};
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
@@ -41,7 +40,7 @@ impl HttpRole {
 
     fn nonce(&mut self) -> Option<String> {
         if self.nonce.is_none() {
-            let raw = host::get_property(vec![host::NONCE_PROPERTY])?;
+            let raw = host::get_property(&[host::NONCE_PROPERTY])?;
             self.nonce = Some(String::from_utf8_lossy(&raw).into_owned());
         }
         self.nonce.clone()
@@ -84,7 +83,7 @@ impl HttpRole {
 /// round trip between Envoy and the VM (measured with `make bench`).
 fn request_facts_on_request() -> RequestFacts {
     let mut facts = RequestFacts::default();
-    for (name, value) in hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default() {
+    for (name, value) in host::header_pairs(MapType::HttpRequestHeaders).unwrap_or_default() {
         match name.as_str() {
             ":method" => facts.method = value,
             "upgrade" => facts.upgrade = Some(value),
@@ -96,12 +95,12 @@ fn request_facts_on_request() -> RequestFacts {
 }
 
 fn downstream_protocol() -> String {
-    let protocol = host::get_property(vec!["request", "protocol"]).unwrap_or_default();
+    let protocol = host::get_property(&["request", "protocol"]).unwrap_or_default();
     String::from_utf8_lossy(&protocol).into_owned()
 }
 
 fn response_flags() -> u64 {
-    let raw = host::get_property(vec!["response", "flags"]).unwrap_or_default();
+    let raw = host::get_property(&["response", "flags"]).unwrap_or_default();
     let mut word = [0u8; 8];
     for (slot, byte) in word.iter_mut().zip(raw) {
         *slot = byte;
@@ -126,8 +125,8 @@ fn response_facts(headers: &[(String, String)]) -> ResponseFacts<'_> {
 
 /// Per VM: whether an unframed response really ends the app's connection (see the learner).
 fn unframed_ends_connection() -> bool {
-    let host = host::get_property(vec!["upstream", "address"]);
-    let local = host::get_property(vec!["upstream", "local_address"]);
+    let host = host::get_property(&["upstream", "address"]);
+    let local = host::get_property(&["upstream", "local_address"]);
     let (Some(host), Some(local)) = (host, local) else {
         // No upstream connection (a local reply): nothing to learn, and nothing to relay.
         return false;
@@ -181,7 +180,7 @@ impl HttpContext for HttpRole {
         };
         let metrics = shared.metrics;
         metrics.count_response();
-        let Ok(headers) = hostcalls::get_map(MapType::HttpResponseHeaders) else {
+        let Ok(headers) = host::header_pairs(MapType::HttpResponseHeaders) else {
             return Action::Continue;
         };
         let facts = response_facts(&headers);
@@ -226,7 +225,8 @@ impl HttpContext for HttpRole {
             }
             return Action::Continue;
         };
-        if hostcalls::add_map_value(MapType::HttpResponseHeaders, wire::MARKER, &nonce).is_err() {
+        if let Err(e) = host::add_header(MapType::HttpResponseHeaders, wire::MARKER, &nonce) {
+            warn!("close-relay: cannot mark the response, not relayed: {e:?}");
             return Action::Continue;
         }
         if self.conn.is_none() {

@@ -115,7 +115,7 @@ pub fn register_wake() -> Option<u32> {
 
 /// Wakes this VM's network root on the next dispatcher turn; false without a wake queue.
 pub fn wake_self() -> bool {
-    OWN_WAKE.get().map(host::enqueue).is_some()
+    OWN_WAKE.get().is_some_and(|token| host::enqueue(token).is_ok())
 }
 
 fn wake_all() {
@@ -123,6 +123,8 @@ fn wake_all() {
     for chunk in tokens.chunks_exact(8) {
         let [token] = drain::decode_u64s::<1>(chunk);
         // A token of a VM that is gone fails; nothing to do about it.
-        host::enqueue(token as u32);
+        if let Ok(token) = u32::try_from(token) {
+            let _ = host::enqueue(token);
+        }
     }
 }

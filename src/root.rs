@@ -162,7 +162,7 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         host::follow_host_log_level();
         let raw = host::get_buffer(BufferType::PluginConfiguration, usize::MAX).unwrap_or_default();
-        let root_id = host::get_property(vec!["plugin_root_id"]).unwrap_or_default();
+        let root_id = host::get_property(&["plugin_root_id"]).unwrap_or_default();
         let root_id = String::from_utf8_lossy(&root_id);
         self.role = config::role_hint(&raw).unwrap_or_else(|| config::role_from_root_id(&root_id));
         let metrics = Metrics::define();

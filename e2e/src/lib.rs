@@ -266,6 +266,8 @@ pub struct EnvoySpec {
     pub wasm: PathBuf,
     /// What Envoy does when the module traps: FAIL_OPEN (ours), FAIL_CLOSED, FAIL_RELOAD.
     pub failure_policy: &'static str,
+    /// The VMs' environment (`vm_config.environment_variables`), as istiod sets it.
+    pub vm_env: Vec<(String, String)>,
 }
 
 impl EnvoySpec {
@@ -281,11 +283,21 @@ impl EnvoySpec {
             drain_type: "DEFAULT",
             wasm: wasm_path(),
             failure_policy: "FAIL_OPEN",
+            vm_env: Vec::new(),
         }
     }
 }
 
 fn wasm_filter(spec: &EnvoySpec, kind: &str, root_id: &str, vm_id: &str, config: &str) -> Value {
+    let mut vm_config = json!({
+        "vm_id": vm_id,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": spec.wasm}}
+    });
+    if !spec.vm_env.is_empty() {
+        let values: serde_json::Map<String, Value> = spec.vm_env.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        vm_config["environment_variables"] = json!({"key_values": values});
+    }
     json!({
         "name": format!("close_relay.{kind}"),
         "typed_config": {
@@ -298,11 +310,7 @@ fn wasm_filter(spec: &EnvoySpec, kind: &str, root_id: &str, vm_id: &str, config:
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": config
                 },
-                "vm_config": {
-                    "vm_id": vm_id,
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": spec.wasm}}
-                }
+                "vm_config": vm_config
             }
         }
     })

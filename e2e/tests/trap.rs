@@ -25,6 +25,11 @@ fn get(envoy: &Envoy, path: &str) -> String {
 }
 
 struct Seen {
+    /// Envoy's own signs of the trap: its log line, `server.envoy_bug_failures`, and the
+    /// `wasm.<plugin>.vm_reload_*` counters.
+    trap_log: Option<String>,
+    envoy_bugs: u64,
+    reload_stats: Vec<String>,
     trapping: String,
     right_after: Vec<String>,
     relays_after: String,
@@ -46,7 +51,27 @@ fn trap(role: &str, policy: &'static str) -> Seen {
     std::thread::sleep(Duration::from_millis(1500)); // FAIL_RELOAD's default backoff is 1 s
     let a_second_later = (0..3).map(|_| get(&envoy, "/keep")).collect();
     let relays_a_second_later = get(&envoy, "/close");
-    let seen = Seen { trapping, right_after, relays_after, a_second_later, relays_a_second_later };
+    let log = envoy.wasm_log_with(&["Function: proxy_on_"]);
+    let trap_log = log
+        .lines()
+        .find(|l| l.contains("Function: proxy_on_") && l.contains("failed"))
+        .and_then(|l| l.split("] ").last())
+        .map(str::to_owned);
+    let envoy_bugs = envoy.counter("server.envoy_bug_failures");
+    let reload_stats: Vec<String> = e2e::admin_get(envoy.admin, "/stats?filter=vm_reload")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.ends_with(": 0"))
+        .map(str::to_owned)
+        .collect();
+    let seen = Seen { trap_log, envoy_bugs, reload_stats, trapping, right_after, relays_after, a_second_later, relays_a_second_later };
+    eprintln!(
+        "[envoy {}] {role} role traps, {policy}: log {:?}; server.envoy_bug_failures {}; {:?}",
+        e2e::envoy_version(),
+        seen.trap_log,
+        seen.envoy_bugs,
+        seen.reload_stats
+    );
     eprintln!(
         "[envoy {}] {role} role traps, {policy}: trapping request -> {}; next requests -> {:?}, /close -> {}; \
          1.5 s later -> {:?}, /close -> {}",
@@ -64,9 +89,22 @@ fn all_ok(v: &[String]) -> bool {
     v.iter().all(|s| s == "200")
 }
 
+/// What the README's "Verify" step and the shipped alerts rely on, under every policy: Envoy
+/// logs the failed callback at error level, and counts the trapping connection's close as an
+/// Envoy bug (its HCM finds no close reason). FAIL_RELOAD also counts its reload backoffs.
+fn assert_visible(s: &Seen, role: &str, policy: &str) {
+    let callback = if role == "http" { "proxy_on_request_headers" } else { "proxy_on_downstream_data" };
+    let line = s.trap_log.as_deref().unwrap_or_default();
+    assert!(line.starts_with(&format!("Function: {callback} failed: Uncaught RuntimeError")), "{role} {policy}: {line:?}");
+    assert!(s.envoy_bugs >= 1, "{role} {policy}: server.envoy_bug_failures did not move");
+    let reloading = s.reload_stats.iter().any(|l| l.contains("vm_reload_backoff"));
+    assert_eq!(reloading, policy == "FAIL_RELOAD", "{role} {policy}: {:?}", s.reload_stats);
+}
+
 #[test]
 fn http_role_trap_fail_open_keeps_traffic_flowing() {
     let s = trap("http", "FAIL_OPEN");
+    assert_visible(&s, "http", "FAIL_OPEN");
     assert!(all_ok(&s.right_after) && all_ok(&s.a_second_later), "traffic stopped after the trap");
     // The price: the module stays failed on that worker; closes are no longer relayed.
     assert_eq!(s.relays_a_second_later, "200");
@@ -75,6 +113,7 @@ fn http_role_trap_fail_open_keeps_traffic_flowing() {
 #[test]
 fn network_role_trap_fail_open_keeps_traffic_flowing() {
     let s = trap("network", "FAIL_OPEN");
+    assert_visible(&s, "network", "FAIL_OPEN");
     assert!(all_ok(&s.right_after) && all_ok(&s.a_second_later), "traffic stopped after the trap");
     assert_eq!(s.relays_a_second_later, "200");
 }
@@ -82,24 +121,28 @@ fn network_role_trap_fail_open_keeps_traffic_flowing() {
 #[test]
 fn http_role_trap_fail_closed_stops_traffic() {
     let s = trap("http", "FAIL_CLOSED");
+    assert_visible(&s, "http", "FAIL_CLOSED");
     assert!(!all_ok(&s.right_after), "FAIL_CLOSED let traffic through: {:?}", s.right_after);
 }
 
 #[test]
 fn network_role_trap_fail_closed_stops_traffic() {
     let s = trap("network", "FAIL_CLOSED");
+    assert_visible(&s, "network", "FAIL_CLOSED");
     assert!(!all_ok(&s.right_after), "FAIL_CLOSED let traffic through: {:?}", s.right_after);
 }
 
 #[test]
 fn http_role_trap_fail_reload_comes_back() {
     let s = trap("http", "FAIL_RELOAD");
+    assert_visible(&s, "http", "FAIL_RELOAD");
     assert!(all_ok(&s.a_second_later) && s.relays_a_second_later == "200 + close", "not reloaded");
 }
 
 #[test]
 fn network_role_trap_fail_reload_comes_back() {
     let s = trap("network", "FAIL_RELOAD");
+    assert_visible(&s, "network", "FAIL_RELOAD");
     assert!(all_ok(&s.a_second_later) && s.relays_a_second_later == "200 + close", "not reloaded");
 }
 
