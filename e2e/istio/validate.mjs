@@ -1,5 +1,6 @@
 // Validates Kubernetes manifests against Istio's own CRD schemas (Istio 1.29's crd-all.gen.yaml,
-// compiled by @kubernetes-models/istio) and Kubernetes' OpenAPI schemas (kubernetes-models):
+// compiled by @kubernetes-models/istio), the Prometheus Operator's (PrometheusRule, from
+// @kubernetes-models/prometheus-operator) and Kubernetes' OpenAPI schemas (kubernetes-models):
 // types, enums, required fields and formats. The schemas let unknown fields through (the API
 // server would prune them, or refuse them under kubectl's default strict field validation),
 // so unknown fields are found separately, from the same packages' generated type declarations.
@@ -11,12 +12,14 @@ import ts from "typescript";
 import { parseAllDocuments } from "yaml";
 import * as istioExtensions from "@kubernetes-models/istio/extensions.istio.io/v1alpha1";
 import * as istioNetworking from "@kubernetes-models/istio/networking.istio.io/v1alpha3";
+import * as monitoring from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
 import * as apps from "kubernetes-models/apps/v1";
 import * as core from "kubernetes-models/v1";
 
 const models = {
   "extensions.istio.io/v1alpha1": istioExtensions,
   "networking.istio.io/v1alpha3": istioNetworking,
+  "monitoring.coreos.com/v1": monitoring,
   "apps/v1": apps,
   "v1": core,
 };
@@ -24,6 +27,7 @@ const models = {
 const declarations = {
   "extensions.istio.io/v1alpha1": "@kubernetes-models/istio/extensions.istio.io/v1alpha1",
   "networking.istio.io/v1alpha3": "@kubernetes-models/istio/networking.istio.io/v1alpha3",
+  "monitoring.coreos.com/v1": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1",
   "apps/v1": "kubernetes-models/apps/v1",
   "v1": "kubernetes-models/v1",
 };

@@ -53,14 +53,18 @@ fn kustomize(dir: &Path) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(text).into_owned())
 }
 
-/// Every Kubernetes manifest under envoyfilter/ (not the kustomization files, not local/).
+/// Every Kubernetes manifest under envoyfilter/ (not the kustomization files, not local/, not
+/// promtool's rule tests).
 fn manifests() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in fs::read_dir(dir).unwrap() {
             let p = entry.unwrap().path();
             if p.is_dir() && !p.ends_with("local") {
                 walk(&p, out);
-            } else if p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml") {
+            } else if p.extension().is_some_and(|e| e == "yaml")
+                && !p.ends_with("kustomization.yaml")
+                && !p.to_string_lossy().ends_with(".test.yaml")
+            {
                 out.push(p);
             }
         }
@@ -75,19 +79,27 @@ fn manifests() -> Vec<PathBuf> {
 fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
     let files = manifests();
     let names: Vec<String> = files.iter().map(|f| f.strip_prefix(root()).unwrap().display().to_string()).collect();
-    for expected in ["envoyfilter/envoyfilter.yaml", "envoyfilter/wasmplugin/wasmplugin.yaml", "envoyfilter/examples/deployment.yaml"] {
+    for expected in [
+        "envoyfilter/envoyfilter.yaml",
+        "envoyfilter/wasmplugin/wasmplugin.yaml",
+        "envoyfilter/examples/deployment.yaml",
+        "envoyfilter/monitoring/prometheusrule.yaml",
+    ] {
         assert!(names.iter().any(|n| n == expected), "{expected} not found among {names:?}");
     }
     let (ok, out) = validate(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>(), None);
     assert!(ok, "{out}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 4, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 5, "{out}");
     for dir in ["envoyfilter/wasmplugin", "envoyfilter/examples/checkout"] {
         let (built, yaml) = kustomize(&root().join(dir));
         assert!(built, "kustomize build {dir}: {yaml}");
         let (ok, out) = validate(&[Path::new("-")], Some(&yaml));
         assert!(ok && out.lines().filter(|l| l.starts_with("ok ")).count() == 2, "{dir}: {out}");
     }
-    say(&format!("{} manifests and 2 kustomize builds valid against Istio 1.29's CRD schemas", files.len()));
+    say(&format!(
+        "{} manifests and 2 kustomize builds valid against Istio 1.29's and the Prometheus Operator's CRD schemas",
+        files.len()
+    ));
 }
 
 #[test]
@@ -125,6 +137,46 @@ fn broken_manifests_fail_validation() {
     let (built, out) = kustomize(&overlay);
     assert!(!built && out.contains("/spec/nosuch/field"), "kustomize accepted a patch to a missing path:\n{out}");
     say("broken manifests (bad enum, unknown field, wrong type, bad applyTo, bad patch) are refused");
+}
+
+/// The PrometheusRule's groups as a plain rules file, beside a copy of its promtool tests.
+fn rules_for_promtool(rule: &str, dir: &Path) -> PathBuf {
+    let object = istio::docs(rule).remove(0);
+    fs::write(dir.join("rules.yaml"), serde_json::to_string_pretty(&object["spec"]).unwrap()).unwrap();
+    let tests = dir.join("prometheusrule.test.yaml");
+    fs::copy(root().join("envoyfilter/monitoring/prometheusrule.test.yaml"), &tests).unwrap();
+    tests
+}
+
+fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
+    run(Command::new("promtool").args(args).current_dir(dir))
+}
+
+#[test]
+fn alerting_rules_pass_promtool_and_fire_on_a_trap_a_reload_and_a_bad_config() {
+    let dir = e2e::scratch("prometheus-rules");
+    let rule = fs::read_to_string(root().join("envoyfilter/monitoring/prometheusrule.yaml")).unwrap();
+    rules_for_promtool(&rule, &dir);
+    let (ok, out) = promtool(&["check", "rules", "rules.yaml"], &dir);
+    assert!(ok && out.contains("SUCCESS: 4 rules found"), "{out}");
+    let (ok, out) = promtool(&["test", "rules", "prometheusrule.test.yaml"], &dir);
+    assert!(ok && out.contains("SUCCESS"), "{out}");
+
+    // A broken rule is refused: by the Operator's schema, by promtool's parser, and by the
+    // alert tests when the expression no longer matches Envoy's metric.
+    let broken = dir.join("broken");
+    fs::create_dir_all(&broken).unwrap();
+    let file = broken.join("prometheusrule.yaml");
+    fs::write(&file, rule.replacen("for: 10m", "for: ten minutes", 1)).unwrap();
+    let (ok, out) = validate(&[&file], None);
+    assert!(!ok && out.contains("/spec/groups/0/rules/3/for"), "schema accepted a bad duration:\n{out}");
+    rules_for_promtool(&rule.replacen("increase(close_relay_config_errors_total[10m])", "increase(close_relay_config_errors_total[10m]", 1), &broken);
+    let (ok, out) = promtool(&["check", "rules", "rules.yaml"], &broken);
+    assert!(!ok && out.contains("parse error"), "promtool accepted a broken expression:\n{out}");
+    rules_for_promtool(&rule.replacen("envoy_server_envoy_bug_failures[5m]", "envoy_server_envoy_bug_failure[5m]", 1), &broken);
+    let (ok, out) = promtool(&["test", "rules", "prometheusrule.test.yaml"], &broken);
+    assert!(!ok && out.contains("CloseRelayModuleTrapped"), "alert tests passed on a misspelt metric:\n{out}");
+    say("PrometheusRule: Operator schema, promtool check rules, and promtool alert tests (trap, reload, bad config, not running)");
 }
 
 #[test]
