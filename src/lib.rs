@@ -10,8 +10,9 @@
 //! Both roles also watch for the pod going away ([`drain`], [`pod`], [`root`]): then every
 //! client connection is closed, busy ones after their response, idle ones after a short grace.
 //!
-//! Decisions live in [`decision`], [`drain`] and [`wire`] as pure functions; everything that
-//! talks to the host is in [`host`], [`pod`], [`root`] and the two context types.
+//! Decisions live in [`decision`], [`drain`] and [`wire`] as pure functions. Only [`host`]
+//! talks to the host, and none of its calls can panic (`clippy.toml` refuses the SDK's);
+//! [`pod`], [`root`] and the two context types act through it.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
