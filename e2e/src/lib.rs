@@ -180,16 +180,28 @@ impl App {
         app
     }
 
+    /// Starts the app and waits until it listens; an app that exits first fails at once, with
+    /// what it said. The wait is long because a loaded machine (Envoys compiling the module on
+    /// both cores) can hold a new process back for seconds; a quiet one listens in milliseconds.
     fn launch(&mut self) {
         let port = self.port;
-        self.proc = Some(Proc::spawn(
+        let dir = repo_root().join("target/e2e");
+        let _ = fs::create_dir_all(&dir);
+        let log_path = dir.join(format!("app-{port}-{}.log", std::process::id()));
+        let stderr = fs::File::create(&log_path).map(Stdio::from).unwrap_or_else(|_| Stdio::null());
+        let mut proc = Proc::spawn(
             "app",
-            Command::new(app_bin())
-                .args(["--port", &port.to_string()])
-                .args(&self.args)
-                .stderr(Stdio::null()),
-        ));
-        wait_until("app to listen", Duration::from_secs(10), || connectable(port));
+            Command::new(app_bin()).args(["--port", &port.to_string()]).args(&self.args).stderr(stderr),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !connectable(port) {
+            if proc.exited() || Instant::now() > deadline {
+                let said = fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("app on 127.0.0.1:{port} did not listen (exited: {}): {said}", proc.exited());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        self.proc = Some(proc);
     }
 
     /// Kills the app (SIGKILL): its port refuses connections from now on.
