@@ -69,6 +69,8 @@ pub struct HostError(pub u32);
 impl HostError {
     /// `NotFound`: an absent header, property or key; an answer, not a failure.
     pub const NOT_FOUND: HostError = HostError(1);
+    /// `CasMismatch`: another writer changed the shared key since it was read.
+    pub const CAS_MISMATCH: HostError = HostError(8);
     /// `InternalFailure`: what a host answers when it cannot do the call at all.
     pub const INTERNAL_FAILURE: HostError = HostError(10);
 }
@@ -281,24 +283,6 @@ pub fn decode_pairs(bytes: &[u8]) -> Vec<(String, String)> {
     pairs
 }
 
-/// The ABI's serialized map, for HTTP calls' headers.
-pub fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes();
-    let mut out = Vec::new();
-    out.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_le_bytes());
-    for (k, v) in pairs {
-        out.extend_from_slice(&len(k));
-        out.extend_from_slice(&len(v));
-    }
-    for (k, v) in pairs {
-        for s in [k, v] {
-            out.extend_from_slice(s.as_bytes());
-            out.push(0);
-        }
-    }
-    out
-}
-
 pub fn add_header(map: MapType, name: &str, value: &str) -> Result<(), HostError> {
     // SAFETY: as above.
     invoke(Call::AddHeaderMapValue, || unsafe {
@@ -454,7 +438,8 @@ pub fn shared_update<T>(key: &str, mut f: impl FnMut(&[u8]) -> Option<(Vec<u8>, 
         let (next, out) = f(&current)?;
         match shared_set(key, &next, cas) {
             Ok(()) => return Some(out),
-            Err(_) => continue, // CAS mismatch: another worker wrote first; read again.
+            Err(HostError::CAS_MISMATCH) => continue, // another worker wrote first; read again
+            Err(_) => return None,                    // the host cannot store it: retrying won't help
         }
     }
     None
@@ -490,6 +475,7 @@ pub fn drain_queue(token: u32) {
 /// GET `path` through Envoy `cluster`; the answer arrives in the root's
 /// `on_http_call_response` under the returned token.
 pub fn http_get(cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32> {
+    // No raw call to make here (see below); this only lets the fault-injection build fail it.
     invoke(Call::HttpCall, || 0).ok()?;
     let headers = vec![(":method", "GET"), (":path", path), (":authority", authority)];
     // The SDK's own call, the one exception to the seam: its dispatcher routes the answer by
@@ -638,6 +624,24 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ABI's serialized map, as a host writes it: the oracle for `decode_pairs`.
+    fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes();
+        let mut out = Vec::new();
+        out.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_le_bytes());
+        for (k, v) in pairs {
+            out.extend_from_slice(&len(k));
+            out.extend_from_slice(&len(v));
+        }
+        for (k, v) in pairs {
+            for s in [k, v] {
+                out.extend_from_slice(s.as_bytes());
+                out.push(0);
+            }
+        }
+        out
+    }
 
     #[test]
     fn pairs_round_trip_and_garbage_never_panics() {

@@ -516,6 +516,16 @@ impl Envoy {
         }
     }
 
+    /// Envoy's own line for a trapped module (`Function: proxy_on_<callback> failed: ...`),
+    /// from the wasm log as it is now.
+    pub fn wasm_trap(&self) -> Option<String> {
+        self.wasm_log()
+            .lines()
+            .find(|l| l.contains("Function: proxy_on_") && l.contains("failed"))
+            .and_then(|l| l.split("] ").last())
+            .map(str::to_owned)
+    }
+
     /// A counter from the admin API; 0 when absent.
     pub fn counter(&self, name: &str) -> u64 {
         let body = admin_get(self.admin, &format!("/stats?filter=^{name}$")).unwrap_or_default();

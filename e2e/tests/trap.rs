@@ -51,12 +51,8 @@ fn trap(role: &str, policy: &'static str) -> Seen {
     std::thread::sleep(Duration::from_millis(1500)); // FAIL_RELOAD's default backoff is 1 s
     let a_second_later = (0..3).map(|_| get(&envoy, "/keep")).collect();
     let relays_a_second_later = get(&envoy, "/close");
-    let log = envoy.wasm_log_with(&["Function: proxy_on_"]);
-    let trap_log = log
-        .lines()
-        .find(|l| l.contains("Function: proxy_on_") && l.contains("failed"))
-        .and_then(|l| l.split("] ").last())
-        .map(str::to_owned);
+    envoy.wasm_log_with(&["Function: proxy_on_"]); // Envoy flushes its log on a timer
+    let trap_log = envoy.wasm_trap();
     let envoy_bugs = envoy.counter("server.envoy_bug_failures");
     let reload_stats: Vec<String> = e2e::admin_get(envoy.admin, "/stats?filter=vm_reload")
         .unwrap_or_default()
