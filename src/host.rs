@@ -32,7 +32,6 @@ extern "C" {
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_get_buffer_bytes(buffer: u32, start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32;
     fn proxy_set_buffer_bytes(buffer: u32, start: usize, size: usize, data: *const u8, data_size: usize) -> u32;
-    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
     fn proxy_get_header_map_value(
         map: u32,
         key: *const u8,
@@ -84,7 +83,6 @@ pub enum Call {
     SetTickPeriod,
     GetBufferBytes,
     SetBufferBytes,
-    GetHeaderMapPairs,
     GetHeaderMapValue,
     AddHeaderMapValue,
     GetProperty,
@@ -103,14 +101,13 @@ pub enum Call {
 }
 
 impl Call {
-    pub const ALL: [Call; 22] = [
+    pub const ALL: [Call; 21] = [
         Call::Log,
         Call::GetLogLevel,
         Call::GetCurrentTime,
         Call::SetTickPeriod,
         Call::GetBufferBytes,
         Call::SetBufferBytes,
-        Call::GetHeaderMapPairs,
         Call::GetHeaderMapValue,
         Call::AddHeaderMapValue,
         Call::GetProperty,
@@ -136,7 +133,6 @@ impl Call {
             Call::SetTickPeriod => "proxy_set_tick_period_milliseconds",
             Call::GetBufferBytes => "proxy_get_buffer_bytes",
             Call::SetBufferBytes => "proxy_set_buffer_bytes",
-            Call::GetHeaderMapPairs => "proxy_get_header_map_pairs",
             Call::GetHeaderMapValue => "proxy_get_header_map_value",
             Call::AddHeaderMapValue => "proxy_add_header_map_value",
             Call::GetProperty => "proxy_get_property",
@@ -249,38 +245,6 @@ pub fn close_downstream() -> Result<(), HostError> {
 pub fn set_effective_context(id: u32) -> Result<(), HostError> {
     // SAFETY: a plain integer argument.
     invoke(Call::SetEffectiveContext, || unsafe { proxy_set_effective_context(id) })
-}
-
-/// A whole header map in one call (each call is a round trip between Envoy and the VM).
-pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>, HostError> {
-    let (mut data, mut size) = (std::ptr::null_mut(), 0);
-    // SAFETY: as above.
-    invoke(Call::GetHeaderMapPairs, || unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) })?;
-    Ok(owned(data, size).map(|bytes| decode_pairs(&bytes)).unwrap_or_default())
-}
-
-/// The ABI's serialized map: a count, then each key's and value's length, then each key and
-/// value followed by a NUL. Garbage gives the pairs that were whole, never a panic; names and
-/// values that are not UTF-8 are taken lossily.
-pub fn decode_pairs(bytes: &[u8]) -> Vec<(String, String)> {
-    let word = |at: usize| -> Option<usize> {
-        let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        usize::try_from(u32::from_le_bytes(raw)).ok()
-    };
-    let Some(count) = word(0) else { return Vec::new() };
-    let mut pairs = Vec::new();
-    let Some(mut at) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else { return pairs };
-    let mut take = |len: usize| -> Option<String> {
-        let field = bytes.get(at..at.checked_add(len)?)?;
-        at = at.checked_add(len)?.checked_add(1)?;
-        Some(String::from_utf8_lossy(field).into_owned())
-    };
-    for i in 0..count {
-        let (Some(key_len), Some(value_len)) = (word(4 + i * 8), word(8 + i * 8)) else { break };
-        let (Some(key), Some(value)) = (take(key_len), take(value_len)) else { break };
-        pairs.push((key, value));
-    }
-    pairs
 }
 
 pub fn add_header(map: MapType, name: &str, value: &str) -> Result<(), HostError> {
@@ -624,39 +588,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The ABI's serialized map, as a host writes it: the oracle for `decode_pairs`.
-    fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
-        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes();
-        let mut out = Vec::new();
-        out.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_le_bytes());
-        for (k, v) in pairs {
-            out.extend_from_slice(&len(k));
-            out.extend_from_slice(&len(v));
-        }
-        for (k, v) in pairs {
-            for s in [k, v] {
-                out.extend_from_slice(s.as_bytes());
-                out.push(0);
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn pairs_round_trip_and_garbage_never_panics() {
-        let pairs = [(":status", "200"), ("connection", "close"), ("", "")];
-        let decoded = decode_pairs(&encode_pairs(&pairs));
-        let expected: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        assert_eq!(decoded, expected);
-        assert!(decode_pairs(&[]).is_empty());
-        assert!(decode_pairs(&[0xff, 0xff, 0xff, 0xff]).is_empty());
-        let whole = encode_pairs(&pairs);
-        for cut in 0..whole.len() {
-            let some = decode_pairs(&whole[..cut]);
-            assert!(some.len() < pairs.len() || cut + 1 >= whole.len(), "cut {cut}: {some:?}");
-        }
-    }
 
     #[test]
     fn property_paths_join_segments_with_nul() {

@@ -29,6 +29,37 @@ pub mod wire;
 use config::Config;
 use host::Metrics;
 
+/// The module's exports after `make build`: the ABI marker, the allocator, and the callbacks the
+/// two roles implement. The SDK exports every callback of the ABI, and Envoy enters the VM for
+/// each one that is exported, body chunks and `on_log` included; `make build` removes the rest
+/// (`e2e/src/bin/trim.rs`), and proxy-wasm-cpp-host skips them. A callback implemented but not
+/// named here is never called, so a new one must be added here too.
+pub const EXPORTS: &[&str] = &[
+    "memory",
+    "_initialize",
+    "proxy_abi_version_0_2_1",
+    "proxy_on_memory_allocate",
+    // Every context: creation and its end. The SDK drops a context in on_delete, and the roles
+    // do their end-of-life work on drop, so proxy_on_done (called right before it) is not needed.
+    "proxy_on_context_create",
+    "proxy_on_delete",
+    // Roots (root.rs): configuration, the tick, the polls' answers, the wake queue.
+    "proxy_on_vm_start",
+    "proxy_on_configure",
+    "proxy_on_tick",
+    "proxy_on_http_call_response",
+    "proxy_on_queue_ready",
+    // The HTTP role (http.rs).
+    "proxy_on_request_headers",
+    "proxy_on_response_headers",
+    // The network role (network.rs).
+    "proxy_on_new_connection",
+    "proxy_on_downstream_data",
+    "proxy_on_upstream_data",
+    "proxy_on_downstream_connection_close",
+    "proxy_on_upstream_connection_close",
+];
+
 /// What every context of one plugin instance shares. `config` is `None` when the plugin
 /// configuration was rejected: the plugin then passes everything through (fail open).
 #[derive(Debug)]

@@ -56,7 +56,7 @@ thread_local! {
     static CLOSE_SOON: RefCell<Vec<ConnRef>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Closes `conn` on the next dispatcher turn, not now: an HTTP role's `on_log` can run while
+/// Closes `conn` on the next dispatcher turn, not now: an HTTP role's stream can end while
 /// Envoy is itself closing the connection (the stream ends with it), and closing it again from
 /// there crashes Envoy (a segfault, seen in the soak on 1.40.0). False without a wake queue:
 /// the tick's sweep closes it then, as a connection told to close.
@@ -209,21 +209,24 @@ impl NetworkRole {
     }
 }
 
-impl Context for NetworkRole {
-    fn on_done(&mut self) -> bool {
+impl Context for NetworkRole {}
+
+/// The connection is gone (Envoy's `onCloseTCP`: `on_done`, `on_log`, `on_delete` back to back;
+/// the SDK drops the context in `on_delete`, see `HttpRole`'s `Drop`).
+impl Drop for NetworkRole {
+    fn drop(&mut self) {
         // An HTTP role may still hold this connection; it must never act as a finished context.
         self.conn.borrow_mut().closing = true;
         if let Some(nonce) = self.nonce.take() {
-            CONNS.with(|c| c.borrow_mut().remove(&nonce));
+            let _ = CONNS.try_with(|c| c.borrow_mut().remove(&nonce));
         }
-        true
     }
 }
 
 impl StreamContext for NetworkRole {
-    /// The connection is closing (either side, or Envoy): closing it again from an HTTP role's
-    /// `on_log`, which Envoy runs when a stream ends with its connection, crashes Envoy
-    /// (segfault, seen in the soak on 1.40.0). Mark it done first.
+    /// The connection is closing (either side, or Envoy): closing it again when an HTTP role's
+    /// stream ends with it crashes Envoy (segfault, seen in the soak on 1.40.0). Mark it done
+    /// first.
     fn on_downstream_close(&mut self, _peer: PeerType) {
         self.conn.borrow_mut().closing = true;
     }

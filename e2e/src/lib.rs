@@ -16,6 +16,7 @@ pub mod oci;
 pub mod ports;
 pub mod rollout;
 pub mod soak;
+pub mod wasm;
 
 /// The byte at offset `i` of the app's `/big-close` body.
 pub fn pattern_byte(i: usize) -> u8 {
@@ -60,16 +61,26 @@ pub fn envoy_version() -> &'static str {
     })
 }
 
+/// The module as `make build` ships it.
 pub fn wasm_path() -> PathBuf {
-    let p = repo_root().join("target/wasm32-wasip1/release/close_relay.wasm");
-    assert!(p.exists(), "{} missing: run `make build`", p.display());
-    p
+    built("target/wasm32-wasip1/release/close_relay.wasm", "make build")
 }
 
 /// The module built with `--features fault-injection` (`make build-fault`): it traps on demand.
 pub fn fault_wasm_path() -> PathBuf {
-    let p = repo_root().join("target/fault/wasm32-wasip1/release/close_relay.wasm");
-    assert!(p.exists(), "{} missing: run `make build-fault`", p.display());
+    built("target/fault/wasm32-wasip1/release/close_relay.wasm", "make build-fault")
+}
+
+/// A module the tests may load: present, and trimmed to close-relay's exports as shipped (a
+/// plain `cargo build` leaves every SDK export in, which Envoy would call and we never ship).
+fn built(path: &str, make: &str) -> PathBuf {
+    let p = repo_root().join(path);
+    let bytes = fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}: run `{make}`", p.display()));
+    let mut exports = wasm::exports(&bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut shipped = close_relay::EXPORTS.to_vec();
+    exports.sort();
+    shipped.sort_unstable();
+    assert_eq!(exports, shipped, "{} is not trimmed to its exports: run `{make}`", p.display());
     p
 }
 
@@ -412,6 +423,11 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
     })
 }
 
+/// The tests read the filter's debug lines.
+const DEBUG_LOG: &[&str] = &["-l", "info", "--component-log-level", "wasm:debug"];
+/// istio-proxy's default (`--log-level warning`).
+const QUIET_LOG: &[&str] = &["-l", "warning"];
+
 pub struct Envoy {
     pub port: u16,
     pub admin: u16,
@@ -452,7 +468,7 @@ impl Envoy {
         }
         let file = dir.join("envoy.json");
         fs::write(&file, config.to_string()).expect("write config");
-        Envoy::launch_with(dir, &file, port, admin, &args)
+        Envoy::launch_with(dir, &file, port, admin, &args, DEBUG_LOG)
     }
 
     /// Replaces the LDS listener (atomically: write, then move into the watched directory).
@@ -463,11 +479,24 @@ impl Envoy {
     /// Starts Envoy on a config file that listens on `port` with its admin on `admin`, from
     /// the repository root (where the shipped configs expect to be run).
     pub fn launch(dir: PathBuf, config: &Path, port: Port, admin: Port) -> Envoy {
-        Envoy::launch_with(dir, config, port, admin, &["--concurrency".into(), "2".into()])
+        Envoy::launch_with(dir, config, port, admin, &["--concurrency".into(), "2".into()], DEBUG_LOG)
+    }
+
+    /// Like [`Envoy::launch`], with `concurrency` workers and istio-proxy's own log level
+    /// (warning): what a sidecar in production pays, for `make bench`.
+    pub fn launch_quiet(dir: PathBuf, config: &Path, port: Port, admin: Port, concurrency: u32) -> Envoy {
+        Envoy::launch_with(dir, config, port, admin, &["--concurrency".into(), concurrency.to_string()], QUIET_LOG)
     }
 
     /// The leases are held as long as Envoy runs: nothing else is handed its ports.
-    fn launch_with(dir: PathBuf, config: &Path, port_lease: Port, admin_lease: Port, args: &[String]) -> Envoy {
+    fn launch_with(
+        dir: PathBuf,
+        config: &Path,
+        port_lease: Port,
+        admin_lease: Port,
+        args: &[String],
+        log_args: &[&str],
+    ) -> Envoy {
         let (port, admin) = (port_lease.get(), admin_lease.get());
         let log = dir.join("envoy.log");
         let mut proc = Proc::spawn(
@@ -477,8 +506,9 @@ impl Envoy {
                 .arg("-c")
                 .arg(config)
                 .args(args)
-                .args(["--disable-hot-restart", "-l", "info"])
-                .args(["--component-log-level", "wasm:debug", "--file-flush-interval-msec", "50"])
+                .arg("--disable-hot-restart")
+                .args(log_args)
+                .args(["--file-flush-interval-msec", "50"])
                 .arg("--log-path")
                 .arg(&log)
                 .stdout(Stdio::null())

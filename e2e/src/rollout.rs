@@ -237,12 +237,25 @@ impl Nginx {
         )
     }
 
-    /// A fast app for benchmarks: `200 ok` on every path, keep-alive without limit.
-    pub fn static_ok(dir: &std::path::Path) -> Nginx {
+    /// The app `make bench` puts behind Envoy, one path per traffic shape: `/` answers `ok`
+    /// (2 B), `/64k` and `/1m` are static files of those sizes, `/post` takes a body and
+    /// answers `ok`. Keep-alive without limit.
+    pub fn bench_app(dir: &std::path::Path) -> Nginx {
+        let files = dir.join("files");
+        fs::create_dir_all(&files).expect("bench files");
+        for (name, len) in [("64k", 64 * 1024), ("1m", 1024 * 1024)] {
+            let body: Vec<u8> = (0..len).map(crate::pattern_byte).collect();
+            fs::write(files.join(name), body).expect("write bench file");
+        }
         Nginx::launch(
             dir,
-            "keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
-             server {\n    listen 127.0.0.1:{port};\n    location / { return 200 \"ok\\n\"; }\n  }\n",
+            &format!(
+                "keepalive_requests 100000000;\n  keepalive_timeout 300s;\n  client_max_body_size 1m;\n\
+                 default_type application/octet-stream;\n\
+                 server {{\n    listen 127.0.0.1:{{port}};\n    root {};\n\
+                 location = / {{ return 200 \"ok\"; }}\n    location = /post {{ return 200 \"ok\"; }}\n  }}\n",
+                files.display()
+            ),
         )
     }
 

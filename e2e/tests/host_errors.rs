@@ -11,10 +11,10 @@ use std::time::Duration;
 use close_relay::host::Call;
 use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
 
-/// Calls without which no close can be relayed: the response map, the marker, the nonce, and
-/// the client buffer edits. The module must still pass everything through and keep counting.
+/// Calls without which no close can be relayed: the response headers, the marker, the nonce,
+/// and the client buffer edits. The module must still pass everything through and keep counting.
 const RELAY_NEEDS: [Call; 6] = [
-    Call::GetHeaderMapPairs,
+    Call::GetHeaderMapValue,
     Call::AddHeaderMapValue,
     Call::GetProperty,
     Call::SetProperty,

@@ -1,39 +1,147 @@
-//! `make bench`: what close-relay costs on the common path (keep-alive responses that keep
-//! their connection), against Envoy without a filter (the baseline) and the Lua peer, in one
-//! run. Interleaved rounds; every figure is a ratio against the baseline of the same round and
-//! concurrency; the median over rounds is printed with its min-max.
-//! Env: BENCH_ROUNDS (5), BENCH_SECONDS (3), BENCH_CONNS ("1,16,64"), BENCH_CONFIGS.
+//! `make bench`: what close-relay costs, next to what it is compared with, in one run.
+//!
+//! Configurations: Envoy without a filter (the baseline), the Lua peer, the floor module
+//! (`e2e/floor`: both roles, nothing but the exports a filter needs), close-relay disabled and
+//! close-relay as shipped; the wasm ones loaded the way the shipped WasmPlugins load them (one
+//! VM, their pluginConfig). Traffic shapes: a tiny GET, ALB-like request headers with a 64 KiB
+//! response, a 1 MiB response, a 16 KiB POST.
+//!
+//! CPU: one Envoy worker pinned to its own core, wrk and the app on the other; rounds
+//! interleaved, each configuration's CPU per request divided by the baseline's of the same round
+//! and shape; the median over rounds with its min-max. Memory: each configuration again at
+//! `--concurrency 2` (Istio's default), its RSS after traffic of every shape.
+//!
+//! Env: BENCH_ROUNDS (5), BENCH_SECONDS (3), BENCH_CONNS (16), BENCH_SHAPES (all, by key),
+//! BENCH_RSS_ROUNDS (up to 3), BENCH_WASM (`label=path,...`: more modules loaded as shipped, for
+//! ablation builds).
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use e2e::rollout::Nginx;
-use e2e::{Envoy, EnvoySpec, Filter};
+use e2e::{istio, Envoy, EnvoySpec, Filter, Port};
 use serde_json::{json, Value};
-
-/// The baseline first; BENCH_CONFIGS=http-only,separate-vms adds the cost breakdown.
-fn configs() -> Vec<(&'static str, Filter)> {
-    // "disabled": both roles loaded with {"enabled": false}, the bare cost of Envoy calling wasm.
-    let mut all = vec![("baseline", Filter::None), ("close-relay", Filter::SameVm), ("lua peer", Filter::Lua)];
-    let extra = std::env::var("BENCH_CONFIGS").unwrap_or_default();
-    if extra.contains("http-only") {
-        all.push(("http-only", Filter::HttpOnly));
-    }
-    if extra.contains("disabled") {
-        all.push(("disabled", Filter::SameVm));
-    }
-    if extra.contains("separate-vms") {
-        all.push(("separate-vms", Filter::SeparateVms));
-    }
-    all
-}
 
 /// Envoy gets a core of its own; wrk and the app share the other, so Envoy's CPU time per
 /// request is not blurred by them competing for its core.
 const ENVOY_CPU: &str = "1";
 const LOAD_CPU: &str = "0";
+
+/// A traffic shape: what wrk sends (a wrk Lua script) and what the app answers.
+struct Shape {
+    key: &'static str,
+    title: &'static str,
+    script: String,
+}
+
+/// What an ALB puts on every request it forwards, about 900 bytes of headers in all.
+const ALB_HEADERS: [(&str, &str); 10] = [
+    ("x-forwarded-for", "203.0.113.195, 198.51.100.17"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-port", "443"),
+    ("x-amzn-trace-id", "Root=1-67891233-abcdef012345678912345678;Parent=53995c3f42cd8ad8;Sampled=1"),
+    ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"),
+    ("accept", "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"),
+    ("accept-encoding", "gzip, deflate, br"),
+    ("accept-language", "en-US,en;q=0.9,de;q=0.8"),
+    ("referer", "https://shop.example.com/catalog/category/outdoor-equipment?page=3&sort=price-asc"),
+    (
+        "cookie",
+        "session=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c; \
+         cart=8f14e45fceea167a5a36dedd4bea2543; consent=analytics%3Dtrue%26ads%3Dfalse; AWSALB=Xk2c7aQ9mZ3bT1pR8vL0yN5wE4uH6jG; \
+         AWSALBCORS=Xk2c7aQ9mZ3bT1pR8vL0yN5wE4uH6jG; theme=dark; locale=en-US",
+    ),
+];
+
+fn shapes() -> Vec<Shape> {
+    let alb: String = ALB_HEADERS.iter().map(|(k, v)| format!("wrk.headers[\"{k}\"] = \"{v}\"\n")).collect();
+    let post_body = "x".repeat(16 * 1024);
+    let all = vec![
+        Shape { key: "tiny", title: "tiny GET, 2 B body", script: "wrk.path = \"/\"\n".into() },
+        Shape {
+            key: "alb",
+            title: "ALB-like: 10 request headers (~900 B), 64 KiB body",
+            script: format!("wrk.path = \"/64k\"\n{alb}"),
+        },
+        Shape { key: "1m", title: "1 MiB response", script: "wrk.path = \"/1m\"\n".into() },
+        Shape {
+            key: "post",
+            title: "16 KiB POST, 2 B body",
+            script: format!(
+                "wrk.method = \"POST\"\nwrk.path = \"/post\"\nwrk.headers[\"content-type\"] = \"application/octet-stream\"\n\
+                 wrk.body = \"{post_body}\"\n"
+            ),
+        },
+    ];
+    let wanted = std::env::var("BENCH_SHAPES").unwrap_or_default();
+    all.into_iter().filter(|s| wanted.is_empty() || wanted.split(',').any(|w| w.trim() == s.key)).collect()
+}
+
+/// How a configuration's Envoy is built.
+#[derive(Clone)]
+enum Setup {
+    /// One of the rig's own configurations (no filter, the Lua peer).
+    Plain(Filter),
+    /// The shipped WasmPlugin pair with this module; `disabled` replaces each pluginConfig by
+    /// `{"role": ..., "enabled": false}`.
+    Shipped { wasm: PathBuf, disabled: bool },
+}
+
+struct Config {
+    name: String,
+    setup: Setup,
+}
+
+fn configs() -> Vec<Config> {
+    let release = e2e::wasm_path();
+    let floor = e2e::repo_root().join("target/wasm32-wasip1/release/floor.wasm");
+    assert!(floor.exists(), "{} missing: `make bench` builds it", floor.display());
+    let mut all = vec![
+        Config { name: "baseline".into(), setup: Setup::Plain(Filter::None) },
+        Config { name: "lua peer".into(), setup: Setup::Plain(Filter::Lua) },
+        Config { name: "floor".into(), setup: Setup::Shipped { wasm: floor, disabled: false } },
+        Config { name: "disabled".into(), setup: Setup::Shipped { wasm: release.clone(), disabled: true } },
+        Config { name: "close-relay".into(), setup: Setup::Shipped { wasm: release, disabled: false } },
+    ];
+    for extra in std::env::var("BENCH_WASM").unwrap_or_default().split(',').filter(|s| !s.trim().is_empty()) {
+        let (label, path) = extra.split_once('=').unwrap_or_else(|| panic!("BENCH_WASM wants label=path, got {extra:?}"));
+        let wasm = PathBuf::from(path.trim());
+        assert!(wasm.exists(), "BENCH_WASM: {} missing", wasm.display());
+        all.push(Config { name: label.trim().into(), setup: Setup::Shipped { wasm, disabled: false } });
+    }
+    all
+}
+
+fn shipped_plugins(disabled: bool) -> Vec<Value> {
+    let mut plugins = istio::read_docs(&e2e::repo_root().join("envoyfilter/wasmplugin/wasmplugin.yaml"));
+    if disabled {
+        for p in &mut plugins {
+            let role = p["spec"]["pluginConfig"]["role"].clone();
+            p["spec"]["pluginConfig"] = json!({"role": role, "enabled": false});
+        }
+    }
+    plugins
+}
+
+/// Starts `config`'s Envoy with `concurrency` workers at istio-proxy's log level.
+fn start(config: &Config, app_port: u16, concurrency: u32, tag: &str) -> Envoy {
+    let dir = e2e::scratch(&format!("bench-{}-{tag}", config.name.replace(' ', "-")));
+    let (port, admin) = (Port::lease(), Port::lease());
+    let filter = match &config.setup {
+        Setup::Plain(filter) => *filter,
+        Setup::Shipped { .. } => Filter::None,
+    };
+    let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(filter, app_port), port.get(), admin.get());
+    if let Setup::Shipped { wasm, disabled } = &config.setup {
+        istio::apply_wasm_plugins(&mut bootstrap, &shipped_plugins(*disabled), wasm, &dir);
+    }
+    let file = dir.join("envoy.json");
+    fs::write(&file, bootstrap.to_string()).expect("write envoy.json");
+    Envoy::launch_quiet(dir, &file, port, admin, concurrency)
+}
 
 fn pin(pid: u32, cpu: &str) {
     let ok = Command::new("taskset").args(["-a", "-cp", cpu, &pid.to_string()]).output().is_ok_and(|o| o.status.success());
@@ -57,41 +165,22 @@ fn cpu_seconds(pid: u32) -> f64 {
     (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / ticks
 }
 
-fn micros(v: &str) -> f64 {
-    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
-    let n: f64 = num.parse().unwrap_or(f64::NAN);
-    match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        _ => f64::NAN,
-    }
-}
-
-type Metric = (&'static str, fn(&Sample) -> f64);
-
 struct Sample {
     rps: f64,
-    p50_us: f64,
-    p99_us: f64,
     cpu_us_per_req: f64,
-    rss_kib: f64,
-    requests: f64,
 }
 
-/// One wrk run against `envoy`; keep-alive, one wrk thread.
-fn measure(envoy: &Envoy, conns: u32, seconds: u32) -> Sample {
+/// One wrk run of `script` against `envoy`: keep-alive, one wrk thread, on the load core.
+fn measure(envoy: &Envoy, script: &Path, conns: u32, seconds: u32) -> Sample {
     let cpu0 = cpu_seconds(envoy.pid());
     let out = Command::new("taskset")
-        .args(["-c", LOAD_CPU, "wrk", "-t1", &format!("-c{conns}"), &format!("-d{seconds}s"), "--latency"])
-        .arg(format!("http://127.0.0.1:{}/", envoy.port))
+        .args(["-c", LOAD_CPU, "wrk", "-t1", &format!("-c{conns}"), &format!("-d{seconds}s"), "-s"])
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{}", envoy.port))
         .output()
         .expect("run wrk (make bench installs it)");
     let cpu = cpu_seconds(envoy.pid()) - cpu0;
     let text = String::from_utf8_lossy(&out.stdout);
-    let field = |prefix: &str| {
-        text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string())).unwrap_or_default()
-    };
     let requests: f64 = text
         .lines()
         .find(|l| l.contains(" requests in "))
@@ -99,14 +188,12 @@ fn measure(envoy: &Envoy, conns: u32, seconds: u32) -> Sample {
         .unwrap_or(0.0);
     let errors = text.lines().any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
     assert!(requests > 0.0 && !errors, "wrk against {}:\n{text}", envoy.port);
-    Sample {
-        rps: field("Requests/sec:").parse().unwrap_or(0.0),
-        p50_us: micros(&field("50%")),
-        p99_us: micros(&field("99%")),
-        cpu_us_per_req: cpu * 1e6 / requests,
-        rss_kib: envoy.rss_kib() as f64,
-        requests,
-    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    Sample { rps, cpu_us_per_req: cpu * 1e6 / requests }
 }
 
 fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -114,122 +201,190 @@ fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
+fn gzip_len(bytes: &[u8]) -> usize {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(bytes).expect("gzip");
+    gz.finish().expect("gzip").len()
+}
+
+/// The goal's verdict on one figure.
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
 fn main() {
     let rounds: usize = env_or("BENCH_ROUNDS", 5);
     let seconds: u32 = env_or("BENCH_SECONDS", 3);
-    let conns: Vec<u32> = std::env::var("BENCH_CONNS")
-        .unwrap_or_else(|_| "1,16,64".into())
-        .split(',')
-        .filter_map(|c| c.trim().parse().ok())
-        .collect();
+    let conns: u32 = env_or("BENCH_CONNS", 16);
     let out_dir = e2e::repo_root().join("target/bench");
     fs::create_dir_all(&out_dir).expect("target/bench");
     let dir = e2e::scratch("bench");
-    let app = Nginx::static_ok(&dir);
-    let configs = configs();
-    let envoys: Vec<(&str, Envoy)> = configs
+    let app = Nginx::bench_app(&dir);
+    pin(app.pid(), LOAD_CPU);
+    let shapes = shapes();
+    let scripts: Vec<PathBuf> = shapes
         .iter()
-        .map(|(name, filter)| {
-            let mut spec = EnvoySpec { concurrency: 1, ..EnvoySpec::new(*filter, app.port) };
-            if *name == "disabled" {
-                spec.http_config = r#"{"enabled": false}"#.into();
-                spec.network_config = r#"{"role": "network", "enabled": false}"#.into();
-            }
-            (*name, Envoy::start(&format!("bench-{}", name.replace(' ', "-")), &spec))
+        .map(|s| {
+            let path = dir.join(format!("{}.lua", s.key));
+            fs::write(&path, &s.script).expect("write wrk script");
+            path
         })
         .collect();
-    pin(app.pid(), LOAD_CPU);
-    for (_, envoy) in &envoys {
+    let configs = configs();
+
+    // CPU: one pinned worker per configuration, all running side by side, measured in turn.
+    let envoys: Vec<Envoy> = configs.iter().map(|c| start(c, app.port, 1, "c1")).collect();
+    for envoy in &envoys {
         pin(envoy.pid(), ENVOY_CPU);
-        measure(envoy, 16, 1); // warm up: VMs, pools, caches
+        for script in &scripts {
+            measure(envoy, script, conns, 1); // warm up: VMs, pools, caches
+        }
     }
-    // samples[conns][config] = one Sample per round
-    let mut samples: BTreeMap<u32, BTreeMap<&str, Vec<Sample>>> = BTreeMap::new();
+    // cpu[shape][config][round]
+    let mut cpu: Vec<Vec<Vec<Sample>>> =
+        shapes.iter().map(|_| configs.iter().map(|_| Vec::new()).collect()).collect();
     for round in 0..rounds {
-        for &c in &conns {
+        for (s, script) in scripts.iter().enumerate() {
             // Rotate the order each round so no configuration always runs first.
             for i in 0..envoys.len() {
-                let (name, envoy) = &envoys[(i + round) % envoys.len()];
-                let s = measure(envoy, c, seconds);
+                let c = (i + round) % envoys.len();
+                let sample = measure(&envoys[c], script, conns, seconds);
                 eprintln!(
-                    "round {} c={c:<3} {name:<12} {:>8.0} req/s  p50 {:>6.0} us  p99 {:>6.0} us  cpu {:>5.1} us/req  rss {:>6.0} KiB",
+                    "round {} {:<5} {:<14} {:>8.0} req/s  cpu {:>7.2} us/req",
                     round + 1,
-                    s.rps,
-                    s.p50_us,
-                    s.p99_us,
-                    s.cpu_us_per_req,
-                    s.rss_kib
+                    shapes[s].key,
+                    configs[c].name,
+                    sample.rps,
+                    sample.cpu_us_per_req
                 );
-                samples.entry(c).or_default().entry(name).or_default().push(s);
+                cpu[s][c].push(sample);
             }
         }
     }
-    let wasm = fs::read(e2e::wasm_path()).expect("wasm");
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&wasm).expect("gzip");
-    let gz_len = gz.finish().expect("gzip").len();
+    drop(envoys);
 
-    let mut table = format!(
-        "Envoy {} (1 worker), wrk keep-alive, {rounds} rounds x {seconds} s, app: nginx `200 ok`\n\
-         ratio to the baseline of the same round: median (min-max); lower is better except req/s\n\n\
-         {:<5} {:<12} {:>22} {:>22} {:>22} {:>22} {:>22}\n",
-        e2e::envoy_version(),
-        "conns",
-        "config",
-        "req/s",
-        "p50 latency",
-        "p99 latency",
-        "Envoy CPU per request",
-        "Envoy RSS"
-    );
-    let mut report = Vec::new();
-    for (c, by_config) in &samples {
-        let base = &by_config["baseline"];
-        let b = |f: fn(&Sample) -> f64| median_min_max(base.iter().map(f).collect()).0;
-        table.push_str(&format!(
-            "{c:<5} {:<12} {:>22} {:>22} {:>22} {:>22} {:>22}\n",
-            "baseline",
-            format!("{:.0}", b(|s| s.rps)),
-            format!("{:.0} us", b(|s| s.p50_us)),
-            format!("{:.0} us", b(|s| s.p99_us)),
-            format!("{:.1} us", b(|s| s.cpu_us_per_req)),
-            format!("{:.0} KiB", b(|s| s.rss_kib)),
-        ));
-        let mut row = json!({"conns": c, "baseline": {
-            "rps": b(|s| s.rps), "p50_us": b(|s| s.p50_us), "p99_us": b(|s| s.p99_us),
-            "cpu_us_per_req": b(|s| s.cpu_us_per_req), "rss_kib": b(|s| s.rss_kib),
-        }});
-        for (name, _) in configs.iter().skip(1) {
-            let runs = &by_config[name];
-            let ratio = |f: fn(&Sample) -> f64| median_min_max(runs.iter().zip(base).map(|(r, b)| f(r) / f(b)).collect());
-            let cell = |(m, lo, hi): (f64, f64, f64)| format!("{m:.3} ({lo:.3}-{hi:.3})");
-            let metrics: [Metric; 5] = [
-                ("rps", |s| s.rps),
-                ("p50", |s| s.p50_us),
-                ("p99", |s| s.p99_us),
-                ("cpu_per_request", |s| s.cpu_us_per_req),
-                ("rss", |s| s.rss_kib),
-            ];
-            table.push_str(&format!("{c:<5} {name:<12}"));
-            let mut ratios = serde_json::Map::new();
-            for (key, f) in metrics {
-                let r = ratio(f);
-                table.push_str(&format!(" {:>22}", cell(r)));
-                ratios.insert(key.into(), json!({"median": r.0, "min": r.1, "max": r.2}));
+    // Memory: each configuration at Istio's two workers, after traffic of every shape; the
+    // rounds interleave so a slow drift of the machine hits every configuration alike.
+    let rss_rounds: usize = env_or("BENCH_RSS_ROUNDS", rounds.clamp(1, 3));
+    let mut rss: Vec<Vec<f64>> = configs.iter().map(|_| Vec::new()).collect();
+    for round in 0..rss_rounds {
+        for (c, config) in configs.iter().enumerate() {
+            let envoy = start(config, app.port, 2, &format!("c2-{round}"));
+            for script in &scripts {
+                measure(&envoy, script, conns, 1);
             }
-            table.push('\n');
-            row[*name] = Value::Object(ratios);
-            row[format!("{name} requests")] = json!(runs.iter().map(|s| s.requests).sum::<f64>());
+            std::thread::sleep(Duration::from_millis(300));
+            rss[c].push(envoy.rss_kib() as f64 / 1024.0);
+            envoy.stop();
         }
-        report.push(row);
     }
-    table.push_str(&format!("\n.wasm: {} B raw, {gz_len} B gzipped\n", wasm.len()));
+
+    let (table, report) = render(&shapes, &configs, &cpu, &rss, rounds, seconds, conns);
     println!("{table}");
-    let json = json!({
-        "envoy": e2e::envoy_version(), "rounds": rounds, "seconds": seconds,
-        "wasm_bytes": wasm.len(), "wasm_gzip_bytes": gz_len, "results": report,
-    });
-    fs::write(out_dir.join("report.json"), serde_json::to_string_pretty(&json).unwrap_or_default()).expect("write report");
+    fs::write(out_dir.join("report.json"), serde_json::to_string_pretty(&report).unwrap_or_default())
+        .expect("write report");
     fs::write(out_dir.join("table.txt"), &table).expect("write table");
     eprintln!("wrote {}/report.json and table.txt", out_dir.display());
+}
+
+fn render(
+    shapes: &[Shape],
+    configs: &[Config],
+    cpu: &[Vec<Vec<Sample>>],
+    rss: &[Vec<f64>],
+    rounds: usize,
+    seconds: u32,
+    conns: u32,
+) -> (String, Value) {
+    let index = |name: &str| configs.iter().position(|c| c.name == name).expect("configuration");
+    let (base, lua, floor, relay) = (index("baseline"), index("lua peer"), index("floor"), index("close-relay"));
+    let mut t = format!(
+        "Envoy {} (one worker pinned to its own core), app nginx, wrk -c{conns} keep-alive, {rounds} interleaved \
+         rounds x {seconds} s\n\
+         CPU per request: ratio to the baseline of the same round, median (min-max); us per request, median\n",
+        e2e::envoy_version(),
+    );
+    let mut shape_reports = Vec::new();
+    let mut goals = Vec::new();
+    for (s, shape) in shapes.iter().enumerate() {
+        t.push_str(&format!("\n{}\n", shape.title));
+        t.push_str(&format!("  {:<14} {:>24} {:>10} {:>10} {:>10}\n", "config", "CPU/request ratio", "us/req", "+us", "req/s"));
+        let us = |c: usize| median_min_max(cpu[s][c].iter().map(|x| x.cpu_us_per_req).collect()).0;
+        let ratios = |c: usize| {
+            median_min_max(cpu[s][c].iter().zip(&cpu[s][base]).map(|(x, b)| x.cpu_us_per_req / b.cpu_us_per_req).collect())
+        };
+        let mut rows = serde_json::Map::new();
+        for (c, config) in configs.iter().enumerate() {
+            let (m, lo, hi) = ratios(c);
+            let rps = median_min_max(cpu[s][c].iter().map(|x| x.rps).collect()).0;
+            let ratio = if c == base { "1".to_string() } else { format!("{m:.3} ({lo:.3}-{hi:.3})") };
+            let extra = if c == base { "-".to_string() } else { format!("{:+.2}", us(c) - us(base)) };
+            t.push_str(&format!("  {:<14} {:>24} {:>10.2} {:>10} {:>10.0}\n", config.name, ratio, us(c), extra, rps));
+            rows.insert(
+                config.name.clone(),
+                json!({"cpu_ratio": {"median": m, "min": lo, "max": hi}, "cpu_us_per_request": us(c), "rps": rps}),
+            );
+        }
+        // Against the peer and the floor, per round, so the same round's noise cancels.
+        let per_round = |other: usize| {
+            median_min_max(cpu[s][relay].iter().zip(&cpu[s][other]).map(|(x, o)| x.cpu_us_per_req / o.cpu_us_per_req).collect())
+        };
+        let (vs_lua, vs_floor) = (per_round(lua), per_round(floor));
+        goals.push(format!(
+            "  {:<6} close-relay / lua peer {:.3} ({:.3}-{:.3}): <= 1 {}; close-relay / floor {:.3} ({:.3}-{:.3}): <= 1.05 {}",
+            shape.key,
+            vs_lua.0,
+            vs_lua.1,
+            vs_lua.2,
+            verdict(vs_lua.0 <= 1.0),
+            vs_floor.0,
+            vs_floor.1,
+            vs_floor.2,
+            verdict(vs_floor.0 <= 1.05)
+        ));
+        shape_reports.push(json!({
+            "shape": shape.key, "title": shape.title, "configs": rows,
+            "close_relay_vs_lua": {"median": vs_lua.0, "min": vs_lua.1, "max": vs_lua.2},
+            "close_relay_vs_floor": {"median": vs_floor.0, "min": vs_floor.1, "max": vs_floor.2},
+        }));
+    }
+
+    let mut rss_report = serde_json::Map::new();
+    if !rss[0].is_empty() {
+        let rss_mb: Vec<(f64, f64, f64)> = rss.iter().map(|v| median_min_max(v.clone())).collect();
+        t.push_str(&format!("\nEnvoy RSS at --concurrency 2 after traffic of every shape, MB, median of {} (min-max)\n", rss[0].len()));
+        t.push_str(&format!("  {:<14} {:>24} {:>10}\n", "config", "RSS", "+MB"));
+        for (c, config) in configs.iter().enumerate() {
+            let (m, lo, hi) = rss_mb[c];
+            let extra = if c == base { "-".to_string() } else { format!("{:+.1}", m - rss_mb[base].0) };
+            t.push_str(&format!("  {:<14} {:>24} {:>10}\n", config.name, format!("{m:.1} ({lo:.1}-{hi:.1})"), extra));
+            rss_report.insert(config.name.clone(), json!({"median": m, "min": lo, "max": hi}));
+        }
+        let rss_over_floor = rss_mb[relay].0 - rss_mb[floor].0;
+        goals.push(format!("  RSS    close-relay - floor {rss_over_floor:+.1} MB: <= 4 MB {}", verdict(rss_over_floor <= 4.0)));
+    }
+    t.push_str("\n.wasm\n");
+    let mut sizes = serde_json::Map::new();
+    for config in configs {
+        if let Setup::Shipped { wasm, disabled: false } = &config.setup {
+            let bytes = fs::read(wasm).expect("read .wasm");
+            let gz = gzip_len(&bytes);
+            t.push_str(&format!("  {:<14} {:>8} B raw {:>8} B gzipped\n", config.name, bytes.len(), gz));
+            sizes.insert(config.name.clone(), json!({"raw": bytes.len(), "gzip": gz}));
+        }
+    }
+    t.push_str("\ngoals (close-relay's CPU per request at or below the Lua peer's, within 5% of the floor's; RSS within 4 MB of the floor's)\n");
+    for g in &goals {
+        t.push_str(g);
+        t.push('\n');
+    }
+    let report = json!({
+        "envoy": e2e::envoy_version(), "rounds": rounds, "seconds": seconds, "conns": conns,
+        "shapes": shape_reports, "rss_mb_concurrency_2": rss_report, "wasm_bytes": sizes,
+    });
+    (t, report)
 }
