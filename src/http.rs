@@ -105,9 +105,10 @@ fn response_flags() -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// The response headers the decision reads, one at a time: a response that keeps its
-/// connection costs two small copies (`:status`, `content-length`) and two lookups that find
-/// nothing (`connection`, `proxy-connection`).
+/// The response headers the decision reads, from one whole-map read: a response carries few
+/// headers, and one read (one call out of the VM, one copy into it) costs less than the four
+/// single reads it replaces (`make bench`).
+#[derive(Default)]
 struct ResponseHeaders {
     status: Option<String>,
     connection: Option<String>,
@@ -118,16 +119,25 @@ struct ResponseHeaders {
 
 impl ResponseHeaders {
     fn read() -> ResponseHeaders {
-        let read = |name| host::header(MapType::HttpResponseHeaders, name);
-        let content_length = read("content-length").is_some();
-        ResponseHeaders {
-            status: read(":status"),
-            connection: read("connection"),
-            proxy_connection: read("proxy-connection"),
-            content_length,
-            // Chunking only matters to a response without a length.
-            transfer_encoding: if content_length { None } else { read("transfer-encoding") },
+        let map = host::header_map(MapType::HttpResponseHeaders).unwrap_or_default();
+        ResponseHeaders::from_pairs(host::pairs(&map))
+    }
+
+    /// Only the names the decision reads are copied out; Envoy hands them lower-cased.
+    fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> ResponseHeaders {
+        let mut h = ResponseHeaders::default();
+        for (name, value) in pairs {
+            let value = || Some(String::from_utf8_lossy(value).into_owned());
+            match name {
+                b":status" => h.status = value(),
+                b"connection" => h.connection = value(),
+                b"proxy-connection" => h.proxy_connection = value(),
+                b"content-length" => h.content_length = true,
+                b"transfer-encoding" => h.transfer_encoding = value(),
+                _ => {}
+            }
         }
+        h
     }
 
     fn facts(&self) -> ResponseFacts<'_> {
@@ -284,5 +294,27 @@ impl HttpContext for HttpRole {
         debug!("closing client connection after this response: {}", reason.as_str());
         self.close_after = config.close_connection;
         Action::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(list: &[(&'static str, &'static str)]) -> ResponseHeaders {
+        ResponseHeaders::from_pairs(list.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
+    }
+
+    #[test]
+    fn facts_from_envoy_header_map() {
+        let h = headers(&[(":status", "200"), ("content-length", "2"), ("connection", "close")]);
+        let f = h.facts();
+        assert_eq!((f.status, f.connection, f.content_length), (200, Some("close"), true));
+        let h = headers(&[(":status", "200"), ("x-envoy-upstream-service-time", "0")]);
+        assert_eq!(crate::decision::upstream_end(&h.facts()), Some(Reason::CloseDelimited));
+        let h = headers(&[(":status", "200"), ("transfer-encoding", "chunked"), ("proxy-connection", "Close")]);
+        assert_eq!(crate::decision::upstream_end(&h.facts()), Some(Reason::ProxyConnectionClose));
+        assert_eq!(headers(&[(":status", "nope")]).facts().status, 0);
+        assert_eq!(headers(&[]).facts().status, 0);
     }
 }

@@ -14,7 +14,7 @@ use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
 /// Calls without which no close can be relayed: the response headers, the marker, the nonce,
 /// and the client buffer edits. The module must still pass everything through and keep counting.
 const RELAY_NEEDS: [Call; 6] = [
-    Call::GetHeaderMapValue,
+    Call::GetHeaderMapPairs,
     Call::AddHeaderMapValue,
     Call::GetProperty,
     Call::SetProperty,
