@@ -27,7 +27,7 @@ pub struct HttpRole {
     /// This connection's nonce, once read (the network role published it).
     nonce: Option<String>,
     /// This connection's state when its network role shares the VM; its in-flight count
-    /// includes this request until `on_done`.
+    /// includes this request until the stream ends (on drop).
     conn: Option<ConnRef>,
     /// Close the client connection when the stream ends (on drop), once the response is written.
     close_after: bool,
