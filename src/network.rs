@@ -100,23 +100,28 @@ pub fn close(conn: &ConnRef) -> bool {
 /// close already, or on a pod that is draining.
 pub fn sweep(draining: bool, grace_ms: u64, fresh_grace_ms: u64, metrics: &Metrics) {
     let now = host::coarse_now();
-    let due: Vec<(ConnRef, bool)> = CONNS.with(|c| {
+    let due: Vec<(ConnRef, bool, Activity)> = CONNS.with(|c| {
         c.borrow()
             .values()
             .filter_map(|conn| {
                 let c = conn.borrow();
                 let wanted = draining || c.close_pending;
                 (wanted && !c.closing && drain::idle(&c.activity, now, grace_ms, fresh_grace_ms))
-                    .then(|| (conn.clone(), c.close_pending))
+                    .then(|| (conn.clone(), c.close_pending, c.activity))
             })
             .collect()
     });
-    for (conn, told) in due {
+    for (conn, told, a) in due {
         if close(&conn) {
             if draining && !told {
                 metrics.idle_closed.inc();
             }
-            debug!("closed idle client connection (draining: {draining}, told to close: {told})");
+            debug!(
+                "closed idle client connection (draining: {draining}, told to close: {told}, quiet {} ms by \
+                 the tick clock, last bytes a response: {})",
+                now.saturating_sub(a.last_ms),
+                a.last_was_response
+            );
         }
     }
 }
