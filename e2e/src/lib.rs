@@ -63,16 +63,19 @@ pub fn envoy_version() -> &'static str {
 
 /// The module as `make build` ships it.
 pub fn wasm_path() -> PathBuf {
-    built("target/wasm32-wasip1/release/close_relay.wasm", "make build")
+    static CHECKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CHECKED.get_or_init(|| built("target/wasm32-wasip1/release/close_relay.wasm", "make build")).clone()
 }
 
 /// The module built with `--features fault-injection` (`make build-fault`): it traps on demand.
 pub fn fault_wasm_path() -> PathBuf {
-    built("target/fault/wasm32-wasip1/release/close_relay.wasm", "make build-fault")
+    static CHECKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CHECKED.get_or_init(|| built("target/fault/wasm32-wasip1/release/close_relay.wasm", "make build-fault")).clone()
 }
 
 /// A module the tests may load: present, and trimmed to close-relay's exports as shipped (a
 /// plain `cargo build` leaves every SDK export in, which Envoy would call and we never ship).
+/// Checked once per test binary: parsing the module takes a tenth of a second unoptimised.
 fn built(path: &str, make: &str) -> PathBuf {
     let p = repo_root().join(path);
     let bytes = fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}: run `{make}`", p.display()));
@@ -104,6 +107,22 @@ impl Proc {
 
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits until `ready`, for at most `timeout`; a process that exits first fails at once.
+    /// Either failure panics with what the process wrote to `log`. The timeouts are long because
+    /// a loaded machine (Envoys compiling the module on both cores) can hold a new process back
+    /// for seconds; a quiet one is ready in milliseconds.
+    pub fn wait_ready(&mut self, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ready() {
+            let exited = self.exited();
+            if exited || Instant::now() > deadline {
+                let said = fs::read_to_string(log).unwrap_or_default();
+                panic!("{} did not start (exited: {exited}); log {}:\n{said}", self.name, log.display());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     /// SIGTERM, as the kubelet sends it.
@@ -191,9 +210,7 @@ impl App {
         app
     }
 
-    /// Starts the app and waits until it listens; an app that exits first fails at once, with
-    /// what it said. The wait is long because a loaded machine (Envoys compiling the module on
-    /// both cores) can hold a new process back for seconds; a quiet one listens in milliseconds.
+    /// Starts the app and waits until it listens.
     fn launch(&mut self) {
         let port = self.port;
         let dir = repo_root().join("target/e2e");
@@ -204,14 +221,7 @@ impl App {
             "app",
             Command::new(app_bin()).args(["--port", &port.to_string()]).args(&self.args).stderr(stderr),
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !connectable(port) {
-            if proc.exited() || Instant::now() > deadline {
-                let said = fs::read_to_string(&log_path).unwrap_or_default();
-                panic!("app on 127.0.0.1:{port} did not listen (exited: {}): {said}", proc.exited());
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        proc.wait_ready(Duration::from_secs(30), &log_path, || connectable(port));
         self.proc = Some(proc);
     }
 
@@ -514,13 +524,9 @@ impl Envoy {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !(connectable(port) && admin_get(admin, "/ready").is_some_and(|b| b.contains("LIVE"))) {
-            if proc.exited() || Instant::now() > deadline {
-                panic!("envoy did not start; log:\n{}", fs::read_to_string(&log).unwrap_or_default());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        proc.wait_ready(Duration::from_secs(30), &log, || {
+            connectable(port) && admin_get(admin, "/ready").is_some_and(|b| b.contains("LIVE"))
+        });
         Envoy { port, admin, dir, proc, _leases: [port_lease, admin_lease] }
     }
 

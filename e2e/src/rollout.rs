@@ -274,7 +274,7 @@ impl Nginx {
         let path = dir.join("nginx.conf");
         fs::write(&path, conf).expect("write nginx.conf");
         let nginx = ["/usr/sbin/nginx", "nginx"].into_iter().find(|p| Path::new(p).exists() || *p == "nginx");
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "nginx",
             Command::new(nginx.unwrap_or("nginx"))
                 .arg("-p")
@@ -286,11 +286,7 @@ impl Nginx {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not start: {}", fs::read_to_string(dir.join("error.log")).unwrap_or_default());
-            thread::sleep(Duration::from_millis(20));
-        }
+        proc.wait_ready(Duration::from_secs(10), &dir.join("error.log"), || TcpStream::connect(("127.0.0.1", port)).is_ok());
         Nginx { port, proc, _lease: lease }
     }
 

@@ -314,26 +314,23 @@ fn render(
         t.push_str(&format!("\n{}\n", shape.title));
         t.push_str(&format!("  {:<14} {:>24} {:>10} {:>10} {:>10}\n", "config", "CPU/request ratio", "us/req", "+us", "req/s"));
         let us = |c: usize| median_min_max(cpu[s][c].iter().map(|x| x.cpu_us_per_req).collect()).0;
-        let ratios = |c: usize| {
-            median_min_max(cpu[s][c].iter().zip(&cpu[s][base]).map(|(x, b)| x.cpu_us_per_req / b.cpu_us_per_req).collect())
+        // Configuration `a`'s CPU per request over `b`'s, per round, so a round's noise cancels.
+        let ratio = |a: usize, b: usize| {
+            median_min_max(cpu[s][a].iter().zip(&cpu[s][b]).map(|(x, y)| x.cpu_us_per_req / y.cpu_us_per_req).collect())
         };
         let mut rows = serde_json::Map::new();
         for (c, config) in configs.iter().enumerate() {
-            let (m, lo, hi) = ratios(c);
+            let (m, lo, hi) = ratio(c, base);
             let rps = median_min_max(cpu[s][c].iter().map(|x| x.rps).collect()).0;
-            let ratio = if c == base { "1".to_string() } else { format!("{m:.3} ({lo:.3}-{hi:.3})") };
+            let cell = if c == base { "1".to_string() } else { format!("{m:.3} ({lo:.3}-{hi:.3})") };
             let extra = if c == base { "-".to_string() } else { format!("{:+.2}", us(c) - us(base)) };
-            t.push_str(&format!("  {:<14} {:>24} {:>10.2} {:>10} {:>10.0}\n", config.name, ratio, us(c), extra, rps));
+            t.push_str(&format!("  {:<14} {:>24} {:>10.2} {:>10} {:>10.0}\n", config.name, cell, us(c), extra, rps));
             rows.insert(
                 config.name.clone(),
                 json!({"cpu_ratio": {"median": m, "min": lo, "max": hi}, "cpu_us_per_request": us(c), "rps": rps}),
             );
         }
-        // Against the peer and the floor, per round, so the same round's noise cancels.
-        let per_round = |other: usize| {
-            median_min_max(cpu[s][relay].iter().zip(&cpu[s][other]).map(|(x, o)| x.cpu_us_per_req / o.cpu_us_per_req).collect())
-        };
-        let (vs_lua, vs_floor) = (per_round(lua), per_round(floor));
+        let (vs_lua, vs_floor) = (ratio(relay, lua), ratio(relay, floor));
         goals.push(format!(
             "  {:<6} close-relay / lua peer {:.3} ({:.3}-{:.3}): <= 1 {}; close-relay / floor {:.3} ({:.3}-{:.3}): <= 1.05 {}",
             shape.key,
