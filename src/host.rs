@@ -20,7 +20,7 @@ use crate::decision::SkipReason;
 use crate::drain::Source;
 
 /// Connection filter-state key through which the network role announces itself and its
-/// per-connection nonce to the HTTP role, across VMs too.
+/// connection's `link::Address` (its VM's queue and a nonce) to the HTTP role, across VMs too.
 pub const NONCE_PROPERTY: &str = "close_relay_nonce";
 
 #[allow(clashing_extern_declarations)]
@@ -454,23 +454,26 @@ pub fn register_queue(name: &str) -> Option<u32> {
     Some(token)
 }
 
-pub fn enqueue(token: u32) -> Result<(), HostError> {
-    const ITEM: &[u8] = b"drain";
-    // SAFETY: pointer and length of a static slice.
-    invoke(Call::EnqueueSharedQueue, || unsafe { proxy_enqueue_shared_queue(token, ITEM.as_ptr(), ITEM.len()) })
+pub fn enqueue(token: u32, item: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointer and length of a live slice; the host copies it.
+    invoke(Call::EnqueueSharedQueue, || unsafe { proxy_enqueue_shared_queue(token, item.as_ptr(), item.len()) })
 }
 
-/// Empties a shared queue (its items only say "look now").
-pub fn drain_queue(token: u32) {
+/// Empties a shared queue; its items, oldest first (bounded: a queue that keeps filling is
+/// read again on its next wake-up).
+pub fn drain_queue(token: u32) -> Vec<Bytes> {
+    let mut items = Vec::new();
     for _ in 0..1024 {
         let (mut data, mut size) = (std::ptr::null_mut(), 0);
         // SAFETY: out-pointers to locals.
         let item = invoke(Call::DequeueSharedQueue, || unsafe { proxy_dequeue_shared_queue(token, &mut data, &mut size) });
-        drop(owned(data, size));
+        let bytes = owned(data, size);
         if item.is_err() {
             break; // Empty (7), or the queue is gone
         }
+        items.extend(bytes);
     }
+    items
 }
 
 /// GET `path` through Envoy `cluster`; the answer arrives in the root's

@@ -1,8 +1,9 @@
 //! The HTTP role: looks at each response and decides whether the client connection must end
 //! (the app ended its own, Envoy could not reach the app, or the pod is draining). Then it marks
 //! the response for the network role, and when both share a VM, closes the client connection
-//! once the response is written. It also reports app failures, which start a drain, and, in a
-//! shared VM, which connections have a request in flight.
+//! once the response is written. It also reports app failures, which start a drain, and which
+//! connections have a request in flight: directly in a shared VM, by notes on the network VM's
+//! queue from another VM (`link`).
 
 use std::rc::Rc;
 
@@ -13,6 +14,7 @@ use proxy_wasm::types::{Action, MapType};
 use crate::config::Config;
 use crate::decision::{decide, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner};
 use crate::drain::Source;
+use crate::link::{Address, Note};
 use crate::network::{self, ConnRef};
 use crate::{host, pod, wire, Shared};
 
@@ -24,44 +26,78 @@ const FLAG_UPSTREAM_CONNECTION_TERMINATION: u64 = 1 << 6; // UC
 pub struct HttpRole {
     shared: Rc<Shared>,
     request: RequestFacts,
-    /// This connection's nonce, once read (the network role published it).
-    nonce: Option<String>,
+    /// This connection's address, once read (the network role published it).
+    address: Option<Address>,
     /// This connection's state when its network role shares the VM; its in-flight count
     /// includes this request until the stream ends (on drop).
     conn: Option<ConnRef>,
+    /// The network role is in another VM and was told this request began.
+    begun_there: bool,
     /// Close the client connection when the stream ends (on drop), once the response is written.
     close_after: bool,
 }
 
 impl HttpRole {
     pub fn new(shared: Rc<Shared>) -> Self {
-        HttpRole { shared, request: RequestFacts::default(), nonce: None, conn: None, close_after: false }
+        HttpRole {
+            shared,
+            request: RequestFacts::default(),
+            address: None,
+            conn: None,
+            begun_there: false,
+            close_after: false,
+        }
     }
 
-    fn nonce(&mut self) -> Option<String> {
-        if self.nonce.is_none() {
+    fn address(&mut self) -> Option<&Address> {
+        if self.address.is_none() {
             let raw = host::get_property(&[host::NONCE_PROPERTY])?;
-            self.nonce = Some(String::from_utf8_lossy(&raw).into_owned());
+            self.address = Some(Address::parse(String::from_utf8_lossy(&raw).into_owned()));
         }
-        self.nonce.clone()
+        self.address.as_ref()
     }
 
-    /// In a shared VM, counts this request against its connection so the idle sweep never
-    /// closes a connection with a request in flight.
+    /// The network VM's queue when the network role is in another VM and has one.
+    fn other_vm(&self) -> Option<u32> {
+        let address = self.address.as_ref().filter(|a| a.token != 0)?;
+        self.conn.is_none().then_some(address.token)
+    }
+
+    /// Counts this request against its connection so the idle sweep never closes a connection
+    /// with a request in flight: directly in a shared VM, else by a note to the network VM.
     fn track_request(&mut self) {
-        let Some(conn) = self.nonce().and_then(|n| network::conn_for(&n)) else { return };
-        {
-            let mut c = conn.borrow_mut();
-            c.activity.tracked = true;
-            c.activity.in_flight += 1;
-            c.http_role_here = true;
+        let Some(address) = self.address() else { return };
+        match network::conn_for(&address.text) {
+            Some(conn) => {
+                {
+                    let mut c = conn.borrow_mut();
+                    c.activity.in_flight += 1;
+                    c.http_role_here = true;
+                }
+                self.conn = Some(conn);
+            }
+            None if address.token != 0 => {
+                self.begun_there = pod::send(address.token, &Note::Begin(address.text.clone()));
+            }
+            None => {}
         }
-        self.conn = Some(conn);
+    }
+
+    /// A drain source this request turned on; with different `vm_id`s the network VM keeps its
+    /// own record, so it is told too (a same-`vm_id` network VM already sees it: a no-op there).
+    fn entered(&mut self, source: Source, until: u64) {
+        if !pod::enter(source, until, &self.shared.metrics) {
+            return;
+        }
+        self.address();
+        if let Some(token) = self.other_vm() {
+            pod::send(token, &Note::Enter { source, until });
+        }
     }
 
     /// Envoy's own 5xx for an app it could not reach: signals for this response, and an app
     /// failure for the whole pod.
-    fn upstream_failure(&self, config: &Config, status: u16) -> bool {
+    fn upstream_failure(&mut self, config: &Config, status: u16) -> bool {
         if status < 500 {
             return false;
         }
@@ -71,7 +107,7 @@ impl HttpRole {
         let failure = &config.drain.app_failure;
         if config.drain.enabled && failure.enabled && (refused || (failure.resets && reset)) {
             debug!("app failure (response flags {flags:#x}): pod draining for {} ms", failure.hold_ms);
-            pod::enter(Source::AppFailure, host::now_ms() + failure.hold_ms, &self.shared.metrics);
+            self.entered(Source::AppFailure, host::now_ms() + failure.hold_ms);
         }
         refused && config.close_on_connect_failure
     }
@@ -183,26 +219,27 @@ impl Context for HttpRole {}
 /// (`crate::EXPORTS`).
 impl Drop for HttpRole {
     fn drop(&mut self) {
-        let conn = self.conn.take();
-        if let Some(conn) = &conn {
-            let mut c = conn.borrow_mut();
-            c.activity.in_flight = c.activity.in_flight.saturating_sub(1);
-            c.activity.last_ms = host::coarse_now();
-            c.activity.last_was_response = true;
-        }
-        if std::mem::take(&mut self.close_after) {
-            close_client(conn.or_else(|| self.nonce.as_deref().and_then(network::conn_for)));
+        let close = std::mem::take(&mut self.close_after);
+        if let Some(conn) = self.conn.take() {
+            conn.borrow_mut().activity.request_done(host::coarse_now());
+            if close {
+                close_soon(&conn);
+            }
+        } else if let Some(token) = self.other_vm().filter(|_| self.begun_there || close) {
+            let conn = self.address.take().map(|a| a.text).unwrap_or_default();
+            let sent = pod::send(token, &Note::End { conn, begun: self.begun_there, close });
+            if close && !sent {
+                debug!("network VM unreachable; the client connection closes on its next request or when idle");
+            }
+        } else if close {
+            debug!("network role is in another VM without a queue; it closes on the next request or when idle");
         }
     }
 }
 
-/// Closes the client connection of a relayed response, when its network role shares the VM.
-fn close_client(conn: Option<ConnRef>) {
-    let Some(conn) = conn else {
-        debug!("network role is in another VM; it closes on the next request or when idle");
-        return;
-    };
-    if !network::close_soon(&conn) {
+/// Closes the client connection of a relayed response on the next dispatcher turn.
+fn close_soon(conn: &ConnRef) {
+    if !network::close_soon(conn) {
         debug!("no wake queue; the client connection closes on the next tick");
     }
 }
@@ -252,7 +289,7 @@ impl HttpContext for HttpRole {
         if app_ended(reason) {
             let closes = &config.drain.app_closes;
             if config.drain.enabled && closes.enabled && pod::count_app_close(closes.window_ms, closes.threshold) {
-                pod::enter(Source::AppCloses, host::now_ms() + closes.hold_ms, &metrics);
+                self.entered(Source::AppCloses, host::now_ms() + closes.hold_ms);
             }
             if !config.relay_upstream_close {
                 if !signals.draining {
@@ -262,7 +299,7 @@ impl HttpContext for HttpRole {
                 reason = Reason::Draining;
             }
         }
-        let Some(nonce) = self.nonce() else {
+        let Some(address) = self.address().map(|a| a.text.clone()) else {
             metrics.skipped(SkipReason::NoNetworkRole).inc();
             if !WARNED_NO_NETWORK_ROLE.replace(true) {
                 warn!(
@@ -272,12 +309,12 @@ impl HttpContext for HttpRole {
             }
             return Action::Continue;
         };
-        if let Err(e) = host::add_header(MapType::HttpResponseHeaders, wire::MARKER, &nonce) {
+        if let Err(e) = host::add_header(MapType::HttpResponseHeaders, wire::MARKER, &address) {
             warn!("close-relay: cannot mark the response, not relayed: {e:?}");
             return Action::Continue;
         }
         if self.conn.is_none() {
-            self.conn = network::conn_for(&nonce);
+            self.conn = network::conn_for(&address);
         }
         if let Some(conn) = &self.conn {
             // Same VM: tell the network role which head to rewrite, so it reads no other.

@@ -21,6 +21,7 @@ pub mod decision;
 pub mod drain;
 pub mod host;
 pub mod http;
+pub mod link;
 pub mod network;
 pub mod pod;
 pub mod root;

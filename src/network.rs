@@ -1,6 +1,8 @@
 //! The network role: sits before the HCM and sees the bytes Envoy writes to the client.
 //! - Rewrites the HTTP role's marker into `connection: close`.
-//! - When the HTTP role could not close the connection itself (different VM), adds
+//! - Keeps this VM's registry of client connections, which a same-VM HTTP role updates directly
+//!   and one in another VM through notes on this VM's queue (`link`).
+//! - When no HTTP role could close the connection after a relayed close (no queue), adds
 //!   `connection: close` to the client's next request, so the HCM answers with close and closes.
 //! - Closes idle connections while the pod drains, and those already told to close.
 
@@ -14,6 +16,7 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::drain::{self, Activity};
 use crate::host::{self, Metrics};
+use crate::link::{Address, Note};
 use crate::wire::{self, Edit, HeadRewrite, HeadStep};
 use crate::{pod, Shared};
 
@@ -46,8 +49,9 @@ pub struct Conn {
 pub type ConnRef = Rc<RefCell<Conn>>;
 
 thread_local! {
-    /// Connections of this VM by nonce. One VM runs on one worker thread and a connection stays
-    /// on its worker, so an HTTP role that finds its nonce here shares the VM.
+    /// Connections of this VM by address (`link::Address::text`). One VM runs on one worker
+    /// thread and a connection stays on its worker, so an HTTP role that finds its address here
+    /// shares the VM.
     static CONNS: RefCell<HashMap<String, ConnRef>> = RefCell::new(HashMap::new());
 }
 
@@ -71,9 +75,9 @@ pub fn close_requested() -> u64 {
     due.iter().map(|conn| u64::from(close(conn))).sum()
 }
 
-/// The connection with `nonce`, if its network role lives in this VM.
-pub fn conn_for(nonce: &str) -> Option<ConnRef> {
-    CONNS.with(|c| c.borrow().get(nonce).cloned())
+/// The connection at `address`, if its network role lives in this VM.
+pub fn conn_for(address: &str) -> Option<ConnRef> {
+    CONNS.with(|c| c.borrow().get(address).cloned())
 }
 
 /// Closes a client connection after what was written to it is flushed, acting as its network
@@ -94,6 +98,27 @@ pub fn close(conn: &ConnRef) -> bool {
             false
         }
     }
+}
+
+/// A note from an HTTP role in another VM about one of this VM's connections, as a same-VM HTTP
+/// role would have said it (`http.rs`). True when it closed the connection.
+pub fn hear(note: &Note) -> bool {
+    let (conn, ended, close_now) = match note {
+        Note::Begin(conn) => (conn, false, false),
+        Note::End { conn, begun, close } => (conn, *begun, *close),
+        Note::Wake | Note::Enter { .. } => return false,
+    };
+    // Gone already (closed, or a note from before a config update): nothing to do.
+    let Some(conn) = conn_for(conn) else { return false };
+    {
+        let mut c = conn.borrow_mut();
+        match note {
+            Note::Begin(_) => c.activity.in_flight += 1,
+            _ if ended => c.activity.request_done(host::coarse_now()),
+            _ => {}
+        }
+    }
+    close_now && close(&conn)
 }
 
 /// On each tick of the network root: closes connections that are idle and either told to
@@ -136,14 +161,15 @@ fn apply(buffer: BufferType, edit: &Edit) -> bool {
 
 pub struct NetworkRole {
     shared: Rc<Shared>,
-    nonce: Option<String>,
+    /// This connection's [`Address`] text, once published; also the marker's value.
+    address: Option<String>,
     conn: ConnRef,
 }
 
 impl NetworkRole {
     pub fn new(id: u32, shared: Rc<Shared>) -> Self {
         let conn = Rc::new(RefCell::new(Conn { context_id: id, ..Conn::default() }));
-        NetworkRole { shared, nonce: None, conn }
+        NetworkRole { shared, address: None, conn }
     }
 
     /// Same VM: the next head is marked; rewrite it, holding back pieces until it is whole.
@@ -170,8 +196,8 @@ impl NetworkRole {
         }
     }
 
-    /// Separate VMs: nobody says which writes carry a marked head, so any that starts one is
-    /// read, and the head must come whole in that write.
+    /// Separate VMs: notes arrive a dispatcher turn late, so nobody says in time which writes
+    /// carry a marked head; any that starts one is read, and the head must come whole in it.
     fn rewrite_head(&self, size: usize, nonce: &str, max_head: usize) {
         let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else {
             return;
@@ -222,8 +248,8 @@ impl Drop for NetworkRole {
     fn drop(&mut self) {
         // An HTTP role may still hold this connection; it must never act as a finished context.
         self.conn.borrow_mut().closing = true;
-        if let Some(nonce) = self.nonce.take() {
-            let _ = CONNS.try_with(|c| c.borrow_mut().remove(&nonce));
+        if let Some(address) = self.address.take() {
+            let _ = CONNS.try_with(|c| c.borrow_mut().remove(&address));
         }
     }
 }
@@ -244,14 +270,14 @@ impl StreamContext for NetworkRole {
         if self.shared.active().is_none() {
             return Action::Continue;
         }
-        let nonce = host::nonce();
-        if let Err(e) = host::set_property(host::NONCE_PROPERTY, nonce.as_bytes()) {
+        let address = Address::new(pod::own_queue().unwrap_or(0), &host::nonce()).text;
+        if let Err(e) = host::set_property(host::NONCE_PROPERTY, address.as_bytes()) {
             warn!("close-relay: cannot announce the network role on this connection: {e:?}");
             return Action::Continue;
         }
         self.conn.borrow_mut().activity.last_ms = host::coarse_now();
-        CONNS.with(|c| c.borrow_mut().insert(nonce.clone(), self.conn.clone()));
-        self.nonce = Some(nonce);
+        CONNS.with(|c| c.borrow_mut().insert(address.clone(), self.conn.clone()));
+        self.address = Some(address);
         Action::Continue
     }
 
@@ -280,7 +306,7 @@ impl StreamContext for NetworkRole {
     }
 
     fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        let (Some(config), Some(nonce)) = (self.shared.active(), self.nonce.as_deref()) else {
+        let (Some(config), Some(nonce)) = (self.shared.active(), self.address.as_deref()) else {
             return Action::Continue;
         };
         let (marked, http_role_here) = {

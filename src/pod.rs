@@ -7,6 +7,7 @@ use log::info;
 
 use crate::drain::{self, DrainState, Source, Window, UNTIL_CLEARED};
 use crate::host::{self, Metrics};
+use crate::link::Note;
 
 const STATE_KEY: &str = "close_relay.drain";
 const CLOSES_KEY: &str = "close_relay.app_closes";
@@ -47,18 +48,31 @@ pub fn refresh(metrics: &Metrics) -> bool {
 }
 
 /// Turns `source` on until `until` (ms since the epoch, or [`UNTIL_CLEARED`]). The worker
-/// whose write turns it on counts the entry.
-pub fn enter(source: Source, until: u64, metrics: &Metrics) {
+/// whose write turns it on counts the entry, and learns it did: true.
+pub fn enter(source: Source, until: u64, metrics: &Metrics) -> bool {
+    let entered = record(source, until);
+    if entered {
+        metrics.entered(source).inc();
+    }
+    entered
+}
+
+/// [`enter`] for a source an HTTP role in another VM already counted (`link::Note::Enter`):
+/// with different `vm_id`s this VM keeps its own record, which must learn it too.
+pub fn enter_forwarded(source: Source, until: u64) {
+    record(source, until);
+}
+
+fn record(source: Source, until: u64) -> bool {
     let now = host::now_ms();
     let entered = host::shared_update(STATE_KEY, |current| {
         let mut state = DrainState::decode(current);
         let entered = state.enter(source, until, now);
         Some((state.encode(), entered))
-    });
-    if entered == Some(true) {
+    }) == Some(true);
+    if entered {
         wake_all();
-        metrics.entered(source).inc();
-        let until = if until == UNTIL_CLEARED { "cleared".into() } else { format!("+{} ms", until - now) };
+        let until = if until == UNTIL_CLEARED { "cleared".into() } else { format!("+{} ms", until.saturating_sub(now)) };
         info!("close-relay: pod draining, source {} (until {until})", source.as_str());
     }
     if until > now {
@@ -67,6 +81,7 @@ pub fn enter(source: Source, until: u64, metrics: &Metrics) {
             APP_GOING.set(true);
         }
     }
+    entered
 }
 
 /// Turns `source` off, when its cause has cleared (e.g. `healthcheck/ok`).
@@ -113,9 +128,20 @@ pub fn register_wake() -> Option<u32> {
     Some(token)
 }
 
+/// This VM's queue, once its network root registered one: published in each connection's
+/// [`crate::link::Address`].
+pub fn own_queue() -> Option<u32> {
+    OWN_WAKE.get()
+}
+
+/// Sends `note` to the network root that owns `token`; false if it cannot (the queue is gone).
+pub fn send(token: u32, note: &Note) -> bool {
+    host::enqueue(token, &note.encode()).is_ok()
+}
+
 /// Wakes this VM's network root on the next dispatcher turn; false without a wake queue.
 pub fn wake_self() -> bool {
-    OWN_WAKE.get().is_some_and(|token| host::enqueue(token).is_ok())
+    OWN_WAKE.get().is_some_and(|token| send(token, &Note::Wake))
 }
 
 fn wake_all() {
@@ -124,7 +150,7 @@ fn wake_all() {
         let [token] = drain::decode_u64s::<1>(chunk);
         // A token of a VM that is gone fails; nothing to do about it.
         if let Ok(token) = u32::try_from(token) {
-            let _ = host::enqueue(token);
+            send(token, &Note::Wake);
         }
     }
 }

@@ -12,6 +12,7 @@ use proxy_wasm::types::{BufferType, ContextType};
 use crate::config::{self, Config, Role, Target};
 use crate::drain::{self, DrainStats, Source, UNTIL_CLEARED};
 use crate::host::{self, Metrics};
+use crate::link::Note;
 use crate::{http, network, pod, Shared};
 
 /// Without drain awareness the tick only flushes batched metrics; once a second is enough.
@@ -132,6 +133,20 @@ impl Root {
 }
 
 impl Root {
+    /// Applies what this VM's queue carries (`link::Note`); returns how many connections that
+    /// closed.
+    fn read_queue(&self, queue_id: u32) -> u64 {
+        let mut closed = 0;
+        for item in host::drain_queue(queue_id) {
+            match Note::decode(&item) {
+                Some(Note::Enter { source, until }) => pod::enter_forwarded(source, until),
+                Some(note) => closed += u64::from(network::hear(&note)),
+                None => debug!("ignored a queue item this version did not write"),
+            }
+        }
+        closed
+    }
+
     fn sweep(&self, draining: bool) {
         let Some(config) = self.shared.active() else { return };
         if self.role == Role::Network {
@@ -205,6 +220,13 @@ impl RootContext for Root {
             return;
         }
         let drain = config.drain.clone();
+        if let Some(queue) = pod::own_queue().filter(|_| self.role == Role::Network) {
+            // Notes from HTTP roles in other VMs first: the sweep must count their requests.
+            let closed = self.read_queue(queue);
+            if closed > 0 {
+                self.shared.metrics.connections_closed.add(closed);
+            }
+        }
         let draining = pod::refresh(&self.shared.metrics);
         if drain.sidecar.enabled && claim(SIDECAR_POLL_KEY, drain.sidecar.interval_ms) {
             self.poll(0, drain.sidecar.target(), "/ready", Call::Ready);
@@ -217,8 +239,8 @@ impl RootContext for Root {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        host::drain_queue(queue_id);
-        let closed = network::close_requested();
+        let heard = self.read_queue(queue_id);
+        let closed = heard + network::close_requested();
         if closed > 0 {
             self.shared.metrics.connections_closed.add(closed);
             debug!("closed {closed} client connection(s) after their response");

@@ -256,14 +256,46 @@ impl App {
     }
 }
 
+/// Where the two roles run: the relay, drain, rollout and soak suites run every scenario in
+/// both (`CLOSE_RELAY_LAYOUT=one|split`, `make test` runs each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Both roles in one VM per worker (same vm_id, code and configuration): Istio with an
+    /// `oci://` image, and on Envoy < 1.39 any pair of WasmPlugins.
+    One,
+    /// Each role in its own VM (different vm_ids): EnvoyFilter users who name them apart. The
+    /// strictest split: shared data is kept per vm_id too, so nothing but the queue notes
+    /// (`src/link.rs`) crosses. Istio's own split (one vm_id, different environments, Envoy
+    /// >= 1.39) is tested through its emulation in the istio suite.
+    Split,
+}
+
+impl Layout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::One => "one VM",
+            Layout::Split => "split VMs",
+        }
+    }
+}
+
+/// The layout under test: `$CLOSE_RELAY_LAYOUT` (`one`, the default, or `split`).
+pub fn layout() -> Layout {
+    match std::env::var("CLOSE_RELAY_LAYOUT").as_deref() {
+        Ok("split") => Layout::Split,
+        Ok("one") | Err(_) => Layout::One,
+        Ok(other) => panic!("CLOSE_RELAY_LAYOUT={other}: expected one or split"),
+    }
+}
+
 /// How close-relay is loaded into the test Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
     /// Plain sidecar: the bug.
     None,
-    /// Both roles in one VM (same vm_id), as Istio probably does with one image.
-    SameVm,
-    /// Each role in its own VM (different vm_id), as EnvoyFilter users may configure.
+    /// Both roles, in the layout under test ([`layout`]).
+    CloseRelay,
+    /// Each role in its own VM (different vm_id), whatever the layout under test.
     SeparateVms,
     /// Only the HTTP role, a misconfiguration that must not break anything.
     HttpOnly,
@@ -321,6 +353,17 @@ impl EnvoySpec {
     }
 }
 
+impl EnvoySpec {
+    /// Where the roles run, when both are loaded.
+    pub fn layout(&self) -> Option<Layout> {
+        match self.filter {
+            Filter::CloseRelay => Some(layout()),
+            Filter::SeparateVms => Some(Layout::Split),
+            _ => None,
+        }
+    }
+}
+
 fn wasm_filter(spec: &EnvoySpec, kind: &str, root_id: &str, vm_id: &str, config: &str) -> Value {
     let mut vm_config = json!({
         "vm_id": vm_id,
@@ -351,12 +394,12 @@ fn wasm_filter(spec: &EnvoySpec, kind: &str, root_id: &str, vm_id: &str, config:
 
 /// An Istio-like inbound sidecar listener: [network role] -> HCM([http role] -> router).
 pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
-    let (net_vm, http_vm) = match spec.filter {
-        Filter::SeparateVms => ("close_relay_net", "close_relay_http"),
+    let (net_vm, http_vm) = match spec.layout() {
+        Some(Layout::Split) => ("close_relay_net", "close_relay_http"),
         _ => ("close_relay", "close_relay"),
     };
     let mut filters = Vec::new();
-    if matches!(spec.filter, Filter::SameVm | Filter::SeparateVms) {
+    if matches!(spec.filter, Filter::CloseRelay | Filter::SeparateVms) {
         filters.push(wasm_filter(spec, "network", "close_relay_network", net_vm, &spec.network_config));
     }
     let mut http_filters = Vec::new();
@@ -444,6 +487,9 @@ pub struct Envoy {
     pub dir: PathBuf,
     proc: Proc,
     _leases: [Port; 2],
+    /// Wasm VMs Envoy built at start (`wasm.envoy.wasm.runtime.v8.active`): in split VMs twice
+    /// as many as in one.
+    pub vms: u64,
 }
 
 impl Envoy {
@@ -478,7 +524,14 @@ impl Envoy {
         }
         let file = dir.join("envoy.json");
         fs::write(&file, config.to_string()).expect("write config");
-        Envoy::launch_with(dir, &file, port, admin, &args, DEBUG_LOG)
+        let envoy = Envoy::launch_with(dir, &file, port, admin, &args, DEBUG_LOG);
+        if let Some(layout) = spec.layout() {
+            // Per VM key Envoy builds one VM per worker, one for the main thread and the base
+            // VM they are cloned from.
+            let want = (u64::from(spec.concurrency) + 2) * if layout == Layout::Split { 2 } else { 1 };
+            assert_eq!(envoy.vms, want, "{name}: {} asked, but Envoy built {} wasm VMs", layout.as_str(), envoy.vms);
+        }
+        envoy
     }
 
     /// Replaces the LDS listener (atomically: write, then move into the watched directory).
@@ -527,7 +580,35 @@ impl Envoy {
         proc.wait_ready(Duration::from_secs(30), &log, || {
             connectable(port) && admin_get(admin, "/ready").is_some_and(|b| b.contains("LIVE"))
         });
-        Envoy { port, admin, dir, proc, _leases: [port_lease, admin_lease] }
+        let mut envoy = Envoy { port, admin, dir, proc, _leases: [port_lease, admin_lease], vms: 0 };
+        envoy.vms = envoy.counter("wasm.envoy.wasm.runtime.v8.active");
+        if envoy.vms > 0 {
+            eprintln!("[envoy {}] {}: {} wasm VMs active", envoy_version(), envoy.name(), envoy.vms);
+        }
+        envoy
+    }
+
+    fn name(&self) -> String {
+        self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// Which way close-relay closed client connections, for the test's output: right after a
+    /// relayed response (either layout), on the client's next request (the fallback), or idle.
+    fn report_closes(&self) {
+        if self.vms == 0 {
+            return;
+        }
+        let closes = ["connections_closed", "requests_closed", "idle_closed"]
+            .map(|c| self.counter(&format!("wasmcustom.close_relay_{c}_total")));
+        eprintln!(
+            "[envoy {}] {}: {} VMs; closed after the response {}, on the next request {}, idle {}",
+            envoy_version(),
+            self.name(),
+            self.vms,
+            closes[0],
+            closes[1],
+            closes[2]
+        );
     }
 
     pub fn log(&self) -> String {
@@ -618,6 +699,8 @@ impl Envoy {
     /// Stops Envoy (by PID) as the kubelet does when the sidecar's time is up: SIGTERM, then
     /// SIGKILL if it is still there after a second. SIGTERM lets it flush its log.
     pub fn stop(mut self) {
+        self.report_closes();
+        self.vms = 0;
         self.proc.terminate();
         let deadline = Instant::now() + Duration::from_secs(1);
         while !self.proc.exited() && Instant::now() < deadline {
@@ -627,6 +710,14 @@ impl Envoy {
 
     pub fn connect(&self) -> Conn {
         Conn::open(self.port)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if !self.proc.exited() {
+            self.report_closes();
+        }
     }
 }
 
@@ -803,6 +894,15 @@ impl Conn {
     }
 
     /// Reads whatever raw bytes arrive within `within` (for upgraded connections).
+    /// Waits until `want` bytes have arrived, keeping them for the next response read; false if
+    /// they did not within `within`.
+    pub fn received(&mut self, want: usize, within: Duration) -> bool {
+        let _ = self.stream.set_read_timeout(Some(within));
+        while self.buf.len() < want && matches!(self.fill(), Ok(n) if n > 0) {}
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(10)));
+        self.buf.len() >= want
+    }
+
     pub fn read_raw(&mut self, want: usize, within: Duration) -> Vec<u8> {
         let _ = self.stream.set_read_timeout(Some(within));
         while self.buf.len() < want && matches!(self.fill(), Ok(n) if n > 0) {}

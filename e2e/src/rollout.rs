@@ -310,7 +310,7 @@ impl Pod {
         let (prestop, timeout) = (spec.prestop_ms.to_string(), spec.app_shutdown_timeout_ms.to_string());
         args.extend(["--prestop-ms", &prestop, "--shutdown-timeout-ms", &timeout]);
         let app = App::start_with(&args);
-        let filter = if spec.close_relay { Filter::SameVm } else { Filter::None };
+        let filter = if spec.close_relay { Filter::CloseRelay } else { Filter::None };
         let mut envoy_spec = EnvoySpec::new(filter, app.port);
         let config = spec.relay_config();
         envoy_spec.network_config = match config.strip_prefix('{') {

@@ -258,7 +258,7 @@ pub struct Soak {
 /// Runs the soak for `seconds` (faults every 20 s, the first after 3 s).
 pub fn run(seconds: u64) -> Soak {
     let stacks: Vec<Arc<Stack>> =
-        vec![Arc::new(Stack::start("baseline", Filter::None)), Arc::new(Stack::start("close-relay", Filter::SameVm))];
+        vec![Arc::new(Stack::start("baseline", Filter::None)), Arc::new(Stack::start("close-relay", Filter::CloseRelay))];
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut workers = Vec::new();

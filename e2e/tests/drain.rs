@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
+use e2e::{App, Conn, Envoy, EnvoySpec, Filter, Layout};
 
 const BUSY: usize = 3;
 const IDLE: usize = 3;
@@ -93,8 +93,9 @@ fn all_closed(envoy: &Envoy, mut pool: Pool, trigger: Instant, path: &str) -> (D
 
 fn report(source: &str, setup: &str, took: Duration) {
     eprintln!(
-        "[envoy {}] drain source {source} ({setup}): trigger -> last connection closed in {} ms",
+        "[envoy {}] drain source {source} ({setup}, {}): trigger -> last connection closed in {} ms",
         e2e::envoy_version(),
+        e2e::layout().as_str(),
         took.as_millis()
     );
 }
@@ -104,12 +105,17 @@ fn start(name: &str, spec: EnvoySpec) -> Envoy {
 }
 
 fn spec(app: &App) -> EnvoySpec {
-    EnvoySpec::new(Filter::SameVm, app.port)
+    EnvoySpec::new(Filter::CloseRelay, app.port)
+}
+
+/// Shared data is per vm_id: in split VMs each VM group keeps, polls and enters its own drain
+/// state, so a source both roles watch is entered once per group.
+fn vm_groups(spec: &EnvoySpec) -> u64 {
+    if spec.layout() == Some(Layout::Split) { 2 } else { 1 }
 }
 
 fn healthcheck_fail(name: &str, spec: EnvoySpec, setup: &str) {
-    // Shared data is per vm_id: each VM group keeps, and enters, its own drain state.
-    let vm_groups = if spec.filter == Filter::SeparateVms { 2 } else { 1 };
+    let vm_groups = vm_groups(&spec);
     let envoy = start(name, spec);
     let pool = pool(&envoy);
     let trigger = Instant::now();
@@ -146,22 +152,18 @@ fn healthcheck_fail_closes_everything_on_a_modify_only_listener() {
 }
 
 #[test]
-fn healthcheck_fail_closes_everything_with_roles_in_separate_vms() {
-    let app = App::start();
-    let spec = EnvoySpec { filter: Filter::SeparateVms, ..spec(&app) };
-    healthcheck_fail("hc-sepvm", spec, "separate VMs");
-}
-
-#[test]
 fn istio_agent_drain_listeners_closes_everything() {
     let app = App::start();
-    let envoy = start("drain-listeners", spec(&app));
+    let spec = spec(&app);
+    let groups = vm_groups(&spec);
+    let envoy = start("drain-listeners", spec);
     let pool = pool(&envoy);
     let trigger = Instant::now();
     envoy.admin_post("/drain_listeners?inboundonly&graceful");
     let (took, statuses) = all_closed(&envoy, pool, trigger, "/keep");
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_sidecar_drain_total"), 1);
+    let entered = "wasmcustom.close_relay_drain_entered_sidecar_drain_total";
+    assert_eq!(envoy.counter_reaching(entered, groups, Duration::from_secs(3)), groups);
     assert!(envoy.counter("wasmcustom.close_relay_idle_closed_total") >= IDLE as u64);
     report("sidecar_drain (drain_listeners?inboundonly&graceful)", "--drain-strategy immediate", took);
 }
@@ -254,12 +256,14 @@ fn app_readiness_failing_closes_everything_and_recovering_ends_it() {
     let ready = r#""drain": {"app_readiness": {"enabled": true, "cluster": "inbound|8080||", "path": "/ready"}}"#;
     spec.http_config = format!("{{{ready}}}");
     spec.network_config = format!(r#"{{"role": "network", {ready}}}"#);
+    let groups = vm_groups(&spec);
     let envoy = start("app-readiness", spec);
     let pool = pool(&envoy);
     let trigger = Instant::now();
     app.set_ready(false);
     let (took, _) = all_closed(&envoy, pool, trigger, "/keep");
-    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_readiness_total"), 1);
+    let entered = "wasmcustom.close_relay_drain_entered_app_readiness_total";
+    assert_eq!(envoy.counter_reaching(entered, groups, Duration::from_secs(3)), groups);
     report("app_readiness (/ready answers 503)", "probe every 1 s", took);
     app.set_ready(true);
     let recovered = Instant::now();
@@ -270,4 +274,34 @@ fn app_readiness_failing_closes_everything_and_recovering_ends_it() {
     std::thread::sleep(Duration::from_millis(400));
     let mut c = envoy.connect();
     assert!(!c.get("/keep").says_close());
+}
+
+/// What a plain Envoy delivers, close-relay must too: a response still being written when the
+/// pod starts draining (a stream that pauses longer than the idle grace, and a pipelined
+/// request waiting behind it) arrives whole, and only then does the connection close.
+#[test]
+fn responses_in_flight_when_the_pod_drains_arrive_whole_then_the_connection_closes() {
+    let app = App::start();
+    let envoy = start("in-flight", spec(&app));
+    let mut c = envoy.connect();
+    c.send("GET /slow?chunks=6&pause_ms=400 HTTP/1.1\r\nhost: app\r\n\r\nGET /keep HTTP/1.1\r\nhost: app\r\n\r\n")
+        .expect("send");
+    assert!(c.received(16, Duration::from_secs(3)), "no response started");
+    let trigger = Instant::now();
+    envoy.admin_post("/healthcheck/fail");
+    let slow = c.try_response("GET").unwrap_or_else(|e| panic!("slow stream cut: {e}\n{}", envoy.wasm_log()));
+    let expected: String = (0..6).map(|i| format!("chunk-{i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&slow.body), expected, "slow stream body");
+    let pipelined = c.try_response("GET").unwrap_or_else(|e| panic!("pipelined response lost: {e}\n{}", envoy.wasm_log()));
+    assert_eq!((pipelined.status, pipelined.body.as_slice()), (200, &b"ok"[..]));
+    let delivered = trigger.elapsed();
+    assert!(c.closed_by_server(WITHIN), "connection left open after the drain\n{}", envoy.wasm_log());
+    eprintln!(
+        "[envoy {}] slow stream in flight at the drain ({}): 6 of 6 chunks and the pipelined response \
+         delivered over {} ms, then closed {} ms after the trigger",
+        e2e::envoy_version(),
+        e2e::layout().as_str(),
+        delivered.as_millis(),
+        trigger.elapsed().as_millis()
+    );
 }

@@ -50,7 +50,7 @@ fn ended(c: &mut Conn, call: Call) -> bool {
 
 fn check(call: Call) -> String {
     let app = App::start();
-    let mut spec = EnvoySpec::new(Filter::SameVm, app.port);
+    let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
     spec.wasm = e2e::fault_wasm_path();
     spec.concurrency = 1;
     spec.http_config = r#"{"role": "http"}"#.into();

@@ -2,8 +2,9 @@
 //! its connection, and the client (standing in for the ALB) must see `connection: close` on
 //! that response and then a closed socket.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use close_relay::host::Call;
 use e2e::{pattern_byte, App, Envoy, EnvoySpec, Filter, Response};
 
 const SOON: Duration = Duration::from_secs(3);
@@ -44,22 +45,37 @@ fn without_filter_the_close_is_swallowed_and_the_connection_stays_open() {
 }
 
 #[test]
-fn same_vm_relays_close_and_closes_right_after_the_response() {
-    let (_app, envoy) = setup("samevm", Filter::SameVm);
+fn a_relayed_close_closes_the_connection_right_after_the_response() {
+    let (_app, envoy) = setup("relay-close", Filter::CloseRelay);
     let mut c = envoy.connect();
     let r = c.get("/close");
+    let answered = Instant::now();
     assert_eq!(r.status, 200);
     assert_relayed(&r, &envoy, b"ok");
     assert!(c.closed_by_server(SOON), "Envoy did not close after the relayed response");
+    let took = answered.elapsed();
     assert_eq!(envoy.counter("wasmcustom.close_relay_relayed_total"), 1);
     assert_eq!(envoy.counter("wasmcustom.close_relay_headers_rewritten_total"), 1);
-    assert_eq!(envoy.counter("wasmcustom.close_relay_connections_closed_total"), 1);
-    say("same VM: client saw `connection: close` on that response and the socket closed");
+    // Closed by the HTTP role's word when its stream ended (in split VMs, a note on the network
+    // VM's queue), not by the idle sweep nor on a next request.
+    assert_eq!(envoy.counter("wasmcustom.close_relay_connections_closed_total"), 1, "{}", envoy.wasm_log());
+    assert_eq!(envoy.counter("wasmcustom.close_relay_requests_closed_total"), 0);
+    say(&format!(
+        "{}: client saw `connection: close` on that response and the socket closed {} ms after it",
+        e2e::layout().as_str(),
+        took.as_millis()
+    ));
 }
 
 #[test]
-fn separate_vms_relay_close_and_close_on_the_next_request() {
-    let (_app, envoy) = setup("sepvm", Filter::SeparateVms);
+fn split_vms_without_a_queue_close_on_the_next_request() {
+    // The fallback when the network VM has no queue to hear from the HTTP role: the fault build
+    // fails its registration.
+    let app = App::start();
+    let mut spec = EnvoySpec::new(Filter::SeparateVms, app.port);
+    spec.wasm = e2e::fault_wasm_path();
+    spec.vm_env = vec![("CLOSE_RELAY_HOST_FAULT".into(), Call::RegisterSharedQueue.abi_name().into())];
+    let envoy = Envoy::start("noqueue", &spec);
     let mut c = envoy.connect();
     let r = c.get("/close");
     assert_relayed(&r, &envoy, b"ok");
@@ -69,12 +85,12 @@ fn separate_vms_relay_close_and_close_on_the_next_request() {
     assert!(next.says_close(), "next response lacks close:\n{}", next.raw_head);
     assert!(c.closed_by_server(SOON), "Envoy did not close after the next response");
     assert_eq!(envoy.counter("wasmcustom.close_relay_requests_closed_total"), 1);
-    say("separate VMs: client saw `connection: close`; its next request was answered and closed");
+    say("split VMs without a queue: client saw `connection: close`; its next request was answered and closed");
 }
 
 #[test]
 fn keep_alive_responses_are_untouched() {
-    let (_app, envoy) = setup("keepalive", Filter::SameVm);
+    let (_app, envoy) = setup("keepalive", Filter::CloseRelay);
     let mut c = envoy.connect();
     for _ in 0..3 {
         let r = c.get("/keep");
@@ -89,7 +105,7 @@ fn keep_alive_responses_are_untouched() {
 
 #[test]
 fn every_way_an_app_ends_its_connection_is_relayed_with_the_body_intact() {
-    let (_app, envoy) = setup("variants", Filter::SameVm);
+    let (_app, envoy) = setup("variants", Filter::CloseRelay);
     let cases: [(&str, &str, &[u8]); 6] = [
         ("GET", "/close-token", b"ok"),
         ("GET", "/proxy-close", b"ok"),
@@ -116,7 +132,7 @@ fn every_way_an_app_ends_its_connection_is_relayed_with_the_body_intact() {
 
 #[test]
 fn large_body_under_back_pressure_arrives_intact_before_the_close() {
-    let (_app, envoy) = setup("bigbody", Filter::SameVm);
+    let (_app, envoy) = setup("bigbody", Filter::CloseRelay);
     let mut c = envoy.connect();
     let n = 8 << 20;
     c.send(&format!("GET /big-close?bytes={n} HTTP/1.1\r\nhost: app\r\n\r\n")).unwrap();
@@ -134,7 +150,7 @@ fn large_body_under_back_pressure_arrives_intact_before_the_close() {
 
 #[test]
 fn expect_100_continue_then_close_is_relayed_on_the_final_response() {
-    let (_app, envoy) = setup("continue", Filter::SameVm);
+    let (_app, envoy) = setup("continue", Filter::CloseRelay);
     let mut c = envoy.connect();
     c.send("POST /close HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
         .unwrap();
@@ -151,7 +167,7 @@ fn expect_100_continue_then_close_is_relayed_on_the_final_response() {
 
 #[test]
 fn a_large_response_head_is_relayed_without_leaking_the_marker() {
-    let (_app, envoy) = setup("bighead", Filter::SameVm);
+    let (_app, envoy) = setup("bighead", Filter::CloseRelay);
     let mut c = envoy.connect();
     let r = c.get("/big-head-close?bytes=40960");
     assert_eq!(r.status, 200, "{}", &r.raw_head[..200.min(r.raw_head.len())]);
@@ -162,7 +178,7 @@ fn a_large_response_head_is_relayed_without_leaking_the_marker() {
 
 #[test]
 fn an_upstream_cannot_spoof_the_marker() {
-    let (_app, envoy) = setup("spoof", Filter::SameVm);
+    let (_app, envoy) = setup("spoof", Filter::CloseRelay);
     let mut c = envoy.connect();
     let r = c.get("/spoof");
     assert_eq!(r.status, 200);
@@ -175,7 +191,7 @@ fn an_upstream_cannot_spoof_the_marker() {
 
 #[test]
 fn websocket_upgrade_is_untouched() {
-    let (_app, envoy) = setup("upgrade", Filter::SameVm);
+    let (_app, envoy) = setup("upgrade", Filter::CloseRelay);
     let mut c = envoy.connect();
     c.send("GET /ws HTTP/1.1\r\nhost: app\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n").unwrap();
     let r = c.response("GET");
@@ -197,7 +213,7 @@ fn websocket_upgrade_is_untouched() {
 
 #[test]
 fn h2c_downstream_is_untouched_and_never_sees_the_marker() {
-    let (_app, envoy) = setup("h2c", Filter::SameVm);
+    let (_app, envoy) = setup("h2c", Filter::CloseRelay);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let port = envoy.port;
     let statuses = rt.block_on(async move {
@@ -230,7 +246,7 @@ fn an_http2_app_without_content_length_is_learned_not_closed() {
     // HTTP/2 apps frame bodies themselves, so their responses look close-delimited to wasm.
     // One worker, so the one relay it may take to learn is exact.
     let app = App::start_h2c();
-    let mut spec = EnvoySpec::new(Filter::SameVm, app.port);
+    let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
     spec.app_h2c = true;
     spec.concurrency = 1;
     let envoy = Envoy::start("h2app", &spec);
@@ -252,7 +268,7 @@ fn an_http2_app_without_content_length_is_learned_not_closed() {
 #[test]
 fn bad_configuration_fails_open_with_a_clear_log() {
     let app = App::start();
-    let mut spec = EnvoySpec::new(Filter::SameVm, app.port);
+    let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
     spec.http_config = r#"{"bogus_option": true}"#.into();
     spec.network_config = r#"{"role": "network", "max_head_bytes": "big"}"#.into();
     let mut envoy = Envoy::start("badconfig", &spec);
@@ -274,7 +290,7 @@ fn bad_configuration_fails_open_with_a_clear_log() {
 #[test]
 fn numbers_past_32_bits_are_refused_as_written_in_the_real_module() {
     let app = App::start();
-    let mut spec = EnvoySpec::new(Filter::SameVm, app.port);
+    let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
     spec.http_config = r#"{"drain": {"idle_grace_ms": 4294967396}}"#.into();
     spec.network_config = r#"{"role": "network", "max_head_bytes": 4294969344}"#.into();
     let mut envoy = Envoy::start("widenumbers", &spec);
@@ -309,7 +325,7 @@ fn http_role_alone_passes_traffic_and_warns() {
 
 #[test]
 fn metrics_have_stable_prometheus_names() {
-    let (_app, envoy) = setup("metrics", Filter::SameVm);
+    let (_app, envoy) = setup("metrics", Filter::CloseRelay);
     let mut c = envoy.connect();
     c.get("/close");
     let prom = envoy.prometheus();

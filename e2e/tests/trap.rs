@@ -39,7 +39,7 @@ struct Seen {
 
 fn trap(role: &str, policy: &'static str) -> Seen {
     let app = App::start();
-    let spec = EnvoySpec { failure_policy: policy, wasm: e2e::fault_wasm_path(), concurrency: 1, ..EnvoySpec::new(Filter::SameVm, app.port) };
+    let spec = EnvoySpec { failure_policy: policy, wasm: e2e::fault_wasm_path(), concurrency: 1, ..EnvoySpec::new(Filter::CloseRelay, app.port) };
     let envoy = Envoy::start(&format!("trap-{role}-{policy}"), &spec);
     assert_eq!(get(&envoy, "/close"), "200 + close", "the filter works before the trap");
     let trapping = match role {

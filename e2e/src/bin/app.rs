@@ -246,6 +246,26 @@ fn serve(stream: TcpStream) -> io::Result<()> {
                 }
                 return Ok(());
             }
+            "/slow" => {
+                // A keep-alive chunked stream with pauses longer than any idle grace: a response
+                // in flight that writes nothing for a while (streaming, long-poll, SSE).
+                let chunks: usize = req.param("chunks").and_then(|c| c.parse().ok()).unwrap_or(6);
+                let pause = Duration::from_millis(req.param("pause_ms").and_then(|p| p.parse().ok()).unwrap_or(400));
+                out.write_all(format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n{close}\r\n").as_bytes())?;
+                for i in 0..chunks {
+                    if i > 0 {
+                        std::thread::sleep(pause);
+                    }
+                    let piece = format!("chunk-{i}\n");
+                    out.write_all(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes())?;
+                    out.flush()?;
+                }
+                out.write_all(b"0\r\n\r\n")?;
+                if forced {
+                    return Ok(());
+                }
+                continue;
+            }
             "/ws" if req.header("upgrade").is_some() => {
                 out.write_all(
                     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
