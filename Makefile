@@ -58,8 +58,8 @@ oci: build
 	target/debug/oci build $(WASM) $(OCI_DIR)/layout $(OCI_DIR)/close-relay.tar $(VERSION) > $(OCI_DIR)/digest
 	@echo "image $(VERSION): $$(cat $(OCI_DIR)/digest)"
 
-# Pushes the image with skopeo, then writes the WasmPlugin pair and the EnvoyFilter with the
-# pushed digest to $(ISTIO_OUT). TLS_VERIFY=false for a plain-HTTP registry.
+# Pushes the image with skopeo, then writes the TrafficExtension pair (Istio >= 1.30), the
+# WasmPlugin pair (Istio 1.20 to 1.29) and the EnvoyFilter with the pushed digest to $(ISTIO_OUT). TLS_VERIFY=false for a plain-HTTP registry.
 push: oci
 	@[ -n "$(REGISTRY)" ] || { echo "usage: make push REGISTRY=host[:port]/path [TLS_VERIFY=false]"; exit 2; }
 	skopeo copy --dest-tls-verify=$(TLS_VERIFY) --digestfile $(OCI_DIR)/pushed-digest \
@@ -150,8 +150,9 @@ test:
 	@set -o pipefail; $(MAKE) --no-print-directory lint unit e2e 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test.log
 
-# The full rolling-restart matrix on one Envoy (ENVOY_DEMO, or ENVOY=...): table on stdout,
-# target/rollout/report.json and target/rollout/5xx.svg.
+# The full rolling-restart matrix on one Envoy (ENVOY_DEMO, or ENVOY=...) and one layout
+# (CLOSE_RELAY_LAYOUT=one, the default, or split): table on stdout, target/rollout/report.json
+# and target/rollout/5xx.svg.
 rollout: build envoy
 	$(CARGO) build -p e2e --bins
 	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/rollout

@@ -1,9 +1,13 @@
-// Validates Kubernetes manifests against Istio's own CRD schemas (Istio 1.29's crd-all.gen.yaml,
-// compiled by @kubernetes-models/istio), the Prometheus Operator's (PrometheusRule, from
-// @kubernetes-models/prometheus-operator) and Kubernetes' OpenAPI schemas (kubernetes-models):
-// types, enums, required fields and formats. The schemas let unknown fields through (the API
-// server would prune them, or refuse them under kubectl's default strict field validation),
-// so unknown fields are found separately, from the same packages' generated type declarations.
+// Validates Kubernetes manifests:
+// - Istio kinds (TrafficExtension, WasmPlugin, EnvoyFilter) against Istio 1.30.3's CRDs, CEL
+//   rules included (crd.mjs, crds-1.30.3.yaml), and, for the kinds Istio 1.29 has (WasmPlugin,
+//   EnvoyFilter), also against Istio 1.29's schemas (@kubernetes-models/istio), since the
+//   WasmPlugin pair is what Istio 1.20 to 1.29 users apply;
+// - PrometheusRule against the Prometheus Operator's schema (@kubernetes-models/prometheus-operator)
+//   and Deployments against Kubernetes' OpenAPI schemas (kubernetes-models).
+// The kubernetes-models schemas let unknown fields through (the API server would prune them, or
+// refuse them under kubectl's default strict field validation), so unknown fields are found
+// separately, from the same packages' generated type declarations.
 // Usage: node validate.mjs FILE... (a FILE of "-" reads standard input, e.g. kustomize output).
 // Prints one line per object; exits 1 if any object is invalid or of a kind it cannot check.
 import { readFileSync } from "node:fs";
@@ -15,6 +19,9 @@ import * as istioNetworking from "@kubernetes-models/istio/networking.istio.io/v
 import * as monitoring from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
 import * as apps from "kubernetes-models/apps/v1";
 import * as core from "kubernetes-models/v1";
+import { readCrds, refusals } from "./crd.mjs";
+
+const crds = readCrds(fileURLToPath(new URL("./crds-1.30.3.yaml", import.meta.url)));
 
 const models = {
   "extensions.istio.io/v1alpha1": istioExtensions,
@@ -97,10 +104,20 @@ for (const file of process.argv.slice(2)) {
     const obj = doc.toJS();
     if (obj === null) continue; // an empty document (a trailing ---)
     const name = `${file}: ${obj.kind}/${obj.metadata?.name}`;
+    const refused = refusals(crds, obj);
     const Model = models[obj.apiVersion]?.[obj.kind];
-    if (!Model) {
+    if (!Model && !refused) {
       console.log(`INVALID ${name}: no schema for ${obj.apiVersion} ${obj.kind}`);
       failed++;
+      continue;
+    }
+    if (refused?.length) {
+      console.log(`INVALID ${name}: Istio 1.30.3 CRD: ${refused.join("; ")}`);
+      failed++;
+      continue;
+    }
+    if (!Model) {
+      console.log(`ok ${name} (Istio 1.30.3 CRD, CEL rules)`);
       continue;
     }
     try {
@@ -111,7 +128,7 @@ for (const file of process.argv.slice(2)) {
         failed++;
         continue;
       }
-      console.log(`ok ${name}`);
+      console.log(`ok ${name}${refused ? " (Istio 1.30.3 CRD, CEL rules; Istio 1.29 schema)" : ""}`);
     } catch (e) {
       const details = (e.errors ?? []).map((x) => `${x.instancePath || "/"} ${x.message}`).join("; ");
       console.log(`INVALID ${name}: ${details || e.message}`);

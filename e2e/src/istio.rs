@@ -2,8 +2,13 @@
 //! - [`apply_envoy_filter`]: istiod applying an EnvoyFilter's patches to a sidecar's inbound
 //!   listener, then serving the EXTENSION_CONFIGs over ECDS, with istio-agent rewriting their
 //!   `oci://` code to the pulled module's local file;
-//! - [`apply_wasm_plugins`]: istiod turning WasmPlugins into ECDS filters (NETWORK ones right
-//!   before the HCM, HTTP ones right before the router, in UNSPECIFIED_PHASE).
+//! - [`apply_extensions`]: istiod turning WasmPlugins and TrafficExtensions into ECDS filters
+//!   (NETWORK ones right before the HCM, HTTP ones right before the router, in the unspecified
+//!   phase), each with the VM environment istiod writes for it (`buildVMConfig`: the resource's
+//!   own version, its pull policy, the user's `vmConfig.env`), and istio-agent pulling `oci://`
+//!   code to a local file and stripping every `ISTIO_META_*` variable as it does so
+//!   (`rewriteVMConfig`), while a `file://` module keeps them. On Envoy >= 1.39 the environment is
+//!   part of the VM key, so the two roles share a VM with `oci://` images and not with `file://`.
 //!
 //! ECDS is served from files (`path_config_source`) instead of istiod's ADS stream. Only the
 //! patch operations and matches the shipped manifests use are supported; anything else panics,
@@ -160,43 +165,139 @@ pub fn apply_envoy_filter(bootstrap: &mut Value, envoy_filter: &Value, wasm: &Pa
     }
 }
 
-/// Turns WasmPlugins into ECDS filters on `bootstrap`'s inbound listeners, as istiod does (see
-/// the module docs), with `wasm` as the module istio-agent pulled.
-pub fn apply_wasm_plugins(bootstrap: &mut Value, plugins: &[Value], wasm: &Path, dir: &Path) {
-    sidecar_node(bootstrap);
-    for plugin in plugins {
-        let spec = &plugin["spec"];
-        assert_eq!(plugin["kind"], "WasmPlugin");
+/// One Wasm extension as istiod reads it, from either API.
+struct Extension<'a> {
+    /// `<namespace>.<name>`: the ECDS resource and plugin name istiod gives it.
+    name: String,
+    resource_version: String,
+    /// The Wasm fields: `spec` of a WasmPlugin, `spec.wasm` of a TrafficExtension.
+    wasm: &'a Value,
+}
+
+impl<'a> Extension<'a> {
+    fn read(resource: &'a Value, index: usize) -> Extension<'a> {
+        let kind = resource["kind"].as_str().expect("kind");
+        let spec = &resource["spec"];
+        let (wasm, phase) = match kind {
+            "WasmPlugin" => (spec, "UNSPECIFIED_PHASE"),
+            "TrafficExtension" => (&spec["wasm"], "UNSPECIFIED"),
+            other => panic!("not a Wasm extension: {other}"),
+        };
+        assert!(wasm.is_object(), "{kind} without Wasm: {spec}");
         assert_eq!(spec["match"], json!([{"mode": "SERVER"}]), "inbound only");
-        assert_eq!(spec["phase"], "UNSPECIFIED_PHASE", "this emulation places UNSPECIFIED_PHASE only");
-        assert!(spec["url"].as_str().is_some_and(|u| u.starts_with("oci://")), "url {}", spec["url"]);
-        let network = spec["type"] == "NETWORK";
-        let name = format!("default.{}", plugin["metadata"]["name"].as_str().expect("name"));
-        let resource = json!({
-            "name": name,
+        assert_eq!(spec["phase"], phase, "this emulation places the unspecified phase only");
+        let meta = &resource["metadata"];
+        let namespace = meta["namespace"].as_str().unwrap_or("default");
+        let name = format!("{namespace}.{}", meta["name"].as_str().expect("name"));
+        // The API server gives each object its own version; later ones get later versions.
+        let resource_version = meta["resourceVersion"].as_str().map_or_else(|| (1000 + index).to_string(), str::to_owned);
+        Extension { name, resource_version, wasm }
+    }
+
+    fn network(&self) -> bool {
+        self.wasm["type"] == "NETWORK"
+    }
+
+    /// istiod's `buildVMConfig`, then istio-agent's rewrite of remote code to `pulled`.
+    fn vm_config(&self, pulled: &Path) -> Value {
+        let w = self.wasm;
+        let mut env = Map::new();
+        if let Some(secret) = w["imagePullSecret"].as_str() {
+            env.insert("ISTIO_META_WASM_IMAGE_PULL_SECRET".into(), json!(secret));
+        }
+        if let Some(policy) = w["imagePullPolicy"].as_str().filter(|p| *p != "UNSPECIFIED_POLICY") {
+            env.insert("ISTIO_META_WASM_IMAGE_PULL_POLICY".into(), json!(policy));
+        }
+        env.insert("ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION".into(), json!(self.resource_version));
+        let mut host_keys = Vec::new();
+        for e in w["vmConfig"]["env"].as_array().into_iter().flatten() {
+            let key = e["name"].as_str().expect("env name").to_string();
+            match e["valueFrom"].as_str().unwrap_or("INLINE") {
+                "HOST" => host_keys.push(json!(key)),
+                _ => {
+                    env.insert(key, e["value"].clone());
+                }
+            }
+        }
+        let url = w["url"].as_str().expect("url");
+        let code = if let Some(file) = url.strip_prefix("file://") {
+            json!({"local": {"filename": file}})
+        } else {
+            assert!(url.starts_with("oci://"), "this emulation pulls oci:// images only, got {url}");
+            env.retain(|k, _| !k.starts_with("ISTIO_META_"));
+            json!({"local": {"filename": pulled}})
+        };
+        let mut vm = json!({"runtime": "envoy.wasm.runtime.v8", "code": code});
+        if !env.is_empty() || !host_keys.is_empty() {
+            vm["environment_variables"] = json!({"key_values": env});
+            if !host_keys.is_empty() {
+                vm["environment_variables"]["host_env_keys"] = json!(host_keys);
+            }
+        }
+        vm
+    }
+
+    fn failure_policy(&self) -> &'static str {
+        match self.wasm["failStrategy"].as_str() {
+            Some("FAIL_OPEN") => "FAIL_OPEN",
+            Some("FAIL_RELOAD") => "FAIL_RELOAD",
+            _ => "FAIL_CLOSED",
+        }
+    }
+}
+
+/// Turns WasmPlugins and TrafficExtensions into ECDS filters on `bootstrap`'s inbound
+/// listeners, as istiod and istio-agent do (see the module docs); `pulled` is the module
+/// istio-agent pulled for an `oci://` url.
+pub fn apply_extensions(bootstrap: &mut Value, resources: &[Value], pulled: &Path, dir: &Path) {
+    sidecar_node(bootstrap);
+    for (index, resource) in resources.iter().enumerate() {
+        let ext = Extension::read(resource, index);
+        let network = ext.network();
+        let type_url = if network { NETWORK_WASM } else { HTTP_WASM };
+        let typed = json!({
+            "name": ext.name,
             "typed_config": {
-                "@type": if network { NETWORK_WASM } else { HTTP_WASM },
+                "@type": type_url,
                 "config": {
-                    "name": name,
-                    "root_id": spec["pluginName"],
-                    "failure_policy": if spec["failStrategy"] == "FAIL_OPEN" { "FAIL_OPEN" } else { "FAIL_CLOSED" },
-                    "vm_config": {"runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": wasm}}},
+                    "name": ext.name,
+                    "root_id": ext.wasm["pluginName"],
+                    "failure_policy": ext.failure_policy(),
+                    "vm_config": ext.vm_config(pulled),
                     "configuration": {
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": spec["pluginConfig"].to_string()
+                        "value": ext.wasm["pluginConfig"].to_string()
                     }
                 }
             }
         });
         let filter = json!({
-            "name": name,
-            "config_discovery": {
-                "config_source": ecds_file(dir, &resource),
-                "type_urls": [if network { NETWORK_WASM } else { HTTP_WASM }]
-            }
+            "name": ext.name,
+            "config_discovery": {"config_source": ecds_file(dir, &typed), "type_urls": [type_url]}
         });
         insert_inbound(bootstrap, if network { Before::Hcm } else { Before::HttpFilter(ROUTER) }, &filter);
     }
+}
+
+/// The resources with their Wasm `url` replaced (a WasmPlugin's `spec.url`, a TrafficExtension's
+/// `spec.wasm.url`), e.g. by a `file://` module a user mounts into the sidecar.
+pub fn with_url(resources: &[Value], url: &str) -> Vec<Value> {
+    resources
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            let slot = if r["kind"] == "TrafficExtension" { &mut r["spec"]["wasm"]["url"] } else { &mut r["spec"]["url"] };
+            *slot = json!(url);
+            r
+        })
+        .collect()
+}
+
+/// Does Envoy key a VM by its environment too (envoy PR #44563, from 1.39)? Then Istio's
+/// per-resource environment, when kept (`file://`), gives each role its own VM.
+pub fn vm_key_has_environment(envoy_version: &str) -> bool {
+    let v: Vec<u32> = envoy_version.split('.').filter_map(|p| p.parse().ok()).collect();
+    v.as_slice() >= [1, 39].as_slice()
 }
 
 /// The shipped manifests with the example image replaced by a pushed one (`make push`).

@@ -721,6 +721,47 @@ impl Drop for Envoy {
     }
 }
 
+/// What [`in_flight_through_a_drain`] saw.
+pub struct InFlight {
+    /// From the drain's trigger to the last byte of the pipelined response.
+    pub delivered: Duration,
+    /// From the trigger to the connection closed by Envoy.
+    pub closed: Duration,
+}
+
+impl std::fmt::Display for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "slow stream in flight at the drain: 6 of 6 chunks and the pipelined response delivered over {} ms, \
+             then closed {} ms after the trigger",
+            self.delivered.as_millis(),
+            self.closed.as_millis()
+        )
+    }
+}
+
+/// The pod starts draining (`healthcheck/fail`) while a response is still being written: a
+/// chunked stream that pauses longer than any idle grace, with a pipelined request waiting
+/// behind it. Both must arrive whole, as through a plain Envoy, and only then may the connection
+/// close (it must: the pod is going away). Panics on a lost byte or a connection left open.
+pub fn in_flight_through_a_drain(envoy: &Envoy) -> InFlight {
+    let mut c = envoy.connect();
+    c.send("GET /slow?chunks=6&pause_ms=400 HTTP/1.1\r\nhost: app\r\n\r\nGET /keep HTTP/1.1\r\nhost: app\r\n\r\n")
+        .expect("send");
+    assert!(c.received(16, Duration::from_secs(3)), "no response started");
+    let trigger = Instant::now();
+    envoy.admin_post("/healthcheck/fail");
+    let slow = c.try_response("GET").unwrap_or_else(|e| panic!("slow stream cut: {e}\n{}", envoy.wasm_log()));
+    let expected: String = (0..6).map(|i| format!("chunk-{i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&slow.body), expected, "slow stream body");
+    let pipelined = c.try_response("GET").unwrap_or_else(|e| panic!("pipelined response lost: {e}\n{}", envoy.wasm_log()));
+    assert_eq!((pipelined.status, pipelined.body.as_slice()), (200, &b"ok"[..]));
+    let delivered = trigger.elapsed();
+    assert!(c.closed_by_server(Duration::from_secs(6)), "connection left open after the drain\n{}", envoy.wasm_log());
+    InFlight { delivered, closed: trigger.elapsed() }
+}
+
 /// GET on the admin API; `None` when it does not answer 200.
 fn write_lds(dir: &Path, listener: &Value, version: u64) {
     let mut resource = listener.clone();

@@ -81,6 +81,7 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
     let names: Vec<String> = files.iter().map(|f| f.strip_prefix(root()).unwrap().display().to_string()).collect();
     for expected in [
         "envoyfilter/envoyfilter.yaml",
+        "envoyfilter/trafficextension/trafficextension.yaml",
         "envoyfilter/wasmplugin/wasmplugin.yaml",
         "envoyfilter/examples/deployment.yaml",
         "envoyfilter/monitoring/prometheusrule.yaml",
@@ -89,15 +90,21 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
     }
     let (ok, out) = validate(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>(), None);
     assert!(ok, "{out}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 5, "{out}");
-    for dir in ["envoyfilter/wasmplugin", "envoyfilter/examples/checkout"] {
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 7, "{out}");
+    for dir in [
+        "envoyfilter/trafficextension",
+        "envoyfilter/examples/checkout-trafficextension",
+        "envoyfilter/wasmplugin",
+        "envoyfilter/examples/checkout",
+    ] {
         let (built, yaml) = kustomize(&root().join(dir));
         assert!(built, "kustomize build {dir}: {yaml}");
         let (ok, out) = validate(&[Path::new("-")], Some(&yaml));
         assert!(ok && out.lines().filter(|l| l.starts_with("ok ")).count() == 2, "{dir}: {out}");
     }
     say(&format!(
-        "{} manifests and 2 kustomize builds valid against Istio 1.29's and the Prometheus Operator's CRD schemas",
+        "{} manifests and 4 kustomize builds valid against Istio 1.30.3's CRDs (CEL rules included), Istio 1.29's \
+         schemas for the kinds it has, and the Prometheus Operator's",
         files.len()
     ));
 }
@@ -107,7 +114,28 @@ fn broken_manifests_fail_validation() {
     let dir = e2e::scratch("istio-broken");
     let plugins = fs::read_to_string(root().join("envoyfilter/wasmplugin/wasmplugin.yaml")).unwrap();
     let filter = fs::read_to_string(root().join("envoyfilter/envoyfilter.yaml")).unwrap();
+    let ext = fs::read_to_string(root().join("envoyfilter/trafficextension/trafficextension.yaml")).unwrap();
+    let labels = "    matchLabels:\n      close-relay/enabled: \"true\"\n";
     let cases = [
+        // Istio 1.30.3's CEL rules (x-kubernetes-validations), each named in the refusal.
+        (
+            "selector and targetRefs",
+            ext.replacen("  selector:\n", "  targetRefs:\n  - {kind: Service, name: checkout}\n  selector:\n", 1),
+            "only one of targetRefs or selector can be set",
+        ),
+        ("neither wasm nor lua", ext.replacen("  wasm:\n", "  lua:\n    inlineCode: x\n  wasm:\n", 1), "exactly one of wasm or lua must be set"),
+        ("url scheme", ext.replacen("url: oci://", "url: ftp://", 1), "url must have schema one of [http, https, file, oci]"),
+        (
+            "wildcard label",
+            ext.replacen(labels, &labels.replace("\"true\"", "\"tr*e\""), 1),
+            "wildcard not allowed in label value match",
+        ),
+        (
+            "host env with a value",
+            ext.replacen("    pluginName: close_relay_network\n", "    pluginName: close_relay_network\n    vmConfig:\n      env:\n      - {name: A, valueFrom: HOST, value: x}\n", 1),
+            "value may only be set when valueFrom is INLINE",
+        ),
+        ("TrafficExtension phase", ext.replacen("phase: UNSPECIFIED", "phase: UNSPECIFIED_PHASE", 1), "/spec/phase must be equal to one of the allowed values"),
         ("bad enum", plugins.replacen("failStrategy: FAIL_OPEN", "failStrategy: FAIL_SOMETIMES", 1), "/spec/failStrategy"),
         ("unknown field", plugins.replacen("pluginConfig:", "pluginconfig:", 1), "unknown field /spec/pluginconfig"),
         ("wrong type", plugins.replacen("priority: -1000", "priority: last", 1), "/spec/priority"),
@@ -136,7 +164,7 @@ fn broken_manifests_fail_validation() {
     .unwrap();
     let (built, out) = kustomize(&overlay);
     assert!(!built && out.contains("/spec/nosuch/field"), "kustomize accepted a patch to a missing path:\n{out}");
-    say("broken manifests (bad enum, unknown field, wrong type, bad applyTo, bad patch) are refused");
+    say("broken manifests (5 CEL rules, bad enums, unknown field, wrong type, bad applyTo, bad patch) are refused, the rule named");
 }
 
 /// The PrometheusRule's groups as a plain rules file, beside a copy of its promtool tests.
@@ -180,16 +208,19 @@ fn alerting_rules_pass_promtool_and_fire_on_a_trap_a_reload_and_a_bad_config() {
 }
 
 #[test]
-fn example_overlay_selects_one_workload_in_its_namespace() {
-    let (built, yaml) = kustomize(&root().join("envoyfilter/examples/checkout"));
-    assert!(built, "{yaml}");
-    let plugins = istio::docs(&yaml);
-    assert_eq!(plugins.len(), 2, "{yaml}");
-    for p in &plugins {
-        assert_eq!(p["kind"], "WasmPlugin");
-        assert_eq!(p["metadata"]["namespace"], "shop");
-        assert_eq!(p["spec"]["selector"]["matchLabels"], json!({"app": "checkout"}));
-        assert!(p["spec"]["url"].as_str().unwrap().contains("/close-relay@sha256:"), "{}", p["spec"]["url"]);
+fn example_overlays_select_one_workload_in_its_namespace() {
+    for (dir, kind) in [("checkout", "WasmPlugin"), ("checkout-trafficextension", "TrafficExtension")] {
+        let (built, yaml) = kustomize(&root().join("envoyfilter/examples").join(dir));
+        assert!(built, "{yaml}");
+        let resources = istio::docs(&yaml);
+        assert_eq!(resources.len(), 2, "{yaml}");
+        for r in &resources {
+            assert_eq!(r["kind"], kind);
+            assert_eq!(r["metadata"]["namespace"], "shop");
+            assert_eq!(r["spec"]["selector"]["matchLabels"], json!({"app": "checkout"}));
+            let url = if kind == "WasmPlugin" { &r["spec"]["url"] } else { &r["spec"]["wasm"]["url"] };
+            assert!(url.as_str().unwrap().contains("/close-relay@sha256:"), "{url}");
+        }
     }
 }
 
@@ -219,6 +250,9 @@ fn plugin_configs_in_the_manifests_show_every_option_at_its_default() {
     for p in istio::read_docs(&root().join("envoyfilter/wasmplugin/wasmplugin.yaml")) {
         configs.push((format!("WasmPlugin {}", p["metadata"]["name"]), p["spec"]["pluginConfig"].clone()));
     }
+    for t in istio::read_docs(&root().join("envoyfilter/trafficextension/trafficextension.yaml")) {
+        configs.push((format!("TrafficExtension {}", t["metadata"]["name"]), t["spec"]["wasm"]["pluginConfig"].clone()));
+    }
     for patch in istio::read_docs(&root().join("envoyfilter/envoyfilter.yaml"))[0]["spec"]["configPatches"].as_array().unwrap() {
         if patch["applyTo"] == "EXTENSION_CONFIG" {
             let value = &patch["patch"]["value"]["typed_config"]["config"]["configuration"]["value"];
@@ -226,7 +260,7 @@ fn plugin_configs_in_the_manifests_show_every_option_at_its_default() {
             configs.push((name, serde_json::from_str(value.as_str().unwrap()).unwrap()));
         }
     }
-    assert_eq!(configs.len(), 4);
+    assert_eq!(configs.len(), 6);
     for (name, mut config) in configs {
         let parsed = Config::parse(config.to_string().as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let role = parsed.role.unwrap_or_else(|| panic!("{name}: no role"));
@@ -362,7 +396,7 @@ fn image_pushed_to_a_registry_pulls_back_identical_and_runs_as_wasm_plugins() {
 
     // The rendered manifests name the pushed digest, and still validate.
     let image = format!("oci://{repo}/close-relay@{built}");
-    let rendered = [istio_out.join("wasmplugin.yaml"), istio_out.join("envoyfilter.yaml")];
+    let rendered = [istio_out.join("wasmplugin.yaml"), istio_out.join("envoyfilter.yaml"), istio_out.join("trafficextension.yaml")];
     for f in &rendered {
         let text = fs::read_to_string(f).unwrap();
         assert!(text.contains(&image) && !text.contains(EXAMPLE_IMAGE), "{}:\n{text}", f.display());
@@ -376,7 +410,7 @@ fn image_pushed_to_a_registry_pulls_back_identical_and_runs_as_wasm_plugins() {
     let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port.get(), admin.get());
     let plugins = istio::read_docs(&rendered[0]);
     assert!(plugins.iter().all(|p| p["spec"]["url"] == image.as_str()));
-    istio::apply_wasm_plugins(&mut bootstrap, &plugins, &plugin_wasm, &dir);
+    istio::apply_extensions(&mut bootstrap, &plugins, &plugin_wasm, &dir);
     let envoy = run_envoy("WasmPlugins", &bootstrap, &dir, port, admin);
     assert_relays(&envoy);
     let same_vm = envoy.counter("wasmcustom.close_relay_connections_closed_total") == 1;
@@ -385,4 +419,42 @@ fn image_pushed_to_a_registry_pulls_back_identical_and_runs_as_wasm_plugins() {
          (roles in {})",
         if same_vm { "one VM" } else { "separate VMs" }
     ));
+}
+
+/// The pair as istiod and istio-agent hand it to Envoy, for each API and each way of naming the
+/// module: an `oci://` image (istio-agent strips Istio's per-resource environment as it pulls:
+/// one VM on every Envoy) and a `file://` module (the environment stays, and from Envoy 1.39 it
+/// keys the VM: each role in its own VM). Whatever Envoy built, the close is relayed and the
+/// connection closed right after the response, and a response in flight at a drain is whole.
+#[test]
+fn every_way_istio_loads_the_pair_relays_and_keeps_in_flight_responses_whole() {
+    let shipped = [
+        ("TrafficExtension", istio::read_docs(&root().join("envoyfilter/trafficextension/trafficextension.yaml"))),
+        ("WasmPlugin", istio::read_docs(&root().join("envoyfilter/wasmplugin/wasmplugin.yaml"))),
+    ];
+    let wasm = e2e::wasm_path();
+    let split_on_file = istio::vm_key_has_environment(e2e::envoy_version());
+    for (kind, resources) in &shipped {
+        for (scheme, resources) in [("oci://", resources.clone()), ("file://", istio::with_url(resources, &format!("file://{}", wasm.display())))] {
+            let app = App::start();
+            let name = format!("istio-{}-{}", kind.to_lowercase(), scheme.trim_end_matches("://"));
+            let dir = e2e::scratch(&name);
+            let (port, admin) = (Port::lease(), Port::lease());
+            let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port.get(), admin.get());
+            istio::apply_extensions(&mut bootstrap, &resources, &wasm, &dir);
+            let envoy = run_envoy(&name, &bootstrap, &dir, port, admin);
+            let split = scheme == "file://" && split_on_file;
+            // Two workers: a VM each, one for the main thread and the base VM, per VM key.
+            assert_eq!(envoy.vms, if split { 8 } else { 4 }, "{kind} {scheme}: wasm VMs Envoy built");
+            assert_relays(&envoy);
+            assert_eq!(envoy.counter("wasmcustom.close_relay_connections_closed_total"), 1, "closed right after the response");
+            assert_eq!(envoy.counter("wasmcustom.close_relay_requests_closed_total"), 0);
+            let seen = e2e::in_flight_through_a_drain(&envoy);
+            say(&format!(
+                "{kind} pair, {scheme} module: {} wasm VMs ({}); close relayed and closed right after the response; {seen}",
+                envoy.vms,
+                if split { "split VMs" } else { "one VM" }
+            ));
+        }
+    }
 }

@@ -18,9 +18,10 @@ fn short(close_relay: bool) -> RunSpec {
 
 fn say(r: &RunResult) {
     eprintln!(
-        "[envoy {}] rollout {}: {} requests, {} 5xx, {} connection errors, statuses {:?}",
+        "[envoy {}] rollout {} ({}): {} requests, {} 5xx, {} connection errors, statuses {:?}",
         e2e::envoy_version(),
         r.spec.label(),
+        e2e::layout().as_str(),
         r.requests,
         r.five_xx,
         r.conn_errors,

@@ -7,7 +7,7 @@
 #[test]
 fn one_fault_cycle_loses_nothing_the_baseline_serves() {
     let soak = e2e::soak::run(22);
-    eprintln!("[envoy {}] {}", e2e::envoy_version(), soak.report());
+    eprintln!("[envoy {}] soak ({}): {}", e2e::envoy_version(), e2e::layout().as_str(), soak.report());
     if let Err(why) = e2e::soak::verdict(&soak) {
         panic!("{why}\n{}", soak.report());
     }

@@ -136,7 +136,7 @@ fn start(config: &Config, app_port: u16, concurrency: u32, tag: &str) -> Envoy {
     };
     let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(filter, app_port), port.get(), admin.get());
     if let Setup::Shipped { wasm, disabled } = &config.setup {
-        istio::apply_wasm_plugins(&mut bootstrap, &shipped_plugins(*disabled), wasm, &dir);
+        istio::apply_extensions(&mut bootstrap, &shipped_plugins(*disabled), wasm, &dir);
     }
     let file = dir.join("envoy.json");
     fs::write(&file, bootstrap.to_string()).expect("write envoy.json");

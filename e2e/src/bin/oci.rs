@@ -34,7 +34,7 @@ fn render(image: &str, out: &str) {
     }
     let root = e2e::repo_root().join("envoyfilter");
     fs::create_dir_all(out).unwrap_or_else(|e| fail(format!("{out}: {e}")));
-    for file in ["wasmplugin/wasmplugin.yaml", "envoyfilter.yaml"] {
+    for file in ["trafficextension/trafficextension.yaml", "wasmplugin/wasmplugin.yaml", "envoyfilter.yaml"] {
         let text = fs::read_to_string(root.join(file)).unwrap_or_else(|e| fail(format!("{file}: {e}")));
         if !text.contains(EXAMPLE_IMAGE) {
             fail(format!("{file} does not mention {EXAMPLE_IMAGE}"));

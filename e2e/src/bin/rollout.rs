@@ -45,9 +45,10 @@ fn main() {
     }
     let s = &results[0].spec;
     let header = format!(
-        "Rolling restart on Envoy {}: {} req/s over {} client connections for {} s, restart at {} s, \
-         terminationDrainDuration {} s, prestop {} s",
+        "Rolling restart on Envoy {}, close-relay roles in {}: {} req/s over {} client connections for {} s, \
+         restart at {} s, terminationDrainDuration {} s, prestop {} s",
         e2e::envoy_version(),
+        e2e::layout().as_str(),
         s.rate_per_s,
         s.concurrency,
         s.duration_ms / 1000,
@@ -59,6 +60,7 @@ fn main() {
     println!("\n{report}");
     let json = serde_json::json!({
         "envoy": e2e::envoy_version(),
+        "layout": e2e::layout().as_str(),
         "runs": results.iter().map(|r| {
             let mut v = r.to_json();
             v["physics"] = physics(r).map_or(serde_json::Value::Null, serde_json::Value::from);
