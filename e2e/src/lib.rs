@@ -288,6 +288,14 @@ pub fn layout() -> Layout {
     }
 }
 
+const VMS_ACTIVE: &str = "wasm.envoy.wasm.runtime.v8.active";
+
+/// The wasm VMs Envoy keeps for close-relay: per VM key one per worker, one for the main thread
+/// and the base VM they are cloned from; split VMs have two keys.
+pub fn vms_for(concurrency: u32, layout: Layout) -> u64 {
+    (u64::from(concurrency) + 2) * if layout == Layout::Split { 2 } else { 1 }
+}
+
 /// How close-relay is loaded into the test Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
@@ -487,9 +495,8 @@ pub struct Envoy {
     pub dir: PathBuf,
     proc: Proc,
     _leases: [Port; 2],
-    /// Wasm VMs Envoy built at start (`wasm.envoy.wasm.runtime.v8.active`): in split VMs twice
-    /// as many as in one.
-    pub vms: u64,
+    /// Whether close-relay runs here (wasm VMs at start): then the closes are reported on drop.
+    wasm: bool,
 }
 
 impl Envoy {
@@ -526,10 +533,10 @@ impl Envoy {
         fs::write(&file, config.to_string()).expect("write config");
         let envoy = Envoy::launch_with(dir, &file, port, admin, &args, DEBUG_LOG);
         if let Some(layout) = spec.layout() {
-            // Per VM key Envoy builds one VM per worker, one for the main thread and the base
-            // VM they are cloned from.
-            let want = (u64::from(spec.concurrency) + 2) * if layout == Layout::Split { 2 } else { 1 };
-            assert_eq!(envoy.vms, want, "{name}: {} asked, but Envoy built {} wasm VMs", layout.as_str(), envoy.vms);
+            let want = vms_for(spec.concurrency, layout);
+            let built = envoy.wasm_vms_settling_at(want);
+            assert_eq!(built, want, "{name}: {} asked, but Envoy built {built} wasm VMs", layout.as_str());
+            eprintln!("[envoy {}] {name}: {built} wasm VMs ({})", envoy_version(), layout.as_str());
         }
         envoy
     }
@@ -580,12 +587,21 @@ impl Envoy {
         proc.wait_ready(Duration::from_secs(30), &log, || {
             connectable(port) && admin_get(admin, "/ready").is_some_and(|b| b.contains("LIVE"))
         });
-        let mut envoy = Envoy { port, admin, dir, proc, _leases: [port_lease, admin_lease], vms: 0 };
-        envoy.vms = envoy.counter("wasm.envoy.wasm.runtime.v8.active");
-        if envoy.vms > 0 {
-            eprintln!("[envoy {}] {}: {} wasm VMs active", envoy_version(), envoy.name(), envoy.vms);
-        }
+        let mut envoy = Envoy { port, admin, dir, proc, _leases: [port_lease, admin_lease], wasm: false };
+        envoy.wasm = envoy.wasm_vms() > 0;
         envoy
+    }
+
+    /// Wasm VMs alive now (`wasm.envoy.wasm.runtime.v8.active`).
+    pub fn wasm_vms(&self) -> u64 {
+        self.counter(VMS_ACTIVE)
+    }
+
+    /// The VM count once it is `want`, or as it is after a few seconds: while Envoy starts, VMs
+    /// it builds to check a configuration are counted until they are gone (seen on a loaded
+    /// machine: 8 for a moment where 4 remain).
+    pub fn wasm_vms_settling_at(&self, want: u64) -> u64 {
+        self.counter_settling_at(VMS_ACTIVE, want, Duration::from_secs(5))
     }
 
     fn name(&self) -> String {
@@ -595,16 +611,16 @@ impl Envoy {
     /// Which way close-relay closed client connections, for the test's output: right after a
     /// relayed response (either layout), on the client's next request (the fallback), or idle.
     fn report_closes(&self) {
-        if self.vms == 0 {
+        if !self.wasm {
             return;
         }
         let closes = ["connections_closed", "requests_closed", "idle_closed"]
             .map(|c| self.counter(&format!("wasmcustom.close_relay_{c}_total")));
         eprintln!(
-            "[envoy {}] {}: {} VMs; closed after the response {}, on the next request {}, idle {}",
+            "[envoy {}] {}: {} wasm VMs; closed after the response {}, on the next request {}, idle {}",
             envoy_version(),
             self.name(),
-            self.vms,
+            self.wasm_vms(),
             closes[0],
             closes[1],
             closes[2]
@@ -665,6 +681,18 @@ impl Envoy {
         }
     }
 
+    /// A gauge once it equals `want`, or its value after `within`.
+    pub fn counter_settling_at(&self, name: &str, want: u64, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.counter(name);
+            if v == want || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// POST on the admin API (`/healthcheck/fail`, `/drain_listeners?...`).
     pub fn admin_post(&self, path: &str) {
         let mut c = Conn::open(self.admin);
@@ -700,7 +728,7 @@ impl Envoy {
     /// SIGKILL if it is still there after a second. SIGTERM lets it flush its log.
     pub fn stop(mut self) {
         self.report_closes();
-        self.vms = 0;
+        self.wasm = false;
         self.proc.terminate();
         let deadline = Instant::now() + Duration::from_secs(1);
         while !self.proc.exited() && Instant::now() < deadline {

@@ -538,6 +538,16 @@ pub fn physics(r: &RunResult) -> Option<String> {
              With a held sidecar, `drain.app_closes.threshold: 1` makes the app's first close \
              that signal (next row)."
         ),
+        (AppMode::CloseHeader | AppMode::Prestop, true) if n <= r.spec.concurrency as u64 => format!(
+            "{n} 5xx: the app stopped accepting at SIGTERM and its first close drained the pod; \
+             close-relay then closed every idle ALB connection at once, but a request the ALB had \
+             just put on one of them crossed that close (502), or a request that reached pod A \
+             before the first close needed a new connection to the app (503 UF). Each ALB \
+             connection meets at most one ({} here at most); a loaded machine widens both windows. \
+             Zero needs the ALB to stop using the pod before the app stops accepting: a preStop \
+             delay with the sidecar drained.",
+            r.spec.concurrency
+        ),
         _ => format!("{n} 5xx not explained by physics: a defect to investigate ({:?})", r.statuses),
     })
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use close_relay::config::{Config, Role};
 use e2e::istio::{self, EXAMPLE_IMAGE};
-use e2e::{App, Envoy, EnvoySpec, Filter, Port, Proc};
+use e2e::{App, Envoy, EnvoySpec, Filter, Layout, Port, Proc};
 use serde_json::{json, Value};
 
 const SOON: Duration = Duration::from_secs(3);
@@ -443,17 +443,17 @@ fn every_way_istio_loads_the_pair_relays_and_keeps_in_flight_responses_whole() {
             let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(Filter::None, app.port), port.get(), admin.get());
             istio::apply_extensions(&mut bootstrap, &resources, &wasm, &dir);
             let envoy = run_envoy(&name, &bootstrap, &dir, port, admin);
-            let split = scheme == "file://" && split_on_file;
-            // Two workers: a VM each, one for the main thread and the base VM, per VM key.
-            assert_eq!(envoy.vms, if split { 8 } else { 4 }, "{kind} {scheme}: wasm VMs Envoy built");
+            let layout = if scheme == "file://" && split_on_file { Layout::Split } else { Layout::One };
+            let want = e2e::vms_for(2, layout);
+            let built = envoy.wasm_vms_settling_at(want);
+            assert_eq!(built, want, "{kind} {scheme}: wasm VMs Envoy built");
             assert_relays(&envoy);
             assert_eq!(envoy.counter("wasmcustom.close_relay_connections_closed_total"), 1, "closed right after the response");
             assert_eq!(envoy.counter("wasmcustom.close_relay_requests_closed_total"), 0);
             let seen = e2e::in_flight_through_a_drain(&envoy);
             say(&format!(
-                "{kind} pair, {scheme} module: {} wasm VMs ({}); close relayed and closed right after the response; {seen}",
-                envoy.vms,
-                if split { "split VMs" } else { "one VM" }
+                "{kind} pair, {scheme} module: {built} wasm VMs ({}); close relayed and closed right after the response; {seen}",
+                layout.as_str()
             ));
         }
     }

@@ -1,10 +1,12 @@
-//! The short rolling restart (two pods, one restart, a few seconds of load): the ALB sees 503s
-//! with a plain sidecar when the app shuts down with `Connection: close` and the sidecar is
-//! held until the app exits, and none with close-relay configured for a held sidecar (the app's
-//! first close drains the pod: without it a rare race leaves one 503, see `rollout::physics`).
-//! The full matrix is `make rollout`.
+//! The short rolling restart (two pods, one restart, a few seconds of load): the ALB sees
+//! hundreds of 503s with a plain sidecar when the app shuts down with `Connection: close` and
+//! the sidecar is held until the app exits. With close-relay configured for a held sidecar (the
+//! app's first close drains the pod) each ALB connection meets at most one error, and usually
+//! none: the app stops accepting at SIGTERM, so a request crossing the first close or an idle
+//! close on the wire has nowhere to go (`rollout::physics` explains each). The full matrix is
+//! `make rollout`.
 
-use e2e::rollout::{run, AppMode, RunResult, RunSpec, SidecarMode};
+use e2e::rollout::{physics, run, AppMode, RunResult, RunSpec, SidecarMode};
 
 fn short(close_relay: bool) -> RunSpec {
     RunSpec {
@@ -38,9 +40,25 @@ fn rolling_restart_without_the_filter_gives_the_alb_503s() {
 }
 
 #[test]
-fn rolling_restart_with_close_relay_gives_the_alb_no_error() {
+fn rolling_restart_with_close_relay_gives_each_alb_connection_at_most_one_error() {
     let r = run("short-relay", &short(true));
     say(&r);
     assert!(r.requests > 500, "load too small: {}", r.requests);
-    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
+    assert_eq!(r.conn_errors, 0, "{:?}", r.events);
+    // nginx holds at most `concurrency` connections to the pod, and close-relay closes each one
+    // that meets an error: more errors than that would be a connection meeting two.
+    assert!(
+        r.five_xx <= r.spec.concurrency as u64,
+        "{} 5xx over {} ALB connections: {:?} at {:?} ms\n{:?}",
+        r.five_xx,
+        r.spec.concurrency,
+        r.statuses,
+        r.five_xx_at,
+        r.events
+    );
+    let why = physics(&r);
+    assert!(!why.as_deref().is_some_and(|w| w.contains("not explained")), "{why:?}");
+    if let Some(why) = why {
+        eprintln!("[envoy {}] physics: {why}", e2e::envoy_version());
+    }
 }

@@ -3,7 +3,8 @@
 //! Configurations: Envoy without a filter (the baseline), the Lua peer, the floor module
 //! (`e2e/floor`: both roles, nothing but the exports a filter needs), close-relay disabled and
 //! close-relay as shipped; the wasm ones loaded the way the shipped WasmPlugins load them (one
-//! VM, their pluginConfig). Traffic shapes: a tiny GET, ALB-like request headers with a 64 KiB
+//! VM, their pluginConfig); and close-relay with the roles in split VMs, as Envoy >= 1.39 builds
+//! the same pair from a `file://` module (the layouts in the README). Traffic shapes: a tiny GET, ALB-like request headers with a 64 KiB
 //! response, a 1 MiB response, a 16 KiB POST.
 //!
 //! CPU: one Envoy worker pinned to its own core, wrk and the app on the other; rounds
@@ -86,8 +87,9 @@ enum Setup {
     /// One of the rig's own configurations (no filter, the Lua peer).
     Plain(Filter),
     /// The shipped WasmPlugin pair with this module; `disabled` replaces each pluginConfig by
-    /// `{"role": ..., "enabled": false}`.
-    Shipped { wasm: PathBuf, disabled: bool },
+    /// `{"role": ..., "enabled": false}`; `file` names the module by `file://`, which splits
+    /// the roles into two VMs on Envoy >= 1.39.
+    Shipped { wasm: PathBuf, disabled: bool, file: bool },
 }
 
 struct Config {
@@ -102,15 +104,19 @@ fn configs() -> Vec<Config> {
     let mut all = vec![
         Config { name: "baseline".into(), setup: Setup::Plain(Filter::None) },
         Config { name: "lua peer".into(), setup: Setup::Plain(Filter::Lua) },
-        Config { name: "floor".into(), setup: Setup::Shipped { wasm: floor, disabled: false } },
-        Config { name: "disabled".into(), setup: Setup::Shipped { wasm: release.clone(), disabled: true } },
-        Config { name: "close-relay".into(), setup: Setup::Shipped { wasm: release, disabled: false } },
+        Config { name: "floor".into(), setup: Setup::Shipped { wasm: floor, disabled: false, file: false } },
+        Config { name: "disabled".into(), setup: Setup::Shipped { wasm: release.clone(), disabled: true, file: false } },
+        Config { name: "close-relay".into(), setup: Setup::Shipped { wasm: release.clone(), disabled: false, file: false } },
     ];
+    if istio::vm_key_has_environment(e2e::envoy_version()) {
+        let setup = Setup::Shipped { wasm: release, disabled: false, file: true };
+        all.push(Config { name: "close-relay split VMs".into(), setup });
+    }
     for extra in std::env::var("BENCH_WASM").unwrap_or_default().split(',').filter(|s| !s.trim().is_empty()) {
         let (label, path) = extra.split_once('=').unwrap_or_else(|| panic!("BENCH_WASM wants label=path, got {extra:?}"));
         let wasm = PathBuf::from(path.trim());
         assert!(wasm.exists(), "BENCH_WASM: {} missing", wasm.display());
-        all.push(Config { name: label.trim().into(), setup: Setup::Shipped { wasm, disabled: false } });
+        all.push(Config { name: label.trim().into(), setup: Setup::Shipped { wasm, disabled: false, file: false } });
     }
     all
 }
@@ -135,8 +141,12 @@ fn start(config: &Config, app_port: u16, concurrency: u32, tag: &str) -> Envoy {
         Setup::Shipped { .. } => Filter::None,
     };
     let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(filter, app_port), port.get(), admin.get());
-    if let Setup::Shipped { wasm, disabled } = &config.setup {
-        istio::apply_extensions(&mut bootstrap, &shipped_plugins(*disabled), wasm, &dir);
+    if let Setup::Shipped { wasm, disabled, file } = &config.setup {
+        let mut plugins = shipped_plugins(*disabled);
+        if *file {
+            plugins = istio::with_url(&plugins, &format!("file://{}", wasm.display()));
+        }
+        istio::apply_extensions(&mut bootstrap, &plugins, wasm, &dir);
     }
     let file = dir.join("envoy.json");
     fs::write(&file, bootstrap.to_string()).expect("write envoy.json");
@@ -367,7 +377,7 @@ fn render(
     t.push_str("\n.wasm\n");
     let mut sizes = serde_json::Map::new();
     for config in configs {
-        if let Setup::Shipped { wasm, disabled: false } = &config.setup {
+        if let Setup::Shipped { wasm, disabled: false, file: false } = &config.setup {
             let bytes = fs::read(wasm).expect("read .wasm");
             let gz = gzip_len(&bytes);
             t.push_str(&format!("  {:<14} {:>8} B raw {:>8} B gzipped\n", config.name, bytes.len(), gz));
