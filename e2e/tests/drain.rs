@@ -114,6 +114,15 @@ fn vm_groups(spec: &EnvoySpec) -> u64 {
     if spec.layout() == Some(Layout::Split) { 2 } else { 1 }
 }
 
+/// Until every VM group has cleared `source` (each on its own poll; the gauge is one for all).
+fn wait_drain_left(envoy: &Envoy, source: &str, groups: u64, since: Instant) {
+    let line = format!("drain source {source} cleared");
+    while envoy.log().matches(&line).count() < groups as usize || envoy.counter("wasmcustom.close_relay_draining") != 0 {
+        assert!(since.elapsed() < WITHIN, "drain never left\n{}", envoy.wasm_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn healthcheck_fail(name: &str, spec: EnvoySpec, setup: &str) {
     let vm_groups = vm_groups(&spec);
     let envoy = start(name, spec);
@@ -171,19 +180,19 @@ fn istio_agent_drain_listeners_closes_everything() {
 #[test]
 fn healthcheck_ok_ends_the_drain() {
     let app = App::start();
-    let envoy = start("hc-recovery", spec(&app));
+    let spec = spec(&app);
+    let groups = vm_groups(&spec);
+    let envoy = start("hc-recovery", spec);
     envoy.admin_post("/healthcheck/fail");
     let entered = Instant::now();
-    while envoy.counter("wasmcustom.close_relay_drain_entered_sidecar_health_total") == 0 {
+    let entries = "wasmcustom.close_relay_drain_entered_sidecar_health_total";
+    while envoy.counter(entries) < groups {
         assert!(entered.elapsed() < WITHIN, "drain never entered\n{}", envoy.wasm_log());
         std::thread::sleep(Duration::from_millis(50));
     }
     envoy.admin_post("/healthcheck/ok");
     let cleared = Instant::now();
-    while envoy.counter("wasmcustom.close_relay_draining") != 0 {
-        assert!(cleared.elapsed() < WITHIN, "drain never left\n{}", envoy.wasm_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_drain_left(&envoy, "sidecar_health", groups, cleared);
     let left = cleared.elapsed();
     // Every worker refreshes within a tick; then connections are kept again.
     std::thread::sleep(Duration::from_millis(400));
@@ -266,11 +275,7 @@ fn app_readiness_failing_closes_everything_and_recovering_ends_it() {
     assert_eq!(envoy.counter_reaching(entered, groups, Duration::from_secs(3)), groups);
     report("app_readiness (/ready answers 503)", "probe every 1 s", took);
     app.set_ready(true);
-    let recovered = Instant::now();
-    while envoy.counter("wasmcustom.close_relay_draining") != 0 {
-        assert!(recovered.elapsed() < WITHIN, "drain never left\n{}", envoy.wasm_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_drain_left(&envoy, "app_readiness", groups, Instant::now());
     std::thread::sleep(Duration::from_millis(400));
     let mut c = envoy.connect();
     assert!(!c.get("/keep").says_close());
