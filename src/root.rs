@@ -134,17 +134,18 @@ impl Root {
 
 impl Root {
     /// Applies what this VM's queue carries (`link::Note`); returns how many connections that
-    /// closed.
-    fn read_queue(&self, queue_id: u32) -> u64 {
-        let mut closed = 0;
+    /// closed, and whether a wake-up was among the notes.
+    fn read_queue(&self, queue_id: u32) -> (u64, bool) {
+        let (mut closed, mut woken) = (0, false);
         for item in host::drain_queue(queue_id) {
             match Note::decode(&item) {
+                Some(Note::Wake) => woken = true,
                 Some(Note::Enter { source, until }) => pod::enter_forwarded(source, until),
                 Some(note) => closed += u64::from(network::hear(&note)),
                 None => debug!("ignored a queue item this version did not write"),
             }
         }
-        closed
+        (closed, woken)
     }
 
     fn sweep(&self, draining: bool) {
@@ -222,7 +223,7 @@ impl RootContext for Root {
         let drain = config.drain.clone();
         if let Some(queue) = pod::own_queue().filter(|_| self.role == Role::Network) {
             // Notes from HTTP roles in other VMs first: the sweep must count their requests.
-            let closed = self.read_queue(queue);
+            let (closed, _) = self.read_queue(queue);
             if closed > 0 {
                 self.shared.metrics.connections_closed.add(closed);
             }
@@ -239,14 +240,17 @@ impl RootContext for Root {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        let heard = self.read_queue(queue_id);
+        let (heard, woken) = self.read_queue(queue_id);
         let closed = heard + network::close_requested();
         if closed > 0 {
             self.shared.metrics.connections_closed.add(closed);
             debug!("closed {closed} client connection(s) after their response");
         }
         let Some(config) = self.shared.active() else { return };
-        if config.drain.enabled {
+        // Sweep when woken (a drain began, or a same-VM close), as in one VM; not after every
+        // note from another VM's requests: a sweep right after each response, at the app's zero
+        // grace, would close connections just as their clients send the next request.
+        if config.drain.enabled && woken {
             let draining = pod::refresh(&self.shared.metrics);
             self.sweep(draining);
         }
