@@ -77,6 +77,11 @@ impl DrainState {
         encode_u64s(&self.until)
     }
 
+    /// Until when `source` is on; 0 if it never was.
+    pub fn until(&self, source: Source) -> u64 {
+        self.until[source.index()]
+    }
+
     pub fn is_active(&self, source: Source, now_ms: u64) -> bool {
         self.until[source.index()] > now_ms
     }
@@ -174,6 +179,15 @@ pub fn app_accepting(previous: Option<DrainStats>, now: DrainStats) -> bool {
         let failed = now.app_cx_connect_fail.saturating_sub(prev.app_cx_connect_fail);
         opened > failed
     })
+}
+
+/// Has the app come back since it failed? [`app_accepting`] over two reads, the earlier of which
+/// was taken after the failure began (`failed_at_ms`): connections opened in the interval before
+/// the failure say nothing about after it, and clearing on them ended the drain within
+/// milliseconds of its start, then re-entered it on the next 503, closing idle connections each
+/// time (seen in the soak).
+pub fn app_recovered(previous: Option<(u64, DrainStats)>, now: DrainStats, failed_at_ms: u64) -> bool {
+    previous.is_some_and(|(read_at_ms, prev)| read_at_ms >= failed_at_ms && app_accepting(Some(prev), now))
 }
 
 /// Counts events in a fixed window; the window restarts when it has passed.
@@ -360,6 +374,11 @@ mod tests {
         assert!(!app_accepting(Some(at(5, 2)), at(8, 5)), "every new connection refused");
         assert!(app_accepting(Some(at(5, 2)), at(8, 4)), "one got through");
         assert!(!app_accepting(Some(at(5, 2)), at(5, 2)), "no new connection says nothing");
+        let after = Some((2_000, at(5, 2)));
+        assert!(app_recovered(after, at(8, 4), 1_500), "read twice since the failure, one got through");
+        assert!(!app_recovered(Some((1_000, at(5, 2))), at(8, 4), 1_500), "the earlier read was before the failure");
+        assert!(!app_recovered(after, at(8, 5), 1_500));
+        assert!(!app_recovered(None, at(8, 4), 0));
         let stats = "cluster.inbound|8080||.upstream_cx_total: 7\ncluster.inbound|8080||.upstream_cx_connect_fail: 3\n\
                      cluster.prometheus_stats.upstream_cx_total: 99\n";
         assert_eq!((parse_drain_stats(stats).app_cx_total, parse_drain_stats(stats).app_cx_connect_fail), (7, 3));

@@ -84,6 +84,14 @@ fn record(source: Source, until: u64) -> bool {
     entered
 }
 
+/// Until when `source` is on (ms since the epoch, [`UNTIL_CLEARED`], or 0 when off), in the
+/// shared record.
+pub fn active_until(source: Source) -> u64 {
+    let now = host::now_ms();
+    let state = DrainState::decode(&host::shared_get(STATE_KEY).0);
+    if state.is_active(source, now) { state.until(source) } else { 0 }
+}
+
 /// Turns `source` off, when its cause has cleared (e.g. `healthcheck/ok`).
 pub fn clear(source: Source, metrics: &Metrics) {
     let now = host::now_ms();

@@ -95,19 +95,24 @@ impl Root {
         if status != 200 {
             return;
         }
+        let Some(config) = self.shared.active() else { return };
         let now = drain::parse_drain_stats(&String::from_utf8_lossy(body));
+        let read_at = host::now_ms();
+        // The record: when it was read (0: never), then the counters.
         let previous = host::shared_update(SIDECAR_STATS_KEY, |current| {
-            let [seen, drain_closes, update_draining, app_cx_total, app_cx_connect_fail] = drain::decode_u64s(current);
-            let previous = (seen == 1)
-                .then_some(DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail });
-            let record = [1, now.drain_closes, now.update_draining, now.app_cx_total, now.app_cx_connect_fail];
+            let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail] = drain::decode_u64s(current);
+            let previous = (read_ms != 0)
+                .then_some((read_ms, DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail }));
+            let record = [read_at, now.drain_closes, now.update_draining, now.app_cx_total, now.app_cx_connect_fail];
             Some((drain::encode_u64s(&record), previous))
         })
         .flatten();
-        if drain::listeners_draining(previous, now) {
+        if drain::listeners_draining(previous.map(|(_, stats)| stats), now) {
             pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &self.shared.metrics);
         }
-        if drain::app_accepting(previous, now) {
+        let until = pod::active_until(Source::AppFailure);
+        let failed_at = until.saturating_sub(config.drain.app_failure.hold_ms);
+        if until > 0 && drain::app_recovered(previous, now, failed_at) {
             pod::clear(Source::AppFailure, &self.shared.metrics);
         }
     }
