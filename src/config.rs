@@ -27,8 +27,9 @@ pub struct Config {
     pub enabled: bool,
     /// Relay the app's own `Connection: close` (and close-delimited responses) to the client.
     pub relay_upstream_close: bool,
-    /// After relaying, close the client connection: right after the response when both roles
-    /// share a VM, otherwise on the client's next request.
+    /// After relaying, close the client connection right after the response, in either layout
+    /// (across VMs by a note on the network VM's queue; without one, on the client's next
+    /// request).
     pub close_connection: bool,
     /// A 5xx Envoy returns because it could not connect to the app closes the client
     /// connection, draining or not, so one ALB connection meets at most one such error.
