@@ -21,7 +21,7 @@ PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build trim test unit lint e2e e2e-version demo deps envoy clean drain-timings rollout oci push istio-tools fuzz bench soak
+.PHONY: all build trim test unit lint e2e e2e-version app-servers demo deps envoy clean drain-timings rollout oci push istio-tools fuzz bench soak
 
 all: build
 
@@ -40,6 +40,22 @@ deps:
 	@# node exporter that Debian recommends beside it.
 	@command -v promtool >/dev/null 2>&1 || { echo "installing Debian package: prometheus (for promtool)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# Real app servers for the rolling-restart rig (e2e/src/servers.rs), pinned: Debian's Go 1.19
+# (golang-go, building e2e/apps/go) and Tomcat 10 (tomcat10; the JSP app needs no javac),
+# uvicorn and h11 from PyPI into .apps/python; Node.js and nginx come with `deps`.
+UVICORN_PINS := uvicorn==0.54.0 h11==0.16.0 click==8.5.1
+app-servers: deps target/apps/go-app .apps/python/.installed
+	@[ -x /usr/share/tomcat10/bin/catalina.sh ] || { echo "installing Debian package: tomcat10"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tomcat10 >/dev/null; }
+target/apps/go-app: e2e/apps/go/main.go
+	@command -v go >/dev/null 2>&1 || { echo "installing Debian package: golang-go"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go >/dev/null; }
+	@mkdir -p target/apps
+	go build -o $@ ./e2e/apps/go/main.go
+.apps/python/.installed: Makefile
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target .apps/python $(UVICORN_PINS)
+	@touch $@
 
 # The Istio checks' tools from npm, exact versions in e2e/istio/package.json and its lock file:
 # Istio 1.29's CRD schemas (@kubernetes-models/istio), the Prometheus Operator's

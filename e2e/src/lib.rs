@@ -15,6 +15,7 @@ pub mod istio;
 pub mod oci;
 pub mod ports;
 pub mod rollout;
+pub mod servers;
 pub mod soak;
 pub mod wasm;
 
@@ -127,9 +128,14 @@ impl Proc {
 
     /// SIGTERM, as the kubelet sends it.
     pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal` to the child (by its PID): a server's own graceful-shutdown signal.
+    pub fn signal(&self, signal: libc::c_int) {
         // SAFETY: kill(2) on our own child's PID with a valid signal number.
         unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            libc::kill(self.child.id() as libc::pid_t, signal);
         }
     }
 }

@@ -219,8 +219,8 @@ fn forward(client: TcpStream, upstream: TcpStream) {
 /// and no retry of a failed request (`proxy_next_upstream off`), as an ALB does not retry.
 pub struct Nginx {
     pub port: u16,
-    proc: Proc,
-    _lease: Port,
+    pub(crate) proc: Proc,
+    pub(crate) _lease: Port,
 }
 
 impl Nginx {
@@ -260,7 +260,7 @@ impl Nginx {
     }
 
     /// One nginx process (no master) serving `http_block`, in which `{port}` is its port.
-    fn launch(dir: &std::path::Path, http_block: &str) -> Nginx {
+    pub(crate) fn launch(dir: &std::path::Path, http_block: &str) -> Nginx {
         let lease = Port::lease();
         let port = lease.get();
         let conf = format!(

@@ -1,0 +1,1 @@
+<%-- About 2 ms of work per request, then "ok"; Tomcat compiles this JSP itself (no javac). --%><%@ page contentType="text/plain" session="false" trimDirectiveWhitespaces="true" %><% Thread.sleep(2); %>ok
