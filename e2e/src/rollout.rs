@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::servers::{RealApp, Server};
 use crate::{scratch, App, Conn, Envoy, EnvoySpec, Filter, Port, Proc};
 
 /// How the app shuts down on SIGTERM (see `app --shutdown`).
@@ -25,16 +26,27 @@ pub enum AppMode {
     CloseHeader,
     CloseIdle,
     Prestop,
+    /// A real app server (`crate::servers`), stopped with its container's signal.
+    Real(Server),
 }
 
 impl AppMode {
+    /// The rig's own app in its three shutdown modes.
     pub const ALL: [AppMode; 3] = [AppMode::CloseHeader, AppMode::CloseIdle, AppMode::Prestop];
+    pub const REAL: [AppMode; 5] = [
+        AppMode::Real(Server::Nginx),
+        AppMode::Real(Server::Go),
+        AppMode::Real(Server::Node),
+        AppMode::Real(Server::Uvicorn),
+        AppMode::Real(Server::Tomcat),
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             AppMode::CloseHeader => "close-header",
             AppMode::CloseIdle => "close-idle",
             AppMode::Prestop => "prestop",
+            AppMode::Real(server) => server.as_str(),
         }
     }
 }
@@ -77,6 +89,9 @@ pub struct RunSpec {
     /// istio-agent's terminationDrainDuration.
     pub termination_drain_ms: u64,
     pub prestop_ms: u64,
+    /// A real server's preStop hook: its stop signal comes this long after the pod's SIGTERM
+    /// (the rig's own app has its `prestop` mode instead).
+    pub prestop_hook_ms: u64,
     pub app_shutdown_timeout_ms: u64,
     /// Held sidecar: how long after the app exits the kubelet stops it (it notices container
     /// exits on its ~1 s PLEG relist).
@@ -97,6 +112,7 @@ impl RunSpec {
             restart_at_ms: 2_000,
             termination_drain_ms: 5_000,
             prestop_ms: 3_000,
+            prestop_hook_ms: 0,
             app_shutdown_timeout_ms: 5_000,
             sidecar_stop_after_app_ms: 1_000,
         }
@@ -120,12 +136,8 @@ impl RunSpec {
     }
 
     pub fn label(&self) -> String {
-        format!(
-            "{} | app {} | sidecar {}",
-            self.filter_label(),
-            self.app.as_str(),
-            self.sidecar.as_str()
-        )
+        let prestop = if self.prestop_hook_ms > 0 { format!(" + preStop {} s", self.prestop_hook_ms / 1000) } else { String::new() };
+        format!("{} | app {}{prestop} | sidecar {}", self.filter_label(), self.app.as_str(), self.sidecar.as_str())
     }
 }
 
@@ -297,21 +309,56 @@ impl Nginx {
 
 use std::path::Path;
 
+/// A pod's app: the rig's own, or a real server.
+pub enum PodApp {
+    Rig(App),
+    Real(RealApp),
+}
+
+impl PodApp {
+    pub fn port(&self) -> u16 {
+        match self {
+            PodApp::Rig(app) => app.port,
+            PodApp::Real(app) => app.port,
+        }
+    }
+
+    /// The container's stop signal.
+    pub fn terminate(&self) {
+        match self {
+            PodApp::Rig(app) => app.terminate(),
+            PodApp::Real(app) => app.terminate(),
+        }
+    }
+
+    pub fn exited(&mut self) -> bool {
+        match self {
+            PodApp::Rig(app) => app.exited(),
+            PodApp::Real(app) => app.exited(),
+        }
+    }
+}
+
 /// One pod: the app and its Envoy sidecar.
 pub struct Pod {
-    pub app: App,
+    pub app: PodApp,
     pub envoy: Envoy,
 }
 
 impl Pod {
     /// Starts and waits until ready (Envoy LIVE, app answering), like a readiness probe.
     pub fn start(name: &str, spec: &RunSpec) -> Pod {
-        let mut args = vec!["--shutdown", spec.app.as_str()];
-        let (prestop, timeout) = (spec.prestop_ms.to_string(), spec.app_shutdown_timeout_ms.to_string());
-        args.extend(["--prestop-ms", &prestop, "--shutdown-timeout-ms", &timeout]);
-        let app = App::start_with(&args);
+        let app = match spec.app {
+            AppMode::Real(server) => PodApp::Real(RealApp::start(server, &scratch(&format!("{name}-app")))),
+            mode => {
+                let mut args = vec!["--shutdown", mode.as_str()];
+                let (prestop, timeout) = (spec.prestop_ms.to_string(), spec.app_shutdown_timeout_ms.to_string());
+                args.extend(["--prestop-ms", &prestop, "--shutdown-timeout-ms", &timeout]);
+                PodApp::Rig(App::start_with(&args))
+            }
+        };
         let filter = if spec.close_relay { Filter::CloseRelay } else { Filter::None };
-        let mut envoy_spec = EnvoySpec::new(filter, app.port);
+        let mut envoy_spec = EnvoySpec::new(filter, app.port());
         let config = spec.relay_config();
         envoy_spec.network_config = match config.strip_prefix('{') {
             Some(rest) => format!(r#"{{"role": "network", {rest}"#),
@@ -443,12 +490,17 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         kube.set_endpoints(vec![b.envoy.port]);
         note("pod A removed from endpoints");
     }
-    app_a.terminate();
     if spec.sidecar == SidecarMode::IstioAgent {
         envoy_a.admin_post("/drain_listeners?inboundonly&graceful");
     }
-    note("pod A: SIGTERM (app and sidecar)");
     let terminated = Instant::now();
+    if spec.prestop_hook_ms == 0 {
+        app_a.terminate();
+        note("pod A: SIGTERM (app and sidecar)");
+    } else {
+        note("pod A: SIGTERM (sidecar), preStop hook running");
+    }
+    let mut app_signalled = spec.prestop_hook_ms == 0;
     let mut removed = spec.endpoint_lag_ms == 0;
     let mut app_exited: Option<Instant> = None;
     let sidecar_stop_at = match spec.sidecar {
@@ -456,13 +508,20 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         SidecarMode::Held => None,
     };
     let give_up = terminated
-        + Duration::from_millis(spec.prestop_ms + spec.app_shutdown_timeout_ms + spec.sidecar_stop_after_app_ms + 5_000);
+        + Duration::from_millis(
+            spec.prestop_ms + spec.prestop_hook_ms + spec.app_shutdown_timeout_ms + spec.sidecar_stop_after_app_ms + 5_000,
+        );
     let mut envoy_a = Some(envoy_a);
     while envoy_a.is_some() && Instant::now() < give_up {
         if !removed && terminated.elapsed() >= Duration::from_millis(spec.endpoint_lag_ms) {
             kube.set_endpoints(vec![b.envoy.port]);
             note("pod A removed from endpoints");
             removed = true;
+        }
+        if !app_signalled && terminated.elapsed() >= Duration::from_millis(spec.prestop_hook_ms) {
+            app_a.terminate();
+            app_signalled = true;
+            note("pod A: preStop done, app signalled");
         }
         if app_exited.is_none() && app_a.exited() {
             app_exited = Some(Instant::now());
@@ -552,11 +611,22 @@ pub fn physics(r: &RunResult) -> Option<String> {
     })
 }
 
+/// The apps the results cover, in the order they first appear.
+fn apps_in(results: &[RunResult]) -> Vec<AppMode> {
+    let mut apps = Vec::new();
+    for r in results {
+        if !apps.contains(&r.spec.app) {
+            apps.push(r.spec.app);
+        }
+    }
+    apps
+}
+
 /// The report table: rows = filter, columns = app shutdown mode x sidecar mode.
 pub fn table(results: &[RunResult], header: &str) -> String {
     let mut out = format!("{header}\ncells: requests / 5xx / connection errors\n\n");
     let cols: Vec<(AppMode, SidecarMode)> =
-        AppMode::ALL.iter().flat_map(|a| SidecarMode::ALL.map(|s| (*a, s))).collect();
+        apps_in(results).into_iter().flat_map(|a| SidecarMode::ALL.map(|s| (a, s))).collect();
     out.push_str(&format!("{:<33}", ""));
     for (a, s) in &cols {
         out.push_str(&format!("| {:<24}", format!("{} / {}", a.as_str(), if *s == SidecarMode::Held { "held" } else { "istio drain" })));
@@ -594,7 +664,8 @@ pub fn chart(results: &[RunResult], path: &Path) -> Result<(), String> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (1200, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let panels = root.split_evenly((AppMode::ALL.len(), 1));
+    let apps = apps_in(results);
+    let panels = root.split_evenly((apps.len(), 1));
     let bucket = 250u64;
     let end = results.iter().map(|r| r.spec.duration_ms).max().unwrap_or(1000);
     let buckets = |r: &RunResult| {
@@ -608,7 +679,7 @@ pub fn chart(results: &[RunResult], path: &Path) -> Result<(), String> {
     };
     let peak = results.iter().flat_map(buckets).max().unwrap_or(0).max(1);
     let colors = [RED, MAGENTA, BLUE, GREEN, CYAN, BLACK];
-    for (panel, app) in panels.iter().zip(AppMode::ALL) {
+    for (panel, app) in panels.iter().zip(apps) {
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("app {}: 5xx per {bucket} ms at the ALB", app.as_str()), ("sans-serif", 18))
             .margin(10)

@@ -29,8 +29,8 @@ impl Server {
     pub fn as_str(self) -> &'static str {
         match self {
             Server::Nginx => "nginx",
-            Server::Go => "go net/http",
-            Server::Node => "node http",
+            Server::Go => "go",
+            Server::Node => "node",
             Server::Uvicorn => "uvicorn",
             Server::Tomcat => "tomcat",
         }

@@ -3,6 +3,8 @@
 //! `target/rollout/report.json` and `target/rollout/5xx.svg`.
 //! `ROLLOUT_ONLY=close-header` (a substring of the run label) runs a subset;
 //! `ROLLOUT_REPEAT=N` runs each N times (the table shows the last, the JSON all).
+//! `ROLLOUT_APPS=real` runs the real app servers instead of the rig's app (`make app-servers`);
+//! `ROLLOUT_PRESTOP_HOOK_MS=N` gives them a preStop hook of N ms before their stop signal.
 
 use std::fs;
 
@@ -17,10 +19,14 @@ fn main() {
     let only = std::env::var("ROLLOUT_ONLY").unwrap_or_default();
     let repeat: usize = std::env::var("ROLLOUT_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let mut results = Vec::new();
-    for app in AppMode::ALL {
+    // ROLLOUT_APPS=real: the real app servers (e2e/src/servers.rs, `make app-servers`) instead of
+    // the rig's own app.
+    let apps: &[AppMode] = if std::env::var("ROLLOUT_APPS").as_deref() == Ok("real") { &AppMode::REAL } else { &AppMode::ALL };
+    for &app in apps {
         for sidecar in SidecarMode::ALL {
             for (close_relay, first_close_drains) in [(false, false), (true, false), (true, true)] {
-                let spec = RunSpec { first_close_drains, ..RunSpec::new(close_relay, app, sidecar) };
+                let prestop_hook_ms = std::env::var("ROLLOUT_PRESTOP_HOOK_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let spec = RunSpec { first_close_drains, prestop_hook_ms, ..RunSpec::new(close_relay, app, sidecar) };
                 if !spec.label().contains(&only) {
                     continue;
                 }
