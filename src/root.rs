@@ -138,9 +138,9 @@ impl Root {
 }
 
 impl Root {
-    /// Applies what this VM's queue carries (`link::Note`); returns how many connections that
-    /// closed, and whether a wake-up was among the notes.
-    fn read_queue(&self, queue_id: u32) -> (u64, bool) {
+    /// Applies what this VM's queue carries (`link::Note`), counting the connections that
+    /// closed; returns whether a wake-up was among the notes.
+    fn read_queue(&self, queue_id: u32) -> bool {
         let (mut closed, mut woken) = (0, false);
         for item in host::drain_queue(queue_id) {
             match Note::decode(&item) {
@@ -150,7 +150,15 @@ impl Root {
                 None => debug!("ignored a queue item this version did not write"),
             }
         }
-        (closed, woken)
+        self.count_closed(closed);
+        woken
+    }
+
+    fn count_closed(&self, closed: u64) {
+        if closed > 0 {
+            self.shared.metrics.connections_closed.add(closed);
+            debug!("closed {closed} client connection(s) after their response");
+        }
     }
 
     fn sweep(&self, draining: bool) {
@@ -227,11 +235,9 @@ impl RootContext for Root {
         }
         let drain = config.drain.clone();
         if let Some(queue) = pod::own_queue().filter(|_| self.role == Role::Network) {
-            // Notes from HTTP roles in other VMs first: the sweep must count their requests.
-            let (closed, _) = self.read_queue(queue);
-            if closed > 0 {
-                self.shared.metrics.connections_closed.add(closed);
-            }
+            // Notes from HTTP roles in other VMs first: the sweep must count their requests. A
+            // wake-up among them needs nothing more: this tick sweeps anyway.
+            self.read_queue(queue);
         }
         let draining = pod::refresh(&self.shared.metrics);
         if drain.sidecar.enabled && claim(SIDECAR_POLL_KEY, drain.sidecar.interval_ms) {
@@ -245,12 +251,8 @@ impl RootContext for Root {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        let (heard, woken) = self.read_queue(queue_id);
-        let closed = heard + network::close_requested();
-        if closed > 0 {
-            self.shared.metrics.connections_closed.add(closed);
-            debug!("closed {closed} client connection(s) after their response");
-        }
+        let woken = self.read_queue(queue_id);
+        self.count_closed(network::close_requested());
         let Some(config) = self.shared.active() else { return };
         // Sweep when woken (a drain began, or a same-VM close), as in one VM; not after every
         // note from another VM's requests: a sweep right after each response, at the app's zero

@@ -677,22 +677,20 @@ impl Envoy {
     /// The counter once it reaches `at_least`, or its value after `within`: for counters that
     /// other VMs bump on their own poll schedule.
     pub fn counter_reaching(&self, name: &str, at_least: u64, within: Duration) -> u64 {
-        let deadline = Instant::now() + within;
-        loop {
-            let v = self.counter(name);
-            if v >= at_least || Instant::now() > deadline {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.counter_once(name, within, |v| v >= at_least)
     }
 
     /// A gauge once it equals `want`, or its value after `within`.
     pub fn counter_settling_at(&self, name: &str, want: u64, within: Duration) -> u64 {
+        self.counter_once(name, within, |v| v == want)
+    }
+
+    /// The stat once `done` says so, or its value after `within`.
+    fn counter_once(&self, name: &str, within: Duration, done: impl Fn(u64) -> bool) -> u64 {
         let deadline = Instant::now() + within;
         loop {
             let v = self.counter(name);
-            if v == want || Instant::now() > deadline {
+            if done(v) || Instant::now() > deadline {
                 return v;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -968,7 +966,6 @@ impl Conn {
         open
     }
 
-    /// Reads whatever raw bytes arrive within `within` (for upgraded connections).
     /// Waits until `want` bytes have arrived, keeping them for the next response read; false if
     /// they did not within `within`.
     pub fn received(&mut self, want: usize, within: Duration) -> bool {
@@ -978,10 +975,9 @@ impl Conn {
         self.buf.len() >= want
     }
 
+    /// Reads whatever raw bytes arrive within `within` (for upgraded connections).
     pub fn read_raw(&mut self, want: usize, within: Duration) -> Vec<u8> {
-        let _ = self.stream.set_read_timeout(Some(within));
-        while self.buf.len() < want && matches!(self.fill(), Ok(n) if n > 0) {}
-        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(10)));
+        self.received(want, within);
         std::mem::take(&mut self.buf)
     }
 

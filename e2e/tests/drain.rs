@@ -184,12 +184,8 @@ fn healthcheck_ok_ends_the_drain() {
     let groups = vm_groups(&spec);
     let envoy = start("hc-recovery", spec);
     envoy.admin_post("/healthcheck/fail");
-    let entered = Instant::now();
     let entries = "wasmcustom.close_relay_drain_entered_sidecar_health_total";
-    while envoy.counter(entries) < groups {
-        assert!(entered.elapsed() < WITHIN, "drain never entered\n{}", envoy.wasm_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(envoy.counter_reaching(entries, groups, WITHIN) >= groups, "drain never entered\n{}", envoy.wasm_log());
     envoy.admin_post("/healthcheck/ok");
     let cleared = Instant::now();
     wait_drain_left(&envoy, "sidecar_health", groups, cleared);
