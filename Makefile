@@ -10,6 +10,9 @@ ENVOY_DIR      := .envoy
 E2E_TESTS      := --test relay --test drain --test rollout --test istio --test trap --test host_errors --test soak
 # The suites that run every scenario in both layouts (roles in one VM, and in split VMs).
 LAYOUT_TESTS   := --test relay --test drain --test rollout --test soak
+# The rolling restart with real app servers, one per shutdown style (tests/servers.rs): on
+# ENVOY_DEMO only, one restart at a time, as each measures a whole pod's shutdown.
+APP_TESTS      := --test servers -- --nocapture --test-threads=1
 VERSION        := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 OCI_DIR        ?= target/oci
 ISTIO_OUT      ?= target/istio
@@ -126,11 +129,12 @@ lint: deps
 # The e2e suites per Envoy version, in both layouts; ENVOY=/path/to/envoy runs them on that
 # binary only. Versions run E2E_JOBS at a time, each into target/e2e-logs/<version>.log, and
 # the logs are printed in order when all are done.
-e2e: build build-fault envoy istio-tools
+e2e: build build-fault envoy istio-tools app-servers
 	$(CARGO) build -p e2e --tests --bins
 ifdef ENVOY
 	CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture
 	CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture
+	CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(APP_TESTS)
 else
 	@mkdir -p target/e2e-logs
 	@start=$$(date +%s); printf '%s\n' $(ENVOY_VERSIONS) | xargs -P $(E2E_JOBS) -I{} $(MAKE) --no-print-directory e2e-version V={}; \
@@ -142,7 +146,8 @@ e2e-version:
 	@echo "=== e2e on Envoy $(V): started"
 	@{ echo "=== e2e on Envoy $(V)"; \
 	  ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture && \
-	  ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture; \
+	  ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture && \
+	  if [ "$(V)" = "$(ENVOY_DEMO)" ]; then ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(APP_TESTS); fi; \
 	} > target/e2e-logs/$(V).log 2>&1 && echo "=== e2e on Envoy $(V): passed" || { echo "=== e2e on Envoy $(V): FAILED"; exit 1; }
 
 # Drain timings: the drain suite RUNS times per Envoy version and layout, then the median (and min-max)
@@ -169,7 +174,7 @@ test:
 # The full rolling-restart matrix on one Envoy (ENVOY_DEMO, or ENVOY=...) and one layout
 # (CLOSE_RELAY_LAYOUT=one, the default, or split): table on stdout, target/rollout/report.json
 # and target/rollout/5xx.svg.
-rollout: build envoy
+rollout: build envoy app-servers
 	$(CARGO) build -p e2e --bins
 	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/rollout
 

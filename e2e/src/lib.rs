@@ -674,6 +674,16 @@ impl Envoy {
             .unwrap_or(0)
     }
 
+    /// Every stat whose name matches `regex` (Envoy's `/stats?filter=`), by name, with any
+    /// `wasmcustom.` prefix dropped.
+    pub fn counters_matching(&self, regex: &str) -> std::collections::BTreeMap<String, u64> {
+        let body = admin_get(self.admin, &format!("/stats?filter={regex}")).unwrap_or_default();
+        body.lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter_map(|(k, v)| Some((k.trim_start_matches("wasmcustom.").to_string(), v.trim().parse().ok()?)))
+            .collect()
+    }
+
     /// The counter once it reaches `at_least`, or its value after `within`: for counters that
     /// other VMs bump on their own poll schedule.
     pub fn counter_reaching(&self, name: &str, at_least: u64, within: Duration) -> u64 {

@@ -71,19 +71,86 @@ impl SidecarMode {
     }
 }
 
+/// A row of the report: what the pod runs besides the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Row {
+    /// A plain sidecar.
+    NoFilter,
+    /// close-relay with its default configuration.
+    CloseRelay,
+    /// close-relay with the settings the README recommends for this app ([`recommended`]).
+    Recommended,
+}
+
+impl Row {
+    pub const ALL: [Row; 3] = [Row::NoFilter, Row::CloseRelay, Row::Recommended];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Row::NoFilter => "no filter",
+            Row::CloseRelay => "close-relay",
+            Row::Recommended => "close-relay, recommended",
+        }
+    }
+}
+
+/// What the README recommends beside close-relay's defaults, for one app and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Setting {
+    /// `drain.app_closes.threshold: 1`: the app's first `Connection: close` counts as the pod
+    /// going away.
+    pub first_close_drains: bool,
+    /// The preStop hook first tells the sidecar (`POST /healthcheck/fail` on its admin API),
+    /// then sleeps: a held sidecar hears nothing else before the app stops accepting.
+    pub prestop_fails_sidecar: bool,
+}
+
+impl Setting {
+    pub fn describe(self) -> String {
+        let mut parts = Vec::new();
+        if self.first_close_drains {
+            parts.push("drain.app_closes.threshold 1");
+        }
+        if self.prestop_fails_sidecar {
+            parts.push("preStop POSTs the sidecar's healthcheck/fail before its sleep");
+        }
+        if parts.is_empty() {
+            "the defaults".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// The recommended setting, from `make rollout`'s measurements (README "Which app server").
+/// The rig's app answers every request in flight at SIGTERM with `Connection: close`, so its first
+/// close is the earliest signal. The real servers stop within milliseconds of their signal, too
+/// soon for a first close to come before the first 503, and Tomcat closes every 100th keep-alive
+/// request routinely, which a threshold of 1 would take for a shutdown: they keep the defaults,
+/// and a held sidecar needs its preStop to tell it.
+pub fn recommended(app: AppMode, sidecar: SidecarMode, prestop: bool) -> Setting {
+    match app {
+        AppMode::Real(_) => Setting { first_close_drains: false, prestop_fails_sidecar: prestop && sidecar == SidecarMode::Held },
+        _ => Setting { first_close_drains: true, prestop_fails_sidecar: false },
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RunSpec {
+    pub row: Row,
     pub close_relay: bool,
-    /// close-relay also treats the app's first `Connection: close` as the pod going away
-    /// (`drain.app_closes.threshold: 1`), the earliest signal when the sidecar is held.
-    pub first_close_drains: bool,
+    pub setting: Setting,
+    /// Overrides `drain.app_idle_grace_ms` (the idle-close race measurement).
+    pub app_idle_grace_ms: Option<u64>,
     pub app: AppMode,
     pub sidecar: SidecarMode,
     /// Endpoint removal lags the SIGTERM by this much.
     pub endpoint_lag_ms: u64,
     pub rate_per_s: u64,
     pub concurrency: usize,
+    /// The longest the load runs; it ends sooner, `tail_ms` after pod A's sidecar stops.
     pub duration_ms: u64,
+    pub tail_ms: u64,
     /// When the rolling restart begins, from the start of the load.
     pub restart_at_ms: u64,
     /// istio-agent's terminationDrainDuration.
@@ -99,45 +166,93 @@ pub struct RunSpec {
 }
 
 impl RunSpec {
-    pub fn new(close_relay: bool, app: AppMode, sidecar: SidecarMode) -> RunSpec {
+    /// One cell: `row` for `app` under `sidecar`, with a preStop hook of `prestop_hook_ms`.
+    pub fn cell(row: Row, app: AppMode, sidecar: SidecarMode, prestop_hook_ms: u64) -> RunSpec {
+        let setting = match row {
+            Row::Recommended => recommended(app, sidecar, prestop_hook_ms > 0),
+            Row::NoFilter | Row::CloseRelay => Setting::default(),
+        };
         RunSpec {
-            close_relay,
-            first_close_drains: false,
+            row,
+            close_relay: row != Row::NoFilter,
+            setting,
+            app_idle_grace_ms: None,
             app,
             sidecar,
             endpoint_lag_ms: 0,
             rate_per_s: 200,
             concurrency: 8,
-            duration_ms: 9_000,
+            duration_ms: 12_000,
+            tail_ms: 500,
             restart_at_ms: 2_000,
             termination_drain_ms: 5_000,
             prestop_ms: 3_000,
-            prestop_hook_ms: 0,
+            prestop_hook_ms,
             app_shutdown_timeout_ms: 5_000,
             sidecar_stop_after_app_ms: 1_000,
         }
     }
 
+    /// The recommended row is run only where it differs from the default one.
+    pub fn is_redundant(&self) -> bool {
+        self.row == Row::Recommended && self.setting == Setting::default()
+    }
+
     /// The close-relay plugin configuration (HTTP role; the network role adds its role).
     pub fn relay_config(&self) -> String {
-        if self.first_close_drains {
-            r#"{"drain": {"app_closes": {"enabled": true, "threshold": 1}}}"#.into()
-        } else {
+        let mut drain = serde_json::Map::new();
+        if self.setting.first_close_drains {
+            drain.insert("app_closes".into(), json!({"enabled": true, "threshold": 1}));
+        }
+        if let Some(ms) = self.app_idle_grace_ms {
+            drain.insert("app_idle_grace_ms".into(), json!(ms));
+        }
+        if drain.is_empty() {
             String::new()
+        } else {
+            json!({ "drain": drain }).to_string()
         }
     }
 
-    pub fn filter_label(&self) -> &'static str {
-        match (self.close_relay, self.first_close_drains) {
-            (false, _) => "no filter",
-            (true, false) => "close-relay",
-            (true, true) => "close-relay, first close drains",
+    pub fn filter_label(&self) -> String {
+        match self.app_idle_grace_ms {
+            Some(ms) => format!("{}, app_idle_grace_ms {ms}", self.row.as_str()),
+            None => self.row.as_str().into(),
         }
+    }
+
+    pub fn column(&self) -> Column {
+        Column { sidecar: self.sidecar, prestop: self.prestop_hook_ms > 0 }
     }
 
     pub fn label(&self) -> String {
         let prestop = if self.prestop_hook_ms > 0 { format!(" + preStop {} s", self.prestop_hook_ms / 1000) } else { String::new() };
         format!("{} | app {}{prestop} | sidecar {}", self.filter_label(), self.app.as_str(), self.sidecar.as_str())
+    }
+}
+
+/// A column of the report: the sidecar mode, and whether the app has a preStop hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    pub sidecar: SidecarMode,
+    pub prestop: bool,
+}
+
+impl Column {
+    pub const ALL: [Column; 4] = [
+        Column { sidecar: SidecarMode::Held, prestop: false },
+        Column { sidecar: SidecarMode::IstioAgent, prestop: false },
+        Column { sidecar: SidecarMode::Held, prestop: true },
+        Column { sidecar: SidecarMode::IstioAgent, prestop: true },
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match (self.sidecar, self.prestop) {
+            (SidecarMode::Held, false) => "held",
+            (SidecarMode::IstioAgent, false) => "istio drain",
+            (SidecarMode::Held, true) => "held + preStop",
+            (SidecarMode::IstioAgent, true) => "istio drain + preStop",
+        }
     }
 }
 
@@ -228,7 +343,9 @@ fn forward(client: TcpStream, upstream: TcpStream) {
 
 /// nginx as the ALB: an upstream keep-alive pool over HTTP/1.1, `Connection` cleared toward
 /// the targets (so their `Connection: close` is honoured by closing that pooled connection),
-/// and no retry of a failed request (`proxy_next_upstream off`), as an ALB does not retry.
+/// and no retry of a failed request (`proxy_next_upstream off`), as an ALB does not retry. nginx
+/// would also retire each pooled connection after 1000 requests (`keepalive_requests`), which an
+/// ALB does not: that alone moved a busy connection to the new pod within seconds.
 pub struct Nginx {
     pub port: u16,
     pub(crate) proc: Proc,
@@ -241,7 +358,7 @@ impl Nginx {
         Nginx::launch(
             dir,
             &format!(
-                "upstream pods {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+                "upstream pods {{ server 127.0.0.1:{upstream}; keepalive 64; keepalive_requests 100000000; keepalive_time 1h; }}\n\
                  server {{\n    listen 127.0.0.1:{{port}};\n    location / {{\n      proxy_pass http://pods;\n\
                  proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_next_upstream off;\n\
                  proxy_connect_timeout 2s;\n      proxy_read_timeout 5s;\n    }}\n  }}\n"
@@ -384,16 +501,17 @@ pub struct Sample {
 }
 
 /// A bounded load: `concurrency` clients, each with its own keep-alive connection to nginx,
-/// together sending `rate_per_s` requests per second for `duration`.
-fn load(port: u16, rate_per_s: u64, concurrency: usize, duration: Duration, start: Instant) -> Vec<Sample> {
+/// together sending `rate_per_s` requests per second for `duration` or until `done`.
+fn load(port: u16, rate_per_s: u64, concurrency: usize, duration: Duration, start: Instant, done: Arc<AtomicBool>) -> Vec<Sample> {
     let interval = Duration::from_secs_f64(concurrency as f64 / rate_per_s.max(1) as f64);
     let workers: Vec<_> = (0..concurrency)
         .map(|i| {
+            let done = done.clone();
             thread::spawn(move || {
                 let mut samples = Vec::new();
                 let mut conn: Option<Conn> = None;
                 let mut next = start + interval.mul_f64(i as f64 / concurrency as f64);
-                while next < start + duration {
+                while next < start + duration && !done.load(Ordering::Relaxed) {
                     if let Some(wait) = next.checked_duration_since(Instant::now()) {
                         thread::sleep(wait);
                     }
@@ -439,17 +557,24 @@ pub struct RunResult {
     pub five_xx: u64,
     pub conn_errors: u64,
     pub statuses: BTreeMap<u16, u64>,
-    /// Milliseconds from the start of the load of each 5xx.
+    /// When each 5xx's request was sent, in ms from the start of the load.
     pub five_xx_at: Vec<u64>,
     /// What the rig did, and when.
     pub events: Vec<(u64, String)>,
+    /// When pod A's app got its stop signal, from the start of the load.
+    pub app_signal_at: u64,
+    /// Pod A's close-relay counters (`close_relay_*_total`) just before its sidecar stopped.
+    pub counters: BTreeMap<String, u64>,
 }
 
 impl RunResult {
     pub fn to_json(&self) -> Value {
         json!({
             "close_relay": self.spec.close_relay,
+            "row": self.spec.row.as_str(),
             "filter": self.spec.filter_label(),
+            "setting": self.spec.setting.describe(),
+            "prestop_hook_ms": self.spec.prestop_hook_ms,
             "close_relay_config": self.spec.relay_config(),
             "app_mode": self.spec.app.as_str(),
             "sidecar_mode": self.spec.sidecar.as_str(),
@@ -463,28 +588,34 @@ impl RunResult {
             "statuses": self.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "five_xx_at_ms": self.five_xx_at,
             "events": self.events.iter().map(|(t, e)| json!({"at_ms": t, "event": e})).collect::<Vec<_>>(),
+            "app_signal_at_ms": self.app_signal_at,
+            "close_relay_counters": self.counters,
         })
     }
 }
 
-/// One rolling restart under load: pod A serves, pod B replaces it (maxSurge 1).
+/// One rolling restart under load: pod A serves, pod B replaces it (maxSurge 1). Pod B is
+/// started beside A, and joins the endpoints when the restart begins.
 pub fn run(name: &str, spec: &RunSpec) -> RunResult {
     let dir: PathBuf = scratch(&format!("rollout-{name}"));
-    let a = Pod::start(&format!("{name}-a"), spec);
+    let (a, b) = thread::scope(|s| {
+        let b = s.spawn(|| Pod::start(&format!("{name}-b"), spec));
+        let a = Pod::start(&format!("{name}-a"), spec);
+        (a, b.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+    });
     let kube = KubeProxy::start(vec![a.envoy.port]);
     let nginx = Nginx::start(&dir, kube.port);
     let start = Instant::now();
-    let (port, rate, conc, duration) =
-        (nginx.port, spec.rate_per_s, spec.concurrency, Duration::from_millis(spec.duration_ms));
-    let load = thread::spawn(move || load(port, rate, conc, duration, start));
+    let done = Arc::new(AtomicBool::new(false));
+    let (port, rate, conc, duration, until) =
+        (nginx.port, spec.rate_per_s, spec.concurrency, Duration::from_millis(spec.duration_ms), done.clone());
+    let load = thread::spawn(move || load(port, rate, conc, duration, start, until));
     let mut events = Vec::new();
     let mut note = |what: &str| events.push((start.elapsed().as_millis() as u64, what.to_string()));
     thread::sleep(Duration::from_millis(spec.restart_at_ms).saturating_sub(start.elapsed()));
 
-    note("rollout: start pod B");
-    let b = Pod::start(&format!("{name}-b"), spec);
     kube.set_endpoints(vec![a.envoy.port, b.envoy.port]);
-    note("pod B ready, added to endpoints");
+    note("rollout: pod B ready, added to endpoints");
     let Pod { app: mut app_a, envoy: envoy_a } = a;
     if spec.endpoint_lag_ms == 0 {
         kube.set_endpoints(vec![b.envoy.port]);
@@ -494,15 +625,21 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         envoy_a.admin_post("/drain_listeners?inboundonly&graceful");
     }
     let terminated = Instant::now();
+    let mut app_signal_at = start.elapsed().as_millis() as u64;
     if spec.prestop_hook_ms == 0 {
         app_a.terminate();
         note("pod A: SIGTERM (app and sidecar)");
     } else {
+        if spec.setting.prestop_fails_sidecar {
+            envoy_a.admin_post("/healthcheck/fail");
+        }
         note("pod A: SIGTERM (sidecar), preStop hook running");
     }
     let mut app_signalled = spec.prestop_hook_ms == 0;
     let mut removed = spec.endpoint_lag_ms == 0;
     let mut app_exited: Option<Instant> = None;
+    let mut sidecar_stopped: Option<Instant> = None;
+    let mut counters = BTreeMap::new();
     let sidecar_stop_at = match spec.sidecar {
         SidecarMode::IstioAgent => Some(terminated + Duration::from_millis(spec.termination_drain_ms)),
         SidecarMode::Held => None,
@@ -512,7 +649,8 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
             spec.prestop_ms + spec.prestop_hook_ms + spec.app_shutdown_timeout_ms + spec.sidecar_stop_after_app_ms + 5_000,
         );
     let mut envoy_a = Some(envoy_a);
-    while envoy_a.is_some() && Instant::now() < give_up {
+    let tail = Duration::from_millis(spec.tail_ms);
+    while !sidecar_stopped.is_some_and(|at| at.elapsed() >= tail) && Instant::now() < give_up {
         if !removed && terminated.elapsed() >= Duration::from_millis(spec.endpoint_lag_ms) {
             kube.set_endpoints(vec![b.envoy.port]);
             note("pod A removed from endpoints");
@@ -521,6 +659,7 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         if !app_signalled && terminated.elapsed() >= Duration::from_millis(spec.prestop_hook_ms) {
             app_a.terminate();
             app_signalled = true;
+            app_signal_at = start.elapsed().as_millis() as u64;
             note("pod A: preStop done, app signalled");
         }
         if app_exited.is_none() && app_a.exited() {
@@ -534,12 +673,15 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         };
         if stop {
             if let Some(e) = envoy_a.take() {
+                counters = e.counters_matching("close_relay_.*_total");
                 e.stop();
+                sidecar_stopped = Some(Instant::now());
+                note("pod A: sidecar stopped");
             }
-            note("pod A: sidecar stopped");
         }
         thread::sleep(Duration::from_millis(10));
     }
+    done.store(true, Ordering::Relaxed);
     if !removed {
         kube.set_endpoints(vec![b.envoy.port]);
         note("pod A removed from endpoints");
@@ -547,7 +689,7 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
     let samples = load.join().unwrap_or_default();
     note("load done");
     drop(envoy_a);
-    summarize(spec, samples, events)
+    RunResult { app_signal_at, counters, ..summarize(spec, samples, events) }
 }
 
 fn summarize(spec: &RunSpec, samples: Vec<Sample>, events: Vec<(u64, String)>) -> RunResult {
@@ -573,23 +715,90 @@ fn summarize(spec: &RunSpec, samples: Vec<Sample>, events: Vec<(u64, String)>) -
         statuses,
         five_xx_at,
         events,
+        app_signal_at: 0,
+        counters: BTreeMap::new(),
     }
 }
 
-/// Why a close-relay cell cannot reach 0 by physics, if it is one of those.
+/// A 5xx is timed when its request was sent: one sent this long before the app's stop signal
+/// was still on its way when the app stopped.
+const SENT_BEFORE_SIGNAL_MS: i64 = 20;
+
+/// Why a cell is not 0, from what the run saw: the bug itself (no filter), or requests already
+/// on the wire that no signal could have saved. Anything else says it is unexplained.
 pub fn physics(r: &RunResult) -> Option<String> {
-    if !r.spec.close_relay || r.five_xx == 0 {
+    if r.five_xx == 0 {
         return None;
     }
     let n = r.five_xx;
-    Some(match (r.spec.app, r.spec.first_close_drains) {
-        (AppMode::CloseIdle, _) => format!(
+    let errors = r.statuses.iter().filter(|(code, _)| **code >= 500).map(|(c, k)| format!("{k}x {c}")).collect::<Vec<_>>().join(", ");
+    // Each 5xx in ms after the app's stop signal (negative: before it).
+    let after: Vec<i64> = r.five_xx_at.iter().map(|t| *t as i64 - r.app_signal_at as i64).collect();
+    let (first, last) = (after.first().copied().unwrap_or(0), after.last().copied().unwrap_or(0));
+    let only_502_503 = r.statuses.iter().all(|(code, _)| *code < 500 || *code == 502 || *code == 503);
+    let at_most_one_each = n <= r.spec.concurrency as u64;
+    let told_early = r.spec.prestop_hook_ms > 0 && (r.spec.sidecar == SidecarMode::IstioAgent || r.spec.setting.prestop_fails_sidecar);
+    let head = format!("{n} 5xx ({errors}), {first} to {last} ms after the app's stop signal");
+    if r.spec.row == Row::NoFilter {
+        return Some(match r.spec.sidecar {
+            SidecarMode::Held => format!(
+                "{head}: the bug. Nothing closes the ALB's connections to pod A, so each request on \
+                 them met a 503 from the app's signal until the sidecar stopped."
+            ),
+            SidecarMode::IstioAgent => format!(
+                "{head}: Envoy's own drain adds `connection: close` to each response on a busy ALB \
+                 connection, but requests already sent to pod A when the app stopped accepting had \
+                 no app to reach, and an idle connection learns of the drain only on its next \
+                 request (envoy#42305)."
+            ),
+        });
+    }
+    let explained = match r.spec.app {
+        _ if r.spec.app_idle_grace_ms.is_some_and(|g| g > 0) && only_502_503 && at_most_one_each => format!(
+            "{head}: close-relay left idle ALB connections open for {} ms once the app refused \
+             connections, so each one the ALB reused in that time met a 503 (which then closed it).",
+            r.spec.app_idle_grace_ms.unwrap_or(0)
+        ),
+        AppMode::Real(server) if after.iter().any(|t| *t < 0) && r.spec.setting.first_close_drains => format!(
+            "{head}: before any shutdown, {server} closed a keep-alive connection as routine ({routine}), \
+             the first close drained the pod, and an idle ALB connection was closed at the instant \
+             nginx reused it (the idle-close race): `drain.app_closes.threshold: 1` is wrong for this server.",
+            server = server.as_str(),
+            routine = server.routine_close().unwrap_or("its own limit")
+        ),
+        AppMode::Real(server) if only_502_503 && at_most_one_each && first >= -SENT_BEFORE_SIGNAL_MS && !told_early => format!(
+            "{head}, at the physical limit: {shutdown}. {reached} and nothing could tell the sidecar \
+             sooner: {why}. close-relay closed that ALB connection with its 503 \
+             (`close_on_connect_failure`) and every idle one at once (`app_failure`){crossed}. Each \
+             ALB connection met at most one. Zero needs the sidecar told before the app stops: a \
+             preStop hook (held sidecar: one that POSTs healthcheck/fail).",
+            shutdown = server.shutdown(),
+            reached = match r.statuses.get(&503) {
+                Some(k) => format!("{k} request(s) reached pod A after the app stopped accepting and found no app to connect to,"),
+                None => "No request met a refused connection,".into(),
+            },
+            why = if r.spec.prestop_hook_ms > 0 {
+                "a preStop sleep alone tells a held sidecar nothing"
+            } else {
+                "the endpoint removal and the stop signal come together"
+            },
+            crossed = match r.statuses.get(&502) {
+                Some(k) => format!(
+                    "; {k} request(s) the ALB put on an idle connection as close-relay closed it crossed \
+                     that close on the wire (502, the idle-close race: left open, that connection's \
+                     next request would have met a 503 instead)"
+                ),
+                None => String::new(),
+            }
+        ),
+        AppMode::Real(_) => format!("{head}: not explained by physics, a defect to investigate ({:?})", r.statuses),
+        AppMode::CloseIdle => format!(
             "{n} 5xx: at SIGTERM the app closed all its idle connections and refused new ones at \
              the same instant, before any drain signal; a request reaching pod A then had no \
              upstream at all. close-relay closes each such ALB connection on its first 503 (UF) \
              and drains the rest, so each ALB connection meets at most one."
         ),
-        (AppMode::CloseHeader | AppMode::Prestop, false) => format!(
+        AppMode::CloseHeader | AppMode::Prestop if !r.spec.setting.first_close_drains => format!(
             "{n} 5xx: once shutting down, the app refused new connections; Envoy's pooled \
              connections to it carried one more answer each (relayed as close), but the ALB held \
              more idle connections to the pod than that, and with the default configuration \
@@ -597,7 +806,7 @@ pub fn physics(r: &RunResult) -> Option<String> {
              With a held sidecar, `drain.app_closes.threshold: 1` makes the app's first close \
              that signal (next row)."
         ),
-        (AppMode::CloseHeader | AppMode::Prestop, true) if n <= r.spec.concurrency as u64 => format!(
+        AppMode::CloseHeader | AppMode::Prestop if at_most_one_each => format!(
             "{n} 5xx: the app stopped accepting at SIGTERM and its first close drained the pod; \
              close-relay then closed every idle ALB connection at once, but a request the ALB had \
              just put on one of them crossed that close (502), or a request that reached pod A \
@@ -608,7 +817,8 @@ pub fn physics(r: &RunResult) -> Option<String> {
             r.spec.concurrency
         ),
         _ => format!("{n} 5xx not explained by physics: a defect to investigate ({:?})", r.statuses),
-    })
+    };
+    Some(explained)
 }
 
 /// The apps the results cover, in the order they first appear.
@@ -622,35 +832,41 @@ fn apps_in(results: &[RunResult]) -> Vec<AppMode> {
     apps
 }
 
-/// The report table: rows = filter, columns = app shutdown mode x sidecar mode.
+/// The report table: one row group per app (no filter, close-relay, recommended), columns =
+/// sidecar mode x preStop hook. A recommended cell that equals the default shows `= close-relay`.
 pub fn table(results: &[RunResult], header: &str) -> String {
-    let mut out = format!("{header}\ncells: requests / 5xx / connection errors\n\n");
-    let cols: Vec<(AppMode, SidecarMode)> =
-        apps_in(results).into_iter().flat_map(|a| SidecarMode::ALL.map(|s| (a, s))).collect();
-    out.push_str(&format!("{:<33}", ""));
-    for (a, s) in &cols {
-        out.push_str(&format!("| {:<24}", format!("{} / {}", a.as_str(), if *s == SidecarMode::Held { "held" } else { "istio drain" })));
+    let matrix: Vec<&RunResult> = results.iter().filter(|r| r.spec.app_idle_grace_ms.is_none()).collect();
+    let mut out = format!("{header}\ncells: requests / 5xx / connection errors; - = not run\n\n");
+    out.push_str(&format!("{:<10}{:<26}", "app", ""));
+    for c in Column::ALL {
+        out.push_str(&format!("| {:<22}", c.as_str()));
     }
     out.push('\n');
-    let mut rows: Vec<&'static str> = Vec::new();
-    for r in results {
-        if !rows.contains(&r.spec.filter_label()) {
-            rows.push(r.spec.filter_label());
+    let apps = apps_in(results);
+    for &app in &apps {
+        for row in Row::ALL {
+            let name = if row == Row::NoFilter { app.as_str() } else { "" };
+            out.push_str(&format!("{name:<10}{:<26}", row.as_str()));
+            for c in Column::ALL {
+                let found = matrix.iter().rev().find(|r| r.spec.app == app && r.spec.row == row && r.spec.column() == c);
+                let cell = match found {
+                    Some(r) => format!("{} / {} / {}", r.requests, r.five_xx, r.conn_errors),
+                    None if row == Row::Recommended && recommended(app, c.sidecar, c.prestop) == Setting::default() => {
+                        "= close-relay".into()
+                    }
+                    None => "-".into(),
+                };
+                out.push_str(&format!("| {cell:<22}"));
+            }
+            out.push('\n');
         }
     }
-    for row in rows {
-        out.push_str(&format!("{row:<33}"));
-        for (a, s) in &cols {
-            let cell = results
-                .iter()
-                .rev()
-                .find(|r| r.spec.filter_label() == row && r.spec.app == *a && r.spec.sidecar == *s)
-                .map_or("-".to_string(), |r| format!("{} / {} / {}", r.requests, r.five_xx, r.conn_errors));
-            out.push_str(&format!("| {cell:<24}"));
-        }
-        out.push('\n');
+    out.push_str("\n\"Istio-style drain only\" = the no-filter row, istio drain columns.\nrecommended:\n");
+    for &app in &apps {
+        let per_column: Vec<String> =
+            Column::ALL.iter().map(|c| format!("{}: {}", c.as_str(), recommended(app, c.sidecar, c.prestop).describe())).collect();
+        out.push_str(&format!("  {}: {}\n", app.as_str(), per_column.join("; ")));
     }
-    out.push_str("\n\"Istio-style drain only\" = the no-filter row, istio drain columns.\n");
     for r in results {
         if let Some(why) = physics(r) {
             out.push_str(&format!("physics, {}: {why}\n", r.spec.label()));
@@ -659,15 +875,18 @@ pub fn table(results: &[RunResult], header: &str) -> String {
     out
 }
 
-/// 5xx per 250 ms over time, one panel per app mode, one line per filter x sidecar mode.
+/// 5xx per 250 ms over time, one panel per app, one line per row x column.
 pub fn chart(results: &[RunResult], path: &Path) -> Result<(), String> {
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (1200, 900)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
     let apps = apps_in(results);
+    if apps.is_empty() {
+        return Ok(());
+    }
+    let root = SVGBackend::new(path, (1200, 260 * apps.len().max(1) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
     let panels = root.split_evenly((apps.len(), 1));
     let bucket = 250u64;
-    let end = results.iter().map(|r| r.spec.duration_ms).max().unwrap_or(1000);
+    let end = results.iter().flat_map(|r| r.events.last().map(|e| e.0)).max().unwrap_or(1000);
     let buckets = |r: &RunResult| {
         let mut counts = vec![0u64; (end / bucket + 1) as usize];
         for t in &r.five_xx_at {
@@ -678,26 +897,38 @@ pub fn chart(results: &[RunResult], path: &Path) -> Result<(), String> {
         counts
     };
     let peak = results.iter().flat_map(buckets).max().unwrap_or(0).max(1);
-    let colors = [RED, MAGENTA, BLUE, GREEN, CYAN, BLACK];
+    // One hue per row (red: no filter, blue: close-relay, green: recommended), darker with a preStop.
+    let color = |r: &RunResult| {
+        let shade = |c: (u8, u8, u8)| {
+            let k = if r.spec.column().prestop { 2 } else { 1 };
+            let k = if r.spec.sidecar == SidecarMode::Held { k } else { k + 1 };
+            RGBColor(c.0 / k, c.1 / k, c.2 / k)
+        };
+        match r.spec.row {
+            Row::NoFilter => shade((230, 40, 40)),
+            Row::CloseRelay => shade((40, 90, 230)),
+            Row::Recommended => shade((20, 170, 60)),
+        }
+    };
     for (panel, app) in panels.iter().zip(apps) {
         let mut chart = ChartBuilder::on(panel)
-            .caption(format!("app {}: 5xx per {bucket} ms at the ALB", app.as_str()), ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(30)
+            .caption(format!("app {}: 5xx per {bucket} ms at the ALB", app.as_str()), ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(25)
             .y_label_area_size(40)
             .build_cartesian_2d(0f64..end as f64 / 1000.0, 0u64..peak + 1)
             .map_err(|e| e.to_string())?;
         chart.configure_mesh().x_desc("seconds").draw().map_err(|e| e.to_string())?;
-        for (i, r) in results.iter().filter(|r| r.spec.app == app).enumerate() {
+        for r in results.iter().filter(|r| r.spec.app == app) {
             let counts = buckets(r);
-            let color = colors[i % colors.len()];
-            let points = counts.iter().enumerate().map(|(b, c)| ((b as u64 * bucket) as f64 / 1000.0, *c));
-            let label = format!("{} / {} ({} 5xx)", r.spec.filter_label(), r.spec.sidecar.as_str(), r.five_xx);
+            let c = color(r);
+            let points = counts.iter().enumerate().map(|(b, n)| ((b as u64 * bucket) as f64 / 1000.0, *n));
+            let label = format!("{} / {} ({} 5xx)", r.spec.filter_label(), r.spec.column().as_str(), r.five_xx);
             chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .draw_series(LineSeries::new(points, c.stroke_width(2)))
                 .map_err(|e| e.to_string())?
                 .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         }
         chart
             .configure_series_labels()

@@ -36,6 +36,32 @@ impl Server {
         }
     }
 
+    /// What its graceful shutdown does, as measured by `tests/servers.rs`.
+    pub fn shutdown(self) -> &'static str {
+        match self {
+            Server::Nginx => "on SIGQUIT nginx closes idle connections within a millisecond and stops accepting",
+            Server::Go => "Go's Server.Shutdown closes idle connections at once and stops accepting",
+            Server::Node => {
+                "Node's server.close() closes idle connections and stops accepting; a connection busy at the signal \
+                 keeps being served, without `Connection: close`"
+            }
+            Server::Uvicorn => {
+                "uvicorn closes its listener and idle connections at its next 0.1 s tick, and a connection busy at \
+                 the signal after its response, without `Connection: close`"
+            }
+            Server::Tomcat => "Tomcat pauses its connector and closes idle connections 30 to 60 ms after SIGTERM",
+        }
+    }
+
+    /// The keep-alive connections it closes in normal service, if any.
+    pub fn routine_close(self) -> Option<&'static str> {
+        match self {
+            Server::Tomcat => Some("maxKeepAliveRequests, every 100th request"),
+            Server::Nginx => Some("keepalive_requests, every 1000th request here"),
+            Server::Go | Server::Node | Server::Uvicorn => None,
+        }
+    }
+
     /// The signal its container gets: nginx's image sets `STOPSIGNAL SIGQUIT`, the rest SIGTERM.
     pub fn stop_signal(self) -> libc::c_int {
         match self {

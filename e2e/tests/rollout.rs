@@ -6,15 +6,13 @@
 //! close on the wire has nowhere to go (`rollout::physics` explains each). The full matrix is
 //! `make rollout`.
 
-use e2e::rollout::{physics, run, AppMode, RunResult, RunSpec, SidecarMode};
+use e2e::rollout::{physics, run, AppMode, Row, RunResult, RunSpec, SidecarMode};
 
-fn short(close_relay: bool) -> RunSpec {
+/// The recommended close-relay setting for this app under a held sidecar: its first close drains.
+fn short(row: Row) -> RunSpec {
     RunSpec {
-        first_close_drains: close_relay,
-        duration_ms: 5_000,
-        restart_at_ms: 1_000,
         app_shutdown_timeout_ms: 3_000,
-        ..RunSpec::new(close_relay, AppMode::CloseHeader, SidecarMode::Held)
+        ..RunSpec::cell(row, AppMode::CloseHeader, SidecarMode::Held, 0)
     }
 }
 
@@ -33,7 +31,7 @@ fn say(r: &RunResult) {
 
 #[test]
 fn rolling_restart_without_the_filter_gives_the_alb_503s() {
-    let r = run("short-nofilter", &short(false));
+    let r = run("short-nofilter", &short(Row::NoFilter));
     say(&r);
     assert!(r.requests > 500, "load too small: {}", r.requests);
     assert!(r.five_xx > 0, "the rig did not reproduce the bug: {:?}", r.statuses);
@@ -41,7 +39,7 @@ fn rolling_restart_without_the_filter_gives_the_alb_503s() {
 
 #[test]
 fn rolling_restart_with_close_relay_gives_each_alb_connection_at_most_one_error() {
-    let r = run("short-relay", &short(true));
+    let r = run("short-relay", &short(Row::Recommended));
     say(&r);
     assert!(r.requests > 500, "load too small: {}", r.requests);
     assert_eq!(r.conn_errors, 0, "{:?}", r.events);
