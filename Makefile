@@ -172,11 +172,13 @@ test:
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test.log
 
 # The full rolling-restart matrix on one Envoy (ENVOY_DEMO, or ENVOY=...) and one layout
-# (CLOSE_RELAY_LAYOUT=one, the default, or split): table on stdout, target/rollout/report.json
+# (CLOSE_RELAY_LAYOUT=one, the default, or split): the rig's app and the real app servers, then
+# ROLLOUT_RACE runs per setting of the idle-close race; table on stdout, target/rollout/report.json
 # and target/rollout/5xx.svg.
+ROLLOUT_RACE ?= 3
 rollout: build envoy app-servers
 	$(CARGO) build -p e2e --bins
-	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/rollout
+	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} ROLLOUT_RACE=$(ROLLOUT_RACE) target/debug/rollout
 
 # Minutes of mixed load with faults on a plain and a close-relay sidecar (e2e/src/soak.rs):
 # SOAK_SECONDS (300) on one Envoy (ENVOY_DEMO, or ENVOY=...); report in target/soak/.

@@ -650,7 +650,7 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         );
     let mut envoy_a = Some(envoy_a);
     let tail = Duration::from_millis(spec.tail_ms);
-    while !sidecar_stopped.is_some_and(|at| at.elapsed() >= tail) && Instant::now() < give_up {
+    while sidecar_stopped.is_none_or(|at| at.elapsed() < tail) && Instant::now() < give_up {
         if !removed && terminated.elapsed() >= Duration::from_millis(spec.endpoint_lag_ms) {
             kube.set_endpoints(vec![b.envoy.port]);
             note("pod A removed from endpoints");
@@ -774,7 +774,8 @@ pub fn physics(r: &RunResult) -> Option<String> {
              preStop hook (held sidecar: one that POSTs healthcheck/fail).",
             shutdown = server.shutdown(),
             reached = match r.statuses.get(&503) {
-                Some(k) => format!("{k} request(s) reached pod A after the app stopped accepting and found no app to connect to,"),
+                Some(1) => "A request reached pod A after the app stopped accepting and found no app to connect to,".into(),
+                Some(k) => format!("{k} requests reached pod A after the app stopped accepting and found no app to connect to,"),
                 None => "No request met a refused connection,".into(),
             },
             why = if r.spec.prestop_hook_ms > 0 {
@@ -784,7 +785,7 @@ pub fn physics(r: &RunResult) -> Option<String> {
             },
             crossed = match r.statuses.get(&502) {
                 Some(k) => format!(
-                    "; {k} request(s) the ALB put on an idle connection as close-relay closed it crossed \
+                    "; {k} request(s) the ALB had just put on an idle connection as close-relay closed it crossed \
                      that close on the wire (502, the idle-close race: left open, that connection's \
                      next request would have met a 503 instead)"
                 ),
@@ -837,7 +838,7 @@ fn apps_in(results: &[RunResult]) -> Vec<AppMode> {
 pub fn table(results: &[RunResult], header: &str) -> String {
     let matrix: Vec<&RunResult> = results.iter().filter(|r| r.spec.app_idle_grace_ms.is_none()).collect();
     let mut out = format!("{header}\ncells: requests / 5xx / connection errors; - = not run\n\n");
-    out.push_str(&format!("{:<10}{:<26}", "app", ""));
+    out.push_str(&format!("{:<14}{:<26}", "app", ""));
     for c in Column::ALL {
         out.push_str(&format!("| {:<22}", c.as_str()));
     }
@@ -846,7 +847,7 @@ pub fn table(results: &[RunResult], header: &str) -> String {
     for &app in &apps {
         for row in Row::ALL {
             let name = if row == Row::NoFilter { app.as_str() } else { "" };
-            out.push_str(&format!("{name:<10}{:<26}", row.as_str()));
+            out.push_str(&format!("{name:<14}{:<26}", row.as_str()));
             for c in Column::ALL {
                 let found = matrix.iter().rev().find(|r| r.spec.app == app && r.spec.row == row && r.spec.column() == c);
                 let cell = match found {
@@ -863,9 +864,17 @@ pub fn table(results: &[RunResult], header: &str) -> String {
     }
     out.push_str("\n\"Istio-style drain only\" = the no-filter row, istio drain columns.\nrecommended:\n");
     for &app in &apps {
-        let per_column: Vec<String> =
-            Column::ALL.iter().map(|c| format!("{}: {}", c.as_str(), recommended(app, c.sidecar, c.prestop).describe())).collect();
-        out.push_str(&format!("  {}: {}\n", app.as_str(), per_column.join("; ")));
+        // Columns grouped by the setting recommended there, in column order.
+        let mut groups: Vec<(Setting, Vec<&str>)> = Vec::new();
+        for c in Column::ALL.into_iter().filter(|c| matrix.iter().any(|r| r.spec.app == app && r.spec.column() == *c)) {
+            let setting = recommended(app, c.sidecar, c.prestop);
+            match groups.iter_mut().find(|(s, _)| *s == setting) {
+                Some((_, cols)) => cols.push(c.as_str()),
+                None => groups.push((setting, vec![c.as_str()])),
+            }
+        }
+        let described: Vec<String> = groups.iter().map(|(s, cols)| format!("{} ({})", s.describe(), cols.join(", "))).collect();
+        out.push_str(&format!("  {}: {}\n", app.as_str(), described.join("; ")));
     }
     for r in results {
         if let Some(why) = physics(r) {
