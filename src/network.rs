@@ -124,17 +124,18 @@ pub fn hear(note: &Note) -> bool {
 }
 
 /// On each tick of the network root: closes connections that are idle and either told to
-/// close already, or on a pod that is draining.
-pub fn sweep(draining: bool, grace_ms: u64, fresh_grace_ms: u64, metrics: &Metrics) {
+/// close already, or on a pod that is draining (those on a second look, [`drain::second_look`]).
+pub fn sweep(draining: bool, grace: Grace, metrics: &Metrics) {
     let now = host::coarse_now();
     let due: Vec<(ConnRef, bool, Activity)> = CONNS.with(|c| {
         c.borrow()
             .values()
             .filter_map(|conn| {
-                let c = conn.borrow();
-                let wanted = draining || c.close_pending;
-                (wanted && !c.closing && drain::idle(&c.activity, now, grace_ms, fresh_grace_ms))
-                    .then(|| (conn.clone(), c.close_pending, c.activity))
+                let mut c = conn.borrow_mut();
+                let told = c.close_pending;
+                let wanted = (draining || told) && !c.closing && drain::idle(&c.activity, now, grace.idle_ms, grace.fresh_ms);
+                let close = wanted && (told || drain::second_look(&mut c.activity, now, grace.idle_ms, grace.tick_ms));
+                close.then(|| (conn.clone(), told, c.activity))
             })
             .collect()
     });
@@ -151,6 +152,15 @@ pub fn sweep(draining: bool, grace_ms: u64, fresh_grace_ms: u64, metrics: &Metri
             );
         }
     }
+}
+
+/// The sweep's graces, in ms: how long a connection must be quiet (`idle_ms`), a new one that
+/// has sent nothing yet (`fresh_ms`), and the tick between two looks.
+#[derive(Debug, Clone, Copy)]
+pub struct Grace {
+    pub idle_ms: u64,
+    pub fresh_ms: u64,
+    pub tick_ms: u64,
 }
 
 fn apply(buffer: BufferType, edit: &Edit) -> bool {

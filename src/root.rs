@@ -169,8 +169,8 @@ impl Root {
             // keeps a grace a true minimum.
             let with_tick = |grace: u64| if grace == 0 { 0 } else { grace + drain.tick_ms };
             let grace = if pod::app_going() { drain.app_idle_grace_ms } else { drain.idle_grace_ms };
-            let fresh = with_tick(drain.idle_grace_ms);
-            network::sweep(draining, with_tick(grace), fresh, &self.shared.metrics);
+            let grace = network::Grace { idle_ms: with_tick(grace), fresh_ms: with_tick(drain.idle_grace_ms), tick_ms: drain.tick_ms };
+            network::sweep(draining, grace, &self.shared.metrics);
         }
     }
 }
