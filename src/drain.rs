@@ -233,9 +233,35 @@ pub struct Activity {
     pub http1: Option<bool>,
     /// When a sweep last found this connection idle (tick clock), for [`second_look`].
     pub idle_seen_ms: Option<u64>,
+    /// Bytes written to the client since it last sent any: the last response, so far.
+    pub response_bytes: u64,
 }
 
+/// The slowest reading rate a client is given time for: Envoy has written a response when the
+/// kernel holds its last bytes, and a client that reads at this rate is still reading them.
+pub const SLOW_READER_BYTES_PER_S: u64 = 1 << 20;
+
 impl Activity {
+    /// The client sent bytes (a request, or part of one).
+    pub fn read(&mut self, now_ms: u64) {
+        self.last_ms = now_ms;
+        self.last_was_response = false;
+        self.saw_request = true;
+        self.response_bytes = 0;
+    }
+
+    /// `size` bytes were written to the client.
+    pub fn wrote(&mut self, size: usize, now_ms: u64) {
+        self.last_ms = now_ms;
+        self.last_was_response = true;
+        self.response_bytes = self.response_bytes.saturating_add(size as u64);
+    }
+
+    /// How long the client may still be reading the last response after Envoy wrote it.
+    pub fn reading_ms(&self) -> u64 {
+        self.response_bytes.saturating_mul(1000) / SLOW_READER_BYTES_PER_S
+    }
+
     /// The HTTP role's stream ended, its response written (it may have written nothing).
     pub fn request_done(&mut self, now_ms: u64) {
         self.in_flight = self.in_flight.saturating_sub(1);
@@ -251,7 +277,12 @@ impl Activity {
 /// are ours: a TCP chain (a server-first protocol, TLS passed through, h2 with prior knowledge)
 /// is never closed.
 pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64) -> bool {
-    if a.in_flight > 0 || now_ms < a.last_ms.saturating_add(grace_ms) {
+    // With a grace, the quiet counts from when a slow client could have read the last response
+    // (the soak's slow reader was still reading 1 MiB 400 ms after Envoy wrote it, then sent its
+    // next request into the close). Without one the app refuses connections: the next request
+    // fails either way, and the kernel still delivers what it holds.
+    let reading = if grace_ms == 0 { 0 } else { a.reading_ms() };
+    if a.in_flight > 0 || now_ms < a.last_ms.saturating_add(grace_ms).saturating_add(reading) {
         return false;
     }
     match a.http1 {
@@ -266,11 +297,10 @@ pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64) -> bo
 
 /// Should a sweep close a connection [`idle`] says may go? With a grace, only on a second look:
 /// a sweep at least half a tick earlier found it idle too, and no byte moved since. The grace
-/// is wall-clock time, so when the host was descheduled for longer than it (a loaded machine),
-/// the first sweep after finds every connection quiet, the client's too: its next request is
-/// about to leave. Closing then lost a request a plain Envoy serves (soak, 1.37.0, loaded).
-/// Without a grace (the app refuses connections, so a reuse meets a 503 anyway) it closes at
-/// once. Records this look in `a`.
+/// is wall-clock time: after the host stalled Envoy for longer than it (a throttled or loaded
+/// sidecar), the first tick may run before Envoy reads a request already waiting in the
+/// socket; by the next one it has. Without a grace (the app refuses connections, so a reuse
+/// meets a 503 anyway) it closes at once. Records this look in `a`.
 pub fn second_look(a: &mut Activity, now_ms: u64, grace_ms: u64, tick_ms: u64) -> bool {
     if grace_ms == 0 {
         return true;
@@ -288,6 +318,22 @@ pub fn second_look(a: &mut Activity, now_ms: u64, grace_ms: u64, tick_ms: u64) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_response_gives_a_slow_reader_time_before_an_idle_close() {
+        let mut a = Activity { http1: Some(true), ..Default::default() };
+        a.read(1_000);
+        a.wrote(512 * 1024, 1_010);
+        a.wrote(512 * 1024, 1_020);
+        assert_eq!(a.reading_ms(), 1_000, "1 MiB at the slow rate");
+        assert!(!idle(&a, 1_400, 350, 350), "a slow reader may still be reading");
+        assert!(idle(&a, 2_400, 350, 350));
+        assert!(idle(&a, 1_020, 0, 350), "no grace: the app is gone, close at once");
+        a.read(2_500);
+        a.wrote(2, 2_501);
+        assert_eq!(a.reading_ms(), 0, "a new response counts from zero");
+        assert!(idle(&a, 2_851, 350, 350));
+    }
 
     #[test]
     fn an_idle_close_needs_a_second_look_unless_the_app_is_gone() {

@@ -297,9 +297,7 @@ impl StreamContext for NetworkRole {
         let Some(config) = self.shared.active() else { return Action::Continue };
         let (close_pending, undecided) = {
             let mut c = self.conn.borrow_mut();
-            c.activity.last_ms = host::coarse_now();
-            c.activity.last_was_response = false;
-            c.activity.saw_request = true;
+            c.activity.read(host::coarse_now());
             (c.close_pending, c.activity.http1.is_none())
         };
         if undecided && size > 0 {
@@ -323,8 +321,7 @@ impl StreamContext for NetworkRole {
         };
         let (marked, http_role_here) = {
             let mut c = self.conn.borrow_mut();
-            c.activity.last_ms = host::coarse_now();
-            c.activity.last_was_response = true;
+            c.activity.wrote(size, host::coarse_now());
             (c.head_pending, c.http_role_here)
         };
         if marked {
