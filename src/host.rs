@@ -16,8 +16,6 @@ use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, Bytes, LogLevel, MapType, MetricType, StreamType};
 
-use crate::decision::SkipReason;
-use crate::drain::Source;
 
 /// Connection filter-state key through which the network role announces itself and its
 /// connection's `link::Address` (its VM's queue and a nonce) to the HTTP role, across VMs too.
@@ -516,7 +514,7 @@ fn define_metric(kind: MetricType, name: &str) -> Option<u32> {
 pub struct Counter(Option<u32>);
 
 impl Counter {
-    fn define(name: &str) -> Counter {
+    pub fn define(name: &str) -> Counter {
         Counter(define_metric(MetricType::Counter, name))
     }
 
@@ -532,20 +530,11 @@ impl Counter {
     }
 }
 
-thread_local! {
-    /// Responses counted but not yet added to `close_relay_responses_total`.
-    static RESPONSES_UNFLUSHED: Cell<u64> = const { Cell::new(0) };
-}
-
-/// Responses are counted in the VM and added to the host's counter in batches: a host call
-/// per response is a round trip out of the VM on the hot path (measured with `make bench`).
-const RESPONSES_BATCH: u64 = 64;
-
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Gauge(Option<u32>);
 
 impl Gauge {
-    fn define(name: &str) -> Gauge {
+    pub fn define(name: &str) -> Gauge {
         Gauge(define_metric(MetricType::Gauge, name))
     }
 
@@ -554,74 +543,6 @@ impl Gauge {
             // SAFETY: plain integer arguments.
             let _ = invoke(Call::RecordMetric, || unsafe { proxy_record_metric(id, value) });
         }
-    }
-}
-
-/// Every counter the module exports. Envoy shows them as `wasmcustom.<name>` in its stats and
-/// as `<name>` in Prometheus output; both roles define all of them so names never move.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Metrics {
-    pub responses: Counter,
-    pub relayed: Counter,
-    pub skipped: [Counter; SkipReason::ALL.len()],
-    pub headers_rewritten: Counter,
-    pub connections_closed: Counter,
-    pub requests_closed: Counter,
-    pub config_errors: Counter,
-    pub drain_entered: [Counter; Source::ALL.len()],
-    pub idle_closed: Counter,
-    pub closed_while_draining: Counter,
-    pub closed_connect_failure: Counter,
-    pub draining: Gauge,
-}
-
-impl Metrics {
-    pub fn define() -> Metrics {
-        Metrics {
-            responses: Counter::define("close_relay_responses_total"),
-            relayed: Counter::define("close_relay_relayed_total"),
-            skipped: SkipReason::ALL
-                .map(|r| Counter::define(&format!("close_relay_skipped_{}_total", r.as_str()))),
-            headers_rewritten: Counter::define("close_relay_headers_rewritten_total"),
-            connections_closed: Counter::define("close_relay_connections_closed_total"),
-            requests_closed: Counter::define("close_relay_requests_closed_total"),
-            config_errors: Counter::define("close_relay_config_errors_total"),
-            drain_entered: Source::ALL
-                .map(|s| Counter::define(&format!("close_relay_drain_entered_{}_total", s.as_str()))),
-            idle_closed: Counter::define("close_relay_idle_closed_total"),
-            closed_while_draining: Counter::define("close_relay_closed_while_draining_total"),
-            closed_connect_failure: Counter::define("close_relay_closed_connect_failure_total"),
-            draining: Gauge::define("close_relay_draining"),
-        }
-    }
-
-    /// Counts one response; the host's counter catches up every [`RESPONSES_BATCH`] responses
-    /// and on every tick ([`Metrics::flush`]).
-    pub fn count_response(&self) {
-        let n = RESPONSES_UNFLUSHED.get() + 1;
-        if n >= RESPONSES_BATCH {
-            RESPONSES_UNFLUSHED.set(0);
-            self.responses.add(n);
-        } else {
-            RESPONSES_UNFLUSHED.set(n);
-        }
-    }
-
-    pub fn flush(&self) {
-        let n = RESPONSES_UNFLUSHED.replace(0);
-        if n > 0 {
-            self.responses.add(n);
-        }
-    }
-
-    pub fn entered(&self, source: Source) -> Counter {
-        let i = Source::ALL.iter().position(|s| *s == source).unwrap_or(0);
-        self.drain_entered[i]
-    }
-
-    pub fn skipped(&self, reason: SkipReason) -> Counter {
-        let i = SkipReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-        self.skipped[i]
     }
 }
 

@@ -16,7 +16,8 @@ use crate::decision::{decide, Decision, Reason, RequestFacts, ResponseFacts, Sig
 use crate::drain::Source;
 use crate::link::{Address, Note};
 use crate::network::{self, ConnRef};
-use crate::{host, pod, wire, Shared};
+use crate::shared::Shared;
+use crate::{host, pod, wire};
 
 /// Envoy's legacy response-flag bits (`response.flags`).
 const FLAG_UPSTREAM_REMOTE_RESET: u64 = 1 << 4; // UR

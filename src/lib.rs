@@ -2,7 +2,9 @@
 //! and close that client connection, so the ALB reconnects to a healthy pod instead of
 //! reusing a connection into a dying one.
 //!
-//! One module, two roles (see `../shared/BRIEF.md` for why two are needed):
+//! One module, two roles, because a wasm HTTP filter alone cannot do it: Envoy treats
+//! `Connection` as hop-by-hop, drops a `connection: close` that an HTTP filter sets, and gives an
+//! HTTP filter no way to close its client connection.
 //! - [`http::HttpRole`], an HTTP filter, sees the app's response headers and decides;
 //! - [`network::NetworkRole`], a network filter before the HCM, sees the bytes written to the
 //!   client and turns the HTTP role's private marker into `connection: close`.
@@ -12,7 +14,8 @@
 //!
 //! Decisions live in [`decision`], [`drain`] and [`wire`] as pure functions. Only [`host`]
 //! talks to the host, and none of its calls can panic (`clippy.toml` refuses the SDK's);
-//! [`pod`], [`root`] and the two context types act through it.
+//! [`pod`], [`root`] and the two context types act through it. [`metrics`] holds what the
+//! module exports, [`shared::Shared`] what one plugin instance's contexts share.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -22,13 +25,12 @@ pub mod drain;
 pub mod host;
 pub mod http;
 pub mod link;
+pub mod metrics;
 pub mod network;
 pub mod pod;
 pub mod root;
+pub mod shared;
 pub mod wire;
-
-use config::Config;
-use host::Metrics;
 
 /// The module's exports after `make build`: the ABI marker, the allocator, and the callbacks the
 /// two roles implement. The SDK exports every callback of the ABI, and Envoy enters the VM for
@@ -60,21 +62,6 @@ pub const EXPORTS: &[&str] = &[
     "proxy_on_downstream_connection_close",
     "proxy_on_upstream_connection_close",
 ];
-
-/// What every context of one plugin instance shares. `config` is `None` when the plugin
-/// configuration was rejected: the plugin then passes everything through (fail open).
-#[derive(Debug)]
-pub struct Shared {
-    pub config: Option<Config>,
-    pub metrics: Metrics,
-}
-
-impl Shared {
-    /// The configuration if the plugin is active.
-    pub fn active(&self) -> Option<&Config> {
-        self.config.as_ref().filter(|c| c.enabled)
-    }
-}
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

@@ -15,15 +15,15 @@ use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::drain::{self, Activity};
-use crate::host::{self, Metrics};
+use crate::host;
+use crate::metrics::Metrics;
 use crate::link::{Address, Note};
 use crate::wire::{self, Edit, HeadRewrite, HeadStep};
-use crate::{pod, Shared};
+use crate::pod;
+use crate::shared::Shared;
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;
-/// A request line longer than this is not worth editing.
-const REQUEST_READ: usize = 8192;
 
 /// One client connection as this VM knows it; shared with a same-VM HTTP role.
 #[derive(Debug, Default)]
@@ -214,7 +214,7 @@ impl NetworkRole {
         let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else {
             return;
         };
-        if !buf.starts_with(b"HTTP/1.1 ") {
+        if !buf.starts_with(wire::STATUS_LINE_START) {
             return;
         }
         if size > buf.len() && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -238,7 +238,7 @@ impl NetworkRole {
     }
 
     fn close_on_next_request(&mut self, size: usize) {
-        let Some(buf) = host::get_buffer(BufferType::DownstreamData, size.min(REQUEST_READ)) else {
+        let Some(buf) = host::get_buffer(BufferType::DownstreamData, size.min(wire::MAX_REQUEST_LINE)) else {
             return;
         };
         let Some(edit) = wire::inject_request_close(&buf) else {
@@ -267,9 +267,8 @@ impl Drop for NetworkRole {
 }
 
 impl StreamContext for NetworkRole {
-    /// The connection is closing (either side, or Envoy): closing it again when an HTTP role's
-    /// stream ends with it crashes Envoy (segfault, seen in the soak on 1.40.0). Mark it done
-    /// first.
+    /// The connection is closing (either side, or Envoy): mark it done, so that nothing closes
+    /// it again (why that matters: [`close_soon`]).
     fn on_downstream_close(&mut self, _peer: PeerType) {
         self.conn.borrow_mut().closing = true;
     }
@@ -326,7 +325,7 @@ impl StreamContext for NetworkRole {
         };
         if marked {
             self.rewrite_marked_head(size, nonce, config.max_head());
-        } else if !http_role_here && size >= 9 {
+        } else if !http_role_here && size >= wire::STATUS_LINE_START.len() {
             self.rewrite_head(size, nonce, config.max_head());
         }
         Action::Continue

@@ -6,7 +6,8 @@ use std::cell::Cell;
 use log::info;
 
 use crate::drain::{self, DrainState, Source, Window, UNTIL_CLEARED};
-use crate::host::{self, Metrics};
+use crate::host;
+use crate::metrics::Metrics;
 use crate::link::Note;
 
 const STATE_KEY: &str = "close_relay.drain";

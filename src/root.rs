@@ -11,9 +11,11 @@ use proxy_wasm::types::{BufferType, ContextType};
 
 use crate::config::{self, Config, Role, Target};
 use crate::drain::{self, DrainStats, Source, UNTIL_CLEARED};
-use crate::host::{self, Metrics};
+use crate::host;
+use crate::metrics::Metrics;
 use crate::link::Note;
-use crate::{http, network, pod, Shared};
+use crate::shared::Shared;
+use crate::{http, network, pod};
 
 /// Without drain awareness the tick only flushes batched metrics; once a second is enough.
 const METRICS_FLUSH_MS: u64 = 1000;
@@ -32,12 +34,19 @@ enum Call {
     Readiness,
 }
 
+/// Where a poll goes: the sidecar's admin API (`/ready`, `/stats`), or the app's readiness URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Poller {
+    Sidecar,
+    AppReadiness,
+}
+
 pub struct Root {
     role: Role,
     shared: Rc<Shared>,
     calls: HashMap<u32, Call>,
-    /// Polls whose dispatch failed (no such cluster): warned once, retried every interval.
-    warned: [bool; 2],
+    /// Pollers whose dispatch failed (no such cluster): warned once, retried every interval.
+    warned: Vec<Poller>,
 }
 
 impl Default for Root {
@@ -46,7 +55,7 @@ impl Default for Root {
             role: Role::Http,
             shared: Rc::new(Shared { config: None, metrics: Metrics::default() }),
             calls: HashMap::new(),
-            warned: [false; 2],
+            warned: Vec::new(),
         }
     }
 }
@@ -62,13 +71,13 @@ fn claim(key: &str, interval_ms: u64) -> bool {
 }
 
 impl Root {
-    fn poll(&mut self, which: usize, target: Target, path: &str, call: Call) {
+    fn poll(&mut self, poller: Poller, target: Target, path: &str, call: Call) {
         match host::http_get(target.cluster, target.authority, path, target.timeout_ms) {
             Some(token) => {
                 self.calls.insert(token, call);
             }
-            None if !self.warned[which] => {
-                self.warned[which] = true;
+            None if !self.warned.contains(&poller) => {
+                self.warned.push(poller);
                 warn!(
                     "close-relay: cannot reach cluster {:?} for {path}; that drain source is \
                      blind until it exists",
@@ -88,7 +97,7 @@ impl Root {
             pod::clear(Source::SidecarHealth, metrics);
         }
         let sidecar = config.drain.sidecar.clone();
-        self.poll(0, sidecar.target(), STATS_PATH, Call::Stats);
+        self.poll(Poller::Sidecar, sidecar.target(), STATS_PATH, Call::Stats);
     }
 
     fn on_stats(&mut self, status: u16, body: &[u8]) {
@@ -241,11 +250,11 @@ impl RootContext for Root {
         }
         let draining = pod::refresh(&self.shared.metrics);
         if drain.sidecar.enabled && claim(SIDECAR_POLL_KEY, drain.sidecar.interval_ms) {
-            self.poll(0, drain.sidecar.target(), "/ready", Call::Ready);
+            self.poll(Poller::Sidecar, drain.sidecar.target(), "/ready", Call::Ready);
         }
         let readiness = &drain.app_readiness;
         if readiness.enabled && claim(READINESS_POLL_KEY, readiness.interval_ms) {
-            self.poll(1, readiness.target(), &readiness.path, Call::Readiness);
+            self.poll(Poller::AppReadiness, readiness.target(), &readiness.path, Call::Readiness);
         }
         self.sweep(draining);
     }

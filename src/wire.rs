@@ -25,6 +25,12 @@ pub enum HeadRewrite {
     Rewritten { edit: Edit, already_close: bool },
 }
 
+/// How every HTTP/1.1 response head starts: the only heads the network role edits.
+pub const STATUS_LINE_START: &[u8] = b"HTTP/1.1 ";
+
+/// A request line longer than this is not worth editing.
+pub const MAX_REQUEST_LINE: usize = 8192;
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -33,7 +39,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// `buf` into `connection: close` (or drops it when the head already says close). Looks at no
 /// more than `max_head` bytes. Any other bytes, body included, are returned unchanged.
 pub fn rewrite_response_head(buf: &[u8], nonce: &str, max_head: usize) -> HeadRewrite {
-    if !buf.starts_with(b"HTTP/1.1 ") {
+    if !buf.starts_with(STATUS_LINE_START) {
         return HeadRewrite::None;
     }
     let window = &buf[..buf.len().min(max_head)];
@@ -91,7 +97,8 @@ pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], nonce: &str, max_head
     let held = carry.len();
     carry.extend_from_slice(write);
     let data = &carry[..];
-    let looks_like_head = data.len() < 9 && b"HTTP/1.1 ".starts_with(data) || data.starts_with(b"HTTP/1.1 ");
+    let looks_like_head =
+        data.len() < STATUS_LINE_START.len() && STATUS_LINE_START.starts_with(data) || data.starts_with(STATUS_LINE_START);
     if looks_like_head && find(data, b"\r\n\r\n").is_none() && data.len() < max_head {
         return HeadStep::Hold;
     }
@@ -120,7 +127,7 @@ fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
 /// Returns `None` unless `buf` starts with a complete, well-formed request line: a body or an
 /// HTTP/2 preface is never touched.
 pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
-    let line_end = find(&buf[..buf.len().min(8192)], b"\r\n")?;
+    let line_end = find(&buf[..buf.len().min(MAX_REQUEST_LINE)], b"\r\n")?;
     let line = &buf[..line_end];
     let mut parts = line.split(|&b| b == b' ');
     let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
