@@ -541,7 +541,9 @@ impl Envoy {
         if let Some(layout) = spec.layout() {
             let want = vms_for(spec.concurrency, layout);
             let built = envoy.wasm_vms_settling_at(want);
-            assert_eq!(built, want, "{name}: {} asked, but Envoy built {built} wasm VMs", layout.as_str());
+            // Envoy's own count, to tell a wrong layout from a stats read that failed.
+            let logged = envoy.log().lines().rev().find(|l| l.contains("now active")).map(str::to_owned);
+            assert_eq!(built, want, "{name}: {} asked, but the stats say {built} wasm VMs; Envoy's log: {logged:?}", layout.as_str());
             eprintln!("[envoy {}] {name}: {built} wasm VMs ({})", envoy_version(), layout.as_str());
         }
         envoy
