@@ -201,9 +201,71 @@ impl UnframedLearner {
     }
 }
 
+/// Envoy's legacy response-flag bits (`response.flags`) that say how a 5xx came about.
+const FLAG_UPSTREAM_REMOTE_RESET: u64 = 1 << 4; // UR
+const FLAG_UPSTREAM_CONNECTION_FAILURE: u64 = 1 << 5; // UF
+const FLAG_UPSTREAM_CONNECTION_TERMINATION: u64 = 1 << 6; // UC
+
+/// What a response says about the app, from its status and Envoy's response flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// Answered, or failed in a way that says nothing about the app going away.
+    Fine,
+    /// Envoy could not connect to the app (UF): it refuses connections.
+    Refused,
+    /// The app reset or terminated the connection before answering (UR, UC).
+    Reset,
+}
+
+pub fn upstream(status: u16, flags: u64) -> Upstream {
+    if status < 500 {
+        Upstream::Fine
+    } else if flags & FLAG_UPSTREAM_CONNECTION_FAILURE != 0 {
+        Upstream::Refused
+    } else if flags & (FLAG_UPSTREAM_REMOTE_RESET | FLAG_UPSTREAM_CONNECTION_TERMINATION) != 0 {
+        Upstream::Reset
+    } else {
+        Upstream::Fine
+    }
+}
+
+/// The response ends the app's own connection (as opposed to Envoy's reasons to close).
+pub fn app_ended(reason: Reason) -> bool {
+    matches!(reason, Reason::ConnectionClose | Reason::ProxyConnectionClose | Reason::CloseDelimited)
+}
+
+/// With `relay_upstream_close` off, the app's own close is not relayed, unless the pod is
+/// draining anyway: then the response closes for that reason. Envoy's reasons stay.
+pub fn relayed(reason: Reason, relay_upstream_close: bool, draining: bool) -> Option<Reason> {
+    match (app_ended(reason), relay_upstream_close, draining) {
+        (false, _, _) | (true, true, _) => Some(reason),
+        (true, false, true) => Some(Reason::Draining),
+        (true, false, false) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_flags_say_refused_or_reset_only_on_a_5xx() {
+        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_FAILURE), Upstream::Refused);
+        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_FAILURE | FLAG_UPSTREAM_REMOTE_RESET), Upstream::Refused);
+        assert_eq!(upstream(503, FLAG_UPSTREAM_REMOTE_RESET), Upstream::Reset);
+        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_TERMINATION), Upstream::Reset);
+        assert_eq!(upstream(503, 0), Upstream::Fine, "the app's own 503");
+        assert_eq!(upstream(200, FLAG_UPSTREAM_CONNECTION_FAILURE), Upstream::Fine);
+    }
+
+    #[test]
+    fn relay_upstream_close_off_keeps_the_apps_close_unless_draining() {
+        assert_eq!(relayed(Reason::ConnectionClose, true, false), Some(Reason::ConnectionClose));
+        assert_eq!(relayed(Reason::ConnectionClose, false, false), None);
+        assert_eq!(relayed(Reason::CloseDelimited, false, true), Some(Reason::Draining));
+        assert_eq!(relayed(Reason::ConnectFailure, false, false), Some(Reason::ConnectFailure));
+        assert_eq!(relayed(Reason::Draining, false, true), Some(Reason::Draining));
+    }
 
     fn ok(connection: Option<&str>) -> ResponseFacts<'_> {
         ResponseFacts { status: 200, connection, content_length: true, ..Default::default() }

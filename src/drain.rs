@@ -132,6 +132,19 @@ pub struct DrainStats {
     pub app_cx_connect_fail: u64,
 }
 
+impl DrainStats {
+    /// The shared record of the last read: when it was read (0: never), then the counters.
+    pub fn encode_read(&self, read_ms: u64) -> Vec<u8> {
+        encode_u64s(&[read_ms, self.drain_closes, self.update_draining, self.app_cx_total, self.app_cx_connect_fail])
+    }
+
+    /// The last read and when it was taken, if there was one.
+    pub fn decode_read(bytes: &[u8]) -> Option<(u64, DrainStats)> {
+        let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail] = decode_u64s(bytes);
+        (read_ms != 0).then_some((read_ms, DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail }))
+    }
+}
+
 /// Parses `/stats` text (`name: value` lines).
 pub fn parse_drain_stats(stats: &str) -> DrainStats {
     let mut out = DrainStats::default();
@@ -295,6 +308,26 @@ pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64) -> bo
     }
 }
 
+/// A sweep's graces, in ms: how long a connection must be quiet (`idle_ms`), a new one that has
+/// sent nothing yet (`fresh_ms`), and the tick between two looks ([`second_look`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grace {
+    pub idle_ms: u64,
+    pub fresh_ms: u64,
+    pub tick_ms: u64,
+}
+
+impl Grace {
+    /// While the app itself goes away its own grace applies (0: at once), else the sidecar's;
+    /// a new connection always gets the sidecar's. Activity times come from the tick clock, up
+    /// to one tick stale: adding a tick keeps a grace a true minimum.
+    pub fn for_sweep(idle_grace_ms: u64, app_idle_grace_ms: u64, tick_ms: u64, app_going: bool) -> Grace {
+        let with_tick = |grace: u64| if grace == 0 { 0 } else { grace.saturating_add(tick_ms) };
+        let idle = if app_going { app_idle_grace_ms } else { idle_grace_ms };
+        Grace { idle_ms: with_tick(idle), fresh_ms: with_tick(idle_grace_ms), tick_ms }
+    }
+}
+
 /// Should a sweep close a connection [`idle`] says may go? With a grace, only on a second look:
 /// a sweep at least half a tick earlier found it idle too, and no byte moved since. The grace
 /// is wall-clock time: after the host stalled Envoy for longer than it (a throttled or loaded
@@ -318,6 +351,22 @@ pub fn second_look(a: &mut Activity, now_ms: u64, grace_ms: u64, tick_ms: u64) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sweep_grace_follows_who_is_going_away() {
+        assert_eq!(Grace::for_sweep(250, 0, 100, false), Grace { idle_ms: 350, fresh_ms: 350, tick_ms: 100 });
+        assert_eq!(Grace::for_sweep(250, 0, 100, true), Grace { idle_ms: 0, fresh_ms: 350, tick_ms: 100 });
+        assert_eq!(Grace::for_sweep(250, 50, 100, true).idle_ms, 150);
+        assert_eq!(Grace::for_sweep(0, 0, 100, false).fresh_ms, 0);
+    }
+
+    #[test]
+    fn the_stats_record_round_trips_and_says_never_read() {
+        let stats = DrainStats { drain_closes: 3, update_draining: 1, app_cx_total: 9, app_cx_connect_fail: 2 };
+        assert_eq!(DrainStats::decode_read(&stats.encode_read(1_234)), Some((1_234, stats)));
+        assert_eq!(DrainStats::decode_read(b""), None);
+        assert_eq!(DrainStats::decode_read(&stats.encode_read(0)), None);
+    }
 
     #[test]
     fn a_large_response_gives_a_slow_reader_time_before_an_idle_close() {

@@ -12,17 +12,12 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
-use crate::decision::{decide, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner};
+use crate::decision::{self, decide, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner, Upstream};
 use crate::drain::Source;
 use crate::link::{Address, Note};
 use crate::network::{self, ConnRef};
 use crate::shared::Shared;
 use crate::{host, pod, wire};
-
-/// Envoy's legacy response-flag bits (`response.flags`).
-const FLAG_UPSTREAM_REMOTE_RESET: u64 = 1 << 4; // UR
-const FLAG_UPSTREAM_CONNECTION_FAILURE: u64 = 1 << 5; // UF
-const FLAG_UPSTREAM_CONNECTION_TERMINATION: u64 = 1 << 6; // UC
 
 pub struct HttpRole {
     shared: Rc<Shared>,
@@ -98,19 +93,31 @@ impl HttpRole {
 
     /// Envoy's own 5xx for an app it could not reach: signals for this response, and an app
     /// failure for the whole pod.
+    /// The app's own close, for `app_closes`: enough of them in a window drain the pod.
+    fn count_app_close(&mut self, config: &Config) {
+        let closes = &config.drain.app_closes;
+        if config.drain.enabled && closes.enabled && pod::count_app_close(closes.window_ms, closes.threshold) {
+            self.entered(Source::AppCloses, host::now_ms() + closes.hold_ms);
+        }
+    }
+
     fn upstream_failure(&mut self, config: &Config, status: u16) -> bool {
         if status < 500 {
             return false;
         }
         let flags = response_flags();
-        let refused = flags & FLAG_UPSTREAM_CONNECTION_FAILURE != 0;
-        let reset = flags & (FLAG_UPSTREAM_REMOTE_RESET | FLAG_UPSTREAM_CONNECTION_TERMINATION) != 0;
+        let upstream = decision::upstream(status, flags);
         let failure = &config.drain.app_failure;
-        if config.drain.enabled && failure.enabled && (refused || (failure.resets && reset)) {
+        let going = match upstream {
+            Upstream::Refused => true,
+            Upstream::Reset => failure.resets,
+            Upstream::Fine => false,
+        };
+        if config.drain.enabled && failure.enabled && going {
             debug!("app failure (response flags {flags:#x}): pod draining for {} ms", failure.hold_ms);
             self.entered(Source::AppFailure, host::now_ms() + failure.hold_ms);
         }
-        refused && config.close_on_connect_failure
+        upstream == Upstream::Refused && config.close_on_connect_failure
     }
 }
 
@@ -202,10 +209,6 @@ fn unframed_ends_connection() -> bool {
     })
 }
 
-fn app_ended(reason: Reason) -> bool {
-    matches!(reason, Reason::ConnectionClose | Reason::ProxyConnectionClose | Reason::CloseDelimited)
-}
-
 thread_local! {
     static LEARNER: std::cell::RefCell<UnframedLearner> = std::cell::RefCell::default();
     static WARNED_NO_NETWORK_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -278,7 +281,7 @@ impl HttpContext for HttpRole {
             || RequestFacts { protocol: downstream_protocol(), ..std::mem::take(request) },
             unframed_ends_connection,
         );
-        let mut reason = match decision {
+        let ended = match decision {
             Decision::Keep => return Action::Continue,
             Decision::Skip(skip) => {
                 metrics.skipped(skip).inc();
@@ -287,19 +290,13 @@ impl HttpContext for HttpRole {
             }
             Decision::Relay(reason) => reason,
         };
-        if app_ended(reason) {
-            let closes = &config.drain.app_closes;
-            if config.drain.enabled && closes.enabled && pod::count_app_close(closes.window_ms, closes.threshold) {
-                self.entered(Source::AppCloses, host::now_ms() + closes.hold_ms);
-            }
-            if !config.relay_upstream_close {
-                if !signals.draining {
-                    debug!("app ended its connection ({}); relay_upstream_close is off", reason.as_str());
-                    return Action::Continue;
-                }
-                reason = Reason::Draining;
-            }
+        if decision::app_ended(ended) {
+            self.count_app_close(config);
         }
+        let Some(reason) = decision::relayed(ended, config.relay_upstream_close, signals.draining) else {
+            debug!("app ended its connection ({}); relay_upstream_close is off", ended.as_str());
+            return Action::Continue;
+        };
         let Some(address) = self.address().map(|a| a.text.clone()) else {
             metrics.skipped(SkipReason::NoNetworkRole).inc();
             if !WARNED_NO_NETWORK_ROLE.replace(true) {

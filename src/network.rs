@@ -14,7 +14,7 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType, PeerType};
 
-use crate::drain::{self, Activity};
+use crate::drain::{self, Activity, Grace};
 use crate::host;
 use crate::metrics::Metrics;
 use crate::link::{Address, Note};
@@ -152,15 +152,6 @@ pub fn sweep(draining: bool, grace: Grace, metrics: &Metrics) {
             );
         }
     }
-}
-
-/// The sweep's graces, in ms: how long a connection must be quiet (`idle_ms`), a new one that
-/// has sent nothing yet (`fresh_ms`), and the tick between two looks.
-#[derive(Debug, Clone, Copy)]
-pub struct Grace {
-    pub idle_ms: u64,
-    pub fresh_ms: u64,
-    pub tick_ms: u64,
 }
 
 fn apply(buffer: BufferType, edit: &Edit) -> bool {

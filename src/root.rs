@@ -10,7 +10,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType};
 
 use crate::config::{self, Config, Role, Target};
-use crate::drain::{self, DrainStats, Source, UNTIL_CLEARED};
+use crate::drain::{self, DrainStats, Grace, Source, UNTIL_CLEARED};
 use crate::host;
 use crate::metrics::Metrics;
 use crate::link::Note;
@@ -107,13 +107,8 @@ impl Root {
         let Some(config) = self.shared.active() else { return };
         let now = drain::parse_drain_stats(&String::from_utf8_lossy(body));
         let read_at = host::now_ms();
-        // The record: when it was read (0: never), then the counters.
         let previous = host::shared_update(SIDECAR_STATS_KEY, |current| {
-            let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail] = drain::decode_u64s(current);
-            let previous = (read_ms != 0)
-                .then_some((read_ms, DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail }));
-            let record = [read_at, now.drain_closes, now.update_draining, now.app_cx_total, now.app_cx_connect_fail];
-            Some((drain::encode_u64s(&record), previous))
+            Some((now.encode_read(read_at), DrainStats::decode_read(current)))
         })
         .flatten();
         if drain::listeners_draining(previous.map(|(_, stats)| stats), now) {
@@ -173,12 +168,8 @@ impl Root {
     fn sweep(&self, draining: bool) {
         let Some(config) = self.shared.active() else { return };
         if self.role == Role::Network {
-            let drain = &config.drain;
-            // Activity times come from the tick clock, up to one tick stale: adding a tick
-            // keeps a grace a true minimum.
-            let with_tick = |grace: u64| if grace == 0 { 0 } else { grace + drain.tick_ms };
-            let grace = if pod::app_going() { drain.app_idle_grace_ms } else { drain.idle_grace_ms };
-            let grace = network::Grace { idle_ms: with_tick(grace), fresh_ms: with_tick(drain.idle_grace_ms), tick_ms: drain.tick_ms };
+            let d = &config.drain;
+            let grace = Grace::for_sweep(d.idle_grace_ms, d.app_idle_grace_ms, d.tick_ms, pod::app_going());
             network::sweep(draining, grace, &self.shared.metrics);
         }
     }
