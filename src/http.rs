@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::decision::{self, decide, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner, Upstream};
 use crate::drain::Source;
 use crate::link::{Address, Note};
-use crate::network::{self, ConnRef};
+use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
 use crate::{host, pod, wire};
 
@@ -63,13 +63,9 @@ impl HttpRole {
     /// with a request in flight: directly in a shared VM, else by a note to the network VM.
     fn track_request(&mut self) {
         let Some(address) = self.address() else { return };
-        match network::conn_for(&address.text) {
+        match conn::conn_for(&address.text) {
             Some(conn) => {
-                {
-                    let mut c = conn.borrow_mut();
-                    c.activity.in_flight += 1;
-                    c.http_role_here = true;
-                }
+                conn.borrow_mut().request_started();
                 self.conn = Some(conn);
             }
             None if address.token != 0 => {
@@ -225,7 +221,7 @@ impl Drop for HttpRole {
     fn drop(&mut self) {
         let close = std::mem::take(&mut self.close_after);
         if let Some(conn) = self.conn.take() {
-            conn.borrow_mut().activity.request_done(host::coarse_now());
+            conn.borrow_mut().request_done(host::coarse_now());
             if close {
                 close_soon(&conn);
             }
@@ -243,7 +239,7 @@ impl Drop for HttpRole {
 
 /// Closes the client connection of a relayed response on the next dispatcher turn.
 fn close_soon(conn: &ConnRef) {
-    if !network::close_soon(conn) {
+    if !conn::close_soon(conn) {
         debug!("no wake queue; the client connection closes on the next tick");
     }
 }
@@ -312,13 +308,10 @@ impl HttpContext for HttpRole {
             return Action::Continue;
         }
         if self.conn.is_none() {
-            self.conn = network::conn_for(&address);
+            self.conn = conn::conn_for(&address);
         }
         if let Some(conn) = &self.conn {
-            // Same VM: tell the network role which head to rewrite, so it reads no other.
-            let mut c = conn.borrow_mut();
-            c.head_pending = true;
-            c.http_role_here = true;
+            conn.borrow_mut().mark_head();
         }
         metrics.relayed.inc();
         match reason {

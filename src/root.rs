@@ -15,7 +15,7 @@ use crate::host;
 use crate::metrics::Metrics;
 use crate::link::Note;
 use crate::shared::Shared;
-use crate::{http, network, pod};
+use crate::{conn, http, network, pod};
 
 /// Without drain awareness the tick only flushes batched metrics; once a second is enough.
 const METRICS_FLUSH_MS: u64 = 1000;
@@ -150,7 +150,7 @@ impl Root {
             match Note::decode(&item) {
                 Some(Note::Wake) => woken = true,
                 Some(Note::Enter { source, until }) => pod::enter_forwarded(source, until),
-                Some(note) => closed += u64::from(network::hear(&note)),
+                Some(note) => closed += u64::from(conn::hear(&note)),
                 None => debug!("ignored a queue item this version did not write"),
             }
         }
@@ -170,7 +170,7 @@ impl Root {
         if self.role == Role::Network {
             let d = &config.drain;
             let grace = Grace::for_sweep(d.idle_grace_ms, d.app_idle_grace_ms, d.tick_ms, pod::app_going());
-            network::sweep(draining, grace, &self.shared.metrics);
+            conn::sweep(draining, grace, &self.shared.metrics);
         }
     }
 }
@@ -252,7 +252,7 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         let woken = self.read_queue(queue_id);
-        self.count_closed(network::close_requested());
+        self.count_closed(conn::close_requested());
         let Some(config) = self.shared.active() else { return };
         // Sweep when woken (a drain began, or a same-VM close), as in one VM; not after every
         // note from another VM's requests: a sweep right after each response, at the app's zero
