@@ -16,11 +16,6 @@ use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, Bytes, LogLevel, MapType, MetricType, StreamType};
 
-
-/// Connection filter-state key through which the network role announces itself and its
-/// connection's `link::Address` (its VM's queue and a nonce) to the HTTP role, across VMs too.
-pub const NONCE_PROPERTY: &str = "close_relay_nonce";
-
 #[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -586,7 +581,7 @@ mod tests {
     #[test]
     fn property_paths_join_segments_with_nul() {
         assert_eq!(property_path(&["request", "protocol"]), b"request\0protocol");
-        assert_eq!(property_path(&[NONCE_PROPERTY]), b"close_relay_nonce");
+        assert_eq!(property_path(&[crate::keys::NONCE_PROPERTY]), b"close_relay_nonce");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::drain::Source;
 use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
-use crate::{host, pod, wire};
+use crate::{host, keys, pod, wire};
 
 pub struct HttpRole {
     shared: Rc<Shared>,
@@ -47,7 +47,7 @@ impl HttpRole {
 
     fn address(&mut self) -> Option<&Address> {
         if self.address.is_none() {
-            let raw = host::get_property(&[host::NONCE_PROPERTY])?;
+            let raw = host::get_property(&[keys::NONCE_PROPERTY])?;
             self.address = Some(Address::parse(String::from_utf8_lossy(&raw).into_owned()));
         }
         self.address.as_ref()

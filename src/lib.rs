@@ -25,6 +25,7 @@ pub mod decision;
 pub mod drain;
 pub mod host;
 pub mod http;
+pub mod keys;
 pub mod link;
 pub mod metrics;
 pub mod network;

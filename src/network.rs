@@ -13,6 +13,7 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::conn::{self, Conn, ConnRef};
 use crate::host;
+use crate::keys;
 use crate::link::Address;
 use crate::wire::{self, Edit, HeadRewrite, HeadStep};
 use crate::pod;
@@ -140,7 +141,7 @@ impl StreamContext for NetworkRole {
             return Action::Continue;
         }
         let address = Address::new(pod::own_queue().unwrap_or(0), &host::nonce()).text;
-        if let Err(e) = host::set_property(host::NONCE_PROPERTY, address.as_bytes()) {
+        if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.as_bytes()) {
             warn!("close-relay: cannot announce the network role on this connection: {e:?}");
             return Action::Continue;
         }

@@ -7,13 +7,10 @@ use log::info;
 
 use crate::drain::{self, DrainState, Source, Window, UNTIL_CLEARED};
 use crate::host;
+use crate::keys;
 use crate::metrics::Metrics;
 use crate::link::Note;
 
-const STATE_KEY: &str = "close_relay.drain";
-const CLOSES_KEY: &str = "close_relay.app_closes";
-/// Shared-queue tokens of every network root, woken when a drain begins.
-const WAKE_KEY: &str = "close_relay.wake";
 /// Tokens kept at most; older ones belong to VMs long replaced by config updates.
 const WAKE_CAPACITY: usize = 64;
 
@@ -37,7 +34,7 @@ pub fn draining() -> bool {
 /// Re-reads the shared record (held sources expire here); returns whether draining.
 pub fn refresh(metrics: &Metrics) -> bool {
     let now = host::now_ms();
-    let state = DrainState::decode(&host::shared_get(STATE_KEY).0);
+    let state = DrainState::decode(&host::shared_get(keys::DRAIN_STATE).0);
     let draining = state.draining(now);
     APP_GOING.set(state.app_going(now));
     if draining != DRAINING.replace(draining) {
@@ -66,7 +63,7 @@ pub fn enter_forwarded(source: Source, until: u64) {
 
 fn record(source: Source, until: u64) -> bool {
     let now = host::now_ms();
-    let entered = host::shared_update(STATE_KEY, |current| {
+    let entered = host::shared_update(keys::DRAIN_STATE, |current| {
         let mut state = DrainState::decode(current);
         let entered = state.enter(source, until, now);
         Some((state.encode(), entered))
@@ -89,14 +86,14 @@ fn record(source: Source, until: u64) -> bool {
 /// shared record.
 pub fn active_until(source: Source) -> u64 {
     let now = host::now_ms();
-    let state = DrainState::decode(&host::shared_get(STATE_KEY).0);
+    let state = DrainState::decode(&host::shared_get(keys::DRAIN_STATE).0);
     if state.is_active(source, now) { state.until(source) } else { 0 }
 }
 
 /// Turns `source` off, when its cause has cleared (e.g. `healthcheck/ok`).
 pub fn clear(source: Source, metrics: &Metrics) {
     let now = host::now_ms();
-    let cleared = host::shared_update(STATE_KEY, |current| {
+    let cleared = host::shared_update(keys::DRAIN_STATE, |current| {
         let mut state = DrainState::decode(current);
         if !state.is_active(source, now) {
             return None;
@@ -113,7 +110,7 @@ pub fn clear(source: Source, metrics: &Metrics) {
 /// Counts one app `Connection: close` in the shared window; true once the threshold is met.
 pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
     let now = host::now_ms();
-    host::shared_update(CLOSES_KEY, |current| {
+    host::shared_update(keys::APP_CLOSES, |current| {
         let mut window = Window::decode(current);
         let count = window.record(now, window_ms);
         Some((window.encode(), count))
@@ -125,10 +122,10 @@ pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
 /// within a dispatcher turn (`on_queue_ready`), not a tick later, before an ALB reuses an idle
 /// connection into a pod whose app already refuses new ones.
 pub fn register_wake() -> Option<u32> {
-    let name = format!("close_relay.wake.{}", host::nonce());
+    let name = format!("{}{}", keys::WAKE_QUEUE_PREFIX, host::nonce());
     let token = host::register_queue(&name)?;
     OWN_WAKE.set(Some(token));
-    host::shared_update(WAKE_KEY, |current| {
+    host::shared_update(keys::WAKE_TOKENS, |current| {
         let mut tokens: Vec<u64> = current.chunks_exact(8).map(|c| drain::decode_u64s::<1>(c)[0]).collect();
         tokens.push(u64::from(token));
         let excess = tokens.len().saturating_sub(WAKE_CAPACITY);
@@ -154,7 +151,7 @@ pub fn wake_self() -> bool {
 }
 
 fn wake_all() {
-    let (tokens, _) = host::shared_get(WAKE_KEY);
+    let (tokens, _) = host::shared_get(keys::WAKE_TOKENS);
     for chunk in tokens.chunks_exact(8) {
         let [token] = drain::decode_u64s::<1>(chunk);
         // A token of a VM that is gone fails; nothing to do about it.

@@ -12,6 +12,7 @@ use proxy_wasm::types::{BufferType, ContextType};
 use crate::config::{self, Config, Role, Target};
 use crate::drain::{self, DrainStats, Grace, Source, UNTIL_CLEARED};
 use crate::host;
+use crate::keys;
 use crate::metrics::Metrics;
 use crate::link::Note;
 use crate::shared::Shared;
@@ -19,10 +20,6 @@ use crate::{conn, http, network, pod};
 
 /// Without drain awareness the tick only flushes batched metrics; once a second is enough.
 const METRICS_FLUSH_MS: u64 = 1000;
-const SIDECAR_POLL_KEY: &str = "close_relay.poll.sidecar";
-const SIDECAR_STATS_KEY: &str = "close_relay.sidecar.stats";
-const READINESS_POLL_KEY: &str = "close_relay.poll.readiness";
-const READINESS_FAILURES_KEY: &str = "close_relay.readiness.failures";
 /// Only the counters `drain::parse_drain_stats` reads, percent-encoded for the query string.
 const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%29%24";
 
@@ -107,7 +104,7 @@ impl Root {
         let Some(config) = self.shared.active() else { return };
         let now = drain::parse_drain_stats(&String::from_utf8_lossy(body));
         let read_at = host::now_ms();
-        let previous = host::shared_update(SIDECAR_STATS_KEY, |current| {
+        let previous = host::shared_update(keys::SIDECAR_STATS, |current| {
             Some((now.encode_read(read_at), DrainStats::decode_read(current)))
         })
         .flatten();
@@ -125,11 +122,11 @@ impl Root {
         let Some(config) = self.shared.active() else { return };
         let metrics = &self.shared.metrics;
         if (200..300).contains(&status) {
-            host::shared_update(READINESS_FAILURES_KEY, |_| Some((drain::encode_u64s(&[0]), ())));
+            host::shared_update(keys::READINESS_FAILURES, |_| Some((drain::encode_u64s(&[0]), ())));
             pod::clear(Source::AppReadiness, metrics);
             return;
         }
-        let failures = host::shared_update(READINESS_FAILURES_KEY, |current| {
+        let failures = host::shared_update(keys::READINESS_FAILURES, |current| {
             let [n] = drain::decode_u64s(current);
             Some((drain::encode_u64s(&[n + 1]), n + 1))
         })
@@ -240,11 +237,11 @@ impl RootContext for Root {
             self.read_queue(queue);
         }
         let draining = pod::refresh(&self.shared.metrics);
-        if drain.sidecar.enabled && claim(SIDECAR_POLL_KEY, drain.sidecar.interval_ms) {
+        if drain.sidecar.enabled && claim(keys::SIDECAR_POLL, drain.sidecar.interval_ms) {
             self.poll(Poller::Sidecar, drain.sidecar.target(), "/ready", Call::Ready);
         }
         let readiness = &drain.app_readiness;
-        if readiness.enabled && claim(READINESS_POLL_KEY, readiness.interval_ms) {
+        if readiness.enabled && claim(keys::READINESS_POLL, readiness.interval_ms) {
             self.poll(Poller::AppReadiness, readiness.target(), &readiness.path, Call::Readiness);
         }
         self.sweep(draining);
