@@ -23,6 +23,8 @@ pub mod config;
 pub mod conn;
 pub mod decision;
 pub mod drain;
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod fake_host;
 pub mod host;
 pub mod http;
 pub mod keys;

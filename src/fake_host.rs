@@ -1,0 +1,456 @@
+//! A fake proxy-wasm host for native tests: the ABI functions `host.rs` imports, defined here
+//! over one thread's state (time, shared data with compare-and-swap, queues, properties,
+//! buffers, header maps, metrics, closes). The contexts and `host.rs` itself run unchanged
+//! against it, so configure, the marker round trip, the sweep and drain transitions are tested
+//! in milliseconds, beside the real-Envoy suites. Only in `cargo test` builds off wasm32.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+
+const OK: u32 = 0;
+const NOT_FOUND: u32 = 1;
+const CAS_MISMATCH: u32 = 8;
+
+#[derive(Default)]
+pub struct Fake {
+    pub now_ns: u64,
+    pub shared: HashMap<Vec<u8>, (Vec<u8>, u32)>,
+    pub queues: HashMap<u32, VecDeque<Vec<u8>>>,
+    queue_names: HashMap<Vec<u8>, u32>,
+    pub properties: HashMap<Vec<u8>, Vec<u8>>,
+    /// By `BufferType` number.
+    pub buffers: HashMap<u32, Vec<u8>>,
+    /// By `MapType` number, in order.
+    pub maps: HashMap<u32, Vec<(String, String)>>,
+    pub effective_context: u32,
+    /// Effective contexts whose stream was closed, in order.
+    pub closed: Vec<u32>,
+    pub metrics: Vec<(String, i64)>,
+    pub tick_ms: u32,
+}
+
+thread_local! {
+    static FAKE: RefCell<Fake> = RefCell::new(Fake::default());
+}
+
+/// Resets the host to an empty one at `now_ms`.
+pub fn reset(now_ms: u64) {
+    FAKE.with(|f| *f.borrow_mut() = Fake { now_ns: now_ms * 1_000_000, ..Fake::default() });
+}
+
+pub fn with<T>(f: impl FnOnce(&mut Fake) -> T) -> T {
+    FAKE.with(|fake| f(&mut fake.borrow_mut()))
+}
+
+/// A metric's value by name (0 when never defined).
+pub fn metric(name: &str) -> i64 {
+    with(|f| f.metrics.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v))
+}
+
+/// Hands `bytes` to the module as the host does: memory the module then owns (`host::owned`).
+unsafe fn hand_over(bytes: &[u8], data: *mut *mut u8, size: *mut usize) {
+    let boxed: Box<[u8]> = bytes.into();
+    let len = boxed.len();
+    *data = Box::into_raw(boxed).cast::<u8>();
+    *size = len;
+}
+
+unsafe fn slice<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 {
+        &[]
+    } else {
+        std::slice::from_raw_parts(ptr, len)
+    }
+}
+
+/// The ABI's serialized header map (see `host::pairs`).
+fn serialize(pairs: &[(String, String)]) -> Vec<u8> {
+    let word = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = word(pairs.len()).to_vec();
+    for (k, v) in pairs {
+        out.extend_from_slice(&word(k.len()));
+        out.extend_from_slice(&word(v.len()));
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+#[no_mangle]
+extern "C" fn proxy_log(_level: u32, _message: *const u8, _size: usize) -> u32 {
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_get_log_level(level: *mut u32) -> u32 {
+    *level = 5;
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32 {
+    *time = with(|f| f.now_ns);
+    OK
+}
+
+#[no_mangle]
+extern "C" fn proxy_set_tick_period_milliseconds(period: u32) -> u32 {
+    with(|f| f.tick_ms = period);
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_get_buffer_bytes(buffer: u32, start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
+    let bytes = with(|f| f.buffers.get(&buffer).cloned());
+    let Some(bytes) = bytes else { return NOT_FOUND };
+    let from = start.min(bytes.len());
+    let to = from.saturating_add(max).min(bytes.len());
+    hand_over(&bytes[from..to], data, size);
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_set_buffer_bytes(buffer: u32, start: usize, size: usize, data: *const u8, data_size: usize) -> u32 {
+    let with_bytes = slice(data, data_size).to_vec();
+    with(|f| {
+        let buf = f.buffers.entry(buffer).or_default();
+        let from = start.min(buf.len());
+        let to = from.saturating_add(size).min(buf.len());
+        buf.splice(from..to, with_bytes);
+    });
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32 {
+    let pairs = with(|f| f.maps.get(&map).cloned().unwrap_or_default());
+    hand_over(&serialize(&pairs), data, size);
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_get_header_map_value(
+    map: u32,
+    key: *const u8,
+    key_size: usize,
+    value: *mut *mut u8,
+    value_size: *mut usize,
+) -> u32 {
+    let key = String::from_utf8_lossy(slice(key, key_size)).into_owned();
+    let found = with(|f| f.maps.get(&map).and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())));
+    match found {
+        Some(v) => {
+            hand_over(v.as_bytes(), value, value_size);
+            OK
+        }
+        None => NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_add_header_map_value(map: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32 {
+    let pair = (String::from_utf8_lossy(slice(key, key_size)).into_owned(), String::from_utf8_lossy(slice(value, value_size)).into_owned());
+    with(|f| f.maps.entry(map).or_default().push(pair));
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_get_property(path: *const u8, path_size: usize, value: *mut *mut u8, value_size: *mut usize) -> u32 {
+    let path = slice(path, path_size).to_vec();
+    match with(|f| f.properties.get(&path).cloned()) {
+        Some(v) => {
+            hand_over(&v, value, value_size);
+            OK
+        }
+        None => NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, size: usize) -> u32 {
+    let (path, value) = (slice(path, path_size).to_vec(), slice(value, size).to_vec());
+    with(|f| f.properties.insert(path, value));
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_get_shared_data(
+    key: *const u8,
+    key_size: usize,
+    value: *mut *mut u8,
+    value_size: *mut usize,
+    cas: *mut u32,
+) -> u32 {
+    let key = slice(key, key_size).to_vec();
+    match with(|f| f.shared.get(&key).cloned()) {
+        Some((v, c)) => {
+            hand_over(&v, value, value_size);
+            *cas = c;
+            OK
+        }
+        None => NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32 {
+    let (key, value) = (slice(key, key_size).to_vec(), slice(value, value_size).to_vec());
+    with(|f| {
+        let current = f.shared.get(&key).map_or(0, |(_, c)| *c);
+        if cas != 0 && cas != current {
+            return CAS_MISMATCH;
+        }
+        f.shared.insert(key, (value, current + 1));
+        OK
+    })
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_register_shared_queue(name: *const u8, name_size: usize, token: *mut u32) -> u32 {
+    let name = slice(name, name_size).to_vec();
+    *token = with(|f| {
+        let next = u32::try_from(f.queue_names.len()).unwrap_or(u32::MAX) + 1;
+        let t = *f.queue_names.entry(name).or_insert(next);
+        f.queues.entry(t).or_default();
+        t
+    });
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_enqueue_shared_queue(token: u32, value: *const u8, value_size: usize) -> u32 {
+    let item = slice(value, value_size).to_vec();
+    with(|f| match f.queues.get_mut(&token) {
+        Some(q) => {
+            q.push_back(item);
+            OK
+        }
+        None => NOT_FOUND,
+    })
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_dequeue_shared_queue(token: u32, value: *mut *mut u8, value_size: *mut usize) -> u32 {
+    match with(|f| f.queues.get_mut(&token).and_then(VecDeque::pop_front)) {
+        Some(item) => {
+            hand_over(&item, value, value_size);
+            OK
+        }
+        None => 7, // Empty
+    }
+}
+
+#[no_mangle]
+extern "C" fn proxy_close_stream(_stream: u32) -> u32 {
+    with(|f| {
+        let id = f.effective_context;
+        f.closed.push(id);
+    });
+    OK
+}
+
+#[no_mangle]
+extern "C" fn proxy_set_effective_context(id: u32) -> u32 {
+    with(|f| f.effective_context = id);
+    OK
+}
+
+#[no_mangle]
+unsafe extern "C" fn proxy_define_metric(_kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32 {
+    let name = String::from_utf8_lossy(slice(name, name_size)).into_owned();
+    *id = with(|f| match f.metrics.iter().position(|(n, _)| *n == name) {
+        Some(i) => u32::try_from(i).unwrap_or(u32::MAX),
+        None => {
+            f.metrics.push((name, 0));
+            u32::try_from(f.metrics.len() - 1).unwrap_or(u32::MAX)
+        }
+    });
+    OK
+}
+
+#[no_mangle]
+extern "C" fn proxy_increment_metric(id: u32, offset: i64) -> u32 {
+    with(|f| f.metrics.get_mut(id as usize).map_or(NOT_FOUND, |(_, v)| {
+        *v += offset;
+        OK
+    }))
+}
+
+#[no_mangle]
+extern "C" fn proxy_record_metric(id: u32, value: u64) -> u32 {
+    with(|f| f.metrics.get_mut(id as usize).map_or(NOT_FOUND, |(_, v)| {
+        *v = i64::try_from(value).unwrap_or(i64::MAX);
+        OK
+    }))
+}
+
+/// ABI functions the SDK references (its `hostcalls`, behind default trait methods) and the
+/// filter never calls: defined so the test binary links, each answering Unimplemented. Calling
+/// one is a test bug (their real arguments are not declared here).
+macro_rules! never_called {
+    ($($name:ident),* $(,)?) => {$(
+        #[no_mangle]
+        extern "C" fn $name() -> u32 {
+            12
+        }
+    )*};
+}
+
+never_called!(
+    proxy_call_foreign_function,
+    proxy_continue_stream,
+    proxy_done,
+    proxy_get_status,
+    proxy_grpc_call,
+    proxy_grpc_cancel,
+    proxy_grpc_close,
+    proxy_grpc_send,
+    proxy_grpc_stream,
+    proxy_http_call,
+    proxy_remove_header_map_value,
+    proxy_replace_header_map_value,
+    proxy_resolve_shared_queue,
+    proxy_send_local_response,
+    proxy_set_header_map_pairs,
+);
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use proxy_wasm::traits::{HttpContext, RootContext, StreamContext};
+    use proxy_wasm::types::{BufferType, MapType};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::drain::{Grace, Source, UNTIL_CLEARED};
+    use crate::http::HttpRole;
+    use crate::metrics::Metrics;
+    use crate::network::NetworkRole;
+    use crate::shared::Shared;
+    use crate::{conn, keys, pod, root};
+
+    const START_MS: u64 = 1_000_000;
+
+    fn shared(config: Config) -> Rc<Shared> {
+        Rc::new(Shared { config: Some(config), metrics: Metrics::define() })
+    }
+
+    fn set_map(map: MapType, pairs: &[(&str, &str)]) {
+        with(|f| f.maps.insert(map as u32, pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()));
+    }
+
+    fn set_buffer(buffer: BufferType, bytes: &[u8]) {
+        with(|f| f.buffers.insert(buffer as u32, bytes.to_vec()));
+    }
+
+    fn buffer(buffer: BufferType) -> Vec<u8> {
+        with(|f| f.buffers.get(&(buffer as u32)).cloned().unwrap_or_default())
+    }
+
+    fn advance(ms: u64) {
+        with(|f| f.now_ns += ms * 1_000_000);
+        crate::host::now_ms();
+    }
+
+    /// A connection whose network role and HTTP role share this VM, one request in.
+    fn connection(id: u32, shared: &Rc<Shared>) -> (NetworkRole, HttpRole) {
+        let mut net = NetworkRole::new(id, shared.clone());
+        net.on_new_connection();
+        set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n");
+        net.on_downstream_data(30, false);
+        with(|f| f.properties.insert(b"request\0protocol".to_vec(), b"HTTP/1.1".to_vec()));
+        set_map(MapType::HttpRequestHeaders, &[(":method", "GET")]);
+        let mut http = HttpRole::new(shared.clone());
+        http.on_http_request_headers(0, true);
+        (net, http)
+    }
+
+    #[test]
+    fn the_apps_close_is_marked_rewritten_and_its_connection_closed_after_the_response() {
+        reset(START_MS);
+        let shared = shared(Config::default());
+        let (mut net, mut http) = connection(7, &shared);
+        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
+        http.on_http_response_headers(0, false);
+        let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        let address = String::from_utf8_lossy(&address).into_owned();
+        let marked = with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().any(|(k, v)| k == crate::wire::MARKER && *v == address));
+        assert!(marked, "the response carries the marker with this connection's address");
+
+        // Envoy drops the app's `connection`; the marker goes out in the head the network role sees.
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {address}\r\n\r\nok", crate::wire::MARKER);
+        set_buffer(BufferType::UpstreamData, head.as_bytes());
+        net.on_upstream_data(head.len(), false);
+        assert_eq!(buffer(BufferType::UpstreamData), b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+
+        drop(http); // the stream ends: the close is asked for, and done on the network root's turn
+        assert!(with(|f| f.closed.is_empty()), "never from inside the stream's end");
+        assert_eq!(conn::close_requested(), 1);
+        assert_eq!(with(|f| f.closed.clone()), vec![7]);
+        assert_eq!(metric("close_relay_relayed_total"), 1);
+    }
+
+    #[test]
+    fn a_draining_pod_sweeps_an_idle_connection_on_the_second_look_and_never_a_busy_one() {
+        reset(START_MS);
+        let shared = shared(Config::default());
+        let (mut idle_net, idle_http) = connection(11, &shared);
+        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("content-length", "2")]);
+        set_buffer(BufferType::UpstreamData, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        idle_net.on_upstream_data(40, false);
+        drop(idle_http);
+        let (_busy_net, _busy_http) = connection(12, &shared);
+        pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
+        assert!(pod::draining());
+        let grace = Grace::for_sweep(250, 0, 100, pod::app_going());
+        advance(400);
+        conn::sweep(true, grace, &shared.metrics);
+        assert!(with(|f| f.closed.is_empty()), "first look: wait a tick");
+        advance(100);
+        conn::sweep(true, grace, &shared.metrics);
+        assert_eq!(with(|f| f.closed.clone()), vec![11], "the idle one, not the one with a request in flight");
+        assert_eq!(metric("close_relay_idle_closed_total"), 1);
+        assert_eq!(metric("close_relay_drain_entered_sidecar_health_total"), 1);
+    }
+
+    #[test]
+    fn a_bad_configuration_is_counted_and_the_plugin_passes_everything_through() {
+        reset(START_MS);
+        set_buffer(BufferType::PluginConfiguration, br#"{"drain": {"idle_grace_ms": "soon"}}"#);
+        let mut root = root::Root::default();
+        assert!(root.on_configure(0), "never refuses a configuration: fail open");
+        assert_eq!(metric("close_relay_config_errors_total"), 1);
+        let Some(mut http) = root.create_http_context(3) else { panic!("no HTTP context") };
+        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close")]);
+        http.on_http_response_headers(0, false);
+        assert_eq!(with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].len()), 2, "no marker added");
+        assert_eq!(metric("close_relay_relayed_total"), 0);
+    }
+
+    #[test]
+    fn notes_from_an_http_role_in_another_vm_count_the_request_and_close_after_it() {
+        reset(START_MS);
+        let shared = shared(Config::default());
+        let mut net = NetworkRole::new(21, shared.clone());
+        net.on_new_connection();
+        let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        let address = String::from_utf8_lossy(&address).into_owned();
+        let note = |n: &crate::link::Note| crate::link::Note::decode(&n.encode());
+        let begin = note(&crate::link::Note::Begin(address.clone()));
+        assert!(begin.as_ref().is_some_and(|n| !conn::hear(n)));
+        pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
+        advance(1_000);
+        conn::sweep(true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
+        advance(100);
+        conn::sweep(true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
+        assert!(with(|f| f.closed.is_empty()), "a request in flight is never swept");
+        let end = note(&crate::link::Note::End { conn: address, begun: true, close: true });
+        assert!(end.as_ref().is_some_and(conn::hear), "the end note closes it");
+        assert_eq!(with(|f| f.closed.clone()), vec![21]);
+    }
+}
