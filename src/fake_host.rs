@@ -288,6 +288,25 @@ extern "C" fn proxy_record_metric(id: u32, value: u64) -> u32 {
     }))
 }
 
+/// An HTTP call out (the roots' polls): the fake has no cluster, so it answers as Envoy does for
+/// an unknown one, InternalFailure, and the root logs that the source is blind.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+extern "C" fn proxy_http_call(
+    _upstream: *const u8,
+    _upstream_size: usize,
+    _headers: *const u8,
+    _headers_size: usize,
+    _body: *const u8,
+    _body_size: usize,
+    _trailers: *const u8,
+    _trailers_size: usize,
+    _timeout_ms: u32,
+    _token: *mut u32,
+) -> u32 {
+    10
+}
+
 /// ABI functions the SDK references (its `hostcalls`, behind default trait methods) and the
 /// filter never calls: defined so the test binary links, each answering Unimplemented. Calling
 /// one is a test bug (their real arguments are not declared here).
@@ -310,7 +329,6 @@ never_called!(
     proxy_grpc_close,
     proxy_grpc_send,
     proxy_grpc_stream,
-    proxy_http_call,
     proxy_remove_header_map_value,
     proxy_replace_header_map_value,
     proxy_resolve_shared_queue,
@@ -452,5 +470,43 @@ mod tests {
         let end = note(&crate::link::Note::End { conn: address, begun: true, close: true });
         assert!(end.as_ref().is_some_and(conn::hear), "the end note closes it");
         assert_eq!(with(|f| f.closed.clone()), vec![21]);
+    }
+
+    fn configured_root(config: &str) -> root::Root {
+        set_buffer(BufferType::PluginConfiguration, config.as_bytes());
+        let mut root = root::Root::default();
+        assert!(root.on_configure(0));
+        root
+    }
+
+    #[test]
+    fn the_sidecars_ready_answer_turns_the_drain_on_and_off() {
+        reset(START_MS);
+        let mut root = configured_root("{}");
+        root.on_ready(503, b"DRAINING");
+        assert!(pod::draining());
+        assert_eq!(metric("close_relay_drain_entered_sidecar_health_total"), 1);
+        root.on_ready(503, b"DRAINING");
+        assert_eq!(metric("close_relay_drain_entered_sidecar_health_total"), 1, "entered once");
+        root.on_ready(200, b"LIVE");
+        assert!(!pod::draining(), "healthcheck/ok ends it");
+        root.on_ready(503, b"no healthy upstream");
+        assert!(!pod::draining(), "a 503 that does not say DRAINING is no evidence");
+    }
+
+    #[test]
+    fn drain_closes_rising_in_stats_mean_the_sidecar_is_draining() {
+        reset(START_MS);
+        let mut root = configured_root("{}");
+        let stats = |closes: u64| format!("http.inbound_0.0.0.0_15006.downstream_cx_drain_close: {closes}\nhttp.admin.downstream_cx_drain_close: 9\n");
+        root.on_stats(200, stats(0).as_bytes());
+        assert!(!pod::draining(), "a first read has nothing to compare with");
+        advance(1_000);
+        root.on_stats(200, stats(0).as_bytes());
+        assert!(!pod::draining());
+        advance(1_000);
+        root.on_stats(200, stats(3).as_bytes());
+        assert!(pod::draining());
+        assert_eq!(metric("close_relay_drain_entered_sidecar_drain_total"), 1);
     }
 }

@@ -89,6 +89,70 @@ impl HttpRole {
 
     /// Envoy's own 5xx for an app it could not reach: signals for this response, and an app
     /// failure for the whole pod.
+    /// Whether this response must close its client connection, and why: the pure decision,
+    /// what it cannot relay counted, the app's own closes counted toward `app_closes`.
+    fn close_reason(&mut self, config: &Config, facts: &ResponseFacts, signals: Signals) -> Option<Reason> {
+        let metrics = self.shared.metrics;
+        let request = &mut self.request;
+        let decision = decide(
+            facts,
+            signals,
+            || RequestFacts { protocol: downstream_protocol(), ..std::mem::take(request) },
+            unframed_ends_connection,
+        );
+        let ended = match decision {
+            Decision::Keep => return None,
+            Decision::Skip(skip) => {
+                metrics.skipped(skip).inc();
+                debug!("connection should end; not relayed: {}", skip.as_str());
+                return None;
+            }
+            Decision::Relay(reason) => reason,
+        };
+        if decision::app_ended(ended) {
+            self.count_app_close(config);
+        }
+        let reason = decision::relayed(ended, config.relay_upstream_close, signals.draining);
+        if reason.is_none() {
+            debug!("app ended its connection ({}); relay_upstream_close is off", ended.as_str());
+        }
+        reason
+    }
+
+    /// Marks the response for the network role with this connection's address, and closes the
+    /// connection once the stream ends (`Drop`).
+    fn mark(&mut self, config: &Config, reason: Reason) {
+        let metrics = self.shared.metrics;
+        let Some(address) = self.address().map(|a| a.text.clone()) else {
+            metrics.skipped(SkipReason::NoNetworkRole).inc();
+            if !WARNED_NO_NETWORK_ROLE.replace(true) {
+                warn!(
+                    "close-relay: no network role on this listener, cannot relay the app's \
+                     connection close; add the NETWORK filter before the HTTP connection manager"
+                );
+            }
+            return;
+        };
+        if let Err(e) = host::add_header(MapType::HttpResponseHeaders, wire::MARKER, &address) {
+            warn!("close-relay: cannot mark the response, not relayed: {e:?}");
+            return;
+        }
+        if self.conn.is_none() {
+            self.conn = conn::conn_for(&address);
+        }
+        if let Some(conn) = &self.conn {
+            conn.borrow_mut().mark_head();
+        }
+        metrics.relayed.inc();
+        match reason {
+            Reason::Draining => metrics.closed_while_draining.inc(),
+            Reason::ConnectFailure => metrics.closed_connect_failure.inc(),
+            _ => {}
+        }
+        debug!("closing client connection after this response: {}", reason.as_str());
+        self.close_after = config.close_connection;
+    }
+
     /// The app's own close, for `app_closes`: enough of them in a window drain the pod.
     fn count_app_close(&mut self, config: &Config) {
         let closes = &config.drain.app_closes;
@@ -259,68 +323,20 @@ impl HttpContext for HttpRole {
         Action::Continue
     }
 
+    /// The story of one response: its facts, the decision, then the act.
     fn on_http_response_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
         let shared = self.shared.clone();
         let Some(config) = shared.active() else {
             return Action::Continue;
         };
-        let metrics = shared.metrics;
-        metrics.count_response();
+        shared.metrics.count_response();
         let headers = ResponseHeaders::read();
         let facts = headers.facts();
         let connect_failure = self.upstream_failure(config, facts.status);
         let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure };
-        let request = &mut self.request;
-        let decision = decide(
-            &facts,
-            signals,
-            || RequestFacts { protocol: downstream_protocol(), ..std::mem::take(request) },
-            unframed_ends_connection,
-        );
-        let ended = match decision {
-            Decision::Keep => return Action::Continue,
-            Decision::Skip(skip) => {
-                metrics.skipped(skip).inc();
-                debug!("connection should end; not relayed: {}", skip.as_str());
-                return Action::Continue;
-            }
-            Decision::Relay(reason) => reason,
-        };
-        if decision::app_ended(ended) {
-            self.count_app_close(config);
+        if let Some(reason) = self.close_reason(config, &facts, signals) {
+            self.mark(config, reason);
         }
-        let Some(reason) = decision::relayed(ended, config.relay_upstream_close, signals.draining) else {
-            debug!("app ended its connection ({}); relay_upstream_close is off", ended.as_str());
-            return Action::Continue;
-        };
-        let Some(address) = self.address().map(|a| a.text.clone()) else {
-            metrics.skipped(SkipReason::NoNetworkRole).inc();
-            if !WARNED_NO_NETWORK_ROLE.replace(true) {
-                warn!(
-                    "close-relay: no network role on this listener, cannot relay the app's \
-                     connection close; add the NETWORK filter before the HTTP connection manager"
-                );
-            }
-            return Action::Continue;
-        };
-        if let Err(e) = host::add_header(MapType::HttpResponseHeaders, wire::MARKER, &address) {
-            warn!("close-relay: cannot mark the response, not relayed: {e:?}");
-            return Action::Continue;
-        }
-        if self.conn.is_none() {
-            self.conn = conn::conn_for(&address);
-        }
-        if let Some(conn) = &self.conn {
-            conn.borrow_mut().mark_head();
-        }
-        metrics.relayed.inc();
-        match reason {
-            Reason::Draining => metrics.closed_while_draining.inc(),
-            Reason::ConnectFailure => metrics.closed_connect_failure.inc(),
-            _ => {}
-        }
-        debug!("closing client connection after this response: {}", reason.as_str());
-        self.close_after = config.close_connection;
         Action::Continue
     }
 }

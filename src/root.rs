@@ -85,7 +85,7 @@ impl Root {
         }
     }
 
-    fn on_ready(&mut self, status: u16, body: &[u8]) {
+    pub(crate) fn on_ready(&mut self, status: u16, body: &[u8]) {
         let Some(config) = self.shared.active() else { return };
         let metrics = &self.shared.metrics;
         if drain::ready_says_draining(status, body) {
@@ -97,7 +97,7 @@ impl Root {
         self.poll(Poller::Sidecar, sidecar.target(), STATS_PATH, Call::Stats);
     }
 
-    fn on_stats(&mut self, status: u16, body: &[u8]) {
+    pub(crate) fn on_stats(&mut self, status: u16, body: &[u8]) {
         if status != 200 {
             return;
         }
@@ -118,7 +118,7 @@ impl Root {
         }
     }
 
-    fn on_readiness(&mut self, status: u16) {
+    pub(crate) fn on_readiness(&mut self, status: u16) {
         let Some(config) = self.shared.active() else { return };
         let metrics = &self.shared.metrics;
         if (200..300).contains(&status) {
