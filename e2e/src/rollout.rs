@@ -1,4 +1,5 @@
-//! The rolling-restart rig of the brief (§1, §4), all real processes on 127.0.0.1:
+//! The rolling restart that gives an ALB 503s behind an Istio sidecar, rebuilt with real
+//! processes on 127.0.0.1:
 //! load client -> nginx (the ALB: keep-alive pool, `Connection` cleared, no retries) ->
 //! kube-proxy (a TCP forwarder choosing a pod per NEW connection, established ones pinned) ->
 //! pod = Envoy sidecar (inbound listener like Istio's, with or without close-relay) -> app.
