@@ -11,6 +11,9 @@ pub enum Reason {
     CloseDelimited,
     /// Envoy could not connect to the app: this client must not meet that error twice.
     ConnectFailure,
+    /// The app refused the request and a healthy pod answered it (rescue): this client must
+    /// reconnect to a healthy pod instead of coming back through this one.
+    Rescued,
     /// The pod is going away: every connection goes.
     Draining,
 }
@@ -22,6 +25,7 @@ impl Reason {
             Reason::ProxyConnectionClose => "proxy_connection_close",
             Reason::CloseDelimited => "close_delimited",
             Reason::ConnectFailure => "connect_failure",
+            Reason::Rescued => "rescued",
             Reason::Draining => "draining",
         }
     }
@@ -118,6 +122,22 @@ pub struct Signals {
     pub draining: bool,
     /// This response is Envoy's own 5xx for a failed connect to the app (flag UF).
     pub connect_failure: bool,
+    /// This response came from another pod after the app refused the request ([`rescued`]).
+    pub rescued: bool,
+}
+
+/// The response header a rescue-enabled sidecar's Envoy adds to its own reply when it could not
+/// connect to its app (`local_reply_config`, response flag UF): no app saw the request.
+pub const REFUSED_HEADER: &str = "x-close-relay-refused";
+
+/// Did a healthy pod answer this request after the local app refused it? The rescue route
+/// (README "Rescue") tries the local app first, so only its retries go to another pod, and
+/// Envoy sets `x-envoy-attempt-count` on the response (`include_attempt_count_in_response`):
+/// 2 or more means a retry answered, unless the answer is a refusal too ([`REFUSED_HEADER`]:
+/// every pod tried refused, or there was none). Without the count, or with one that is not a
+/// number, nothing is known: not rescued.
+pub fn rescued(attempt_count: Option<&str>, refused: bool) -> bool {
+    !refused && attempt_count.and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|n| n >= 2)
 }
 
 /// Full decision for one response. `request` is only consulted when something asks for a
@@ -132,6 +152,7 @@ pub fn decide(
     let end = upstream_end(resp);
     let reason = match (signals.connect_failure, end, signals.draining) {
         (true, _, _) => Reason::ConnectFailure,
+        (false, _, _) if signals.rescued => Reason::Rescued,
         (false, Some(end), _) => end,
         (false, None, true) => Reason::Draining,
         (false, None, false) => return Decision::Keep,
@@ -247,6 +268,28 @@ pub fn relayed(reason: Reason, relay_upstream_close: bool, draining: bool) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_retry_that_was_answered_is_a_rescue() {
+        assert!(rescued(Some("2"), false));
+        assert!(rescued(Some(" 3"), false));
+        assert!(!rescued(Some("1"), false), "the local app answered");
+        assert!(!rescued(Some("2"), true), "the pod tried refused as well");
+        assert!(!rescued(Some("3"), true), "no pod to try: Envoy tried the app again");
+        assert!(!rescued(None, false), "no rescue route: nothing known");
+        assert!(!rescued(Some("two"), false));
+        assert!(!rescued(Some("99999999999"), false), "out of range: nothing known");
+    }
+
+    #[test]
+    fn a_rescued_response_closes_its_connection_even_when_the_app_kept_it() {
+        let signals = Signals { rescued: true, ..calm() };
+        let keep_alive = ResponseFacts { status: 200, content_length: true, ..Default::default() };
+        assert_eq!(decide(&keep_alive, signals, h11, || true), Decision::Relay(Reason::Rescued));
+        let failed = Signals { connect_failure: true, rescued: true, ..calm() };
+        assert_eq!(decide(&keep_alive, failed, h11, || true), Decision::Relay(Reason::ConnectFailure));
+        assert_eq!(relayed(Reason::Rescued, false, false), Some(Reason::Rescued), "Envoy's reason, not the app's");
+    }
 
     #[test]
     fn response_flags_say_refused_or_reset_only_on_a_5xx() {

@@ -16,15 +16,20 @@ pub enum Source {
     AppCloses,
     /// The app's own readiness URL fails.
     AppReadiness,
+    /// The app refused a request and a healthy pod answered it (rescue, `x-envoy-attempt-count`
+    /// of 2 or more): the app is going away, but a request that meets it now is rescued too, so
+    /// idle connections get the sidecar's grace instead of the app's at-once close.
+    AppRescued,
 }
 
 impl Source {
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::SidecarHealth,
         Source::SidecarDrain,
         Source::AppFailure,
         Source::AppCloses,
         Source::AppReadiness,
+        Source::AppRescued,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -34,6 +39,7 @@ impl Source {
             Source::AppFailure => "app_failure",
             Source::AppCloses => "app_closes",
             Source::AppReadiness => "app_readiness",
+            Source::AppRescued => "app_rescued",
         }
     }
 

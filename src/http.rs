@@ -161,6 +161,21 @@ impl HttpRole {
         }
     }
 
+    /// A healthy pod answered after the app refused: counted, and the pod drains as the app is
+    /// going away (`app_failure`'s switch and hold), with the sidecar's idle grace.
+    fn rescue(&mut self, config: &Config, headers: &ResponseHeaders) -> bool {
+        if !decision::rescued(headers.attempt_count.as_deref(), headers.refused) {
+            return false;
+        }
+        self.shared.metrics.rescued.inc();
+        let failure = &config.drain.app_failure;
+        if config.drain.enabled && failure.enabled {
+            debug!("rescued by another pod: pod draining for {} ms", failure.hold_ms);
+            self.entered(Source::AppRescued, host::now_ms() + failure.hold_ms);
+        }
+        true
+    }
+
     fn upstream_failure(&mut self, config: &Config, status: u16) -> bool {
         if status < 500 {
             return false;
@@ -219,6 +234,10 @@ struct ResponseHeaders {
     proxy_connection: Option<String>,
     content_length: bool,
     transfer_encoding: Option<String>,
+    /// `x-envoy-attempt-count`, present where the route includes it in the response (rescue).
+    attempt_count: Option<String>,
+    /// [`decision::REFUSED_HEADER`]: the pod that made this reply could not reach its app.
+    refused: bool,
 }
 
 impl ResponseHeaders {
@@ -238,6 +257,8 @@ impl ResponseHeaders {
                 b"proxy-connection" => h.proxy_connection = value(),
                 b"content-length" => h.content_length = true,
                 b"transfer-encoding" => h.transfer_encoding = value(),
+                b"x-envoy-attempt-count" => h.attempt_count = value(),
+                _ if name == decision::REFUSED_HEADER.as_bytes() => h.refused = true,
                 _ => {}
             }
         }
@@ -333,7 +354,8 @@ impl HttpContext for HttpRole {
         let headers = ResponseHeaders::read();
         let facts = headers.facts();
         let connect_failure = self.upstream_failure(config, facts.status);
-        let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure };
+        let rescued = self.rescue(config, &headers);
+        let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure, rescued };
         if let Some(reason) = self.close_reason(config, &facts, signals) {
             self.mark(config, reason);
         }

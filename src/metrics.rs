@@ -32,6 +32,7 @@ pub struct Metrics {
     pub idle_closed: Counter,
     pub closed_while_draining: Counter,
     pub closed_connect_failure: Counter,
+    pub rescued: Counter,
     pub draining: Gauge,
 }
 
@@ -51,6 +52,7 @@ impl Metrics {
             idle_closed: Counter::define("close_relay_idle_closed_total"),
             closed_while_draining: Counter::define("close_relay_closed_while_draining_total"),
             closed_connect_failure: Counter::define("close_relay_closed_connect_failure_total"),
+            rescued: Counter::define("close_relay_rescued_total"),
             draining: Gauge::define("close_relay_draining"),
         }
     }
