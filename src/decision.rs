@@ -238,10 +238,12 @@ pub enum Upstream {
     Reset,
 }
 
-pub fn upstream(status: u16, flags: u64) -> Upstream {
+/// `refused` is [`REFUSED_HEADER`] on the response: with rescue, a refusal can come back from the
+/// pod the request was handed to, as that pod's reply rather than this Envoy's, so without UF.
+pub fn upstream(status: u16, flags: u64, refused: bool) -> Upstream {
     if status < 500 {
         Upstream::Fine
-    } else if flags & FLAG_UPSTREAM_CONNECTION_FAILURE != 0 {
+    } else if refused || flags & FLAG_UPSTREAM_CONNECTION_FAILURE != 0 {
         Upstream::Refused
     } else if flags & (FLAG_UPSTREAM_REMOTE_RESET | FLAG_UPSTREAM_CONNECTION_TERMINATION) != 0 {
         Upstream::Reset
@@ -293,12 +295,14 @@ mod tests {
 
     #[test]
     fn response_flags_say_refused_or_reset_only_on_a_5xx() {
-        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_FAILURE), Upstream::Refused);
-        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_FAILURE | FLAG_UPSTREAM_REMOTE_RESET), Upstream::Refused);
-        assert_eq!(upstream(503, FLAG_UPSTREAM_REMOTE_RESET), Upstream::Reset);
-        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_TERMINATION), Upstream::Reset);
-        assert_eq!(upstream(503, 0), Upstream::Fine, "the app's own 503");
-        assert_eq!(upstream(200, FLAG_UPSTREAM_CONNECTION_FAILURE), Upstream::Fine);
+        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_FAILURE, false), Upstream::Refused);
+        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_FAILURE | FLAG_UPSTREAM_REMOTE_RESET, false), Upstream::Refused);
+        assert_eq!(upstream(503, FLAG_UPSTREAM_REMOTE_RESET, false), Upstream::Reset);
+        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_TERMINATION, false), Upstream::Reset);
+        assert_eq!(upstream(503, 0, false), Upstream::Fine, "the app's own 503");
+        assert_eq!(upstream(200, FLAG_UPSTREAM_CONNECTION_FAILURE, false), Upstream::Fine);
+        assert_eq!(upstream(503, 0, true), Upstream::Refused, "the pod it was handed to refused too");
+        assert_eq!(upstream(200, 0, true), Upstream::Fine, "only a 5xx is a refusal");
     }
 
     #[test]

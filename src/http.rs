@@ -176,12 +176,12 @@ impl HttpRole {
         true
     }
 
-    fn upstream_failure(&mut self, config: &Config, status: u16) -> bool {
+    fn upstream_failure(&mut self, config: &Config, headers: &ResponseHeaders, status: u16) -> bool {
         if status < 500 {
             return false;
         }
         let flags = response_flags();
-        let upstream = decision::upstream(status, flags);
+        let upstream = decision::upstream(status, flags, headers.refused);
         let failure = &config.drain.app_failure;
         let going = match upstream {
             Upstream::Refused => true,
@@ -353,7 +353,7 @@ impl HttpContext for HttpRole {
         shared.metrics.count_response();
         let headers = ResponseHeaders::read();
         let facts = headers.facts();
-        let connect_failure = self.upstream_failure(config, facts.status);
+        let connect_failure = self.upstream_failure(config, &headers, facts.status);
         let rescued = self.rescue(config, &headers);
         let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure, rescued };
         if let Some(reason) = self.close_reason(config, &facts, signals) {

@@ -48,7 +48,11 @@ impl Conn {
     }
 
     pub fn send(&mut self, raw: &str) -> io::Result<()> {
-        self.stream.write_all(raw.as_bytes())
+        self.send_bytes(raw.as_bytes())
+    }
+
+    pub fn send_bytes(&mut self, raw: &[u8]) -> io::Result<()> {
+        self.stream.write_all(raw)
     }
 
     /// Sends a GET (or `method`) for `path` with optional extra header lines.

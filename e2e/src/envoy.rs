@@ -159,6 +159,8 @@ pub struct EnvoySpec {
     pub failure_policy: &'static str,
     /// The VMs' environment (`vm_config.environment_variables`), as istiod sets it.
     pub vm_env: Vec<(String, String)>,
+    /// Rescue (`crate::rescue`): the file the service's other pods are read from over EDS.
+    pub rescue: Option<PathBuf>,
 }
 
 impl EnvoySpec {
@@ -175,6 +177,7 @@ impl EnvoySpec {
             wasm: wasm_path(),
             failure_policy: "FAIL_OPEN",
             vm_env: Vec::new(),
+            rescue: None,
         }
     }
 }
@@ -271,7 +274,7 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
     } else {
         json!({})
     };
-    json!({
+    let mut bootstrap = json!({
         "admin": {"address": address(admin)},
         "static_resources": {
             "listeners": [{
@@ -299,7 +302,11 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
                 }
             ]
         }
-    })
+    });
+    if let Some(eds) = &spec.rescue {
+        crate::rescue::apply(&mut bootstrap, "inbound|8080||", 8080, eds);
+    }
+    bootstrap
 }
 
 /// The tests read the filter's debug lines.
@@ -496,6 +503,25 @@ impl Envoy {
             .filter_map(|l| l.split_once(": "))
             .filter_map(|(k, v)| Some((k.trim_start_matches("wasmcustom.").to_string(), v.trim().parse().ok()?)))
             .collect()
+    }
+
+    /// A stat whose name holds characters the admin filter would read as a regex (Istio's
+    /// cluster names: `outbound|8080||host`); 0 when absent.
+    pub fn cluster_stat(&self, name: &str) -> u64 {
+        let pattern: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '.' }).collect();
+        self.counters_matching(&format!("^{pattern}$")).get(name).copied().unwrap_or(0)
+    }
+
+    /// [`Envoy::cluster_stat`] once it equals `want`, or its value after `within`.
+    pub fn cluster_stat_settling_at(&self, name: &str, want: u64, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.cluster_stat(name);
+            if v == want || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The counter once it reaches `at_least`, or its value after `within`: for counters that

@@ -13,6 +13,7 @@ pub mod istio;
 pub mod oci;
 pub mod ports;
 pub mod process;
+pub mod rescue;
 pub mod rollout;
 pub mod servers;
 pub mod soak;

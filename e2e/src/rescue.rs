@@ -1,0 +1,202 @@
+//! Rescue: a sidecar whose app refuses a request hands it, once, to a healthy pod of the same
+//! service, as an ingress gateway would have picked one. Pure Envoy configuration; close-relay
+//! only notices the rescued response (`decision::rescued`) and closes its client connection.
+//!
+//! What [`apply`] does to a sidecar's inbound path, and why each piece is there (each was
+//! measured on Envoy 1.40.0 before it was written down; the `rescue` suite keeps it true on every
+//! version):
+//! - **Local first, then the other pods**: the inbound route goes to an aggregate cluster whose
+//!   members are the local app at a fixed endpoint (priority 0) and the service's cluster
+//!   (priority 1, twice: see below). While the app accepts, priority 0 takes every request and
+//!   nothing leaves the pod. The first member cannot be istiod's ORIGINAL_DST `inbound|<port>||`:
+//!   its host set is empty until a request has gone through it, so the aggregate would send every
+//!   request to the other pods.
+//! - **Only what the app never saw**: `retry_on: connect-failure,reset-before-request` (the app
+//!   refused the connection, or Envoy's connection was reset before one byte of the request was
+//!   written). `previous_priorities` moves each retry past the priorities already tried.
+//! - **One hop, never a loop**: the pods' routes add `x-envoy-attempt-count` to the request they
+//!   send; a request that arrives with a count of 2 or more is a rescue, and the guard route in
+//!   front sends it to the local app only, never on. Without the guard, two pods whose apps both
+//!   refuse pass a request back and forth (10,240 hops before Envoy gave up, measured).
+//!   Envoy's HCM does not strip that header (`cleanInternalHeaders` removes `x-envoy-retry-on` and
+//!   `x-envoy-max-retries`, so a client cannot ask for retries, but leaves the count).
+//! - **Never back onto itself**: for a moment after its removal the service's endpoints may still
+//!   list this very pod, and a rescue landing there meets the same refusing app. The landing
+//!   pod's own reply to a refused connection carries [`REFUSED_HEADER`] (`local_reply_config`,
+//!   response flag UF), which the rescuing pod retries once more (`retriable-headers`), on
+//!   another host (`previous_hosts`) of the service's cluster, which stands in the aggregate a
+//!   second time so that `previous_priorities` still has a priority left for that third try
+//!   (with the cluster once, the third try went back to the refusing local app).
+//! - **Sized for a burst**: the aggregate's retry circuit breaker allows as many retries at once
+//!   as requests (Envoy's default is 3), and the back-off starts at 1 ms, not 25.
+//! - **The rescued response says so**: `include_attempt_count_in_response`, which close-relay
+//!   reads to close that client connection.
+
+use std::fs;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// The header each retry carries (request) and the count that answered (response).
+pub const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
+/// On a pod's own reply when it could not connect to its app: nobody saw the request.
+pub const REFUSED_HEADER: &str = "x-close-relay-refused";
+/// The service whose other pods the rig's sidecars rescue to, as Istio names its cluster.
+pub const SERVICE: &str = "checkout.shop.svc.cluster.local";
+
+/// Every request a retry may still be in flight for; Envoy's default of 3 would turn most of a
+/// burst of rescues into 503 URX at 1000 requests/s.
+const MAX_RETRIES: u32 = 1024;
+
+/// The clusters rescue adds for the inbound port `port`.
+pub struct Names {
+    /// The local app at a fixed endpoint.
+    pub local: String,
+    /// The service's other pods (Istio: istiod's `outbound|<port>||<fqdn>`, over EDS).
+    pub peers: String,
+    /// Local first, then the peers.
+    pub aggregate: String,
+}
+
+impl Names {
+    pub fn for_port(port: u16) -> Names {
+        Names {
+            local: format!("close-relay-local|{port}"),
+            peers: format!("outbound|{port}||{SERVICE}"),
+            aggregate: format!("close-relay-rescue|{port}"),
+        }
+    }
+}
+
+/// The route's retry policy: what is retried, where, how many times, how soon.
+pub fn retry_policy() -> Value {
+    json!({
+        "retry_on": "connect-failure,reset-before-request,retriable-headers",
+        "retriable_headers": [{"name": REFUSED_HEADER, "present_match": true}],
+        "num_retries": 2,
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "update_frequency": 1
+            }
+        },
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}
+        }],
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.010s"}
+    })
+}
+
+/// A request that is itself a rescue: the local app only, never on.
+fn guard(matcher: &Value, local: &str) -> Value {
+    let mut matcher = matcher.clone();
+    let mut headers = matcher["headers"].as_array().cloned().unwrap_or_default();
+    headers.push(json!({"name": ATTEMPT_COUNT, "range_match": {"start": 2, "end": 1_000_000}}));
+    matcher["headers"] = json!(headers);
+    json!({"name": "close-relay-rescue-guard", "match": matcher, "route": {"cluster": local, "timeout": "0s"}})
+}
+
+/// The service's other pods over EDS from a file, as istiod serves them over ADS.
+fn peers_cluster(name: &str, eds: &Path) -> Value {
+    json!({
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {
+            "service_name": name,
+            "eds_config": {"path_config_source": {"path": eds}, "resource_api_version": "V3"}
+        }
+    })
+}
+
+fn aggregate_cluster(names: &Names) -> Value {
+    let limits = |priority: &str| json!({"priority": priority, "max_retries": MAX_RETRIES});
+    json!({
+        "name": names.aggregate,
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "circuit_breakers": {"thresholds": [limits("DEFAULT"), limits("HIGH")]},
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": [names.local, names.peers, names.peers]
+            }
+        }
+    })
+}
+
+/// Envoy's own reply to a refused connection says so ([`REFUSED_HEADER`]).
+fn refused_reply_mapper() -> Value {
+    json!({
+        "filter": {"response_flag_filter": {"flags": ["UF"]}},
+        "headers_to_add": [{"header": {"key": REFUSED_HEADER, "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    })
+}
+
+/// Turns the inbound routes to `inbound_cluster` (a STATIC cluster to the app, as the rig builds
+/// it) into rescue routes for the app's `port`, with the other pods read from `eds`.
+pub fn apply(bootstrap: &mut Value, inbound_cluster: &str, port: u16, eds: &Path) {
+    let names = Names::for_port(port);
+    crate::istio::sidecar_node(bootstrap);
+    let resources = &mut bootstrap["static_resources"];
+    let clusters = resources["clusters"].as_array_mut().expect("clusters");
+    let mut local = clusters.iter().find(|c| c["name"] == inbound_cluster).cloned().expect("the inbound cluster");
+    local["name"] = json!(names.local);
+    local["load_assignment"]["cluster_name"] = json!(names.local);
+    clusters.extend([local, peers_cluster(&names.peers, eds), aggregate_cluster(&names)]);
+    for listener in resources["listeners"].as_array_mut().expect("listeners") {
+        if listener["traffic_direction"] != "INBOUND" {
+            continue;
+        }
+        for chain in listener["filter_chains"].as_array_mut().expect("filter_chains") {
+            for filter in chain["filters"].as_array_mut().expect("filters") {
+                if filter["name"] == "envoy.filters.network.http_connection_manager" {
+                    rescue_hcm(&mut filter["typed_config"], inbound_cluster, &names);
+                }
+            }
+        }
+    }
+}
+
+fn rescue_hcm(hcm: &mut Value, inbound_cluster: &str, names: &Names) {
+    let mappers = hcm["local_reply_config"]["mappers"].as_array().cloned().unwrap_or_default();
+    hcm["local_reply_config"]["mappers"] = json!([mappers, vec![refused_reply_mapper()]].concat());
+    for vhost in hcm["route_config"]["virtual_hosts"].as_array_mut().expect("virtual_hosts") {
+        vhost["include_request_attempt_count"] = json!(true);
+        vhost["include_attempt_count_in_response"] = json!(true);
+        let routes = vhost["routes"].as_array().cloned().unwrap_or_default();
+        let mut rescued = Vec::new();
+        for mut route in routes {
+            if route["route"]["cluster"] == inbound_cluster {
+                rescued.push(guard(&route["match"], &names.local));
+                route["route"]["cluster"] = json!(names.aggregate);
+                route["route"]["retry_policy"] = retry_policy();
+            }
+            rescued.push(route);
+        }
+        vhost["routes"] = json!(rescued);
+    }
+}
+
+/// The service's endpoints on `port` as one pod's sidecar sees them: written whole, then moved
+/// into place, as Envoy's file watch expects (a push from istiod).
+pub fn write_eds(eds: &Path, port: u16, pods: &[u16]) {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+        .collect();
+    let response = json!({
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": Names::for_port(port).peers,
+            "endpoints": [{"lb_endpoints": endpoints}]
+        }]
+    });
+    let tmp = eds.with_extension("tmp");
+    fs::write(&tmp, response.to_string()).expect("write EDS");
+    fs::rename(&tmp, eds).expect("move EDS into place");
+}

@@ -1,0 +1,172 @@
+//! Rescue on a real Envoy: two pods of one service, each an app behind a close-relay sidecar whose
+//! inbound route tries the local app first and hands a refused request to the other pods
+//! (`e2e::rescue`), which it reads over EDS from a file the test rewrites as istiod would push.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use e2e::rescue::{self, Names, REFUSED_HEADER};
+use e2e::{scratch, App, Envoy, EnvoySpec, Filter};
+
+/// The service port every pod of the service listens on, as Istio names its clusters.
+const PORT: u16 = 8080;
+
+struct Pod {
+    app: App,
+    envoy: Envoy,
+    eds: PathBuf,
+}
+
+impl Pod {
+    /// An app and its sidecar with rescue on, knowing no other pod yet.
+    fn start(name: &str) -> Pod {
+        let app = App::start();
+        let eds = scratch(&format!("{name}-eds")).join("peers.json");
+        rescue::write_eds(&eds, PORT, &[]);
+        let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
+        spec.rescue = Some(eds.clone());
+        let envoy = Envoy::start(name, &spec);
+        Pod { app, envoy, eds }
+    }
+
+    /// istiod's push: this sidecar now sees `pods` as the service's endpoints.
+    fn sees(&self, pods: &[&Pod]) {
+        let ports: Vec<u16> = pods.iter().map(|p| p.envoy.port).collect();
+        rescue::write_eds(&self.eds, PORT, &ports);
+        let healthy = format!("cluster.{}.membership_healthy", Names::for_port(PORT).peers);
+        let seen = self.envoy.cluster_stat_settling_at(&healthy, ports.len() as u64, Duration::from_secs(10));
+        assert_eq!(seen, ports.len() as u64, "the sidecar did not take the EDS push");
+    }
+
+    /// A cluster stat of this sidecar (`<cluster>.<stat>`).
+    fn stat(&self, cluster: &str, stat: &str) -> u64 {
+        self.envoy.cluster_stat(&format!("cluster.{cluster}.{stat}"))
+    }
+
+    /// Requests this sidecar sent to the local app, and to other pods.
+    fn sent(&self) -> (u64, u64) {
+        let names = Names::for_port(PORT);
+        (self.stat(&names.local, "upstream_rq_total"), self.stat(&names.peers, "upstream_rq_total"))
+    }
+
+    fn rescued(&self) -> u64 {
+        self.envoy.counter("wasmcustom.close_relay_rescued_total")
+    }
+}
+
+#[test]
+fn while_the_app_accepts_not_one_request_leaves_the_pod() {
+    let (a, b) = (Pod::start("rescue-up-a"), Pod::start("rescue-up-b"));
+    a.sees(&[&a, &b]);
+    let mut c = a.envoy.connect();
+    for i in 0..100 {
+        let r = if i % 4 == 0 {
+            c.request("POST", "/keep", "content-length: 5\r\n\r\nhello")
+        } else {
+            c.get("/keep")
+        };
+        assert_eq!(r.status, 200);
+        assert!(!r.says_close(), "a request the app answered closed its connection:\n{}", r.raw_head);
+    }
+    assert_eq!(a.sent(), (100, 0), "(to the local app, to other pods)");
+    assert_eq!(b.sent(), (0, 0));
+    assert_eq!(a.rescued(), 0);
+}
+
+#[test]
+fn a_request_the_app_refuses_is_answered_by_another_pod_and_its_connection_closes() {
+    let (mut a, b) = (Pod::start("rescue-down-a"), Pod::start("rescue-down-b"));
+    a.sees(&[&b]);
+    a.app.kill();
+    let requests = [
+        ("GET", String::new()),
+        ("POST", format!("content-length: 16384\r\n\r\n{}", "x".repeat(16384))),
+    ];
+    for (method, rest) in &requests {
+        let mut c = a.envoy.connect();
+        let r = c.request(method, "/keep", rest);
+        assert_eq!(r.status, 200, "{method} not rescued:\n{}", r.raw_head);
+        assert_eq!(r.header("x-envoy-attempt-count"), Some("2"), "{method}: one retry, to the other pod");
+        assert!(r.says_close(), "{method}: the rescued response kept the client on the dying pod:\n{}", r.raw_head);
+        assert!(c.closed_by_server(Duration::from_secs(3)), "{method}: connection left open");
+    }
+    assert_eq!(b.sent().0, 2, "the other pod's app answered both");
+    assert!(b.stat(&Names::for_port(PORT).local, "upstream_cx_tx_bytes_total") > 16384, "the POST body reached it");
+    assert_eq!(a.rescued(), 2);
+    assert_eq!(a.envoy.counter("wasmcustom.close_relay_drain_entered_app_rescued_total"), 1);
+    assert_eq!(a.envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total"), 0, "no request failed");
+}
+
+#[test]
+fn a_rescue_never_goes_further_than_one_pod_even_when_every_app_refuses() {
+    let (mut a, mut b) = (Pod::start("rescue-loop-a"), Pod::start("rescue-loop-b"));
+    a.sees(&[&b]);
+    b.sees(&[&a]);
+    a.app.kill();
+    b.app.kill();
+    const N: u64 = 10;
+    for _ in 0..N {
+        let mut c = a.envoy.connect();
+        let r = c.get("/keep");
+        assert_eq!(r.status, 503, "one answer, the refusal:\n{}", r.raw_head);
+        assert_eq!(r.header(REFUSED_HEADER), Some("1"));
+        assert!(r.says_close(), "a refusal keeps the client on this pod:\n{}", r.raw_head);
+    }
+    let (a_sent, b_sent) = (a.sent(), b.sent());
+    eprintln!("[envoy {}] every app refusing, {N} requests: pod A sent (local, other pods) {a_sent:?}, pod B {b_sent:?}", e2e::envoy_version());
+    assert!(a_sent.1 >= N && a_sent.1 <= 2 * N, "pod A hands each request on once, or twice when the first pod refused: {a_sent:?}");
+    assert_eq!(b_sent.1, 0, "pod B handed a rescued request on: a loop");
+    let b_refused = b.stat(&Names::for_port(PORT).local, "upstream_cx_connect_fail");
+    assert_eq!(b_refused, a_sent.1, "every request pod A handed on, pod B tried on its own app only");
+    assert_eq!(a.rescued(), 0, "a refusal is no rescue");
+    assert!(a.envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total") >= 1);
+}
+
+#[test]
+fn a_rescue_that_lands_back_on_its_own_pod_is_tried_on_another() {
+    let (mut a, b) = (Pod::start("rescue-self-a"), Pod::start("rescue-self-b"));
+    // The endpoint removal has not reached pod A's sidecar yet: it still lists itself.
+    a.sees(&[&a, &b]);
+    a.app.kill();
+    const N: u64 = 20;
+    let mut landed_home = 0;
+    for _ in 0..N {
+        let mut c = a.envoy.connect();
+        let r = c.get("/keep");
+        assert_eq!(r.status, 200, "a rescue that landed on its own pod was lost:\n{}", r.raw_head);
+        if r.header("x-envoy-attempt-count") == Some("3") {
+            landed_home += 1;
+        }
+    }
+    eprintln!("[envoy {}] pod A listing itself: {landed_home} of {N} rescues landed on pod A first, then went to pod B", e2e::envoy_version());
+    assert_eq!(b.sent().0, N, "pod B's app answered every one");
+    assert_eq!(a.rescued(), N);
+}
+
+#[test]
+fn a_body_beyond_envoys_retry_buffer_is_not_replayed() {
+    let (mut a, b) = (Pod::start("rescue-big-a"), Pod::start("rescue-big-b"));
+    a.sees(&[&b]);
+    a.app.kill();
+    // Envoy keeps a request body for a retry up to the connection's buffer limit (1 MiB by
+    // default); past it, the retry is abandoned and the client gets the local refusal.
+    let body = 4 * 1024 * 1024;
+    let mut c = a.envoy.connect();
+    c.send(&format!("POST /keep HTTP/1.1\r\nhost: app\r\ncontent-length: {body}\r\n\r\n")).expect("send head");
+    let chunk = vec![b'x'; 64 * 1024];
+    let sent = (0..body / chunk.len()).take_while(|_| c.send_bytes(&chunk).is_ok()).count() * chunk.len();
+    let r = c.try_response("POST");
+    let status = r.as_ref().map(|r| r.status).ok();
+    let reached = b.stat(&Names::for_port(PORT).local, "upstream_cx_tx_bytes_total");
+    eprintln!(
+        "[envoy {}] a {body}-byte POST with the app down: {sent} bytes sent, answered {status:?}, {reached} bytes reached pod B",
+        e2e::envoy_version()
+    );
+    match status {
+        // The retry was decided before the buffer overflowed: the whole body went to pod B.
+        Some(200) => assert!(reached >= body as u64, "a rescued body arrived cut: {reached} bytes"),
+        // Past the buffer the retry is abandoned: the refusal, and nothing sent anywhere.
+        Some(503) | None => assert_eq!(b.sent().0, 0, "a body past the buffer reached another pod"),
+        Some(other) => panic!("unexpected answer {other}"),
+    }
+}
