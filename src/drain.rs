@@ -16,9 +16,10 @@ pub enum Source {
     AppCloses,
     /// The app's own readiness URL fails.
     AppReadiness,
-    /// The app refused a request and a healthy pod answered it (rescue, `x-envoy-attempt-count`
-    /// of 2 or more): the app is going away, but a request that meets it now is rescued too, so
-    /// idle connections get the sidecar's grace instead of the app's at-once close.
+    /// The app refuses connections on a pod with rescue: a healthy pod answered a request it
+    /// refused (`x-envoy-attempt-count` of 2 or more), or the refusal carries rescue's marker.
+    /// The app is going away, but a request that meets it now is rescued too, so idle
+    /// connections get the sidecar's grace instead of the app's at-once close.
     AppRescued,
 }
 

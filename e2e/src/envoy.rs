@@ -304,7 +304,7 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
         }
     });
     if let Some(eds) = &spec.rescue {
-        crate::rescue::apply(&mut bootstrap, "inbound|8080||", 8080, eds);
+        crate::rescue::apply(&mut bootstrap, "inbound|8080||", crate::rescue::SERVICE_PORT, eds);
     }
     bootstrap
 }

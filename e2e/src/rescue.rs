@@ -13,7 +13,11 @@
 //!   request to the other pods.
 //! - **Only what the app never saw**: `retry_on: connect-failure,reset-before-request` (the app
 //!   refused the connection, or Envoy's connection was reset before one byte of the request was
-//!   written). `previous_priorities` moves each retry past the priorities already tried.
+//!   written). Idempotent methods may also be sent again after a connection failure the app may
+//!   have seen (RFC 9110 §9.2.2), and must be: an app closing its idle connections at shutdown
+//!   races Envoy's reuse of them (503 UC 0 to 8 ms after Go's signal at 1200 requests/s, with the
+//!   request already written), so their route adds `reset`. `previous_priorities` moves each
+//!   retry past the priorities already tried.
 //! - **One hop, never a loop**: the pods' routes add `x-envoy-attempt-count` to the request they
 //!   send; a request that arrives with a count of 2 or more is a rescue, and the guard route in
 //!   front sends it to the local app only, never on. Without the guard, two pods whose apps both
@@ -43,6 +47,8 @@ pub const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
 pub const REFUSED_HEADER: &str = "x-close-relay-refused";
 /// The service whose other pods the rig's sidecars rescue to, as Istio names its cluster.
 pub const SERVICE: &str = "checkout.shop.svc.cluster.local";
+/// The service port the rig's sidecars name their clusters after (each pod's app has its own).
+pub const SERVICE_PORT: u16 = 8080;
 
 /// Every request a retry may still be in flight for; Envoy's default of 3 would turn most of a
 /// burst of rescues into 503 URX at 1000 requests/s.
@@ -68,10 +74,18 @@ impl Names {
     }
 }
 
-/// The route's retry policy: what is retried, where, how many times, how soon.
-pub fn retry_policy() -> Value {
+/// Methods a proxy may send again after a connection failure, whether or not the app read them
+/// (RFC 9110 §9.2.2).
+const IDEMPOTENT: &str = "GET|HEAD|OPTIONS|TRACE|PUT|DELETE";
+
+/// The route's retry policy: what is retried, where, how many times, how soon. `idempotent`
+/// also retries a connection the app closed or reset after Envoy wrote the request (response
+/// flags UC, UR): the keep-alive race with an app closing its idle connections at shutdown,
+/// which Envoy cannot tell from a request the app read.
+pub fn retry_policy(idempotent: bool) -> Value {
+    let on = if idempotent { "connect-failure,reset,retriable-headers" } else { "connect-failure,reset-before-request,retriable-headers" };
     json!({
-        "retry_on": "connect-failure,reset-before-request,retriable-headers",
+        "retry_on": on,
         "retriable_headers": [{"name": REFUSED_HEADER, "present_match": true}],
         "num_retries": 2,
         "retry_priority": {
@@ -90,12 +104,18 @@ pub fn retry_policy() -> Value {
     })
 }
 
-/// A request that is itself a rescue: the local app only, never on.
-fn guard(matcher: &Value, local: &str) -> Value {
+/// `matcher` that also needs `header`.
+fn with_header(matcher: &Value, header: Value) -> Value {
     let mut matcher = matcher.clone();
     let mut headers = matcher["headers"].as_array().cloned().unwrap_or_default();
-    headers.push(json!({"name": ATTEMPT_COUNT, "range_match": {"start": 2, "end": 1_000_000}}));
+    headers.push(header);
     matcher["headers"] = json!(headers);
+    matcher
+}
+
+/// A request that is itself a rescue: the local app only, never on.
+fn guard(matcher: &Value, local: &str) -> Value {
+    let matcher = with_header(matcher, json!({"name": ATTEMPT_COUNT, "range_match": {"start": 2, "end": 1_000_000}}));
     json!({"name": "close-relay-rescue-guard", "match": matcher, "route": {"cluster": local, "timeout": "0s"}})
 }
 
@@ -174,7 +194,12 @@ fn rescue_hcm(hcm: &mut Value, inbound_cluster: &str, names: &Names) {
             if route["route"]["cluster"] == inbound_cluster {
                 rescued.push(guard(&route["match"], &names.local));
                 route["route"]["cluster"] = json!(names.aggregate);
-                route["route"]["retry_policy"] = retry_policy();
+                let mut idempotent = route.clone();
+                idempotent["name"] = json!("close-relay-rescue-idempotent");
+                idempotent["match"] = with_header(&route["match"], json!({"name": ":method", "string_match": {"safe_regex": {"regex": IDEMPOTENT}}}));
+                idempotent["route"]["retry_policy"] = retry_policy(true);
+                rescued.push(idempotent);
+                route["route"]["retry_policy"] = retry_policy(false);
             }
             rescued.push(route);
         }

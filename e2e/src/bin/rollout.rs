@@ -1,6 +1,6 @@
 //! `make rollout`: the rolling-restart matrix. Row groups per app (the rig's own app in its three
 //! shutdown modes, then the real app servers): no filter, close-relay, close-relay with the
-//! recommended setting; columns: sidecar held or drained by istio-agent, without and with a
+//! recommended setting, close-relay with rescue; columns: sidecar held or drained by istio-agent, without and with a
 //! preStop hook (real servers). Prints the table and writes `target/rollout/report.json` and
 //! `target/rollout/5xx.svg`.
 //! `ROLLOUT_APPS=rig|real` runs one group only (real: `make app-servers`);
@@ -27,7 +27,7 @@ fn run_named(spec: &RunSpec, i: u64) -> RunResult {
     r
 }
 
-/// The matrix's cells, in report order: the rig's app has its own `prestop` mode, so the preStop
+/// The matrix's cells, in report order, at the heavier load ([`RunSpec::heavy`]): the rig's app has its own `prestop` mode, so the preStop
 /// columns are for the real servers; a recommended cell equal to the default is not run again.
 fn matrix(prestop_hook_ms: u64) -> Vec<RunSpec> {
     let apps: Vec<AppMode> = match std::env::var("ROLLOUT_APPS").as_deref() {
@@ -42,7 +42,7 @@ fn matrix(prestop_hook_ms: u64) -> Vec<RunSpec> {
                 continue;
             }
             for row in Row::ALL {
-                let spec = RunSpec::cell(row, app, column.sidecar, if column.prestop { prestop_hook_ms } else { 0 });
+                let spec = RunSpec::cell(row, app, column.sidecar, if column.prestop { prestop_hook_ms } else { 0 }).heavy();
                 if !spec.is_redundant() {
                     cells.push(spec);
                 }
@@ -113,7 +113,7 @@ fn main() {
         eprintln!("rollout: no run matches ROLLOUT_ONLY={only:?}");
         std::process::exit(1);
     }
-    let s = RunSpec::cell(Row::NoFilter, AppMode::CloseHeader, SidecarMode::Held, prestop_hook_ms);
+    let s = RunSpec::cell(Row::NoFilter, AppMode::CloseHeader, SidecarMode::Held, prestop_hook_ms).heavy();
     let header = format!(
         "Rolling restart on Envoy {}, close-relay roles in {}: {} req/s over {} client connections, restart at {} s, \
          load until {} ms after pod A's sidecar stops, terminationDrainDuration {} s, rig app prestop {} s, \
