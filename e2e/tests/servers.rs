@@ -114,6 +114,29 @@ mod rollout {
         }
     }
 
+    /// With rescue, what the app refuses or loses to its own idle close is answered by pod B:
+    /// nothing is lost, at the load where requests on their way to a stopping app show. Go closes
+    /// its idle connections at once; Node.js keeps a connection busy at the signal open.
+    #[test]
+    fn held_sidecar_close_relay_with_rescue_loses_nothing_at_1200_requests_per_second() {
+        for server in [Server::Go, Server::Node] {
+            let spec = RunSpec { restart_at_ms: 1_500, ..RunSpec::cell(Row::Rescue, AppMode::Real(server), SidecarMode::Held, 0).heavy() };
+            let r = run(&format!("real-{}-rescue", server.as_str()), &spec);
+            eprintln!(
+                "[envoy {}] rollout {} ({}): {} requests, {} 5xx, {} connection errors, rescued {:?}",
+                e2e::envoy_version(),
+                spec.label(),
+                e2e::layout().as_str(),
+                r.requests,
+                r.five_xx,
+                r.conn_errors,
+                r.counters.get("close_relay_rescued_total")
+            );
+            assert!(r.requests > 2_000, "{}: load too small: {}", spec.label(), r.requests);
+            assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{}: {:?} at {:?}\n{:?}", spec.label(), r.statuses, r.five_xx_at, r.events);
+        }
+    }
+
     #[test]
     fn a_held_sidecar_without_the_filter_gives_each_real_server_hundreds_of_503s() {
         for server in STYLES {
