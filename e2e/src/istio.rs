@@ -141,12 +141,27 @@ pub fn apply_envoy_filter(bootstrap: &mut Value, envoy_filter: &Value, wasm: &Pa
         }
     }
     for p in envoy_filter["spec"]["configPatches"].as_array().expect("configPatches") {
-        let (apply_to, op) = (p["applyTo"].as_str().expect("applyTo"), &p["patch"]["operation"]);
+        let (apply_to, op) = (p["applyTo"].as_str().expect("applyTo"), p["patch"]["operation"].as_str().expect("operation"));
         if apply_to == "EXTENSION_CONFIG" {
             continue;
         }
         assert_eq!(p["match"]["context"], "SIDECAR_INBOUND", "unsupported match {}", p["match"]);
-        assert_eq!(op, "INSERT_BEFORE", "unsupported operation {op}");
+        match (apply_to, op) {
+            ("CLUSTER", "ADD") => {
+                bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(p["patch"]["value"].clone());
+                continue;
+            }
+            ("VIRTUAL_HOST" | "HTTP_ROUTE", _) => {
+                patch_routes(bootstrap, apply_to, op, &p["match"]["routeConfiguration"], &p["patch"]["value"]);
+                continue;
+            }
+            ("NETWORK_FILTER", "MERGE") => {
+                merge_network_filter(bootstrap, &p["match"]["listener"]["filterChain"], &p["patch"]["value"]);
+                continue;
+            }
+            (_, "INSERT_BEFORE") => {}
+            other => panic!("unsupported patch {other:?}"),
+        }
         let chain_filter = &p["match"]["listener"]["filterChain"]["filter"];
         assert_eq!(chain_filter["name"], HCM, "unsupported match {chain_filter}");
         let mut filter = p["patch"]["value"].clone();
@@ -163,6 +178,139 @@ pub fn apply_envoy_filter(bootstrap: &mut Value, envoy_filter: &Value, wasm: &Pa
         };
         insert_inbound(bootstrap, at, &filter);
     }
+}
+
+/// istiod's MERGE: the patch merged into the message as protobuf merges (a message field by
+/// field, a repeated field appended to, anything else replaced).
+fn merge(into: &mut Value, patch: &Value) {
+    match (into, patch) {
+        (Value::Object(into), Value::Object(patch)) => {
+            for (k, v) in patch {
+                merge(into.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (Value::Array(into), Value::Array(patch)) => into.extend(patch.iter().cloned()),
+        (into, patch) => *into = patch.clone(),
+    }
+}
+
+/// The HCMs of every inbound filter chain, with the chain's name.
+fn inbound_hcms(bootstrap: &mut Value) -> impl Iterator<Item = (String, &mut Value)> {
+    listeners(bootstrap).filter(|l| inbound(l)).flat_map(|l| {
+        l["filter_chains"].as_array_mut().expect("filter_chains").iter_mut().flat_map(|chain| {
+            let name = chain["name"].as_str().unwrap_or_default().to_string();
+            chain["filters"].as_array_mut().expect("filters").iter_mut().filter(|f| f["name"] == HCM).map(move |f| (name.clone(), f))
+        })
+    })
+}
+
+/// `VIRTUAL_HOST` and `HTTP_ROUTE` patches, as istiod applies them to each inbound chain's own
+/// copy of the route configuration it builds (`buildSidecarInboundHTTPRouteConfig`, then
+/// `ApplyRouteConfigurationPatches(SIDECAR_INBOUND)`), by route configuration, virtual host and
+/// route name. A patch that matches nothing panics: istiod would skip it silently, and the test
+/// would pass unchecked.
+fn patch_routes(bootstrap: &mut Value, apply_to: &str, op: &str, on: &Value, value: &Value) {
+    let vhost_name = &on["vhost"]["name"];
+    let route_name = &on["vhost"]["route"]["name"];
+    let mut applied = 0;
+    for (_, hcm) in inbound_hcms(bootstrap) {
+        let rc = &mut hcm["typed_config"]["route_config"];
+        if rc["name"] != on["name"] {
+            continue;
+        }
+        for vhost in rc["virtual_hosts"].as_array_mut().expect("virtual_hosts") {
+            if vhost["name"] != *vhost_name {
+                continue;
+            }
+            match (apply_to, op) {
+                ("VIRTUAL_HOST", "MERGE") => merge(vhost, value),
+                ("HTTP_ROUTE", "INSERT_BEFORE") => {
+                    let routes = vhost["routes"].as_array_mut().expect("routes");
+                    let Some(at) = routes.iter().position(|r| r["name"] == *route_name) else { continue };
+                    routes.insert(at, value.clone());
+                }
+                ("HTTP_ROUTE", "MERGE") => {
+                    let routes = vhost["routes"].as_array_mut().expect("routes");
+                    let Some(route) = routes.iter_mut().find(|r| r["name"] == *route_name) else { continue };
+                    merge(route, value);
+                }
+                other => panic!("unsupported patch {other:?}"),
+            }
+            applied += 1;
+        }
+    }
+    assert!(applied > 0, "{apply_to} {op} matched nothing: {on}");
+}
+
+/// `NETWORK_FILTER` MERGE on the HCM of the chains for `filterChain.destinationPort`. istiod
+/// matches the chain's `destination_port`; the emulated listener binds a test port instead of
+/// taking redirected traffic, so the target port is read from the chain's name, which istiod
+/// gives as `0.0.0.0_<targetPort>`.
+fn merge_network_filter(bootstrap: &mut Value, chain: &Value, value: &Value) {
+    assert_eq!(chain["filter"]["name"], HCM, "unsupported match {chain}");
+    let port = chain["destinationPort"].as_u64().expect("destinationPort");
+    let mut applied = 0;
+    for (name, hcm) in inbound_hcms(bootstrap) {
+        if name.rsplit('_').next() != Some(port.to_string().as_str()) {
+            continue;
+        }
+        assert_eq!(hcm["typed_config"]["@type"], value["typed_config"]["@type"], "a MERGE keeps the filter's type");
+        merge(&mut hcm["typed_config"], &value["typed_config"]);
+        applied += 1;
+    }
+    assert!(applied > 0, "NETWORK_FILTER MERGE matched no chain for port {port}");
+}
+
+/// istiod's inbound path for the app's `target_port` behind the Service's `service_port`, from
+/// the harness's Istio-like listener: the names istiod gives (`inbound|<targetPort>||` route
+/// configuration and cluster, `inbound|http|<servicePort>` virtual host, route `default`, chain
+/// `0.0.0.0_<targetPort>`), and its inbound cluster ORIGINAL_DST as `buildInboundCluster` makes
+/// it without a Sidecar ingress endpoint. iptables would hand Envoy the app's own address as the
+/// original destination; here the listener's address is 127.0.0.1 on a test port, so the cluster
+/// overrides the port with the app's.
+pub fn istiod_inbound(bootstrap: &mut Value, app_port: u16, target_port: u16, service_port: u16) {
+    let cluster = format!("inbound|{target_port}||");
+    for (_, hcm) in inbound_hcms(bootstrap) {
+        let rc = &mut hcm["typed_config"]["route_config"];
+        rc["name"] = json!(cluster);
+        for vhost in rc["virtual_hosts"].as_array_mut().expect("virtual_hosts") {
+            vhost["name"] = json!(format!("inbound|http|{service_port}"));
+            for route in vhost["routes"].as_array_mut().expect("routes") {
+                route["name"] = json!("default");
+                route["route"]["cluster"] = json!(cluster);
+            }
+        }
+    }
+    for l in listeners(bootstrap).filter(|l| inbound(l)) {
+        for chain in l["filter_chains"].as_array_mut().expect("filter_chains") {
+            chain["name"] = json!(format!("0.0.0.0_{target_port}"));
+        }
+    }
+    let clusters = bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters");
+    let inbound = clusters.iter_mut().find(|c| c["name"] == "inbound|8080||").expect("the harness's inbound cluster");
+    let protocol = inbound["typed_extension_protocol_options"].take();
+    *inbound = json!({
+        "name": cluster,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "10s",
+        "cleanup_interval": "315360000s",
+        "original_dst_lb_config": {"upstream_port_override": app_port},
+        "typed_extension_protocol_options": protocol
+    });
+}
+
+/// istiod's outbound cluster for a Service (`outbound|<port>||<host>`), its endpoints over EDS
+/// from `eds` instead of istiod's ADS stream.
+pub fn istiod_outbound(bootstrap: &mut Value, service: &str, port: u16, eds: &Path) {
+    sidecar_node(bootstrap);
+    let name = format!("outbound|{port}||{service}");
+    bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(json!({
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": "10s",
+        "eds_cluster_config": {"service_name": name, "eds_config": {"path_config_source": {"path": eds}, "resource_api_version": "V3"}}
+    }));
 }
 
 /// One Wasm extension as istiod reads it, from either API.
