@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use e2e::rescue::{self, Names, REFUSED_HEADER};
 use e2e::{scratch, App, Envoy, EnvoySpec, Filter};
 
@@ -171,4 +173,41 @@ fn a_body_beyond_envoys_retry_buffer_is_not_replayed() {
         Some(503) | None => assert_eq!(b.sent().0, 0, "a body past the buffer reached another pod"),
         Some(other) => panic!("unexpected answer {other}"),
     }
+}
+
+/// The standalone bootstrap a user without Istio tries first (envoyfilter/local/envoy-rescue.yaml,
+/// with peers.yaml beside it): the same rescue as the tests' and the EnvoyFilter's, and it works.
+#[test]
+fn the_shipped_standalone_rescue_bootstrap_answers_from_another_pod_while_the_app_is_down() {
+    let root = e2e::repo_root();
+    let text = std::fs::read_to_string(root.join("envoyfilter/local/envoy-rescue.yaml")).unwrap();
+    let shipped: Value = e2e::istio::docs(&text).remove(0);
+    let hcm = &shipped["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][1]["typed_config"];
+    let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
+    let policy = |name: &str| routes.iter().find(|r| r["name"] == name).map(|r| r["route"]["retry_policy"].clone());
+    assert_eq!(policy("close-relay-rescue-idempotent"), Some(rescue::retry_policy(true)));
+    assert_eq!(policy("default"), Some(rescue::retry_policy(false)));
+
+    let mut app = App::start();
+    let other = App::start();
+    let (port, admin) = (e2e::Port::lease(), e2e::Port::lease());
+    let dir = scratch("shipped-rescue-yaml");
+    let peers = std::fs::read_to_string(root.join("envoyfilter/local/peers.yaml")).unwrap().replace("port_value: 8081", &format!("port_value: {}", other.port));
+    std::fs::write(dir.join("peers.yaml"), peers).unwrap();
+    let yaml = text
+        .replace("port_value: 10002", &format!("port_value: {}", port.get()))
+        .replace("port_value: 9902", &format!("port_value: {}", admin.get()))
+        .replace("port_value: 8080", &format!("port_value: {}", app.port))
+        .replace("envoyfilter/local/peers.yaml", &dir.join("peers.yaml").display().to_string());
+    std::fs::write(dir.join("envoy.yaml"), yaml).unwrap();
+    let envoy = Envoy::launch(dir.clone(), &dir.join("envoy.yaml"), port, admin);
+    let mut c = envoy.connect();
+    let r = c.get("/keep");
+    assert_eq!((r.status, r.header("x-envoy-attempt-count"), r.says_close()), (200, Some("1"), false), "{}", r.raw_head);
+    app.kill();
+    let mut c = envoy.connect();
+    let r = c.get("/keep");
+    assert_eq!((r.status, r.header("x-envoy-attempt-count")), (200, Some("2")), "{}", r.raw_head);
+    assert!(r.says_close() && c.closed_by_server(Duration::from_secs(3)), "{}", r.raw_head);
+    assert_eq!(envoy.counter("wasmcustom.close_relay_rescued_total"), 1);
 }

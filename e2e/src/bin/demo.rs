@@ -1,7 +1,9 @@
 //! `make demo`: the bug and the fix side by side on 127.0.0.1, with real Envoy processes.
 //! Starts the app on :8080, a plain sidecar on :10001 and a close-relay sidecar from
 //! `envoyfilter/local/envoy.yaml` on :10000, sends the same requests to both, prints what the
-//! client (the ALB) sees, and stops everything it started.
+//! client (the ALB) sees, and stops everything it started. Then rescue: a sidecar from
+//! `envoyfilter/local/envoy-rescue.yaml` on :10002 hands a request its stopped app refuses to
+//! "another pod" (an app on :8081, from `envoyfilter/local/peers.yaml`).
 
 use std::time::{Duration, Instant};
 
@@ -61,8 +63,29 @@ fn main() {
             println!("  {line}");
         }
     }
+    println!("\nRescue: the app stops accepting, and a request is already on its way (envoy-rescue.yaml, another pod on :8081):");
+    let other = App::start_on(Port::fixed(8081), &[]);
+    let rescue = Envoy::launch(
+        scratch("demo-rescue"),
+        &e2e::repo_root().join("envoyfilter/local/envoy-rescue.yaml"),
+        Port::fixed(10002),
+        Port::fixed(9902),
+    );
+    let attempt = |port: u16| {
+        let mut c = Conn::open(port);
+        let r = c.get("/keep");
+        format!("{} (x-envoy-attempt-count: {}, connection: {})", r.status, r.header("x-envoy-attempt-count").unwrap_or("-"), r.header("connection").unwrap_or("(none)"))
+    };
+    println!("  app up, rescue sidecar           GET /keep -> {}: answered by its own app", attempt(rescue.port));
+    let mut app = app;
+    app.kill();
+    println!("  app stopped, plain sidecar       GET /keep -> {}", attempt(plain.port));
+    println!("  app stopped, rescue sidecar      GET /keep -> {}: answered by the other pod", attempt(rescue.port));
+    drop(other);
+
     println!("\nBy hand, from the repository root:");
     println!("  target/debug/app --port 8080 &");
     println!("  {} -c envoyfilter/local/envoy.yaml &", e2e::envoy_bin().display());
     println!("  curl -sv http://127.0.0.1:10000/close");
+    println!("  and rescue: target/debug/app --port 8081 & {} -c envoyfilter/local/envoy-rescue.yaml &", e2e::envoy_bin().display());
 }
