@@ -738,6 +738,10 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         if stop {
             if let Some(e) = envoy_a.take() {
                 counters = e.counters_matching("close_relay_.*_total");
+                if spec.rescue() {
+                    // The rescue cluster's retries, and those its circuit breaker refused.
+                    counters.extend(e.counters_matching("^cluster\\.close-relay-rescue.[0-9]+\\.upstream_rq_retry"));
+                }
                 e.stop();
                 sidecar_stopped = Some(Instant::now());
                 note("pod A: sidecar stopped");
@@ -950,6 +954,16 @@ pub fn table(results: &[RunResult], header: &str) -> String {
         if let Some(why) = physics(r) {
             out.push_str(&format!("physics, {}: {why}\n", r.spec.label()));
         }
+    }
+    for r in results.iter().filter(|r| r.spec.rescue()) {
+        let stat = |suffix: &str| r.counters.iter().filter(|(k, _)| k.ends_with(suffix)).map(|(_, v)| *v).sum::<u64>();
+        out.push_str(&format!(
+            "rescue, {}: {} responses rescued; Envoy retried {} requests, {} refused by the retry circuit breaker\n",
+            r.spec.label(),
+            stat("close_relay_rescued_total"),
+            stat(".upstream_rq_retry"),
+            stat(".upstream_rq_retry_overflow")
+        ));
     }
     out
 }
