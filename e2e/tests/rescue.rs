@@ -153,7 +153,8 @@ fn a_body_beyond_envoys_retry_buffer_is_not_replayed() {
     a.sees(&[&b]);
     a.app.kill();
     // Envoy keeps a request body for a retry up to the connection's buffer limit (1 MiB by
-    // default); past it, the retry is abandoned and the client gets the local refusal.
+    // default). Whether the body outgrows it before the retry starts is a race: either way no
+    // app sees a cut body.
     let body = 4 * 1024 * 1024;
     let mut c = a.envoy.connect();
     c.send(&format!("POST /keep HTTP/1.1\r\nhost: app\r\ncontent-length: {body}\r\n\r\n")).expect("send head");
@@ -169,8 +170,9 @@ fn a_body_beyond_envoys_retry_buffer_is_not_replayed() {
     match status {
         // The retry was decided before the buffer overflowed: the whole body went to pod B.
         Some(200) => assert!(reached >= body as u64, "a rescued body arrived cut: {reached} bytes"),
-        // Past the buffer the retry is abandoned: the refusal, and nothing sent anywhere.
-        Some(503) | None => assert_eq!(b.sent().0, 0, "a body past the buffer reached another pod"),
+        // Past the buffer the retry is abandoned: the refusal (503), or Envoy's own 507 when the
+        // body outgrew the buffer while the retry waited (1.38.2, 1.40.0); nothing sent anywhere.
+        Some(503 | 507) | None => assert_eq!(b.sent().0, 0, "a body past the buffer reached another pod"),
         Some(other) => panic!("unexpected answer {other}"),
     }
 }
