@@ -403,7 +403,7 @@ fn the_rescue_envoy_filter_on_istiods_inbound_keeps_requests_local_and_rescues_w
     assert_eq!(names, ["close-relay-rescue-guard", "close-relay-rescue-idempotent", "default"]);
     assert_eq!(rescue_route(routes, "close-relay-rescue-idempotent")["route"]["retry_policy"], rescue::retry_policy(true));
     assert_eq!(rescue_route(routes, "default")["route"]["retry_policy"], rescue::retry_policy(false));
-    assert_eq!(hcm["local_reply_config"]["mappers"][0]["headers_to_add"][0]["header"]["key"], rescue::REFUSED_HEADER);
+    assert_eq!(hcm["local_reply_config"]["mappers"], rescue::refused_reply_mappers());
 
     a.sees(&[&b]);
     let mut c = a.envoy.connect();

@@ -189,6 +189,7 @@ fn the_shipped_standalone_rescue_bootstrap_answers_from_another_pod_while_the_ap
     let policy = |name: &str| routes.iter().find(|r| r["name"] == name).map(|r| r["route"]["retry_policy"].clone());
     assert_eq!(policy("close-relay-rescue-idempotent"), Some(rescue::retry_policy(true)));
     assert_eq!(policy("default"), Some(rescue::retry_policy(false)));
+    assert_eq!(hcm["local_reply_config"]["mappers"], rescue::refused_reply_mappers());
 
     let mut app = App::start();
     let other = App::start();
