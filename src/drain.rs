@@ -47,6 +47,17 @@ impl Source {
     pub(crate) fn index(self) -> usize {
         self as usize
     }
+
+    /// The source an app failure turns on. A refusal carrying rescue's marker comes from a pod
+    /// with rescue: the next request on an idle connection would be rescued too, so closing those
+    /// at once (`app_failure`'s grace) would only race the client.
+    pub fn for_app_failure(rescue_marked: bool) -> Source {
+        if rescue_marked {
+            Source::AppRescued
+        } else {
+            Source::AppFailure
+        }
+    }
 }
 
 /// Fixed-width little-endian u64s: how small records live in shared data. Missing words read
@@ -418,6 +429,16 @@ mod tests {
         let mut longer = s.encode();
         longer.extend_from_slice(&[1, 2, 3]);
         assert_eq!(DrainState::decode(&longer), s);
+    }
+
+    #[test]
+    fn a_refusal_under_rescue_drains_with_the_sidecars_grace() {
+        assert_eq!(Source::for_app_failure(true), Source::AppRescued);
+        assert_eq!(Source::for_app_failure(false), Source::AppFailure);
+        let mut s = DrainState::default();
+        s.enter(Source::for_app_failure(true), 5_000, 1_000);
+        assert!(s.draining(2_000) && !s.app_going(2_000), "idle connections keep the sidecar's grace");
+        assert_eq!(Grace::for_sweep(250, 0, 100, s.app_going(2_000)).idle_ms, 350);
     }
 
     #[test]

@@ -189,9 +189,7 @@ impl HttpRole {
             Upstream::Fine => false,
         };
         if config.drain.enabled && failure.enabled && going {
-            // A refusal that says so comes from a pod with rescue: the next request on an idle
-            // connection would be rescued too, so closing those at once only races the client.
-            let source = if headers.refused { Source::AppRescued } else { Source::AppFailure };
+            let source = Source::for_app_failure(headers.refused);
             debug!("app failure (response flags {flags:#x}, {}): pod draining for {} ms", source.as_str(), failure.hold_ms);
             self.entered(source, host::now_ms() + failure.hold_ms);
         }
