@@ -126,8 +126,9 @@ pub struct Signals {
     pub rescued: bool,
 }
 
-/// The response header a rescue-enabled sidecar's Envoy adds to its own reply when it could not
-/// connect to its app (`local_reply_config`, response flag UF): no app saw the request.
+/// The response header a rescue-enabled sidecar's Envoy adds to its own reply when its app did not
+/// take the request (`local_reply_config`: response flag UF, and for an idempotent method UC or
+/// UR): the pod that handed the request there may try another.
 pub const REFUSED_HEADER: &str = "x-close-relay-refused";
 
 /// Did a healthy pod answer this request after the local app refused it? The rescue route

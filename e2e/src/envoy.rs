@@ -516,14 +516,7 @@ impl Envoy {
 
     /// [`Envoy::cluster_stat`] once it equals `want`, or its value after `within`.
     pub fn cluster_stat_settling_at(&self, name: &str, want: u64, within: Duration) -> u64 {
-        let deadline = Instant::now() + within;
-        loop {
-            let v = self.cluster_stat(name);
-            if v == want || Instant::now() > deadline {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        stat_once(|| self.cluster_stat(name), within, |v| v == want)
     }
 
     /// The counter once it reaches `at_least`, or its value after `within`: for counters that
@@ -537,16 +530,9 @@ impl Envoy {
         self.counter_once(name, within, |v| v == want)
     }
 
-    /// The stat once `done` says so, or its value after `within`.
+    /// The counter once `done` says so, or its value after `within`.
     fn counter_once(&self, name: &str, within: Duration, done: impl Fn(u64) -> bool) -> u64 {
-        let deadline = Instant::now() + within;
-        loop {
-            let v = self.counter(name);
-            if done(v) || Instant::now() > deadline {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        stat_once(|| self.counter(name), within, done)
     }
 
     /// POST on the admin API (`/healthcheck/fail`, `/drain_listeners?...`).
@@ -653,6 +639,18 @@ fn write_lds(dir: &Path, listener: &Value, version: u64) {
     let tmp = dir.join("lds.json.tmp");
     fs::write(&tmp, response.to_string()).expect("write lds");
     fs::rename(&tmp, dir.join("lds/lds.json")).expect("move lds into place");
+}
+
+/// The stat `read` gives once `done` says so, or its value after `within`.
+fn stat_once(read: impl Fn() -> u64, within: Duration, done: impl Fn(u64) -> bool) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = read();
+        if done(v) || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// GET on the admin API; `None` when it does not answer 200.

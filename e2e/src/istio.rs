@@ -195,7 +195,7 @@ fn merge(into: &mut Value, patch: &Value) {
 }
 
 /// The HCMs of every inbound filter chain, with the chain's name.
-fn inbound_hcms(bootstrap: &mut Value) -> impl Iterator<Item = (String, &mut Value)> {
+pub(crate) fn inbound_hcms(bootstrap: &mut Value) -> impl Iterator<Item = (String, &mut Value)> {
     listeners(bootstrap).filter(|l| inbound(l)).flat_map(|l| {
         l["filter_chains"].as_array_mut().expect("filter_chains").iter_mut().flat_map(|chain| {
             let name = chain["name"].as_str().unwrap_or_default().to_string();

@@ -44,8 +44,7 @@ use serde_json::{json, Value};
 
 /// The header each retry carries (request) and the count that answered (response).
 pub const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
-/// On a pod's own reply when it could not connect to its app: nobody saw the request.
-pub const REFUSED_HEADER: &str = "x-close-relay-refused";
+pub use close_relay::decision::REFUSED_HEADER;
 /// The service whose other pods the rig's sidecars rescue to, as Istio names its cluster.
 pub const SERVICE: &str = "checkout.shop.svc.cluster.local";
 /// The service port the rig's sidecars name their clusters after (each pod's app has its own).
@@ -105,6 +104,11 @@ pub fn retry_policy(idempotent: bool) -> Value {
     })
 }
 
+/// A request whose method a proxy may send again ([`IDEMPOTENT`]).
+fn idempotent_method() -> Value {
+    json!({"name": ":method", "string_match": {"safe_regex": {"regex": IDEMPOTENT}}})
+}
+
 /// `matcher` that also needs `header`.
 fn with_header(matcher: &Value, header: Value) -> Value {
     let mut matcher = matcher.clone();
@@ -161,7 +165,7 @@ pub fn refused_reply_mappers() -> Value {
         {
             "filter": {"and_filter": {"filters": [
                 {"response_flag_filter": {"flags": ["UC", "UR"]}},
-                {"header_filter": {"header": {"name": ":method", "string_match": {"safe_regex": {"regex": IDEMPOTENT}}}}}
+                {"header_filter": {"header": idempotent_method()}}
             ]}},
             "headers_to_add": mark
         }
@@ -173,23 +177,13 @@ pub fn refused_reply_mappers() -> Value {
 pub fn apply(bootstrap: &mut Value, inbound_cluster: &str, port: u16, eds: &Path) {
     let names = Names::for_port(port);
     crate::istio::sidecar_node(bootstrap);
-    let resources = &mut bootstrap["static_resources"];
-    let clusters = resources["clusters"].as_array_mut().expect("clusters");
+    let clusters = bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters");
     let mut local = clusters.iter().find(|c| c["name"] == inbound_cluster).cloned().expect("the inbound cluster");
     local["name"] = json!(names.local);
     local["load_assignment"]["cluster_name"] = json!(names.local);
     clusters.extend([local, peers_cluster(&names.peers, eds), aggregate_cluster(&names)]);
-    for listener in resources["listeners"].as_array_mut().expect("listeners") {
-        if listener["traffic_direction"] != "INBOUND" {
-            continue;
-        }
-        for chain in listener["filter_chains"].as_array_mut().expect("filter_chains") {
-            for filter in chain["filters"].as_array_mut().expect("filters") {
-                if filter["name"] == "envoy.filters.network.http_connection_manager" {
-                    rescue_hcm(&mut filter["typed_config"], inbound_cluster, &names);
-                }
-            }
-        }
+    for (_, hcm) in crate::istio::inbound_hcms(bootstrap) {
+        rescue_hcm(&mut hcm["typed_config"], inbound_cluster, &names);
     }
 }
 
@@ -208,7 +202,7 @@ fn rescue_hcm(hcm: &mut Value, inbound_cluster: &str, names: &Names) {
                 route["route"]["cluster"] = json!(names.aggregate);
                 let mut idempotent = route.clone();
                 idempotent["name"] = json!("close-relay-rescue-idempotent");
-                idempotent["match"] = with_header(&route["match"], json!({"name": ":method", "string_match": {"safe_regex": {"regex": IDEMPOTENT}}}));
+                idempotent["match"] = with_header(&route["match"], idempotent_method());
                 idempotent["route"]["retry_policy"] = retry_policy(true);
                 rescued.push(idempotent);
                 route["route"]["retry_policy"] = retry_policy(false);

@@ -382,7 +382,7 @@ impl IstioPod {
     /// Requests to the local app (either cluster that reaches it), and to other pods.
     fn sent(&self) -> (u64, u64) {
         let stat = |cluster: &str| self.envoy.cluster_stat(&format!("cluster.{cluster}.upstream_rq_total"));
-        let local = stat(&format!("close-relay-local|{}", self.app.port)) + stat(&format!("inbound|{}||", self.app.port));
+        let local = stat(&rescue::Names::for_port(self.app.port).local) + stat(&format!("inbound|{}||", self.app.port));
         (local, stat(&rescue::Names::for_port(rescue::SERVICE_PORT).peers))
     }
 }
