@@ -213,6 +213,15 @@ fn rescue_hcm(hcm: &mut Value, inbound_cluster: &str, names: &Names) {
     }
 }
 
+/// istiod's push to one sidecar: `envoy` now sees `pods` as the service's endpoints (on the rig's
+/// [`SERVICE_PORT`]), once its service cluster counts them all healthy.
+pub fn push_eds(envoy: &crate::Envoy, eds: &Path, pods: &[u16]) {
+    write_eds(eds, SERVICE_PORT, pods);
+    let healthy = format!("cluster.{}.membership_healthy", Names::for_port(SERVICE_PORT).peers);
+    let seen = envoy.cluster_stat_settling_at(&healthy, pods.len() as u64, std::time::Duration::from_secs(10));
+    assert_eq!(seen, pods.len() as u64, "the sidecar did not take the EDS push");
+}
+
 /// The service's endpoints on `port` as one pod's sidecar sees them: written whole, then moved
 /// into place, as Envoy's file watch expects (a push from istiod).
 pub fn write_eds(eds: &Path, port: u16, pods: &[u16]) {

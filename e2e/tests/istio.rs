@@ -373,10 +373,7 @@ impl IstioPod {
     }
 
     fn sees(&self, pods: &[&IstioPod]) {
-        let ports: Vec<u16> = pods.iter().map(|p| p.envoy.port).collect();
-        rescue::write_eds(&self.eds, rescue::SERVICE_PORT, &ports);
-        let healthy = format!("cluster.{}.membership_healthy", rescue::Names::for_port(rescue::SERVICE_PORT).peers);
-        assert_eq!(self.envoy.cluster_stat_settling_at(&healthy, ports.len() as u64, SOON), ports.len() as u64);
+        rescue::push_eds(&self.envoy, &self.eds, &pods.iter().map(|p| p.envoy.port).collect::<Vec<_>>());
     }
 
     /// Requests to the local app (either cluster that reaches it), and to other pods.
