@@ -1,6 +1,6 @@
 //! One client connection as this VM knows it ([`Conn`]), the one type both roles act on, and
-//! the VM's registry of them: by address, the closes HTTP roles asked for, the notes from HTTP
-//! roles in other VMs, and the idle sweep. The network role registers a connection; a same-VM
+//! the VM's registry of them: by address, the notes from HTTP roles in other VMs, and the sweep
+//! that closes connections once they are quiet. The network role registers a connection; a same-VM
 //! HTTP role updates it through its methods, one in another VM through notes (`link`).
 
 use std::cell::RefCell;
@@ -21,7 +21,9 @@ pub struct Conn {
     /// The network role's context id, to act as it (`set_effective_context`).
     pub context_id: u32,
     pub activity: Activity,
-    /// A relayed `connection: close` went out: the connection must end.
+    /// A relayed `connection: close` went out and Envoy will not close the connection itself:
+    /// it ends when the client closes it, on the client's next request (`connection: close`
+    /// added to it), or when it goes quiet ([`sweep`]).
     pub close_pending: bool,
     /// We asked Envoy to close it, or the connection is gone (its network context is done):
     /// nothing more to do, and its context id must not be used again.
@@ -75,33 +77,21 @@ thread_local! {
     static CONNS: RefCell<HashMap<String, ConnRef>> = RefCell::new(HashMap::new());
 }
 
-thread_local! {
-    /// Connections an HTTP role asked to close once its response is done (see [`close_soon`]).
-    static CLOSE_SOON: RefCell<Vec<ConnRef>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Closes `conn` on the next dispatcher turn, not now: an HTTP role's stream can end while
-/// Envoy is itself closing the connection (the stream ends with it), and closing it again from
-/// there crashes Envoy (a segfault, seen in the soak on 1.40.0). False without a wake queue:
-/// the tick's sweep closes it then, as a connection told to close.
-pub fn close_soon(conn: &ConnRef) -> bool {
-    CLOSE_SOON.with(|c| c.borrow_mut().push(conn.clone()));
-    pod::wake_self()
-}
-
-/// The network root's turn: closes what HTTP roles asked for; returns how many closed.
-pub fn close_requested() -> u64 {
-    let due = CLOSE_SOON.with(|c| std::mem::take(&mut *c.borrow_mut()));
-    due.iter().map(|conn| u64::from(close(conn))).sum()
-}
-
 /// The connection at `address`, if its network role lives in this VM.
 pub fn conn_for(address: &str) -> Option<ConnRef> {
     CONNS.with(|c| c.borrow().get(address).cloned())
 }
 
 /// Closes a client connection after what was written to it is flushed, acting as its network
-/// context. Never called with `CONNS` borrowed: Envoy may call back into this VM while closing.
+/// context. Only from a root's turn, never from inside a stream: a stream can end while Envoy
+/// is itself closing the connection, and closing it again from there crashes Envoy (a segfault,
+/// seen in the soak on 1.40.0). Never called with `CONNS` borrowed: Envoy may call back into
+/// this VM while closing.
+///
+/// The host's close is Envoy's `FlushWrite`, without its HCM's delayed close: a socket closed
+/// with input it has not read makes the kernel reset the connection and drop whatever it had
+/// not sent yet. So it is only used on a connection that is quiet ([`drain::idle`]), where
+/// Envoy has read everything the client sent.
 pub fn close(conn: &ConnRef) -> bool {
     let id = {
         let mut c = conn.borrow_mut();
@@ -121,47 +111,51 @@ pub fn close(conn: &ConnRef) -> bool {
 }
 
 /// A note from an HTTP role in another VM about one of this VM's connections, as a same-VM HTTP
-/// role would have said it (`http.rs`). True when it closed the connection.
-pub fn hear(note: &Note) -> bool {
-    let (conn, ended, close_now) = match note {
-        Note::Begin(conn) => (conn, false, false),
-        Note::End { conn, begun, close } => (conn, *begun, *close),
-        Note::Wake | Note::Enter { .. } => return false,
+/// role would have said it (`http.rs`).
+pub fn hear(note: &Note) {
+    let (conn, ended) = match note {
+        Note::Begin(conn) => (conn, false),
+        Note::End { conn, begun } => (conn, *begun),
+        Note::Wake | Note::Enter { .. } => return,
     };
     // Gone already (closed, or a note from before a config update): nothing to do.
-    let Some(conn) = conn_for(conn) else { return false };
-    {
-        let mut c = conn.borrow_mut();
-        match note {
-            Note::Begin(_) => c.activity.in_flight += 1,
-            // Only the count: a note is read a dispatcher turn late, when the client may already
-            // have sent its next request, and the bytes this role saw itself say which came last.
-            _ if ended => c.activity.in_flight = c.activity.in_flight.saturating_sub(1),
-            _ => {}
-        }
+    let Some(conn) = conn_for(conn) else { return };
+    let mut c = conn.borrow_mut();
+    match note {
+        Note::Begin(_) => c.activity.in_flight += 1,
+        // Only the count: a note is read a dispatcher turn late, when the client may already
+        // have sent its next request, and the bytes this role saw itself say which came last.
+        _ if ended => c.activity.in_flight = c.activity.in_flight.saturating_sub(1),
+        _ => {}
     }
-    close_now && close(&conn)
 }
 
 /// On each tick of the network root: closes connections that are idle and either told to
-/// close already, or on a pod that is draining (those on a second look, [`drain::second_look`]).
-pub fn sweep(draining: bool, grace: Grace, metrics: &Metrics) {
+/// close already (`close_told`: `close_connection`), after the sidecar's grace like Envoy's own
+/// delayed close, or on a pod that is draining (those on a second look, [`drain::second_look`]).
+pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) {
     let now = host::coarse_now();
+    let counted_by_notes = pod::own_queue().is_some();
     let due: Vec<(ConnRef, bool, Activity)> = CONNS.with(|c| {
         c.borrow()
             .values()
             .filter_map(|conn| {
                 let mut c = conn.borrow_mut();
-                let told = c.close_pending;
-                let wanted = (draining || told) && !c.closing && drain::idle(&c.activity, now, grace.idle_ms, grace.fresh_ms);
-                let close = wanted && (told || drain::second_look(&mut c.activity, now, grace.idle_ms, grace.tick_ms));
+                // Without a same-VM HTTP role or a queue for notes, nothing counts the requests in
+                // flight: such a connection closes on its next request (`network.rs`) instead.
+                let told = c.close_pending && close_told && (c.http_role_here || counted_by_notes);
+                let idle_ms = if told { grace.told_ms } else { grace.idle_ms };
+                let wanted = (draining || told) && !c.closing && drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told);
+                let close = wanted && (told || drain::second_look(&mut c.activity, now, idle_ms, grace.tick_ms));
                 close.then(|| (conn.clone(), told, c.activity))
             })
             .collect()
     });
     for (conn, told, a) in due {
         if close(&conn) {
-            if draining && !told {
+            if told {
+                metrics.connections_closed.inc();
+            } else if draining {
                 metrics.idle_closed.inc();
             }
             debug!(

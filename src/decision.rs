@@ -16,6 +16,9 @@ pub enum Reason {
     Rescued,
     /// The pod is going away: every connection goes.
     Draining,
+    /// An earlier response on this connection told the client to close, and the client had
+    /// already sent this request behind it: answered, with close, as the connection ends.
+    Pipelined,
 }
 
 impl Reason {
@@ -27,6 +30,7 @@ impl Reason {
             Reason::ConnectFailure => "connect_failure",
             Reason::Rescued => "rescued",
             Reason::Draining => "draining",
+            Reason::Pipelined => "pipelined",
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct Signals {
     pub connect_failure: bool,
     /// This response came from another pod after the app refused the request ([`rescued`]).
     pub rescued: bool,
+    /// An earlier response on this connection already told the client to close.
+    pub closing: bool,
 }
 
 /// The response header a rescue-enabled sidecar's Envoy adds to its own reply when its app did not
@@ -156,6 +162,7 @@ pub fn decide(
         (false, _, _) if signals.rescued => Reason::Rescued,
         (false, Some(end), _) => end,
         (false, None, true) => Reason::Draining,
+        (false, None, false) if signals.closing => Reason::Pipelined,
         (false, None, false) => return Decision::Keep,
     };
     if resp.status < 200 {
@@ -176,7 +183,11 @@ pub fn decide(
     {
         // A HEAD response never has a body, and an HTTP/2 app frames its bodies itself: in
         // both, missing framing headers say nothing about the connection.
-        return if signals.draining { Decision::Relay(Reason::Draining) } else { Decision::Keep };
+        return match (signals.draining, signals.closing) {
+            (true, _) => Decision::Relay(Reason::Draining),
+            (false, true) => Decision::Relay(Reason::Pipelined),
+            (false, false) => Decision::Keep,
+        };
     }
     Decision::Relay(reason)
 }
@@ -433,6 +444,19 @@ mod tests {
         assert_eq!(decide(&ok(None), draining, h2, yes), Decision::Skip(SkipReason::NotHttp11));
         let ws = || RequestFacts { upgrade: Some("websocket".into()), ..h11() };
         assert_eq!(decide(&ok(None), draining, ws, yes), Decision::Skip(SkipReason::Upgrade));
+    }
+
+    #[test]
+    fn a_request_sent_behind_a_close_is_answered_with_close() {
+        let closing = Signals { closing: true, ..calm() };
+        assert_eq!(decide(&ok(None), closing, h11, yes), Decision::Relay(Reason::Pipelined));
+        assert_eq!(decide(&ok(Some("close")), closing, h11, yes), Decision::Relay(Reason::ConnectionClose));
+        let eof = ResponseFacts { status: 200, ..Default::default() };
+        assert_eq!(decide(&eof, closing, h11, || false), Decision::Relay(Reason::Pipelined));
+        let both = Signals { draining: true, ..closing };
+        assert_eq!(decide(&ok(None), both, h11, yes), Decision::Relay(Reason::Draining));
+        let h10 = || RequestFacts { protocol: "HTTP/1.0".into(), ..h11() };
+        assert_eq!(decide(&ok(None), closing, h10, yes), Decision::Skip(SkipReason::NotHttp11));
     }
 
     #[test]

@@ -307,14 +307,22 @@ impl Activity {
 /// role that reports at all) may be a request waiting for its answer. Only HTTP/1 connections
 /// are ours: a TCP chain (a server-first protocol, TLS passed through, h2 with prior knowledge)
 /// is never closed.
-pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64) -> bool {
+pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64, told: bool) -> bool {
     // With a grace, the quiet counts from when a slow client could have read the last response
     // (the soak's slow reader was still reading 1 MiB 400 ms after Envoy wrote it, then sent its
     // next request into the close). Without one the app refuses connections: the next request
-    // fails either way, and the kernel still delivers what it holds.
-    let reading = if grace_ms == 0 { 0 } else { a.reading_ms() };
+    // fails either way, and the kernel still delivers what it holds. A client told to close
+    // (`told`) has no next request to send: the grace alone stands for Envoy's delayed close,
+    // and the kernel delivers what it holds, as nothing the client sent is left unread.
+    let reading = if grace_ms == 0 || told { 0 } else { a.reading_ms() };
     if a.in_flight > 0 || now_ms < a.last_ms.saturating_add(grace_ms).saturating_add(reading) {
         return false;
+    }
+    if told {
+        // Bytes read since the response are no request waiting for its answer: a request head
+        // got `connection: close` added as it came (`network.rs`), and Envoy closes after it
+        // itself; what else comes is the rest of a body Envoy answered early, read and dropped.
+        return true;
     }
     match a.http1 {
         Some(true) => a.last_was_response,
@@ -326,23 +334,28 @@ pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64) -> bo
     }
 }
 
-/// A sweep's graces, in ms: how long a connection must be quiet (`idle_ms`), a new one that has
-/// sent nothing yet (`fresh_ms`), and the tick between two looks ([`second_look`]).
+/// A sweep's graces, in ms: how long a connection must be quiet (`idle_ms`), one a response
+/// told to close (`told_ms`), a new one that has sent nothing yet (`fresh_ms`), and the tick
+/// between two looks ([`second_look`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grace {
     pub idle_ms: u64,
+    pub told_ms: u64,
     pub fresh_ms: u64,
     pub tick_ms: u64,
 }
 
 impl Grace {
     /// While the app itself goes away its own grace applies (0: at once), else the sidecar's;
-    /// a new connection always gets the sidecar's. Activity times come from the tick clock, up
-    /// to one tick stale: adding a tick keeps a grace a true minimum.
+    /// a new connection, and one a response told to close, always get the sidecar's: the client
+    /// was told, and a well-behaved one closes first, while one still sending gets its answer
+    /// (as Envoy's delayed close waits for the client before it closes). Activity times come
+    /// from the tick clock, up to one tick stale: adding a tick keeps a grace a true minimum.
     pub fn for_sweep(idle_grace_ms: u64, app_idle_grace_ms: u64, tick_ms: u64, app_going: bool) -> Grace {
         let with_tick = |grace: u64| if grace == 0 { 0 } else { grace.saturating_add(tick_ms) };
         let idle = if app_going { app_idle_grace_ms } else { idle_grace_ms };
-        Grace { idle_ms: with_tick(idle), fresh_ms: with_tick(idle_grace_ms), tick_ms }
+        let sidecar = with_tick(idle_grace_ms);
+        Grace { idle_ms: with_tick(idle), told_ms: sidecar, fresh_ms: sidecar, tick_ms }
     }
 }
 
@@ -372,8 +385,8 @@ mod tests {
 
     #[test]
     fn the_sweep_grace_follows_who_is_going_away() {
-        assert_eq!(Grace::for_sweep(250, 0, 100, false), Grace { idle_ms: 350, fresh_ms: 350, tick_ms: 100 });
-        assert_eq!(Grace::for_sweep(250, 0, 100, true), Grace { idle_ms: 0, fresh_ms: 350, tick_ms: 100 });
+        assert_eq!(Grace::for_sweep(250, 0, 100, false), Grace { idle_ms: 350, told_ms: 350, fresh_ms: 350, tick_ms: 100 });
+        assert_eq!(Grace::for_sweep(250, 0, 100, true), Grace { idle_ms: 0, told_ms: 350, fresh_ms: 350, tick_ms: 100 });
         assert_eq!(Grace::for_sweep(250, 50, 100, true).idle_ms, 150);
         assert_eq!(Grace::for_sweep(0, 0, 100, false).fresh_ms, 0);
     }
@@ -393,13 +406,20 @@ mod tests {
         a.wrote(512 * 1024, 1_010);
         a.wrote(512 * 1024, 1_020);
         assert_eq!(a.reading_ms(), 1_000, "1 MiB at the slow rate");
-        assert!(!idle(&a, 1_400, 350, 350), "a slow reader may still be reading");
-        assert!(idle(&a, 2_400, 350, 350));
-        assert!(idle(&a, 1_020, 0, 350), "no grace: the app is gone, close at once");
+        assert!(!idle(&a, 1_400, 350, 350, false), "a slow reader may still be reading");
+        assert!(idle(&a, 2_400, 350, 350, false));
+        assert!(idle(&a, 1_020, 0, 350, false), "no grace: the app is gone, close at once");
+        assert!(idle(&a, 1_370, 350, 350, true), "told to close: the client sends nothing more to race");
+        a.read(1_100);
+        assert!(idle(&a, 1_450, 350, 350, true), "told: the rest of an upload answered early, read and dropped");
+        assert!(!idle(&a, 1_449, 350, 350, true), "but only once quiet");
+        a.in_flight = 1;
+        assert!(!idle(&a, 9_000, 350, 350, true), "never with a request in flight");
+        a.in_flight = 0;
         a.read(2_500);
         a.wrote(2, 2_501);
         assert_eq!(a.reading_ms(), 0, "a new response counts from zero");
-        assert!(idle(&a, 2_851, 350, 350));
+        assert!(idle(&a, 2_851, 350, 350, false));
     }
 
     #[test]
@@ -509,24 +529,24 @@ mod tests {
     #[test]
     fn idle_rules() {
         let quiet = Activity { last_ms: 1_000, ..Default::default() };
-        assert!(!idle(&quiet, 1_500, 1_000, 1_000), "within grace");
-        assert!(idle(&quiet, 2_000, 1_000, 1_000), "never used");
+        assert!(!idle(&quiet, 1_500, 1_000, 1_000, false), "within grace");
+        assert!(idle(&quiet, 2_000, 1_000, 1_000, false), "never used");
         let http1 = Activity { saw_request: true, http1: Some(true), ..quiet };
         let busy = Activity { in_flight: 1, last_was_response: true, ..http1 };
-        assert!(!idle(&busy, 99_000, 1_000, 1_000), "a response still being written (slow, streaming)");
+        assert!(!idle(&busy, 99_000, 1_000, 1_000, false), "a response still being written (slow, streaming)");
         let done = Activity { last_was_response: true, ..http1 };
-        assert!(idle(&done, 2_000, 1_000, 1_000));
+        assert!(idle(&done, 2_000, 1_000, 1_000, false));
         let waiting = Activity { last_was_response: false, ..http1 };
-        assert!(!idle(&waiting, 99_000, 1_000, 1_000), "request bytes not reported as a request: a head arriving");
+        assert!(!idle(&waiting, 99_000, 1_000, 1_000, false), "request bytes not reported as a request: a head arriving");
     }
 
     #[test]
     fn a_new_connection_gets_the_fresh_grace_even_when_the_grace_is_zero() {
         let fresh = Activity { last_ms: 1_000, ..Default::default() };
-        assert!(!idle(&fresh, 1_100, 0, 350), "its first request may be on the way");
-        assert!(idle(&fresh, 1_350, 0, 350));
+        assert!(!idle(&fresh, 1_100, 0, 350, false), "its first request may be on the way");
+        assert!(idle(&fresh, 1_350, 0, 350, false));
         let answered = Activity { last_ms: 1_000, saw_request: true, http1: Some(true), last_was_response: true, ..Default::default() };
-        assert!(idle(&answered, 1_000, 0, 350), "used and answered: the zero grace applies");
+        assert!(idle(&answered, 1_000, 0, 350, false), "used and answered: the zero grace applies");
     }
 
     #[test]
@@ -550,10 +570,10 @@ mod tests {
     fn connections_that_are_not_http1_are_never_idle() {
         let quiet = Activity { last_ms: 1_000, ..Default::default() };
         let other = Activity { saw_request: true, http1: Some(false), last_was_response: true, ..quiet };
-        assert!(!idle(&other, 99_000, 1_000, 1_000), "TCP chain, TLS passthrough or h2 preface");
+        assert!(!idle(&other, 99_000, 1_000, 1_000, false), "TCP chain, TLS passthrough or h2 preface");
         let server_first = Activity { last_was_response: true, ..quiet };
-        assert!(!idle(&server_first, 99_000, 1_000, 1_000), "the server spoke first: not HTTP");
+        assert!(!idle(&server_first, 99_000, 1_000, 1_000, false), "the server spoke first: not HTTP");
         let undecided = Activity { saw_request: true, ..quiet };
-        assert!(!idle(&undecided, 99_000, 1_000, 1_000), "a few bytes, not yet a method");
+        assert!(!idle(&undecided, 99_000, 1_000, 1_000, false), "a few bytes, not yet a method");
     }
 }

@@ -36,6 +36,8 @@ thread_local! {
 /// Resets the host to an empty one at `now_ms`.
 pub fn reset(now_ms: u64) {
     FAKE.with(|f| *f.borrow_mut() = Fake { now_ns: now_ms * 1_000_000, ..Fake::default() });
+    // The tick clock too, as a root's first tick would set it.
+    crate::host::now_ms();
 }
 
 pub fn with<T>(f: impl FnOnce(&mut Fake) -> T) -> T {
@@ -406,11 +408,60 @@ mod tests {
         net.on_upstream_data(head.len(), false);
         assert_eq!(buffer(BufferType::UpstreamData), b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
 
-        drop(http); // the stream ends: the close is asked for, and done on the network root's turn
+        drop(http); // the stream ends; the client was told, and may close first
         assert!(with(|f| f.closed.is_empty()), "never from inside the stream's end");
-        assert_eq!(conn::close_requested(), 1);
-        assert_eq!(with(|f| f.closed.clone()), vec![7]);
+        let grace = Grace::for_sweep(250, 0, 100, false);
+        advance(300);
+        conn::sweep(false, true, grace, &shared.metrics);
+        assert!(with(|f| f.closed.is_empty()), "not before the sidecar's grace, as Envoy's delayed close");
+        advance(100);
+        conn::sweep(false, true, grace, &shared.metrics);
+        assert_eq!(with(|f| f.closed.clone()), vec![7], "quiet: closed on the sweep");
         assert_eq!(metric("close_relay_relayed_total"), 1);
+        assert_eq!(metric("close_relay_connections_closed_total"), 1);
+    }
+
+    #[test]
+    fn requests_the_client_sent_behind_a_relayed_close_are_answered_with_close_before_it() {
+        reset(START_MS);
+        let shared = shared(Config::default());
+        let (mut net, mut http) = connection(8, &shared);
+        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
+        http.on_http_response_headers(0, false);
+        let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        let address = String::from_utf8_lossy(&address).into_owned();
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {address}\r\n\r\nok", crate::wire::MARKER);
+        set_buffer(BufferType::UpstreamData, head.as_bytes());
+        net.on_upstream_data(head.len(), false);
+        drop(http);
+        let published = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        assert_eq!(published, format!("{address}!").into_bytes(), "the connection is published as closing");
+
+        // A request pipelined in the same read as the first: the HCM dispatches it now, and its
+        // HTTP role reads that the connection is closing.
+        set_map(MapType::HttpRequestHeaders, &[(":method", "GET")]);
+        let mut second = HttpRole::new(shared.clone());
+        second.on_http_request_headers(0, true);
+        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("content-length", "2")]);
+        second.on_http_response_headers(0, false);
+        let marked = with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().any(|(k, v)| k == crate::wire::MARKER && *v == address));
+        assert!(marked, "its answer closes too");
+        assert_eq!(metric("close_relay_relayed_total"), 2);
+        advance(1_000);
+        conn::sweep(false, true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
+        assert!(with(|f| f.closed.is_empty()), "never with that request in flight");
+
+        // One sent after it, read now: the HCM is told to close after answering it, itself.
+        set_buffer(BufferType::DownstreamData, b"GET /next HTTP/1.1\r\nhost: alb\r\n\r\n");
+        net.on_downstream_data(34, false);
+        assert_eq!(buffer(BufferType::DownstreamData), b"GET /next HTTP/1.1\r\nconnection: close\r\nhost: alb\r\n\r\n");
+        set_buffer(BufferType::UpstreamData, head.replace("content-length: 2", "content-length: 2\r\nconnection: close").as_bytes());
+        net.on_upstream_data(head.len() + 19, false);
+        drop(second);
+        advance(1_000);
+        conn::sweep(false, true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
+        assert!(with(|f| f.closed.is_empty()), "Envoy closes it, after its delayed close");
+        assert_eq!(metric("close_relay_requests_closed_total"), 1);
     }
 
     #[test]
@@ -427,10 +478,10 @@ mod tests {
         assert!(pod::draining());
         let grace = Grace::for_sweep(250, 0, 100, pod::app_going());
         advance(400);
-        conn::sweep(true, grace, &shared.metrics);
+        conn::sweep(true, true, grace, &shared.metrics);
         assert!(with(|f| f.closed.is_empty()), "first look: wait a tick");
         advance(100);
-        conn::sweep(true, grace, &shared.metrics);
+        conn::sweep(true, true, grace, &shared.metrics);
         assert_eq!(with(|f| f.closed.clone()), vec![11], "the idle one, not the one with a request in flight");
         assert_eq!(metric("close_relay_idle_closed_total"), 1);
         assert_eq!(metric("close_relay_drain_entered_sidecar_health_total"), 1);
@@ -451,7 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn notes_from_an_http_role_in_another_vm_count_the_request_and_close_after_it() {
+    fn notes_from_an_http_role_in_another_vm_count_the_request_until_it_ends() {
         reset(START_MS);
         let shared = shared(Config::default());
         let mut net = NetworkRole::new(21, shared.clone());
@@ -459,17 +510,24 @@ mod tests {
         let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
         let address = String::from_utf8_lossy(&address).into_owned();
         let note = |n: &crate::link::Note| crate::link::Note::decode(&n.encode());
-        let begin = note(&crate::link::Note::Begin(address.clone()));
-        assert!(begin.as_ref().is_some_and(|n| !conn::hear(n)));
+        let grace = Grace::for_sweep(250, 0, 100, false);
+        let sweep_twice = || {
+            advance(1_000);
+            conn::sweep(true, true, grace, &shared.metrics);
+            advance(100);
+            conn::sweep(true, true, grace, &shared.metrics);
+        };
+        set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n");
+        net.on_downstream_data(30, false);
+        note(&crate::link::Note::Begin(address.clone())).iter().for_each(conn::hear);
         pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
-        advance(1_000);
-        conn::sweep(true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
-        advance(100);
-        conn::sweep(true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
+        sweep_twice();
         assert!(with(|f| f.closed.is_empty()), "a request in flight is never swept");
-        let end = note(&crate::link::Note::End { conn: address, begun: true, close: true });
-        assert!(end.as_ref().is_some_and(conn::hear), "the end note closes it");
-        assert_eq!(with(|f| f.closed.clone()), vec![21]);
+        note(&crate::link::Note::End { conn: address, begun: true }).iter().for_each(conn::hear);
+        set_buffer(BufferType::UpstreamData, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        net.on_upstream_data(40, false);
+        sweep_twice();
+        assert_eq!(with(|f| f.closed.clone()), vec![21], "once the end note came");
     }
 
     fn configured_root(config: &str) -> root::Root {

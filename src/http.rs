@@ -1,9 +1,9 @@
 //! The HTTP role: looks at each response and decides whether the client connection must end
-//! (the app ended its own, Envoy could not reach the app, or the pod is draining). Then it marks
-//! the response for the network role, and when both share a VM, closes the client connection
-//! once the response is written. It also reports app failures, which start a drain, and which
-//! connections have a request in flight: directly in a shared VM, by notes on the network VM's
-//! queue from another VM (`link`).
+//! (the app ended its own, Envoy could not reach the app, the pod is draining, or an earlier
+//! response already told the client to close). Then it marks the response for the network
+//! role, which rewrites the mark and sees to the close. It also reports app failures, which
+//! start a drain, and which connections have a request in flight: directly in a shared VM, by
+//! notes on the network VM's queue from another VM (`link`).
 
 use std::rc::Rc;
 
@@ -29,8 +29,6 @@ pub struct HttpRole {
     conn: Option<ConnRef>,
     /// The network role is in another VM and was told this request began.
     begun_there: bool,
-    /// Close the client connection when the stream ends (on drop), once the response is written.
-    close_after: bool,
 }
 
 impl HttpRole {
@@ -41,7 +39,6 @@ impl HttpRole {
             address: None,
             conn: None,
             begun_there: false,
-            close_after: false,
         }
     }
 
@@ -59,8 +56,8 @@ impl HttpRole {
         self.conn.is_none().then_some(address.token)
     }
 
-    /// Counts this request against its connection so the idle sweep never closes a connection
-    /// with a request in flight: directly in a shared VM, else by a note to the network VM.
+    /// Counts this request against its connection so the sweep never closes a connection with a
+    /// request in flight: directly in a shared VM, else by a note to the network VM.
     fn track_request(&mut self) {
         let Some(address) = self.address() else { return };
         match conn::conn_for(&address.text) {
@@ -87,8 +84,6 @@ impl HttpRole {
         }
     }
 
-    /// Envoy's own 5xx for an app it could not reach: signals for this response, and an app
-    /// failure for the whole pod.
     /// Whether this response must close its client connection, and why: the pure decision,
     /// what it cannot relay counted, the app's own closes counted toward `app_closes`.
     fn close_reason(&mut self, config: &Config, facts: &ResponseFacts, signals: Signals) -> Option<Reason> {
@@ -116,12 +111,12 @@ impl HttpRole {
         if reason.is_none() {
             debug!("app ended its connection ({}); relay_upstream_close is off", ended.as_str());
         }
-        reason
+        reason.or(signals.closing.then_some(Reason::Pipelined))
     }
 
-    /// Marks the response for the network role with this connection's address, and closes the
-    /// connection once the stream ends (`Drop`).
-    fn mark(&mut self, config: &Config, reason: Reason) {
+    /// Marks the response for the network role with this connection's address; the network role
+    /// rewrites it and sees to the close.
+    fn mark(&mut self, reason: Reason) {
         let metrics = self.shared.metrics;
         let Some(address) = self.address().map(|a| a.text.clone()) else {
             metrics.skipped(SkipReason::NoNetworkRole).inc();
@@ -150,7 +145,6 @@ impl HttpRole {
             _ => {}
         }
         debug!("closing client connection after this response: {}", reason.as_str());
-        self.close_after = config.close_connection;
     }
 
     /// The app's own close, for `app_closes`: enough of them in a window drain the pod.
@@ -298,50 +292,36 @@ thread_local! {
 
 impl Context for HttpRole {}
 
-/// The stream is over, its response written: the request leaves the in-flight count, and a
-/// relayed close is carried out. Envoy ends a stream with `on_done` and `on_delete` back to back
-/// (`Context::onDestroy`), and the SDK drops the context in `on_delete`; doing the work here
-/// lets the module leave `proxy_on_done` unexported, one call into the VM less per request
-/// (`crate::EXPORTS`).
+/// The stream is over, its response written: the request leaves the in-flight count. Envoy
+/// ends a stream with `on_done` and `on_delete` back to back (`Context::onDestroy`), and the SDK
+/// drops the context in `on_delete`; doing the work here lets the module leave `proxy_on_done`
+/// unexported, one call into the VM less per request (`crate::EXPORTS`).
 impl Drop for HttpRole {
     fn drop(&mut self) {
-        let close = std::mem::take(&mut self.close_after);
         if let Some(conn) = self.conn.take() {
             conn.borrow_mut().request_done(host::coarse_now());
-            if close {
-                close_soon(&conn);
-            }
-        } else if let Some(token) = self.other_vm().filter(|_| self.begun_there || close) {
+        } else if let Some(token) = self.other_vm().filter(|_| self.begun_there) {
             let conn = self.address.take().map(|a| a.text).unwrap_or_default();
-            let sent = pod::send(token, &Note::End { conn, begun: self.begun_there, close });
-            if close && !sent {
-                debug!("network VM unreachable; the client connection closes on its next request or when idle");
-            }
-        } else if close {
-            debug!("network role is in another VM without a queue; it closes on the next request or when idle");
+            pod::send(token, &Note::End { conn, begun: true });
         }
-    }
-}
-
-/// Closes the client connection of a relayed response on the next dispatcher turn.
-fn close_soon(conn: &ConnRef) {
-    if !conn::close_soon(conn) {
-        debug!("no wake queue; the client connection closes on the next tick");
     }
 }
 
 impl HttpContext for HttpRole {
     fn on_http_request_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
-        let Some(config) = self.shared.active() else { return Action::Continue };
+        if self.shared.active().is_none() {
+            return Action::Continue;
+        }
         #[cfg(feature = "fault-injection")]
         if host::header(MapType::HttpRequestHeaders, ":path").as_deref() == Some("/__close_relay_trap") {
             std::process::abort();
         }
-        let drain = config.drain.enabled;
         self.request = request_facts_on_request();
-        if drain {
-            self.track_request();
-        }
+        // Read now (whether an earlier response told this connection to close is what the
+        // network role published before this request was dispatched), and counted whether or
+        // not the pod's drain is watched: a connection told to close is only closed once no
+        // request is in flight on it.
+        self.track_request();
         Action::Continue
     }
 
@@ -356,9 +336,10 @@ impl HttpContext for HttpRole {
         let facts = headers.facts();
         let connect_failure = self.upstream_failure(config, &headers, facts.status);
         let rescued = self.rescue(config, &headers);
-        let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure, rescued };
+        let closing = self.address.as_ref().is_some_and(|a| a.closing);
+        let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure, rescued, closing };
         if let Some(reason) = self.close_reason(config, &facts, signals) {
-            self.mark(config, reason);
+            self.mark(reason);
         }
         Action::Continue
     }

@@ -6,35 +6,56 @@
 //!
 //! So the network role publishes its connection as an [`Address`]: its VM's queue token and a
 //! per-connection nonce, in the connection's filter state. An HTTP role that does not find the
-//! nonce in its own VM sends [`Note`]s on that token: a request began, a request ended (and
-//! whether the connection must close now), a drain source turned on. Pure codecs here; the
-//! sending and applying live in `http.rs` and `root.rs`.
+//! nonce in its own VM sends [`Note`]s on that token: a request began, a request ended, a drain
+//! source turned on. Once a response has told the client to close, the network role publishes
+//! the address again with [`CLOSING`] after it, so the HTTP role of a request the client had
+//! already sent behind that response closes it too, from any VM. Pure codecs here; the sending
+//! and applying live in `http.rs` and `root.rs`.
 
 use crate::drain::Source;
 
-/// A client connection as the network role publishes it: `<token, 8 hex><nonce, 16 hex>`.
-/// The whole string is also the marker's value, so the nonce keeps it unguessable.
+/// A client connection as the network role publishes it: `<token, 8 hex><nonce, 16 hex>`, then
+/// [`CLOSING`] once a response told the client to close. The text without it is also the
+/// marker's value, so the nonce keeps it unguessable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Address {
     /// The network VM's queue; 0 when it has none (the HTTP role then cannot reach it).
     pub token: u32,
     pub text: String,
+    /// A response on this connection already told the client to close.
+    pub closing: bool,
 }
 
 const TOKEN_HEX: usize = 8;
 
+/// What the network role appends to a published address once the connection is closing.
+pub const CLOSING: char = '!';
+
 impl Address {
     pub fn new(token: u32, nonce: &str) -> Address {
-        Address { token, text: format!("{token:08x}{nonce}") }
+        Address { token, text: format!("{token:08x}{nonce}"), closing: false }
     }
 
     /// Whatever the filter state holds; a value without a token reads as token 0.
-    pub fn parse(text: String) -> Address {
+    pub fn parse(mut text: String) -> Address {
+        let closing = text.ends_with(CLOSING);
+        if closing {
+            text.pop();
+        }
         let token = text
             .get(..TOKEN_HEX)
             .and_then(|t| u32::from_str_radix(t, 16).ok())
             .unwrap_or(0);
-        Address { token, text }
+        Address { token, text, closing }
+    }
+
+    /// What the network role publishes for this connection.
+    pub fn published(&self) -> String {
+        if self.closing {
+            format!("{}{CLOSING}", self.text)
+        } else {
+            self.text.clone()
+        }
     }
 }
 
@@ -46,8 +67,8 @@ pub enum Note {
     /// A request began on the connection (`text` of its [`Address`]).
     Begin(String),
     /// A request ended, its response written. `begun`: its [`Note::Begin`] was sent (only with
-    /// drain awareness on). `close`: the response relayed a close; close the connection now.
-    End { conn: String, begun: bool, close: bool },
+    /// drain awareness on).
+    End { conn: String, begun: bool },
     /// A drain source turned on in the HTTP role's VM, until `until` (ms since the epoch). With
     /// different `vm_id`s the two VMs keep separate shared data, so the network VM would not
     /// see it otherwise.
@@ -59,7 +80,6 @@ const BEGIN: u8 = b'b';
 const END: u8 = b'e';
 const ENTER: u8 = b'd';
 const BEGUN: u8 = 1;
-const CLOSE: u8 = 2;
 
 impl Note {
     pub fn encode(&self) -> Vec<u8> {
@@ -70,9 +90,9 @@ impl Note {
                 out.push(BEGIN);
                 out.extend_from_slice(conn.as_bytes());
             }
-            Note::End { conn, begun, close } => {
+            Note::End { conn, begun } => {
                 out.push(END);
-                out.push(if *begun { BEGUN } else { 0 } | if *close { CLOSE } else { 0 });
+                out.push(if *begun { BEGUN } else { 0 });
                 out.extend_from_slice(conn.as_bytes());
             }
             Note::Enter { source, until } => {
@@ -94,7 +114,7 @@ impl Note {
             END => {
                 let (&flags, conn) = rest.split_first()?;
                 let conn = text(conn)?;
-                Some(Note::End { conn, begun: flags & BEGUN != 0, close: flags & CLOSE != 0 })
+                Some(Note::End { conn, begun: flags & BEGUN != 0 })
             }
             ENTER => {
                 let (&index, until) = rest.split_first()?;
@@ -119,6 +139,10 @@ mod tests {
         assert_eq!(Address::parse("short".into()).token, 0);
         assert_eq!(Address::parse("zzzzzzzz00ff".into()).token, 0, "not hex");
         assert_eq!(Address::parse(String::new()).token, 0);
+        let closing = Address { closing: true, ..a.clone() };
+        assert_eq!(closing.published(), "0000002a00ff00ff00ff00ff!");
+        assert_eq!(Address::parse(closing.published()), closing, "the marker's value stays the same");
+        assert_eq!(a.published(), a.text);
     }
 
     #[test]
@@ -127,9 +151,8 @@ mod tests {
         let notes = [
             Note::Wake,
             Note::Begin(conn.clone()),
-            Note::End { conn: conn.clone(), begun: true, close: false },
-            Note::End { conn: conn.clone(), begun: false, close: true },
-            Note::End { conn, begun: true, close: true },
+            Note::End { conn: conn.clone(), begun: true },
+            Note::End { conn, begun: false },
             Note::Enter { source: Source::AppFailure, until: u64::MAX },
             Note::Enter { source: Source::AppReadiness, until: 1_700_000_000_123 },
         ];

@@ -1,8 +1,10 @@
 //! The network role: sits before the HCM and sees the bytes Envoy writes to the client.
 //! - Rewrites the HTTP role's marker into `connection: close`.
 //! - Registers each client connection with this VM ([`crate::conn`]) and keeps its activity.
-//! - When no HTTP role could close the connection after a relayed close (no queue), adds
-//!   `connection: close` to the client's next request, so the HCM answers with close and closes.
+//! - After a relayed close, leaves the close to Envoy wherever Envoy can make it: a request the
+//!   client still sends gets `connection: close` added, so the HCM answers it with close and
+//!   closes the connection its own way (after its delayed close, never with input unread). A
+//!   connection that goes quiet instead is closed by the sweep ([`conn::sweep`]).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -15,7 +17,7 @@ use crate::conn::{self, Conn, ConnRef};
 use crate::host;
 use crate::keys;
 use crate::link::Address;
-use crate::wire::{self, Edit, HeadRewrite, HeadStep};
+use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
 use crate::pod;
 use crate::shared::Shared;
 
@@ -32,8 +34,8 @@ fn apply(buffer: BufferType, edit: &Edit) -> bool {
 
 pub struct NetworkRole {
     shared: Rc<Shared>,
-    /// This connection's [`Address`] text, once published; also the marker's value.
-    address: Option<String>,
+    /// This connection's [`Address`], once published; its text is also the marker's value.
+    address: Option<Address>,
     conn: ConnRef,
 }
 
@@ -44,13 +46,14 @@ impl NetworkRole {
     }
 
     /// Same VM: the next head is marked; rewrite it, holding back pieces until it is whole.
-    fn rewrite_marked_head(&self, size: usize, nonce: &str, max_head: usize) {
+    fn rewrite_marked_head(&mut self, size: usize, max_head: usize) {
+        let Some(nonce) = self.nonce() else { return };
         let Some(write) = host::get_buffer(BufferType::UpstreamData, size.min(max_head)) else {
             return;
         };
         let step = {
             let mut c = self.conn.borrow_mut();
-            let step = wire::feed_marked_head(&mut c.carry, &write, nonce, max_head);
+            let step = wire::feed_marked_head(&mut c.carry, &write, &nonce, max_head);
             c.head_pending = step == HeadStep::Hold;
             step
         };
@@ -58,9 +61,11 @@ impl NetworkRole {
             HeadStep::Hold => {
                 apply(BufferType::UpstreamData, &Edit { len: write.len(), with: Vec::new() });
             }
-            HeadStep::Done { edit: Some(edit), rewritten } => {
-                if apply(BufferType::UpstreamData, &edit) && rewritten {
-                    self.rewritten();
+            HeadStep::Done { edit: Some(edit), closer } => {
+                if apply(BufferType::UpstreamData, &edit) {
+                    if let Some(closer) = closer {
+                        self.rewritten(closer);
+                    }
                 }
             }
             HeadStep::Done { edit: None, .. } => {}
@@ -69,7 +74,7 @@ impl NetworkRole {
 
     /// Separate VMs: notes arrive a dispatcher turn late, so nobody says in time which writes
     /// carry a marked head; any that starts one is read, and the head must come whole in it.
-    fn rewrite_head(&self, size: usize, nonce: &str, max_head: usize) {
+    fn rewrite_head(&mut self, size: usize, max_head: usize) {
         let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else {
             return;
         };
@@ -82,18 +87,34 @@ impl NetworkRole {
                 None => return,
             }
         }
-        let HeadRewrite::Rewritten { edit, .. } = wire::rewrite_response_head(&buf, nonce, max_head) else {
+        let Some(nonce) = self.nonce() else { return };
+        let HeadRewrite::Rewritten { edit, closer } = wire::rewrite_response_head(&buf, &nonce, max_head) else {
             return;
         };
         if apply(BufferType::UpstreamData, &edit) {
-            self.rewritten();
+            self.rewritten(closer);
         }
     }
 
-    fn rewritten(&self) {
-        self.conn.borrow_mut().close_pending = true;
+    /// The marker's value on this connection.
+    fn nonce(&self) -> Option<String> {
+        self.address.as_ref().map(|a| a.text.clone())
+    }
+
+    /// The client was told to close. Unless Envoy closes the connection itself, it is ours to
+    /// close, and the HTTP role of any request the client already sent behind this response
+    /// must close its answer too: the published address says so, to either VM.
+    fn rewritten(&mut self, closer: Closer) {
         self.shared.metrics.headers_rewritten.inc();
-        debug!("marker rewritten to connection: close");
+        let relay = closer == Closer::Relay;
+        self.conn.borrow_mut().close_pending = relay;
+        debug!("marker rewritten to connection: close; closed by {closer:?}");
+        if let Some(address) = self.address.as_mut().filter(|a| relay && !a.closing) {
+            address.closing = true;
+            if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.published().as_bytes()) {
+                warn!("close-relay: cannot mark the connection closing: {e:?}");
+            }
+        }
     }
 
     fn close_on_next_request(&mut self, size: usize) {
@@ -120,7 +141,7 @@ impl Drop for NetworkRole {
         // An HTTP role may still hold this connection; it must never act as a finished context.
         self.conn.borrow_mut().closing = true;
         if let Some(address) = self.address.take() {
-            conn::unregister(&address);
+            conn::unregister(&address.text);
         }
     }
 }
@@ -140,13 +161,13 @@ impl StreamContext for NetworkRole {
         if self.shared.active().is_none() {
             return Action::Continue;
         }
-        let address = Address::new(pod::own_queue().unwrap_or(0), &host::nonce()).text;
-        if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.as_bytes()) {
+        let address = Address::new(pod::own_queue().unwrap_or(0), &host::nonce());
+        if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.text.as_bytes()) {
             warn!("close-relay: cannot announce the network role on this connection: {e:?}");
             return Action::Continue;
         }
         self.conn.borrow_mut().activity.last_ms = host::coarse_now();
-        conn::register(&address, &self.conn);
+        conn::register(&address.text, &self.conn);
         self.address = Some(address);
         Action::Continue
     }
@@ -174,7 +195,7 @@ impl StreamContext for NetworkRole {
     }
 
     fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        let (Some(config), Some(nonce)) = (self.shared.active(), self.address.as_deref()) else {
+        let Some(config) = self.shared.active().filter(|_| self.address.is_some()) else {
             return Action::Continue;
         };
         let (marked, http_role_here) = {
@@ -183,9 +204,9 @@ impl StreamContext for NetworkRole {
             (c.head_pending, c.http_role_here)
         };
         if marked {
-            self.rewrite_marked_head(size, nonce, config.max_head());
+            self.rewrite_marked_head(size, config.max_head());
         } else if !http_role_here && size >= wire::STATUS_LINE_START.len() {
-            self.rewrite_head(size, nonce, config.max_head());
+            self.rewrite_head(size, config.max_head());
         }
         Action::Continue
     }

@@ -145,11 +145,6 @@ pub fn send(token: u32, note: &Note) -> bool {
     host::enqueue(token, &note.encode()).is_ok()
 }
 
-/// Wakes this VM's network root on the next dispatcher turn; false without a wake queue.
-pub fn wake_self() -> bool {
-    OWN_WAKE.get().is_some_and(|token| send(token, &Note::Wake))
-}
-
 fn wake_all() {
     let (tokens, _) = host::shared_get(keys::WAKE_TOKENS);
     for chunk in tokens.chunks_exact(8) {

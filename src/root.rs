@@ -18,8 +18,6 @@ use crate::link::Note;
 use crate::shared::Shared;
 use crate::{conn, http, network, pod};
 
-/// Without drain awareness the tick only flushes batched metrics; once a second is enough.
-const METRICS_FLUSH_MS: u64 = 1000;
 /// Only the counters `drain::parse_drain_stats` reads, percent-encoded for the query string.
 const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%29%24";
 
@@ -139,27 +137,19 @@ impl Root {
 }
 
 impl Root {
-    /// Applies what this VM's queue carries (`link::Note`), counting the connections that
-    /// closed; returns whether a wake-up was among the notes.
+    /// Applies what this VM's queue carries (`link::Note`); returns whether a wake-up was among
+    /// the notes.
     fn read_queue(&self, queue_id: u32) -> bool {
-        let (mut closed, mut woken) = (0, false);
+        let mut woken = false;
         for item in host::drain_queue(queue_id) {
             match Note::decode(&item) {
                 Some(Note::Wake) => woken = true,
                 Some(Note::Enter { source, until }) => pod::enter_forwarded(source, until),
-                Some(note) => closed += u64::from(conn::hear(&note)),
+                Some(note) => conn::hear(&note),
                 None => debug!("ignored a queue item this version did not write"),
             }
         }
-        self.count_closed(closed);
         woken
-    }
-
-    fn count_closed(&self, closed: u64) {
-        if closed > 0 {
-            self.shared.metrics.connections_closed.add(closed);
-            debug!("closed {closed} client connection(s) after their response");
-        }
     }
 
     fn sweep(&self, draining: bool) {
@@ -167,7 +157,7 @@ impl Root {
         if self.role == Role::Network {
             let d = &config.drain;
             let grace = Grace::for_sweep(d.idle_grace_ms, d.app_idle_grace_ms, d.tick_ms, pod::app_going());
-            conn::sweep(draining, grace, &self.shared.metrics);
+            conn::sweep(draining, config.close_connection, grace, &self.shared.metrics);
         }
     }
 }
@@ -210,14 +200,15 @@ impl RootContext for Root {
         self.shared = Rc::new(Shared { config, metrics });
         if let Some(config) = self.shared.active() {
             if self.role == Role::Network && pod::register_wake().is_none() {
-                warn!("close-relay: no wake queue; connections close on the next tick");
+                warn!(
+                    "close-relay: no queue for HTTP roles in other VMs; their connections told to \
+                     close end on the client's next request"
+                );
             }
+            // Without drain awareness too: the tick closes connections told to close once quiet.
+            host::set_tick(config.drain.tick_ms);
             if config.drain.enabled {
-                host::set_tick(config.drain.tick_ms);
                 pod::refresh(&self.shared.metrics);
-            } else {
-                // No drain: the tick only flushes batched metrics.
-                host::set_tick(config.drain.tick_ms.max(METRICS_FLUSH_MS));
             }
         }
         // Returning false would make Envoy reject the plugin; we fail open instead.
@@ -227,15 +218,18 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(config) = self.shared.active() else { return };
         self.shared.metrics.flush();
-        if !config.drain.enabled {
-            return;
-        }
-        let drain = config.drain.clone();
         if let Some(queue) = pod::own_queue().filter(|_| self.role == Role::Network) {
             // Notes from HTTP roles in other VMs first: the sweep must count their requests. A
             // wake-up among them needs nothing more: this tick sweeps anyway.
             self.read_queue(queue);
         }
+        if !config.drain.enabled {
+            // The tick clock the sweep reads; with drain awareness the refresh below sets it.
+            host::now_ms();
+            self.sweep(false);
+            return;
+        }
+        let drain = config.drain.clone();
         let draining = pod::refresh(&self.shared.metrics);
         if drain.sidecar.enabled && claim(keys::SIDECAR_POLL, drain.sidecar.interval_ms) {
             self.poll(Poller::Sidecar, drain.sidecar.target(), "/ready", Call::Ready);
@@ -249,9 +243,8 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         let woken = self.read_queue(queue_id);
-        self.count_closed(conn::close_requested());
         let Some(config) = self.shared.active() else { return };
-        // Sweep when woken (a drain began, or a same-VM close), as in one VM; not after every
+        // Sweep when woken (a drain began), as in one VM; not after every
         // note from another VM's requests: a sweep right after each response, at the app's zero
         // grace, would close connections just as their clients send the next request.
         if config.drain.enabled && woken {

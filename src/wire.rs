@@ -17,12 +17,23 @@ pub struct Edit {
     pub with: Vec<u8>,
 }
 
+/// Who ends the connection after a response whose marker was rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closer {
+    /// close-relay added `connection: close`: closing the connection is close-relay's job.
+    Relay,
+    /// The head said `connection: close` already (Envoy's drain, a request that asked for it,
+    /// an answer before the request was whole): Envoy's HCM closes the connection itself, in
+    /// its own way (after its delayed close), and close-relay must leave it to it.
+    Envoy,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeadRewrite {
     /// Not a response head carrying our marker: leave the bytes alone.
     None,
-    /// Marker found; `already_close` when Envoy itself (drain) had added `connection: close`.
-    Rewritten { edit: Edit, already_close: bool },
+    /// Marker found and turned into `connection: close`, or dropped when the head had one.
+    Rewritten { edit: Edit, closer: Closer },
 }
 
 /// How every HTTP/1.1 response head starts: the only heads the network role edits.
@@ -76,15 +87,17 @@ pub fn rewrite_response_head(buf: &[u8], nonce: &str, max_head: usize) -> HeadRe
         with.extend_from_slice(CLOSE_LINE);
     }
     with.extend_from_slice(&window[end..len]);
-    HeadRewrite::Rewritten { edit: Edit { len, with }, already_close }
+    let closer = if already_close { Closer::Envoy } else { Closer::Relay };
+    HeadRewrite::Rewritten { edit: Edit { len, with }, closer }
 }
 
 /// What to do with one write while a marked response head is on its way (the HTTP role said
 /// so, from the same VM): the head is rewritten whole, even when Envoy writes it in pieces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeadStep {
-    /// Replace this write's first `len` bytes with `with`; the head is done.
-    Done { edit: Option<Edit>, rewritten: bool },
+    /// Replace this write's first `len` bytes with `with`; the head is done, and `closer` says
+    /// who ends the connection when the marker was found.
+    Done { edit: Option<Edit>, closer: Option<Closer> },
     /// The head is not complete yet: hold this write back (it is in `carry`) until the rest.
     Hold,
 }
@@ -103,13 +116,13 @@ pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], nonce: &str, max_head
         return HeadStep::Hold;
     }
     let step = match rewrite_response_head(data, nonce, max_head) {
-        HeadRewrite::Rewritten { edit, .. } => {
-            HeadStep::Done { edit: Some(Edit { len: write.len(), with: apply(data, &edit) }), rewritten: true }
+        HeadRewrite::Rewritten { edit, closer } => {
+            HeadStep::Done { edit: Some(Edit { len: write.len(), with: apply(data, &edit) }), closer: Some(closer) }
         }
         HeadRewrite::None if held > 0 => {
-            HeadStep::Done { edit: Some(Edit { len: write.len(), with: data.to_vec() }), rewritten: false }
+            HeadStep::Done { edit: Some(Edit { len: write.len(), with: data.to_vec() }), closer: None }
         }
-        HeadRewrite::None => HeadStep::Done { edit: None, rewritten: false },
+        HeadRewrite::None => HeadStep::Done { edit: None, closer: None },
     };
     carry.clear();
     step
@@ -196,7 +209,7 @@ mod tests {
 
     fn rewritten(buf: &[u8]) -> (Vec<u8>, bool) {
         match rewrite_response_head(buf, NONCE, 16384) {
-            HeadRewrite::Rewritten { edit, already_close } => (apply(buf, &edit), already_close),
+            HeadRewrite::Rewritten { edit, closer } => (apply(buf, &edit), closer == Closer::Envoy),
             HeadRewrite::None => panic!("no rewrite of {:?}", String::from_utf8_lossy(buf)),
         }
     }

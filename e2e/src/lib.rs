@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 
 pub mod app;
 pub mod client;
+pub mod compare;
 pub mod envoy;
 pub mod istio;
 pub mod oci;
+pub mod origin;
 pub mod ports;
 pub mod process;
 pub mod rescue;
