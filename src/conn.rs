@@ -25,6 +25,10 @@ pub struct Conn {
     /// it ends when the client closes it, on the client's next request (`connection: close`
     /// added to it), or when it goes quiet ([`sweep`]).
     pub close_pending: bool,
+    /// A response head said `connection: close` on its own (Envoy's drain, the client asked):
+    /// Envoy's HCM closes the connection itself, after its delayed close, and nothing here may
+    /// close it sooner.
+    pub envoy_closes: bool,
     /// We asked Envoy to close it, or the connection is gone (its network context is done):
     /// nothing more to do, and its context id must not be used again.
     pub closing: bool,
@@ -50,6 +54,12 @@ impl Conn {
     /// A same-VM HTTP role's stream ended, its response written.
     pub fn request_done(&mut self, now_ms: u64) {
         self.activity.request_done(now_ms);
+    }
+
+    /// Are this connection's requests in flight known? A same-VM HTTP role counts them, and one
+    /// in another VM sends notes when this VM has a queue to hear them on.
+    pub fn counted(&self) -> bool {
+        self.http_role_here || pod::own_queue().is_some()
     }
 
     /// A same-VM HTTP role marked the next response head: the network role rewrites that one
@@ -135,17 +145,16 @@ pub fn hear(note: &Note) {
 /// delayed close, or on a pod that is draining (those on a second look, [`drain::second_look`]).
 pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) {
     let now = host::coarse_now();
-    let counted_by_notes = pod::own_queue().is_some();
     let due: Vec<(ConnRef, bool, Activity)> = CONNS.with(|c| {
         c.borrow()
             .values()
             .filter_map(|conn| {
                 let mut c = conn.borrow_mut();
-                // Without a same-VM HTTP role or a queue for notes, nothing counts the requests in
-                // flight: such a connection closes on its next request (`network.rs`) instead.
-                let told = c.close_pending && close_told && (c.http_role_here || counted_by_notes);
+                // Without a count of the requests in flight, a connection told to close ends on
+                // the client's next request instead (`network.rs`).
+                let told = c.close_pending && close_told && c.counted();
                 let idle_ms = if told { grace.told_ms } else { grace.idle_ms };
-                let wanted = (draining || told) && !c.closing && drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told);
+                let wanted = (draining || told) && !c.closing && !c.envoy_closes && drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told);
                 let close = wanted && (told || drain::second_look(&mut c.activity, now, idle_ms, grace.tick_ms));
                 close.then(|| (conn.clone(), told, c.activity))
             })

@@ -107,7 +107,11 @@ impl NetworkRole {
     fn rewritten(&mut self, closer: Closer) {
         self.shared.metrics.headers_rewritten.inc();
         let relay = closer == Closer::Relay;
-        self.conn.borrow_mut().close_pending = relay;
+        {
+            let mut c = self.conn.borrow_mut();
+            c.close_pending = relay;
+            c.envoy_closes = !relay;
+        }
         debug!("marker rewritten to connection: close; closed by {closer:?}");
         if let Some(address) = self.address.as_mut().filter(|a| relay && !a.closing) {
             address.closing = true;
@@ -117,8 +121,15 @@ impl NetworkRole {
         }
     }
 
+    /// Without anything that counts its requests in flight, the sweep cannot close a connection
+    /// told to close: Envoy does, after answering the client's next request, when that request
+    /// comes alone (Envoy presents what it has read but not yet handled again after each
+    /// response: a request with more behind it is answered with close by the HTTP role instead).
     fn close_on_next_request(&mut self, size: usize) {
-        let Some(buf) = host::get_buffer(BufferType::DownstreamData, size.min(wire::MAX_REQUEST_LINE)) else {
+        if size > wire::MAX_REQUEST_LINE {
+            return;
+        }
+        let Some(buf) = host::get_buffer(BufferType::DownstreamData, size) else {
             return;
         };
         let Some(edit) = wire::inject_request_close(&buf) else {
@@ -188,7 +199,7 @@ impl StreamContext for NetworkRole {
             }
             self.conn.borrow_mut().activity.http1 = wire::starts_http1_request(&first);
         }
-        if close_pending && size > 0 && config.close_connection {
+        if close_pending && size > 0 && config.close_connection && !self.conn.borrow().counted() {
             self.close_on_next_request(size);
         }
         Action::Continue

@@ -135,10 +135,11 @@ fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&line[..colon], &value[skip..]))
 }
 
-/// Adds `connection: close` to the HTTP/1.x request head that starts `buf`, right after the
+/// Adds `connection: close` to the HTTP/1.x request head that is all of `buf`, right after the
 /// request line, so Envoy's HCM answers it with `connection: close` and closes natively.
-/// Returns `None` unless `buf` starts with a complete, well-formed request line: a body or an
-/// HTTP/2 preface is never touched.
+/// Returns `None` unless `buf` is exactly one head with a well-formed request line: a body or
+/// an HTTP/2 preface is never touched, and neither is a head with more bytes behind it (a
+/// request pipelined behind it would never be answered once Envoy closes after this one).
 pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
     let line_end = find(&buf[..buf.len().min(MAX_REQUEST_LINE)], b"\r\n")?;
     let line = &buf[..line_end];
@@ -150,7 +151,7 @@ pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
         && !target.is_empty()
         && target.iter().all(|b| b.is_ascii_graphic())
         && (version == b"HTTP/1.1" || version == b"HTTP/1.0");
-    if !well_formed || method == b"PRI" {
+    if !well_formed || method == b"PRI" || find(buf, b"\r\n\r\n").map(|i| i + 4) != Some(buf.len()) {
         return None;
     }
     let mut with = Vec::with_capacity(line_end + 2 + CLOSE_LINE.len());
@@ -282,6 +283,9 @@ mod tests {
             b"\x16\x03\x01\x02\x00",
             b"{\"json\": \"body\"}\r\n",
             b"",
+            b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET /next HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\nok",
+            b"GET / HTTP/1.1\r\nhost: x\r\n",
         ] {
             assert_eq!(inject_request_close(buf), None, "{:?}", String::from_utf8_lossy(buf));
         }

@@ -161,6 +161,9 @@ pub struct EnvoySpec {
     pub vm_env: Vec<(String, String)>,
     /// Rescue (`crate::rescue`): the file the service's other pods are read from over EDS.
     pub rescue: Option<PathBuf>,
+    /// More apps, each behind a listener of its own like the first ([`Envoy::lanes`]): for
+    /// tests that run many independent exchanges at once and must tell apart what each app got.
+    pub lanes: Vec<u16>,
 }
 
 impl EnvoySpec {
@@ -178,6 +181,7 @@ impl EnvoySpec {
             failure_policy: "FAIL_OPEN",
             vm_env: Vec::new(),
             rescue: None,
+            lanes: Vec::new(),
         }
     }
 }
@@ -309,6 +313,35 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
     bootstrap
 }
 
+/// Copies the first listener and its cluster once per lane: `(listen port, app port)`.
+fn add_lanes(bootstrap: &mut Value, lanes: &[(u16, u16)]) {
+    let resources = &mut bootstrap["static_resources"];
+    let (listener, cluster) = (resources["listeners"][0].clone(), resources["clusters"][0].clone());
+    for (i, (listen, app)) in lanes.iter().enumerate() {
+        let name = format!("inbound|8080||lane{i}");
+        let mut l = listener.clone();
+        l["name"] = json!(format!("virtualInbound-lane{i}"));
+        l["address"]["socket_address"]["port_value"] = json!(listen);
+        for filter in l["filter_chains"][0]["filters"].as_array_mut().into_iter().flatten() {
+            if let Some(routes) = filter.pointer_mut("/typed_config/route_config/virtual_hosts/0/routes/0/route") {
+                routes["cluster"] = json!(name);
+            }
+        }
+        let mut c = cluster.clone();
+        c["name"] = json!(name);
+        c["load_assignment"]["cluster_name"] = json!(name);
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = json!(app);
+        push(&mut resources["listeners"], l);
+        push(&mut resources["clusters"], c);
+    }
+}
+
+fn push(list: &mut Value, item: Value) {
+    if let Some(list) = list.as_array_mut() {
+        list.push(item);
+    }
+}
+
 /// The tests read the filter's debug lines.
 const DEBUG_LOG: &[&str] = &["-l", "info", "--component-log-level", "wasm:debug"];
 /// istio-proxy's default (`--log-level warning`).
@@ -320,6 +353,9 @@ pub struct Envoy {
     pub dir: PathBuf,
     proc: Proc,
     _leases: [Port; 2],
+    /// The listen ports of [`EnvoySpec::lanes`], in order, leased as long as Envoy runs.
+    pub lanes: Vec<u16>,
+    _lane_leases: Vec<Port>,
     /// Whether close-relay runs here (wasm VMs at start): then the closes are reported on drop.
     wasm: bool,
 }
@@ -339,6 +375,9 @@ impl Envoy {
         let dir = scratch(name);
         let (port, admin) = (Port::lease(), Port::lease());
         let mut config = envoy_config(spec, port.get(), admin.get());
+        let lane_leases: Vec<Port> = spec.lanes.iter().map(|_| Port::lease()).collect();
+        let lanes: Vec<u16> = lane_leases.iter().map(Port::get).collect();
+        add_lanes(&mut config, &lanes.iter().copied().zip(spec.lanes.iter().copied()).collect::<Vec<_>>());
         let mut args = vec!["--concurrency".to_string(), spec.concurrency.to_string()];
         args.extend(["--drain-strategy".to_string(), spec.drain_strategy.to_string()]);
         if lds {
@@ -356,7 +395,8 @@ impl Envoy {
         }
         let file = dir.join("envoy.json");
         fs::write(&file, config.to_string()).expect("write config");
-        let envoy = Envoy::launch_with(dir, &file, port, admin, &args, DEBUG_LOG);
+        let mut envoy = Envoy::launch_with(dir, &file, port, admin, &args, DEBUG_LOG);
+        (envoy.lanes, envoy._lane_leases) = (lanes, lane_leases);
         if let Some(layout) = spec.layout() {
             let want = vms_for(spec.concurrency, layout);
             let built = envoy.wasm_vms_settling_at(want);
@@ -414,7 +454,16 @@ impl Envoy {
         proc.wait_ready(Duration::from_secs(30), &log, || {
             connectable(port) && admin_get(admin, "/ready").is_some_and(|b| b.contains("LIVE"))
         });
-        let mut envoy = Envoy { port, admin, dir, proc, _leases: [port_lease, admin_lease], wasm: false };
+        let mut envoy = Envoy {
+            port,
+            admin,
+            dir,
+            proc,
+            _leases: [port_lease, admin_lease],
+            lanes: Vec::new(),
+            _lane_leases: Vec::new(),
+            wasm: false,
+        };
         envoy.wasm = envoy.wasm_vms() > 0;
         envoy
     }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 pub mod app;
 pub mod client;
 pub mod compare;
+pub mod corpus;
 pub mod envoy;
 pub mod istio;
 pub mod oci;

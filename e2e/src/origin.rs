@@ -54,7 +54,7 @@ impl Pattern {
 pub fn write_pieces(stream: &mut TcpStream, writes: &[Vec<u8>]) -> std::io::Result<()> {
     for (i, piece) in writes.iter().enumerate() {
         if i > 0 {
-            thread::sleep(Duration::from_micros(200));
+            thread::sleep(Duration::from_micros(50));
         }
         stream.write_all(piece)?;
     }
@@ -209,15 +209,24 @@ pub fn chunked_end(buf: &[u8], mut at: usize) -> Option<usize> {
     }
 }
 
-/// Envoy's request id is random per request: the one line the two Envoys never agree on.
-fn without_request_id(request: &[u8], head: usize) -> Vec<u8> {
+/// A request as recorded: without Envoy's request id, random per request (the one line two
+/// Envoys never agree on), and a chunked body as its data (where Envoy cuts chunks depends on
+/// how the bytes came in).
+fn recorded(request: &[u8], head: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(request.len());
+    let mut chunked = false;
     for line in request[..head].split_inclusive(|b| *b == b'\n') {
-        if !line.to_ascii_lowercase().starts_with(b"x-request-id:") {
+        let lower = line.to_ascii_lowercase();
+        chunked |= lower.starts_with(b"transfer-encoding:") && lower.windows(7).any(|w| w == b"chunked");
+        if !lower.starts_with(b"x-request-id:") {
             out.extend_from_slice(line);
         }
     }
-    out.extend_from_slice(&request[head..]);
+    if chunked {
+        out.extend_from_slice(&crate::compare::dechunked(&request[head..]));
+    } else {
+        out.extend_from_slice(&request[head..]);
+    }
     out
 }
 
@@ -234,8 +243,7 @@ fn serve(mut stream: TcpStream, state: &State) {
         };
         let reply = lock(&state.reply).clone();
         if reply == Reply::EarlyReject {
-            let recorded = without_request_id(&buf[..head], head);
-            lock(&state.requests).push(recorded);
+            lock(&state.requests).push(recorded(&buf[..head], head));
             let _ = stream.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n");
             let _ = stream.shutdown(Shutdown::Write);
             while fill(&mut stream, &mut buf, state) {
@@ -243,7 +251,7 @@ fn serve(mut stream: TcpStream, state: &State) {
             }
             return;
         }
-        let request = without_request_id(&buf[..end], head);
+        let request = recorded(&buf[..end], head);
         buf.drain(..end);
         lock(&state.requests).push(request.clone());
         let sent = match &reply {
@@ -297,8 +305,10 @@ mod tests {
     }
 
     #[test]
-    fn the_request_id_is_the_only_line_dropped() {
+    fn the_request_id_is_the_only_line_dropped_and_chunks_are_joined() {
         let r = b"GET / HTTP/1.1\r\nx-request-id: 42\r\nhost: a\r\n\r\nbody";
-        assert_eq!(without_request_id(r, r.len() - 4), b"GET / HTTP/1.1\r\nhost: a\r\n\r\nbody");
+        assert_eq!(recorded(r, r.len() - 4), b"GET / HTTP/1.1\r\nhost: a\r\n\r\nbody");
+        let c = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n1\r\na\r\n0\r\n\r\n";
+        assert_eq!(recorded(c, 47), b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\naa\r\n");
     }
 }
