@@ -178,13 +178,19 @@ pub struct AppFailure {
     pub enabled: bool,
     /// Count resets of established connections (UC/UR), not only refused connections (UF).
     pub resets: bool,
+    /// Resets (or rescued requests) that must come one after the other, with no answer from
+    /// the app between them, before they count as the app going away. A refused connection
+    /// counts at once; one reset alone is the keep-alive race a healthy app has too.
+    pub in_a_row: u32,
+    /// How close two failures must be to count as in a row.
+    pub window_ms: u64,
     /// How long the pod stays draining after the last failure.
     pub hold_ms: u64,
 }
 
 impl Default for AppFailure {
     fn default() -> Self {
-        AppFailure { enabled: true, resets: true, hold_ms: 10_000 }
+        AppFailure { enabled: true, resets: true, in_a_row: 2, window_ms: 2_000, hold_ms: 10_000 }
     }
 }
 
@@ -252,6 +258,8 @@ impl Config {
         in_range("drain.idle_grace_ms", d.idle_grace_ms, (0, 600_000))?;
         in_range("drain.app_idle_grace_ms", d.app_idle_grace_ms, (0, 600_000))?;
         in_range("drain.app_failure.hold_ms", d.app_failure.hold_ms, (0, 3_600_000))?;
+        in_range("drain.app_failure.in_a_row", d.app_failure.in_a_row, (1, 1_000))?;
+        in_range("drain.app_failure.window_ms", d.app_failure.window_ms, (1, 3_600_000))?;
         in_range("drain.app_closes.threshold", d.app_closes.threshold, (1, 1_000_000))?;
         in_range("drain.app_closes.window_ms", d.app_closes.window_ms, (1, 3_600_000))?;
         in_range("drain.app_closes.hold_ms", d.app_closes.hold_ms, (0, 3_600_000))?;

@@ -32,6 +32,9 @@ pub struct Conn {
     /// We asked Envoy to close it, or the connection is gone (its network context is done):
     /// nothing more to do, and its context id must not be used again.
     pub closing: bool,
+    /// The host would not close it: the sweep leaves it, and a connection told to close ends
+    /// on the client's next request instead.
+    pub close_failed: bool,
     /// An HTTP role in this VM reports on this connection: writes need reading only when it
     /// has marked a response (`head_pending`). Without one (separate VMs), every write that
     /// may start a response head is read.
@@ -56,10 +59,12 @@ impl Conn {
         self.activity.request_done(now_ms);
     }
 
-    /// Are this connection's requests in flight known? A same-VM HTTP role counts them, and one
-    /// in another VM sends notes when this VM has a queue to hear them on.
-    pub fn counted(&self) -> bool {
-        self.http_role_here || pod::own_queue().is_some()
+    /// May the sweep close this connection once it is quiet? Only where its requests in flight
+    /// are known (a same-VM HTTP role counts them; one in another VM sends notes when this VM
+    /// has a queue to hear them on) and this VM sweeps at all (the host ticks it, and tells the
+    /// time). Otherwise a connection told to close ends on the client's next request.
+    pub fn sweepable(&self) -> bool {
+        SWEEPING.get() && !self.close_failed && (self.http_role_here || pod::own_queue().is_some())
     }
 
     /// A same-VM HTTP role marked the next response head: the network role rewrites that one
@@ -78,6 +83,15 @@ pub fn register(address: &str, conn: &ConnRef) {
 /// The connection is gone. `try_with`: this runs from a context's drop, also at VM teardown.
 pub fn unregister(address: &str) {
     let _ = CONNS.try_with(|c| c.borrow_mut().remove(address));
+}
+
+/// Whether this VM's network root sweeps: set once it is configured.
+pub fn set_sweeping(sweeping: bool) {
+    SWEEPING.set(sweeping);
+}
+
+thread_local! {
+    static SWEEPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 thread_local! {
@@ -115,6 +129,8 @@ pub fn close(conn: &ConnRef) -> bool {
         Ok(()) => true,
         Err(e) => {
             debug!("could not close client connection: {e:?}");
+            let mut c = conn.borrow_mut();
+            (c.closing, c.close_failed) = (false, true);
             false
         }
     }
@@ -152,9 +168,9 @@ pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) 
                 let mut c = conn.borrow_mut();
                 // Without a count of the requests in flight, a connection told to close ends on
                 // the client's next request instead (`network.rs`).
-                let told = c.close_pending && close_told && c.counted();
+                let told = c.close_pending && close_told && c.sweepable();
                 let idle_ms = if told { grace.told_ms } else { grace.idle_ms };
-                let wanted = (draining || told) && !c.closing && !c.envoy_closes && drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told);
+                let wanted = (draining || told) && !c.closing && !c.envoy_closes && !c.close_failed && drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told);
                 let close = wanted && (told || drain::second_look(&mut c.activity, now, idle_ms, grace.tick_ms));
                 close.then(|| (conn.clone(), told, c.activity))
             })

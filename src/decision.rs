@@ -264,6 +264,29 @@ pub fn upstream(status: u16, flags: u64, refused: bool) -> Upstream {
     }
 }
 
+/// What one response says about the app's health, for the drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppSaid {
+    /// The app answered, or Envoy failed for reasons of its own.
+    Answered,
+    /// The app refuses connections (UF, or rescue's refusal marker): it has stopped accepting,
+    /// which a healthy app never does. Evidence at once.
+    Refused,
+    /// A reset (UC/UR, when `resets` counts), or a request another pod answered (rescue, after
+    /// a refusal or a reset): evidence only when it comes again before the app answers
+    /// (`drain::Streak`), as a keep-alive race happens to a healthy app.
+    Failed,
+}
+
+pub fn app_said(upstream: Upstream, rescued: bool, resets_count: bool) -> AppSaid {
+    match upstream {
+        Upstream::Refused => AppSaid::Refused,
+        Upstream::Reset if resets_count => AppSaid::Failed,
+        _ if rescued => AppSaid::Failed,
+        _ => AppSaid::Answered,
+    }
+}
+
 /// The response ends the app's own connection (as opposed to Envoy's reasons to close).
 pub fn app_ended(reason: Reason) -> bool {
     matches!(reason, Reason::ConnectionClose | Reason::ProxyConnectionClose | Reason::CloseDelimited)
@@ -282,6 +305,15 @@ pub fn relayed(reason: Reason, relay_upstream_close: bool, draining: bool) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_evidence_at_once_a_reset_or_a_rescue_only_in_a_row() {
+        assert_eq!(app_said(Upstream::Refused, false, true), AppSaid::Refused);
+        assert_eq!(app_said(Upstream::Reset, false, true), AppSaid::Failed);
+        assert_eq!(app_said(Upstream::Reset, false, false), AppSaid::Answered, "resets not counted");
+        assert_eq!(app_said(Upstream::Fine, true, false), AppSaid::Failed, "rescued: the app failed it");
+        assert_eq!(app_said(Upstream::Fine, false, true), AppSaid::Answered);
+    }
 
     #[test]
     fn only_a_retry_that_was_answered_is_a_rescue() {

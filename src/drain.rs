@@ -248,6 +248,33 @@ impl Window {
     }
 }
 
+/// An app's failures that no answer came between, as one VM sees them. A reset of a reused
+/// connection (UC/UR), or a request another pod answered for it (rescue), happens to a healthy
+/// app too: one whose keep-alive idle timeout is shorter than Envoy's (Node.js: 5 s) closes an
+/// idle connection just as Envoy reuses it. An app going away fails every request that comes,
+/// one after the other; a healthy one answers the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Streak {
+    count: u32,
+    last_ms: u64,
+}
+
+impl Streak {
+    /// The app answered: what failed before was no sign of it going away.
+    pub fn answered(&mut self) {
+        *self = Streak::default();
+    }
+
+    /// One more failure at `now_ms`; returns how many came in a row, each within `window_ms` of
+    /// the one before (a failure long after the last is a new streak: traffic was sparse).
+    pub fn failed(&mut self, now_ms: u64, window_ms: u64) -> u32 {
+        let follows = self.count > 0 && now_ms <= self.last_ms.saturating_add(window_ms);
+        let count = if follows { self.count.saturating_add(1) } else { 1 };
+        *self = Streak { count, last_ms: now_ms };
+        count
+    }
+}
+
 /// What the network role knows about one client connection's activity.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Activity {
@@ -382,6 +409,17 @@ pub fn second_look(a: &mut Activity, now_ms: u64, grace_ms: u64, tick_ms: u64) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_count_in_a_row_until_the_app_answers() {
+        let mut s = Streak::default();
+        assert_eq!(s.failed(1_000, 2_000), 1, "one reset: a keep-alive race, maybe");
+        assert_eq!(s.failed(1_010, 2_000), 2, "another before any answer");
+        s.answered();
+        assert_eq!(s.failed(1_020, 2_000), 1, "an answer between: a new streak");
+        assert_eq!(s.failed(3_021, 2_000), 1, "too long after the last one: a new streak");
+        assert_eq!(s.failed(3_021, 2_000), 2);
+    }
 
     #[test]
     fn the_sweep_grace_follows_who_is_going_away() {

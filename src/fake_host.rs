@@ -356,7 +356,9 @@ mod tests {
 
     const START_MS: u64 = 1_000_000;
 
+    /// As a network root configured with a tick and a clock leaves the VM: sweeping.
     fn shared(config: Config) -> Rc<Shared> {
+        conn::set_sweeping(true);
         Rc::new(Shared { config: Some(config), metrics: Metrics::define() })
     }
 

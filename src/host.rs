@@ -397,10 +397,11 @@ pub fn coarse_now() -> u64 {
     COARSE_NOW.get()
 }
 
-pub fn set_tick(period_ms: u64) {
+/// False when the host would not tick this root.
+pub fn set_tick(period_ms: u64) -> bool {
     let period = u32::try_from(period_ms).unwrap_or(u32::MAX);
     // SAFETY: a plain integer argument.
-    let _ = invoke(Call::SetTickPeriod, || unsafe { proxy_set_tick_period_milliseconds(period) });
+    invoke(Call::SetTickPeriod, || unsafe { proxy_set_tick_period_milliseconds(period) }).is_ok()
 }
 
 /// Shared data (one store per `vm_id`, seen by every worker and both roles): value and CAS.

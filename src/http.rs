@@ -12,8 +12,8 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
-use crate::decision::{self, decide, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner, Upstream};
-use crate::drain::Source;
+use crate::decision::{self, decide, AppSaid, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner, Upstream};
+use crate::drain::{Source, Streak};
 use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
@@ -155,39 +155,37 @@ impl HttpRole {
         }
     }
 
-    /// A healthy pod answered after the app refused: counted, and the pod drains as the app is
-    /// going away (`app_failure`'s switch and hold), with the sidecar's idle grace.
-    fn rescue(&mut self, config: &Config, headers: &ResponseHeaders) -> bool {
-        if !decision::rescued(headers.attempt_count.as_deref(), headers.refused) {
-            return false;
-        }
-        self.shared.metrics.rescued.inc();
-        let failure = &config.drain.app_failure;
-        if config.drain.enabled && failure.enabled {
-            debug!("rescued by another pod: pod draining for {} ms", failure.hold_ms);
-            self.entered(Source::AppRescued, host::now_ms() + failure.hold_ms);
-        }
-        true
-    }
-
-    fn upstream_failure(&mut self, config: &Config, headers: &ResponseHeaders, status: u16) -> bool {
-        if status < 500 {
-            return false;
-        }
-        let flags = response_flags();
+    /// What this response says about the app: an answer ends a streak of failures; a refusal
+    /// drains the pod at once; a reset or a rescue only when another came before any answer
+    /// (`drain::Streak`). Rescued requests are counted. Returns whether Envoy could not connect.
+    fn watch_app(&mut self, config: &Config, headers: &ResponseHeaders, status: u16) -> (Upstream, bool) {
+        let flags = if status >= 500 { response_flags() } else { 0 };
         let upstream = decision::upstream(status, flags, headers.refused);
+        let rescued = decision::rescued(headers.attempt_count.as_deref(), headers.refused);
+        if rescued {
+            self.shared.metrics.rescued.inc();
+        }
         let failure = &config.drain.app_failure;
-        let going = match upstream {
-            Upstream::Refused => true,
-            Upstream::Reset => failure.resets,
-            Upstream::Fine => false,
+        let evidence = match decision::app_said(upstream, rescued, failure.resets) {
+            AppSaid::Answered => {
+                STREAK.with(|s| s.borrow_mut().answered());
+                return (upstream, rescued);
+            }
+            AppSaid::Refused => true,
+            AppSaid::Failed => {
+                let in_a_row = STREAK.with(|s| s.borrow_mut().failed(host::now_ms(), failure.window_ms));
+                debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}): {in_a_row} in a row");
+                in_a_row >= failure.in_a_row
+            }
         };
-        if config.drain.enabled && failure.enabled && going {
-            let source = Source::for_app_failure(headers.refused);
-            debug!("app failure (response flags {flags:#x}, {}): pod draining for {} ms", source.as_str(), failure.hold_ms);
+        if config.drain.enabled && failure.enabled && evidence {
+            // A rescue: the next request on an idle connection would be rescued too, so the
+            // sidecar's idle grace, not the app's at-once close (`Source::AppRescued`).
+            let source = if rescued { Source::AppRescued } else { Source::for_app_failure(headers.refused) };
+            debug!("app going away ({}): pod draining for {} ms", source.as_str(), failure.hold_ms);
             self.entered(source, host::now_ms() + failure.hold_ms);
         }
-        upstream == Upstream::Refused && config.close_on_connect_failure
+        (upstream, rescued)
     }
 }
 
@@ -287,6 +285,9 @@ fn unframed_ends_connection() -> bool {
 
 thread_local! {
     static LEARNER: std::cell::RefCell<UnframedLearner> = std::cell::RefCell::default();
+    /// This VM's app failures in a row: per VM (one worker), as reading shared data on every
+    /// answer would cost a host call per request; a dying app fails every worker's requests.
+    static STREAK: std::cell::RefCell<Streak> = std::cell::RefCell::default();
     static WARNED_NO_NETWORK_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -334,8 +335,8 @@ impl HttpContext for HttpRole {
         shared.metrics.count_response();
         let headers = ResponseHeaders::read();
         let facts = headers.facts();
-        let connect_failure = self.upstream_failure(config, &headers, facts.status);
-        let rescued = self.rescue(config, &headers);
+        let (upstream, rescued) = self.watch_app(config, &headers, facts.status);
+        let connect_failure = upstream == Upstream::Refused && config.close_on_connect_failure;
         let closing = self.address.as_ref().is_some_and(|a| a.closing);
         let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure, rescued, closing };
         if let Some(reason) = self.close_reason(config, &facts, signals) {

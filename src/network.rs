@@ -199,7 +199,7 @@ impl StreamContext for NetworkRole {
             }
             self.conn.borrow_mut().activity.http1 = wire::starts_http1_request(&first);
         }
-        if close_pending && size > 0 && config.close_connection && !self.conn.borrow().counted() {
+        if close_pending && size > 0 && config.close_connection && !self.conn.borrow().sweepable() {
             self.close_on_next_request(size);
         }
         Action::Continue

@@ -206,7 +206,11 @@ impl RootContext for Root {
                 );
             }
             // Without drain awareness too: the tick closes connections told to close once quiet.
-            host::set_tick(config.drain.tick_ms);
+            let ticking = host::set_tick(config.drain.tick_ms);
+            if self.role == Role::Network {
+                // The sweep needs both the tick and the host's clock.
+                conn::set_sweeping(ticking && host::now_ms() > 0);
+            }
             if config.drain.enabled {
                 pod::refresh(&self.shared.metrics);
             }

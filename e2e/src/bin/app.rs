@@ -20,6 +20,11 @@
 //!
 //! A request header `x-app-close: 1` makes any path answer with `Connection: close`.
 //!
+//! `--race-every N`: every Nth request that comes on a connection already used is met with a
+//! reset instead of an answer, as when the app closes an idle keep-alive connection just as the
+//! proxy reuses it (Node.js's `keepAliveTimeout`, 5 s, is shorter than Envoy's hour): the keep-
+//! alive race, on schedule.
+//!
 //! Graceful shutdown on SIGTERM, as real apps do it (`--shutdown MODE`):
 //! - `close-header` (default): stop accepting (new connections are refused), answer the next
 //!   request on each existing connection with `Connection: close`;
@@ -43,6 +48,9 @@ static READY: AtomicBool = AtomicBool::new(true);
 static CLOSING: AtomicBool = AtomicBool::new(false);
 static CLOSE_IDLE: AtomicBool = AtomicBool::new(false);
 static OPEN: AtomicUsize = AtomicUsize::new(0);
+/// `--race-every`: 0 for never; and the reused-connection requests counted toward it.
+static RACE_EVERY: AtomicUsize = AtomicUsize::new(0);
+static REUSED: AtomicUsize = AtomicUsize::new(0);
 /// How often a waiting connection looks at the shutdown state.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -58,6 +66,7 @@ fn main() {
     let mode = arg("--shutdown").unwrap_or_else(|| "close-header".into());
     let ms = |name: &str, default: u64| arg(name).and_then(|v| v.parse().ok()).unwrap_or(default);
     let (prestop, timeout) = (ms("--prestop-ms", 3000), ms("--shutdown-timeout-ms", 5000));
+    RACE_EVERY.store(ms("--race-every", 0) as usize, Ordering::SeqCst);
     let listener = match TcpListener::bind(("127.0.0.1", port)).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
         Ok(l) => l,
         Err(e) => {
@@ -172,11 +181,34 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>
     Ok(Some(req))
 }
 
+/// Closes with a reset (`SO_LINGER` 0), as a socket closed with its request unread does.
+fn reset(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on an open socket of ours, with a pointer to a live `linger` and its size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 fn serve(stream: TcpStream) -> io::Result<()> {
     let _ = stream.set_nonblocking(false);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
+    let mut served = 0usize;
     while next_request_arrives(&mut reader)? {
+        served += 1;
+        let every = RACE_EVERY.load(Ordering::SeqCst);
+        if served > 1 && every > 0 && (REUSED.fetch_add(1, Ordering::SeqCst) + 1) % every == 0 {
+            reset(&out);
+            return Ok(());
+        }
         let Some(req) = read_request(&mut reader)? else { break };
         let head_only = req.method == "HEAD";
         let forced = req.header("x-app-close") == Some("1") || CLOSING.load(Ordering::SeqCst);
