@@ -205,7 +205,7 @@ fn serve(stream: TcpStream) -> io::Result<()> {
     while next_request_arrives(&mut reader)? {
         served += 1;
         let every = RACE_EVERY.load(Ordering::SeqCst);
-        if served > 1 && every > 0 && (REUSED.fetch_add(1, Ordering::SeqCst) + 1) % every == 0 {
+        if served > 1 && every > 0 && (REUSED.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(every) {
             reset(&out);
             return Ok(());
         }
