@@ -392,33 +392,48 @@ mod tests {
         (net, http)
     }
 
+    /// What the network role published for the connection last made.
+    fn published() -> String {
+        let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        String::from_utf8_lossy(&address).into_owned()
+    }
+
+    fn marked_with(address: &str) -> bool {
+        with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().any(|(k, v)| k == crate::wire::MARKER && v == address))
+    }
+
+    /// A connection whose first response is the app's close, marked by the HTTP role and its
+    /// head (as Envoy writes it, the app's `connection` dropped) rewritten by the network role:
+    /// the roles, the marker's value and that head.
+    fn relayed_close(id: u32, shared: &Rc<Shared>) -> (NetworkRole, HttpRole, String, String) {
+        let (mut net, mut http) = connection(id, shared);
+        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
+        http.on_http_response_headers(0, false);
+        let address = published();
+        assert!(marked_with(&address), "the response carries the marker with this connection's address");
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {address}\r\n\r\nok", crate::wire::MARKER);
+        set_buffer(BufferType::UpstreamData, head.as_bytes());
+        net.on_upstream_data(head.len(), false);
+        (net, http, address, head)
+    }
+
+    /// The connections a sweep closes `ms` later, with the default graces, nothing draining.
+    fn swept_after(ms: u64, shared: &Rc<Shared>) -> Vec<u32> {
+        advance(ms);
+        conn::sweep(false, true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
+        with(|f| f.closed.clone())
+    }
+
     #[test]
     fn the_apps_close_is_marked_rewritten_and_its_connection_closed_after_the_response() {
         reset(START_MS);
         let shared = shared(Config::default());
-        let (mut net, mut http) = connection(7, &shared);
-        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
-        http.on_http_response_headers(0, false);
-        let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
-        let address = String::from_utf8_lossy(&address).into_owned();
-        let marked = with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().any(|(k, v)| k == crate::wire::MARKER && *v == address));
-        assert!(marked, "the response carries the marker with this connection's address");
-
-        // Envoy drops the app's `connection`; the marker goes out in the head the network role sees.
-        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {address}\r\n\r\nok", crate::wire::MARKER);
-        set_buffer(BufferType::UpstreamData, head.as_bytes());
-        net.on_upstream_data(head.len(), false);
+        let (_net, http, _, _) = relayed_close(7, &shared);
         assert_eq!(buffer(BufferType::UpstreamData), b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
-
         drop(http); // the stream ends; the client was told, and may close first
         assert!(with(|f| f.closed.is_empty()), "never from inside the stream's end");
-        let grace = Grace::for_sweep(250, 0, 100, false);
-        advance(300);
-        conn::sweep(false, true, grace, &shared.metrics);
-        assert!(with(|f| f.closed.is_empty()), "not before the sidecar's grace, as Envoy's delayed close");
-        advance(100);
-        conn::sweep(false, true, grace, &shared.metrics);
-        assert_eq!(with(|f| f.closed.clone()), vec![7], "quiet: closed on the sweep");
+        assert!(swept_after(300, &shared).is_empty(), "not before the sidecar's grace, as Envoy's delayed close");
+        assert_eq!(swept_after(100, &shared), vec![7], "quiet: closed on the sweep");
         assert_eq!(metric("close_relay_relayed_total"), 1);
         assert_eq!(metric("close_relay_connections_closed_total"), 1);
     }
@@ -427,17 +442,9 @@ mod tests {
     fn requests_the_client_sent_behind_a_relayed_close_are_answered_with_close_before_it() {
         reset(START_MS);
         let shared = shared(Config::default());
-        let (mut net, mut http) = connection(8, &shared);
-        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
-        http.on_http_response_headers(0, false);
-        let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
-        let address = String::from_utf8_lossy(&address).into_owned();
-        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {address}\r\n\r\nok", crate::wire::MARKER);
-        set_buffer(BufferType::UpstreamData, head.as_bytes());
-        net.on_upstream_data(head.len(), false);
+        let (mut net, http, address, head) = relayed_close(8, &shared);
         drop(http);
-        let published = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
-        assert_eq!(published, format!("{address}!").into_bytes(), "the connection is published as closing");
+        assert_eq!(published(), format!("{address}!"), "the connection is published as closing");
 
         // A request pipelined in the same read as the first: the HCM dispatches it now, and its
         // HTTP role reads that the connection is closing.
@@ -446,12 +453,9 @@ mod tests {
         second.on_http_request_headers(0, true);
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("content-length", "2")]);
         second.on_http_response_headers(0, false);
-        let marked = with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().any(|(k, v)| k == crate::wire::MARKER && *v == address));
-        assert!(marked, "its answer closes too");
+        assert!(marked_with(&address), "its answer closes too");
         assert_eq!(metric("close_relay_relayed_total"), 2);
-        advance(1_000);
-        conn::sweep(false, true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
-        assert!(with(|f| f.closed.is_empty()), "never with that request in flight");
+        assert!(swept_after(1_000, &shared).is_empty(), "never with that request in flight");
 
         drop(second);
 
@@ -469,13 +473,8 @@ mod tests {
         set_buffer(BufferType::UpstreamData, head.as_bytes());
         net.on_upstream_data(head.len(), false);
         drop(third);
-        let grace = Grace::for_sweep(250, 0, 100, false);
-        advance(300);
-        conn::sweep(false, true, grace, &shared.metrics);
-        assert!(with(|f| f.closed.is_empty()), "within the grace after the last answer");
-        advance(100);
-        conn::sweep(false, true, grace, &shared.metrics);
-        assert_eq!(with(|f| f.closed.clone()), vec![8], "closed once quiet after the last one");
+        assert!(swept_after(300, &shared).is_empty(), "within the grace after the last answer");
+        assert_eq!(swept_after(100, &shared), vec![8], "closed once quiet after the last one");
         assert_eq!(metric("close_relay_requests_closed_total"), 0);
     }
 
