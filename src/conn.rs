@@ -25,9 +25,10 @@ pub struct Conn {
     /// it ends when the client closes it, on the client's next request (`connection: close`
     /// added to it), or when it goes quiet ([`sweep`]).
     pub close_pending: bool,
-    /// A response head said `connection: close` on its own (Envoy's drain, the client asked):
-    /// Envoy's HCM closes the connection itself, after its delayed close, and nothing here may
-    /// close it sooner.
+    /// A marked response head said `connection: close` on Envoy's own account (its drain, the
+    /// client asked, an answer before the request was whole): Envoy closes the connection
+    /// itself, and the sweep only once Envoy's delayed close is surely over
+    /// ([`Grace::envoy_told_ms`]).
     pub envoy_closes: bool,
     /// We asked Envoy to close it, or the connection is gone (its network context is done):
     /// nothing more to do, and its context id must not be used again.
@@ -168,9 +169,13 @@ pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) 
                 let mut c = conn.borrow_mut();
                 // Without a count of the requests in flight, a connection told to close ends on
                 // the client's next request instead (`network.rs`).
-                let told = c.close_pending && close_told && c.sweepable();
-                let idle_ms = if told { grace.told_ms } else { grace.idle_ms };
-                let wanted = (draining || told) && !c.closing && !c.envoy_closes && !c.close_failed && drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told);
+                let told = (c.close_pending || c.envoy_closes) && close_told && c.sweepable();
+                let idle_ms = match (c.envoy_closes, told) {
+                    (true, _) => grace.envoy_told_ms,
+                    (false, true) => grace.told_ms,
+                    (false, false) => grace.idle_ms,
+                };
+                let wanted = (draining || told) && !c.closing && !c.close_failed && drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told);
                 let close = wanted && (told || drain::second_look(&mut c.activity, now, idle_ms, grace.tick_ms));
                 close.then(|| (conn.clone(), told, c.activity))
             })

@@ -368,9 +368,19 @@ pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64, told:
 pub struct Grace {
     pub idle_ms: u64,
     pub told_ms: u64,
+    /// One whose head said close on Envoy's own account ([`ENVOY_DELAYED_CLOSE_MS`]).
+    pub envoy_told_ms: u64,
     pub fresh_ms: u64,
     pub tick_ms: u64,
 }
+
+/// Envoy's default `delayed_close_timeout`, which Istio keeps. Envoy closes a connection it
+/// told to close (a client's own close, an answer before the request was whole) once the
+/// client has closed, or this long after its last write; meanwhile it reads nothing, so a
+/// close from us then would leave the client's bytes unread and reset the connection. One it
+/// told while draining, it keeps until the HCM's `drain_timeout` (5 s): the sweep closes that
+/// one once quiet past this.
+pub const ENVOY_DELAYED_CLOSE_MS: u64 = 1_000;
 
 impl Grace {
     /// While the app itself goes away its own grace applies (0: at once), else the sidecar's;
@@ -382,7 +392,8 @@ impl Grace {
         let with_tick = |grace: u64| if grace == 0 { 0 } else { grace.saturating_add(tick_ms) };
         let idle = if app_going { app_idle_grace_ms } else { idle_grace_ms };
         let sidecar = with_tick(idle_grace_ms);
-        Grace { idle_ms: with_tick(idle), told_ms: sidecar, fresh_ms: sidecar, tick_ms }
+        let envoy_told_ms = sidecar.max(ENVOY_DELAYED_CLOSE_MS.saturating_add(tick_ms));
+        Grace { idle_ms: with_tick(idle), told_ms: sidecar, envoy_told_ms, fresh_ms: sidecar, tick_ms }
     }
 }
 
@@ -423,8 +434,10 @@ mod tests {
 
     #[test]
     fn the_sweep_grace_follows_who_is_going_away() {
-        assert_eq!(Grace::for_sweep(250, 0, 100, false), Grace { idle_ms: 350, told_ms: 350, fresh_ms: 350, tick_ms: 100 });
-        assert_eq!(Grace::for_sweep(250, 0, 100, true), Grace { idle_ms: 0, told_ms: 350, fresh_ms: 350, tick_ms: 100 });
+        let g = |idle_ms, told_ms| Grace { idle_ms, told_ms, envoy_told_ms: 1_100, fresh_ms: 350, tick_ms: 100 };
+        assert_eq!(Grace::for_sweep(250, 0, 100, false), g(350, 350));
+        assert_eq!(Grace::for_sweep(250, 0, 100, true), g(0, 350));
+        assert_eq!(Grace::for_sweep(5_000, 0, 100, false).envoy_told_ms, 5_100, "never below the sidecar's grace");
         assert_eq!(Grace::for_sweep(250, 50, 100, true).idle_ms, 150);
         assert_eq!(Grace::for_sweep(0, 0, 100, false).fresh_ms, 0);
     }

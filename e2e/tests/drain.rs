@@ -38,9 +38,11 @@ fn pool(envoy: &Envoy) -> Pool {
     pool
 }
 
-/// Busy connections keep sending (as ALB traffic does) until they are told to close; idle ones
-/// are only watched. Returns the time from `trigger` to the last connection closed, and the
-/// statuses the busy connections saw.
+/// Busy connections keep sending (as ALB traffic does) until they are told to close, and then
+/// close them, as the ALB does; idle ones are only watched, as only close-relay closes those.
+/// Returns the time from `trigger` to the last connection gone, and the statuses the busy
+/// connections saw. (A client that ignores `connection: close` is closed once quiet:
+/// `tests/relay.rs`.)
 fn all_closed(envoy: &Envoy, mut pool: Pool, trigger: Instant, path: &str) -> (Duration, Vec<u16>) {
     let deadline = trigger + WITHIN;
     let mut last_close = trigger;
@@ -53,11 +55,9 @@ fn all_closed(envoy: &Envoy, mut pool: Pool, trigger: Instant, path: &str) -> (D
             if closed_busy[i] {
                 continue;
             }
-            if told[i] || !c.open_now() {
-                if !c.open_now() {
-                    closed_busy[i] = true;
-                    last_close = Instant::now();
-                }
+            if !c.open_now() {
+                closed_busy[i] = true;
+                last_close = Instant::now();
                 continue;
             }
             match c.send(&format!("GET {path} HTTP/1.1\r\nhost: app\r\n\r\n")).map(|_| c.try_response("GET")) {
@@ -65,6 +65,12 @@ fn all_closed(envoy: &Envoy, mut pool: Pool, trigger: Instant, path: &str) -> (D
                     statuses.push(r.status);
                     assert!(!r.leaks_marker(), "{}", r.raw_head);
                     told[i] = r.says_close();
+                    if told[i] {
+                        // As the ALB does on `connection: close`: it closes the connection.
+                        c.shutdown();
+                        closed_busy[i] = true;
+                        last_close = Instant::now();
+                    }
                 }
                 // Closed between our check and the send: that is a close, not an error.
                 _ => {
@@ -93,7 +99,7 @@ fn all_closed(envoy: &Envoy, mut pool: Pool, trigger: Instant, path: &str) -> (D
 
 fn report(source: &str, setup: &str, took: Duration) {
     eprintln!(
-        "[envoy {}] drain source {source} ({setup}, {}): trigger -> last connection closed in {} ms",
+        "[envoy {}] drain source {source} ({setup}, {}): trigger -> last connection told or closed in {} ms",
         e2e::envoy_version(),
         e2e::layout().as_str(),
         took.as_millis()
