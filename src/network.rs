@@ -1,10 +1,11 @@
 //! The network role: sits before the HCM and sees the bytes Envoy writes to the client.
 //! - Rewrites the HTTP role's marker into `connection: close`.
 //! - Registers each client connection with this VM ([`crate::conn`]) and keeps its activity.
-//! - After a relayed close, leaves the close to Envoy wherever Envoy can make it: a request the
-//!   client still sends gets `connection: close` added, so the HCM answers it with close and
-//!   closes the connection its own way (after its delayed close, never with input unread). A
-//!   connection that goes quiet instead is closed by the sweep ([`conn::sweep`]).
+//! - After a relayed close, publishes the connection as closing, so that what the client already
+//!   sent behind it is answered with close too, and leaves the close to the sweep once the
+//!   connection is quiet ([`conn::sweep`]). Where nothing counts the connection's requests in
+//!   flight, the client's next request, when it comes alone, gets `connection: close` added
+//!   instead, and Envoy answers it and closes its own way.
 
 use std::cell::RefCell;
 use std::rc::Rc;
