@@ -73,7 +73,10 @@ pub enum Reply {
     /// 413 with `Connection: close` as soon as the head is in, the body unread; then it reads and
     /// drops whatever still comes, until Envoy closes (as servers linger on close).
     EarlyReject,
-    /// These bytes, written the given way, then a close: a response from a corpus.
+    /// These bytes, written the given way: a response from a corpus. The origin then closes,
+    /// unless the bytes are one response that frames itself for keep-alive ([`keeps_alive`]):
+    /// closing under a pooled connection would make Envoy's upstream keep-alive race (a 503
+    /// for the next request, plain Envoy or not) part of the comparison.
     Raw(Vec<u8>, Pattern),
 }
 
@@ -99,18 +102,18 @@ impl Origin {
         let lease = Port::lease();
         let port = lease.get();
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| panic!("origin on {port}: {e}"));
-        listener.set_nonblocking(true).expect("non-blocking listener");
         let state = Arc::new(State { stop: AtomicBool::new(false), reply: Mutex::new(reply), requests: Mutex::default() });
         let shared = state.clone();
         let accept = thread::spawn(move || {
             let mut conns = Vec::new();
             while !shared.stop.load(Ordering::Relaxed) {
+                // Blocking: a drop wakes it with a connection of its own once `stop` is set.
                 match listener.accept() {
+                    Ok(_) if shared.stop.load(Ordering::Relaxed) => break,
                     Ok((stream, _)) => {
                         let s = shared.clone();
                         conns.push(thread::spawn(move || serve(stream, &s)));
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
                     Err(_) => thread::sleep(POLL),
                 }
                 conns.retain(|c: &JoinHandle<()>| !c.is_finished());
@@ -135,6 +138,7 @@ impl Origin {
 impl Drop for Origin {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect_timeout(&(std::net::Ipv4Addr::LOCALHOST, self.port).into(), Duration::from_secs(1));
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
@@ -230,6 +234,32 @@ fn recorded(request: &[u8], head: usize) -> Vec<u8> {
     out
 }
 
+/// Whether `response` is one HTTP/1.1 response, whole, whose framing lets the connection go on:
+/// a length or a finished chunked body (or none by its status), and no `Connection: close`.
+pub fn keeps_alive(response: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(head)) = resp.parse(response) else { return false };
+    let values = |name: &str| -> Vec<String> {
+        resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase()).collect()
+    };
+    let code = resp.code.unwrap_or(0);
+    if resp.version != Some(1) || values("connection").iter().any(|v| v.contains("close")) || (100..200).contains(&code) {
+        return false;
+    }
+    let (chunked, lengths) = (values("transfer-encoding"), values("content-length"));
+    let end = if code == 204 || code == 304 {
+        Some(head)
+    } else if chunked.len() == 1 && chunked[0].trim() == "chunked" && lengths.is_empty() {
+        chunked_end(response, head)
+    } else if chunked.is_empty() && lengths.len() == 1 {
+        lengths[0].trim().parse::<usize>().ok().and_then(|n| head.checked_add(n))
+    } else {
+        None
+    };
+    end == Some(response.len())
+}
+
 fn serve(mut stream: TcpStream, state: &State) {
     let _ = stream.set_read_timeout(Some(POLL));
     let _ = stream.set_nodelay(true);
@@ -268,7 +298,12 @@ fn serve(mut stream: TcpStream, state: &State) {
             Reply::Raw(bytes, pattern) => write_pieces(&mut stream, &pattern.writes(bytes)),
             Reply::EarlyReject => Ok(()),
         };
-        if sent.is_err() || reply != Reply::Echo {
+        let keep = match &reply {
+            Reply::Echo => true,
+            Reply::Raw(bytes, _) => keeps_alive(bytes),
+            _ => false,
+        };
+        if sent.is_err() || !keep {
             // A lingering close: nothing unread is left to turn the close into a reset.
             let _ = stream.shutdown(Shutdown::Write);
             while fill(&mut stream, &mut buf, state) {
@@ -291,6 +326,23 @@ mod tests {
         assert_eq!(request_end(chunked), Ok(Some((chunked.len() - 4, 47))));
         assert_eq!(request_end(&chunked[..60]), Ok(None));
         assert!(request_end(b"\x16\x03\x01 tls").is_err());
+    }
+
+    #[test]
+    fn only_a_self_framed_response_keeps_the_connection() {
+        assert!(keeps_alive(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"));
+        assert!(keeps_alive(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n"));
+        assert!(keeps_alive(b"HTTP/1.1 304 Not Modified\r\n\r\n"));
+        for until_close in [
+            &b"HTTP/1.1 200 OK\r\n\r\nbody"[..],
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ] {
+            assert!(!keeps_alive(until_close), "{:?}", String::from_utf8_lossy(until_close));
+        }
     }
 
     #[test]
