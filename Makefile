@@ -24,7 +24,7 @@ PYTHON         ?= python3
 CARGO          ?= cargo
 envoy_bin       = $(ENVOY_DIR)/$(1)/envoy/_bin/envoy
 
-.PHONY: all build trim test unit lint e2e e2e-version app-servers demo deps envoy clean drain-timings rollout oci push rescue istio-tools fuzz bench soak
+.PHONY: all build trim test unit lint e2e e2e-unit app-servers demo deps envoy clean drain-timings rollout oci push rescue istio-tools fuzz bench soak
 
 all: build
 
@@ -138,8 +138,11 @@ lint: deps
 	$(CARGO) clippy -p e2e --all-targets -- -D warnings
 
 # The e2e suites per Envoy version, in both layouts; ENVOY=/path/to/envoy runs them on that
-# binary only. Versions run E2E_JOBS at a time, each into target/e2e-logs/<version>.log, and
-# the logs are printed in order when all are done.
+# binary only. Otherwise the work goes in units, E2E_JOBS at a time, longest first so that no
+# job is left alone at the end: the real app servers on ENVOY_DEMO, then each version in each
+# layout. Each unit logs into target/e2e-logs/<unit>.log; the logs are printed in order when
+# all are done.
+E2E_UNITS := $(ENVOY_DEMO)/servers $(foreach v,$(ENVOY_VERSIONS),$(v)/one $(v)/split)
 e2e: build build-fault envoy istio-tools app-servers
 	$(CARGO) build -p e2e --tests --bins
 ifdef ENVOY
@@ -148,18 +151,25 @@ ifdef ENVOY
 	CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(APP_TESTS)
 else
 	@mkdir -p target/e2e-logs
-	@start=$$(date +%s); printf '%s\n' $(ENVOY_VERSIONS) | xargs -P $(E2E_JOBS) -I{} $(MAKE) --no-print-directory e2e-version V={}; \
-	  rc=$$?; for v in $(ENVOY_VERSIONS); do cat target/e2e-logs/$$v.log; done; \
+	@start=$$(date +%s); printf '%s\n' $(E2E_UNITS) | xargs -P $(E2E_JOBS) -I{} $(MAKE) --no-print-directory e2e-unit U={}; \
+	  rc=$$?; for u in $(E2E_UNITS); do cat target/e2e-logs/$$(echo $$u | tr / -).log; done; \
 	  echo "e2e on $(ENVOY_VERSIONS): $$(( $$(date +%s) - start )) s"; exit $$rc
 endif
 
-e2e-version:
-	@echo "=== e2e on Envoy $(V): started"
-	@{ echo "=== e2e on Envoy $(V)"; \
-	  ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture && \
-	  ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture && \
-	  if [ "$(V)" = "$(ENVOY_DEMO)" ]; then ENVOY=$(CURDIR)/$(call envoy_bin,$(V)) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(APP_TESTS); fi; \
-	} > target/e2e-logs/$(V).log 2>&1 && echo "=== e2e on Envoy $(V): passed" || { echo "=== e2e on Envoy $(V): FAILED"; exit 1; }
+# One unit of `make e2e`: U=<version>/one (every suite, roles in one VM), <version>/split (the
+# suites of both layouts, split VMs) or <version>/servers (the real app servers).
+unit_version = $(firstword $(subst /, ,$(U)))
+unit_part    = $(lastword $(subst /, ,$(U)))
+e2e-unit:
+	@echo "=== e2e on Envoy $(U): started"
+	@{ echo "=== e2e on Envoy $(U)"; export ENVOY=$(CURDIR)/$(call envoy_bin,$(unit_version)); \
+	  case "$(unit_part)" in \
+	    one) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture ;; \
+	    split) CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture ;; \
+	    servers) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(APP_TESTS) ;; \
+	    *) echo "unknown unit $(U)"; exit 2 ;; \
+	  esac; \
+	} > target/e2e-logs/$(subst /,-,$(U)).log 2>&1 && echo "=== e2e on Envoy $(U): passed" || { echo "=== e2e on Envoy $(U): FAILED"; exit 1; }
 
 # Drain timings: the drain suite RUNS times per Envoy version and layout, then the median (and min-max)
 # of "trigger -> last connection closed" per source, from the tests' own timestamps.

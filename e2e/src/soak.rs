@@ -255,8 +255,9 @@ pub struct Soak {
     pub alive: Vec<bool>,
 }
 
-/// Runs the soak for `seconds` (faults every 20 s, the first after 3 s).
-pub fn run(seconds: u64) -> Soak {
+/// Runs the soak for `seconds`, the faults on a cycle of `cycle_ms` (`make soak`: 20 s, the first
+/// fault after 3 s; each step at the same fraction of a shorter cycle).
+pub fn run(seconds: u64, cycle_ms: u64) -> Soak {
     let stacks: Vec<Arc<Stack>> =
         vec![Arc::new(Stack::start("baseline", Filter::None)), Arc::new(Stack::start("close-relay", Filter::CloseRelay))];
     let stop = Arc::new(AtomicBool::new(false));
@@ -294,16 +295,17 @@ pub fn run(seconds: u64) -> Soak {
         };
         let mut version = 1;
         let mut cycle = 0;
-        while now_ms() + 20_000 <= seconds * 1000 || cycle == 0 {
-            let t0 = cycle * 20_000;
-            at(t0 + 3_000);
+        while now_ms() + cycle_ms <= seconds * 1000 || cycle == 0 {
+            // A step of the cycle, in twentieths of it (seconds of the 20 s one).
+            let step = |twentieths: u64| cycle * cycle_ms + cycle_ms * twentieths / 20;
+            at(step(3));
             let from = now_ms();
             for s in &stacks {
                 if let Ok(mut app) = s.app.lock() {
                     app.kill();
                 }
             }
-            at(t0 + 4_000);
+            at(step(4));
             for s in &stacks {
                 if let Ok(mut app) = s.app.lock() {
                     app.restart();
@@ -311,30 +313,30 @@ pub fn run(seconds: u64) -> Soak {
             }
             faults.push(Fault { what: "app SIGKILLed and restarted", from_ms: from, to_ms: now_ms() });
             sample(&stacks);
-            at(t0 + 8_000);
+            at(step(8));
             let from = now_ms();
             for s in &stacks {
                 s.envoy.admin_post("/healthcheck/fail");
             }
-            at(t0 + 10_000);
+            at(step(10));
             for s in &stacks {
                 s.envoy.admin_post("/healthcheck/ok");
             }
             faults.push(Fault { what: "healthcheck/fail, then ok", from_ms: from, to_ms: now_ms() });
             sample(&stacks);
-            at(t0 + 13_000);
+            at(step(13));
             let from = now_ms();
             version += 1;
             for s in &stacks {
                 s.push_listener(version, true);
             }
-            at(t0 + 16_000);
+            at(step(16));
             version += 1;
             for s in &stacks {
                 s.push_listener(version, false);
             }
             faults.push(Fault { what: "listener pushed with a bad plugin config, then a good one", from_ms: from, to_ms: now_ms() });
-            at(t0 + 19_000);
+            at(step(19));
             sample(&stacks);
             cycle += 1;
         }

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use close_relay::config::{Config, Role};
@@ -37,15 +37,9 @@ fn node_tools() -> PathBuf {
     dir
 }
 
-/// `node validate.mjs` on files (or "-" with `stdin`).
-fn validate(files: &[&Path], stdin: Option<&str>) -> (bool, String) {
-    let mut cmd = Command::new("node");
-    cmd.current_dir(node_tools()).arg("validate.mjs").args(files);
-    let Some(input) = stdin else { return run(&mut cmd) };
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+/// `node validate.mjs` on files.
+fn validate(files: &[&Path]) -> (bool, String) {
+    run(Command::new("node").current_dir(node_tools()).arg("validate.mjs").args(files))
 }
 
 fn kustomize(dir: &Path) -> (bool, String) {
@@ -91,9 +85,6 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
     ] {
         assert!(names.iter().any(|n| n == expected), "{expected} not found among {names:?}");
     }
-    let (ok, out) = validate(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>(), None);
-    assert!(ok, "{out}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 9, "{out}");
     let builds = [
         ("envoyfilter/trafficextension", 2),
         ("envoyfilter/examples/checkout-trafficextension", 2),
@@ -102,11 +93,23 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
         // The settings ConfigMap is kustomize's only (local-config): just the EnvoyFilter comes out.
         ("envoyfilter/examples/checkout-rescue", 1),
     ];
-    for (dir, objects) in builds {
+    // One validator run for everything: it compiles the schemas once (a second per run).
+    let scratch = e2e::scratch("istio-valid");
+    let mut built_files = Vec::new();
+    for (i, (dir, objects)) in builds.iter().enumerate() {
         let (built, yaml) = kustomize(&root().join(dir));
         assert!(built, "kustomize build {dir}: {yaml}");
-        let (ok, out) = validate(&[Path::new("-")], Some(&yaml));
-        assert!(ok && out.lines().filter(|l| l.starts_with("ok ")).count() == objects, "{dir}: {out}");
+        let file = scratch.join(format!("build-{i}.yaml"));
+        fs::write(&file, yaml).unwrap();
+        built_files.push((file, *dir, *objects));
+    }
+    let all: Vec<&Path> = files.iter().map(PathBuf::as_path).chain(built_files.iter().map(|(f, ..)| f.as_path())).collect();
+    let (ok, out) = validate(&all);
+    assert!(ok, "{out}");
+    let oks = |file: &Path| out.lines().filter(|l| l.starts_with(&format!("ok {}: ", file.display()))).count();
+    assert_eq!(files.iter().map(|f| oks(f)).sum::<usize>(), 9, "{out}");
+    for (file, dir, objects) in &built_files {
+        assert_eq!(oks(file), *objects, "kustomize build {dir}: {out}");
     }
     say(&format!(
         "{} manifests and 5 kustomize builds valid against Istio 1.30.3's CRDs (CEL rules included), Istio 1.29's \
@@ -148,11 +151,15 @@ fn broken_manifests_fail_validation() {
         ("unknown applyTo", filter.replacen("applyTo: NETWORK_FILTER", "applyTo: NETWORK_FILTERS", 1), "/spec/configPatches/2/applyTo"),
         ("misplaced match", filter.replacen("      context: SIDECAR_INBOUND", "      contxt: SIDECAR_INBOUND", 1), "unknown field /spec/configPatches/2/match/contxt"),
     ];
-    for (what, text, expect) in cases {
-        let file = dir.join("broken.yaml");
-        fs::write(&file, text).unwrap();
-        let (ok, out) = validate(&[&file], None);
-        assert!(!ok && out.contains("INVALID") && out.contains(expect), "{what}: expected a failure naming {expect}:\n{out}");
+    let files: Vec<PathBuf> = (0..cases.len()).map(|i| dir.join(format!("broken-{i}.yaml"))).collect();
+    for (file, (_, text, _)) in files.iter().zip(&cases) {
+        fs::write(file, text).unwrap();
+    }
+    let (ok, out) = validate(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    assert!(!ok, "{out}");
+    for (file, (what, _, expect)) in files.iter().zip(&cases) {
+        let refused = out.lines().any(|l| l.starts_with(&format!("INVALID {}: ", file.display())) && l.contains(expect));
+        assert!(refused, "{what}: expected a failure naming {expect}:\n{out}");
     }
     // kustomize itself refuses an overlay whose patch points nowhere.
     let overlay = dir.join("overlay");
@@ -202,7 +209,7 @@ fn alerting_rules_pass_promtool_and_fire_on_a_trap_a_reload_and_a_bad_config() {
     fs::create_dir_all(&broken).unwrap();
     let file = broken.join("prometheusrule.yaml");
     fs::write(&file, rule.replacen("for: 10m", "for: ten minutes", 1)).unwrap();
-    let (ok, out) = validate(&[&file], None);
+    let (ok, out) = validate(&[&file]);
     assert!(!ok && out.contains("/spec/groups/0/rules/3/for"), "schema accepted a bad duration:\n{out}");
     rules_for_promtool(&rule.replacen("increase(close_relay_config_errors_total[10m])", "increase(close_relay_config_errors_total[10m]", 1), &broken);
     let (ok, out) = promtool(&["check", "rules", "rules.yaml"], &broken);
@@ -525,7 +532,7 @@ fn image_pushed_to_a_registry_pulls_back_identical_and_runs_as_wasm_plugins() {
         let text = fs::read_to_string(f).unwrap();
         assert!(text.contains(&image) && !text.contains(EXAMPLE_IMAGE), "{}:\n{text}", f.display());
     }
-    let (ok, out) = validate(&rendered.iter().map(PathBuf::as_path).collect::<Vec<_>>(), None);
+    let (ok, out) = validate(&rendered.iter().map(PathBuf::as_path).collect::<Vec<_>>());
     assert!(ok, "{out}");
     // Beside them, the rescue EnvoyFilter for the example workload (`make rescue`).
     let rescue = istio::read_docs(&istio_out.join("close-relay-rescue.yaml"));
