@@ -255,9 +255,32 @@ pub struct Soak {
     pub alive: Vec<bool>,
 }
 
-/// Runs the soak for `seconds`, the faults on a cycle of `cycle_ms` (`make soak`: 20 s, the first
-/// fault after 3 s; each step at the same fraction of a shorter cycle).
-pub fn run(seconds: u64, cycle_ms: u64) -> Soak {
+/// When each fault of a cycle starts and ends, in ms from the cycle's start.
+#[derive(Debug, Clone, Copy)]
+pub struct Cycle {
+    pub kill: u64,
+    pub restart: u64,
+    pub drain: u64,
+    pub undrain: u64,
+    pub bad_push: u64,
+    pub good_push: u64,
+    /// The end of the cycle's last fault window; the next cycle starts at `length`.
+    pub settled: u64,
+    pub length: u64,
+}
+
+impl Cycle {
+    /// `make soak`'s cycle: a fault every few seconds, each given time to settle.
+    pub const FULL: Cycle =
+        Cycle { kill: 3_000, restart: 4_000, drain: 8_000, undrain: 10_000, bad_push: 13_000, good_push: 16_000, settled: 19_000, length: 20_000 };
+    /// `make test`'s: the same faults closer together. The drain stays 2.5 s long, as the
+    /// sidecar's health is polled once a second.
+    pub const SHORT: Cycle =
+        Cycle { kill: 1_500, restart: 2_500, drain: 4_000, undrain: 6_500, bad_push: 8_000, good_push: 9_500, settled: 11_000, length: 11_500 };
+}
+
+/// Runs the soak for `seconds`, the faults on `cycle`, at least once.
+pub fn run(seconds: u64, cycle: Cycle) -> Soak {
     let stacks: Vec<Arc<Stack>> =
         vec![Arc::new(Stack::start("baseline", Filter::None)), Arc::new(Stack::start("close-relay", Filter::CloseRelay))];
     let stop = Arc::new(AtomicBool::new(false));
@@ -275,6 +298,20 @@ pub fn run(seconds: u64, cycle_ms: u64) -> Soak {
             }));
         }
     }
+    // Envoy's memory, twice a second, for the trend (`Soak::rss_trend`).
+    {
+        let (stacks, stop) = (stacks.clone(), stop.clone());
+        workers.push(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for s in &stacks {
+                    if let Ok(mut r) = s.rss_kib.lock() {
+                        r.push((start.elapsed().as_millis() as u64, s.envoy.rss_kib()));
+                    }
+                }
+                thread::sleep(Duration::from_millis(500));
+            }
+        }));
+    }
     // The fault schedule may panic (an Envoy that died refuses its admin port): the workers
     // are stopped and joined first in any case, so every process is stopped by its owner.
     let mut faults = Vec::new();
@@ -286,62 +323,50 @@ pub fn run(seconds: u64, cycle_ms: u64) -> Soak {
             }
         };
         let now_ms = || start.elapsed().as_millis() as u64;
-        let sample = |stacks: &[Arc<Stack>]| {
-            for s in stacks {
-                if let Ok(mut r) = s.rss_kib.lock() {
-                    r.push((now_ms(), s.envoy.rss_kib()));
-                }
-            }
-        };
         let mut version = 1;
-        let mut cycle = 0;
-        while now_ms() + cycle_ms <= seconds * 1000 || cycle == 0 {
-            // A step of the cycle, in twentieths of it (seconds of the 20 s one).
-            let step = |twentieths: u64| cycle * cycle_ms + cycle_ms * twentieths / 20;
-            at(step(3));
+        let mut n = 0;
+        while now_ms() + cycle.length <= seconds * 1000 || n == 0 {
+            let step = |at: u64| n * cycle.length + at;
+            at(step(cycle.kill));
             let from = now_ms();
             for s in &stacks {
                 if let Ok(mut app) = s.app.lock() {
                     app.kill();
                 }
             }
-            at(step(4));
+            at(step(cycle.restart));
             for s in &stacks {
                 if let Ok(mut app) = s.app.lock() {
                     app.restart();
                 }
             }
             faults.push(Fault { what: "app SIGKILLed and restarted", from_ms: from, to_ms: now_ms() });
-            sample(&stacks);
-            at(step(8));
+            at(step(cycle.drain));
             let from = now_ms();
             for s in &stacks {
                 s.envoy.admin_post("/healthcheck/fail");
             }
-            at(step(10));
+            at(step(cycle.undrain));
             for s in &stacks {
                 s.envoy.admin_post("/healthcheck/ok");
             }
             faults.push(Fault { what: "healthcheck/fail, then ok", from_ms: from, to_ms: now_ms() });
-            sample(&stacks);
-            at(step(13));
+            at(step(cycle.bad_push));
             let from = now_ms();
             version += 1;
             for s in &stacks {
                 s.push_listener(version, true);
             }
-            at(step(16));
+            at(step(cycle.good_push));
             version += 1;
             for s in &stacks {
                 s.push_listener(version, false);
             }
             faults.push(Fault { what: "listener pushed with a bad plugin config, then a good one", from_ms: from, to_ms: now_ms() });
-            at(step(19));
-            sample(&stacks);
-            cycle += 1;
+            at(step(cycle.settled));
+            n += 1;
         }
         at(seconds * 1000);
-        sample(&stacks);
     }));
     stop.store(true, Ordering::Relaxed);
     for w in workers {

@@ -4,7 +4,7 @@
 
 fn main() {
     let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-    let soak = e2e::soak::run(seconds, 20_000);
+    let soak = e2e::soak::run(seconds, e2e::soak::Cycle::FULL);
     let report = soak.report();
     println!("[envoy {}] {report}", e2e::envoy_version());
     let dir = e2e::repo_root().join("target/soak");
