@@ -139,16 +139,17 @@ lint: deps
 
 # The e2e suites per Envoy version, in both layouts; ENVOY=/path/to/envoy runs them on that
 # binary only. Otherwise the work goes in units, E2E_JOBS at a time, longest first so that no
-# job is left alone at the end: the real app servers on ENVOY_DEMO, then each version in each
-# layout. Each unit logs into target/e2e-logs/<unit>.log; the logs are printed in order when
+# job is left alone at the end: the real app servers on ENVOY_DEMO, the manifests' checks (no
+# Envoy), then each version in each layout. Each unit logs into target/e2e-logs/<unit>.log; the logs are printed in order when
 # all are done.
-E2E_UNITS := $(ENVOY_DEMO)/servers $(foreach v,$(ENVOY_VERSIONS),$(v)/one $(v)/split)
+E2E_UNITS := $(ENVOY_DEMO)/servers manifests $(foreach v,$(ENVOY_VERSIONS),$(v)/one $(v)/split)
 e2e: build build-fault envoy istio-tools app-servers
 	$(CARGO) build -p e2e --tests --bins
 ifdef ENVOY
 	CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture
 	CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture
 	CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(APP_TESTS)
+	$(CARGO) test -p e2e --test manifests -- --nocapture
 else
 	@mkdir -p target/e2e-logs
 	@start=$$(date +%s); printf '%s\n' $(E2E_UNITS) | xargs -P $(E2E_JOBS) -I{} $(MAKE) --no-print-directory e2e-unit U={}; \
@@ -157,7 +158,7 @@ else
 endif
 
 # One unit of `make e2e`: U=<version>/one (every suite, roles in one VM), <version>/split (the
-# suites of both layouts, split VMs) or <version>/servers (the real app servers).
+# suites of both layouts, split VMs), <version>/servers (the real app servers) or manifests.
 unit_version = $(firstword $(subst /, ,$(U)))
 unit_part    = $(lastword $(subst /, ,$(U)))
 e2e-unit:
@@ -167,6 +168,7 @@ e2e-unit:
 	    one) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture ;; \
 	    split) CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture ;; \
 	    servers) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(APP_TESTS) ;; \
+	    manifests) $(CARGO) test -p e2e --test manifests -- --nocapture ;; \
 	    *) echo "unknown unit $(U)"; exit 2 ;; \
 	  esac; \
 	} > target/e2e-logs/$(subst /,-,$(U)).log 2>&1 && echo "=== e2e on Envoy $(U): passed" || { echo "=== e2e on Envoy $(U): FAILED"; exit 1; }

