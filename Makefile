@@ -140,8 +140,8 @@ lint: deps
 # The e2e suites per Envoy version, in both layouts; ENVOY=/path/to/envoy runs them on that
 # binary only. Otherwise the work goes in units, E2E_JOBS at a time, longest first so that no
 # job is left alone at the end: the real app servers on ENVOY_DEMO, the manifests' checks (no
-# Envoy), then each version in each layout. Each unit logs into target/e2e-logs/<unit>.log; the logs are printed in order when
-# all are done.
+# Envoy), then each version in each layout. Each unit logs into target/e2e-logs/<unit>.log;
+# the logs are printed in order when all are done.
 E2E_UNITS := $(ENVOY_DEMO)/servers manifests $(foreach v,$(ENVOY_VERSIONS),$(v)/one $(v)/split)
 e2e: build build-fault envoy istio-tools app-servers
 	$(CARGO) build -p e2e --tests --bins
@@ -162,8 +162,8 @@ endif
 unit_version = $(firstword $(subst /, ,$(U)))
 unit_part    = $(lastword $(subst /, ,$(U)))
 e2e-unit:
-	@echo "=== e2e on Envoy $(U): started"
-	@{ echo "=== e2e on Envoy $(U)"; export ENVOY=$(CURDIR)/$(call envoy_bin,$(unit_version)); \
+	@echo "=== e2e $(U): started"
+	@{ echo "=== e2e $(U)"; export ENVOY=$(CURDIR)/$(call envoy_bin,$(unit_version)); \
 	  case "$(unit_part)" in \
 	    one) CLOSE_RELAY_LAYOUT=one $(CARGO) test -p e2e $(E2E_TESTS) -- --nocapture ;; \
 	    split) CLOSE_RELAY_LAYOUT=split $(CARGO) test -p e2e $(LAYOUT_TESTS) -- --nocapture ;; \
@@ -171,7 +171,7 @@ e2e-unit:
 	    manifests) $(CARGO) test -p e2e --test manifests -- --nocapture ;; \
 	    *) echo "unknown unit $(U)"; exit 2 ;; \
 	  esac; \
-	} > target/e2e-logs/$(subst /,-,$(U)).log 2>&1 && echo "=== e2e on Envoy $(U): passed" || { echo "=== e2e on Envoy $(U): FAILED"; exit 1; }
+	} > target/e2e-logs/$(subst /,-,$(U)).log 2>&1 && echo "=== e2e $(U): passed" || { echo "=== e2e $(U): FAILED"; exit 1; }
 
 # Drain timings: the drain suite RUNS times per Envoy version and layout, then the median (and min-max)
 # of "trigger -> last connection closed" per source, from the tests' own timestamps.
