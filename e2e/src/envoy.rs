@@ -225,6 +225,23 @@ fn wasm_filter(spec: &EnvoySpec, kind: &str, root_id: &str, vm_id: &str, config:
     })
 }
 
+/// With `E2E_ACCESS_LOG_DIR` set (an investigation, never the suites), each Envoy logs every
+/// request to `<dir>/<listener port>.log`: when it started (epoch seconds), its downstream
+/// connection, the status and response flags, the upstream connection it used, how long it took.
+fn access_log(listen: u16) -> Value {
+    let Some(dir) = std::env::var_os("E2E_ACCESS_LOG_DIR") else { return json!([]) };
+    let path = std::path::Path::new(&dir).join(format!("{listen}.log"));
+    json!([{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path.to_string_lossy(),
+            "log_format": {"text_format_source": {"inline_string":
+                "%START_TIME(%s.%3f)% %CONNECTION_ID% %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_LOCAL_ADDRESS% %DURATION%\n"}}
+        }
+    }])
+}
+
 /// An Istio-like inbound sidecar listener: [network role] -> HCM([http role] -> router).
 pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
     let (net_vm, http_vm) = match spec.layout() {
@@ -266,7 +283,8 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
                                 "route": {"cluster": "inbound|8080||", "timeout": "0s"}}]
                 }]
             },
-            "http_filters": http_filters
+            "http_filters": http_filters,
+            "access_log": access_log(listen)
         }
     }));
     let address = |port: u16| json!({"socket_address": {"address": "127.0.0.1", "port_value": port}});
