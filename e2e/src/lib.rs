@@ -27,6 +27,27 @@ pub fn pattern_byte(i: usize) -> u8 {
     b"0123456789abcdefghijklmnopqrstuvwxyz"[i % 36]
 }
 
+/// Runs `each(worker, item)` for every item on `workers` threads, each taking the next item as
+/// it frees up; the results in the order they finished. A worker's panic is the caller's.
+pub fn on_workers<T: Sync, R: Send>(items: &[T], workers: usize, each: impl Fn(usize, &T) -> R + Sync) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let running: Vec<_> = (0..workers.max(1))
+            .map(|worker| {
+                let (next, each) = (&next, &each);
+                s.spawn(move || {
+                    let mut done = Vec::new();
+                    while let Some(item) = items.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                        done.push(each(worker, item));
+                    }
+                    done
+                })
+            })
+            .collect();
+        running.into_iter().flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }

@@ -15,9 +15,7 @@
 //! the last response the client asked for. Anything else fails with the case, its bytes and
 //! both outcomes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::thread;
 use std::time::Duration;
 
 use close_relay::host::Call;
@@ -134,16 +132,9 @@ fn check(lane: &Lane, case: &Case, pattern: Pattern, state: State, tally: &Mutex
 fn run(pair: &Pair, state: State, cases: &[Case]) -> Tally {
     let jobs: Vec<(&Case, Pattern)> =
         cases.iter().filter(|c| state.takes(c.kind)).flat_map(|c| Pattern::ALL.map(|p| (c, p))).collect();
-    let (next, tally) = (AtomicUsize::new(0), Mutex::new(Tally::default()));
-    thread::scope(|s| {
-        for lane in pair.lanes() {
-            s.spawn(|| {
-                while let Some((case, pattern)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    check(lane, case, *pattern, state, &tally);
-                }
-            });
-        }
-    });
+    let tally = Mutex::new(Tally::default());
+    let lanes = pair.lanes();
+    e2e::on_workers(&jobs, lanes.len(), |lane, (case, pattern)| check(&lanes[lane], case, *pattern, state, &tally));
     let t = tally.into_inner().unwrap_or_else(|p| p.into_inner());
     eprintln!(
         "[envoy {}] {}: corpus {}: {} comparisons ({} looked at again), added `connection: close` {}, closed after the last response {}, other differences {}",

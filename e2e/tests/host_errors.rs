@@ -6,7 +6,6 @@
 //! does not trap, and it is still at work after the failures (it relays, or, where the failing
 //! call is one the relay needs, it still counts every response).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use close_relay::host::Call;
@@ -83,21 +82,7 @@ fn check(call: Call) -> String {
 #[test]
 fn every_host_call_failing_leaves_traffic_flowing_and_the_module_alive() {
     // Eight Envoys at a time: each check mostly waits on timers, and the machine has two cores.
-    let next = AtomicUsize::new(0);
-    let mut lines: Vec<String> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..8)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    while let Some(&call) = Call::ALL.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        done.push(check(call));
-                    }
-                    done
-                })
-            })
-            .collect();
-        workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
-    });
+    let mut lines = e2e::on_workers(&Call::ALL, 8, |_, &call| check(call));
     lines.sort();
     for line in &lines {
         eprintln!("[envoy {}] host error on {line}", e2e::envoy_version());
