@@ -81,8 +81,9 @@ fn check(call: Call) -> String {
 
 #[test]
 fn every_host_call_failing_leaves_traffic_flowing_and_the_module_alive() {
-    // Eight Envoys at a time: each check mostly waits on timers, and the machine has two cores.
-    let mut lines = e2e::on_workers(&Call::ALL, 8, |_, &call| check(call));
+    // Four Envoys (and apps) at a time: with eight, under CI's load, one app was not yet
+    // accepting when its Envoy sent the first request (503, connection refused, 1.37.0).
+    let mut lines = e2e::on_workers(&Call::ALL, 4, |_, &call| check(call));
     lines.sort();
     for line in &lines {
         eprintln!("[envoy {}] host error on {line}", e2e::envoy_version());
