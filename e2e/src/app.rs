@@ -21,6 +21,10 @@ pub fn app_bin() -> PathBuf {
         .unwrap_or_else(|| panic!("app binary not found near {}: cargo build -p e2e", exe.display()))
 }
 
+/// What the app writes once it listens, and when its port is taken (`src/bin/app.rs`).
+const LISTENING: &str = "app: listening on";
+const TAKEN: &str = "Address already in use";
+
 pub struct App {
     pub port: u16,
     args: Vec<String>,
@@ -45,6 +49,10 @@ impl App {
         App::start_on(Port::lease(), extra)
     }
 
+    /// The app on `lease`, or on another leased port if something took this one first. Once,
+    /// under CI's load, a leased port nothing listened on at lease time was taken before the app
+    /// bound it ("Address already in use") while a connect to it still succeeded: Envoy then
+    /// met a refused port. The app now has to say it listens, and a taken port is exchanged.
     pub fn start_on(lease: Port, extra: &[&str]) -> App {
         let mut app = App {
             port: lease.get(),
@@ -52,12 +60,24 @@ impl App {
             proc: None,
             _lease: lease,
         };
-        app.launch();
-        app
+        for _ in 0..3 {
+            if app.launch_once() {
+                return app;
+            }
+            eprintln!("[app] 127.0.0.1:{} was taken before the app could listen on it; leasing another port", app.port);
+            let lease = Port::lease();
+            (app.port, app._lease) = (lease.get(), lease);
+        }
+        panic!("app: three leased ports taken before the app could listen on them");
     }
 
-    /// Starts the app and waits until it listens.
+    /// Starts the app on its port and waits until it listens there; panics if it cannot.
     fn launch(&mut self) {
+        assert!(self.launch_once(), "app: 127.0.0.1:{} is taken", self.port);
+    }
+
+    /// Starts the app and waits until it says it listens (true) or that its port is taken.
+    fn launch_once(&mut self) -> bool {
         let port = self.port;
         let dir = repo_root().join("target/e2e");
         let _ = fs::create_dir_all(&dir);
@@ -67,8 +87,16 @@ impl App {
             "app",
             Command::new(app_bin()).args(["--port", &port.to_string()]).args(&self.args).stderr(stderr),
         );
-        proc.wait_ready(Duration::from_secs(30), &log_path, || connectable(port));
+        let said = || fs::read_to_string(&log_path).unwrap_or_default();
+        proc.wait_ready(Duration::from_secs(30), &log_path, || {
+            let said = said();
+            said.contains(TAKEN) || (said.contains(LISTENING) && connectable(port))
+        });
+        if said().contains(TAKEN) {
+            return false;
+        }
         self.proc = Some(proc);
+        true
     }
 
     /// Kills the app (SIGKILL): its port refuses connections from now on.

@@ -36,8 +36,12 @@ impl Proc {
     /// for seconds; a quiet one is ready in milliseconds.
     pub fn wait_ready(&mut self, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;
-        while !ready() {
+        loop {
+            // Whether it had exited before `ready` looked: what it wrote before exiting counts.
             let exited = self.exited();
+            if ready() {
+                return;
+            }
             if exited || Instant::now() > deadline {
                 let said = fs::read_to_string(log).unwrap_or_default();
                 panic!("{} did not start (exited: {exited}); log {}:\n{said}", self.name, log.display());

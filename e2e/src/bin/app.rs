@@ -338,7 +338,7 @@ fn serve_h2c(port: u16) {
                 std::process::exit(1);
             }
         };
-        eprintln!("app: h2c on 127.0.0.1:{port}");
+        eprintln!("app: listening on 127.0.0.1:{port} (h2c)");
         while let Ok((socket, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let Ok(mut conn) = h2::server::handshake(socket).await else { return };
