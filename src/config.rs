@@ -184,13 +184,19 @@ pub struct AppFailure {
     pub in_a_row: u32,
     /// How close two failures must be to count as in a row.
     pub window_ms: u64,
+    /// A reset of an upstream connection that carried an answer less than this long before
+    /// counts at once: the app is resetting connections it is serving (Tomcat's shutdown). One
+    /// of a connection idle longer may be the keep-alive race (the app's idle close crossing
+    /// Envoy's reuse) and counts toward `in_a_row`. Keep it below the app's keep-alive idle
+    /// timeout; 0: every reset counts toward `in_a_row`.
+    pub race_idle_ms: u64,
     /// How long the pod stays draining after the last failure.
     pub hold_ms: u64,
 }
 
 impl Default for AppFailure {
     fn default() -> Self {
-        AppFailure { enabled: true, resets: true, in_a_row: 2, window_ms: 2_000, hold_ms: 10_000 }
+        AppFailure { enabled: true, resets: true, in_a_row: 2, window_ms: 2_000, race_idle_ms: 1_000, hold_ms: 10_000 }
     }
 }
 
@@ -260,6 +266,7 @@ impl Config {
         in_range("drain.app_failure.hold_ms", d.app_failure.hold_ms, (0, 3_600_000))?;
         in_range("drain.app_failure.in_a_row", d.app_failure.in_a_row, (1, 1_000))?;
         in_range("drain.app_failure.window_ms", d.app_failure.window_ms, (1, 3_600_000))?;
+        in_range("drain.app_failure.race_idle_ms", d.app_failure.race_idle_ms, (0, 3_600_000))?;
         in_range("drain.app_closes.threshold", d.app_closes.threshold, (1, 1_000_000))?;
         in_range("drain.app_closes.window_ms", d.app_closes.window_ms, (1, 3_600_000))?;
         in_range("drain.app_closes.hold_ms", d.app_closes.hold_ms, (0, 3_600_000))?;

@@ -275,6 +275,40 @@ impl Streak {
     }
 }
 
+/// When each upstream connection (by its local port) last carried an answer, as one VM sees
+/// them: a reset of a connection in use is the app going away; the keep-alive race only
+/// happens to one reused after the app's idle timeout. Envoy's pool for the app is per worker,
+/// as is this record, and the connections of one pool have distinct local ports.
+#[derive(Debug, Default)]
+pub struct UpstreamUse {
+    answered_ms: std::collections::HashMap<u16, u64>,
+}
+
+/// Records beyond this are pruned of the idle ones (an upstream pool rarely holds as many).
+const UPSTREAM_RECORDS: usize = 1_024;
+
+impl UpstreamUse {
+    pub fn answered(&mut self, port: u16, now_ms: u64, idle_ms: u64) {
+        if self.answered_ms.len() >= UPSTREAM_RECORDS {
+            self.answered_ms.retain(|_, at| now_ms.saturating_sub(*at) < idle_ms);
+        }
+        if self.answered_ms.len() < UPSTREAM_RECORDS {
+            self.answered_ms.insert(port, now_ms);
+        }
+    }
+
+    /// Whether the connection on `port` carried an answer less than `idle_ms` ago.
+    pub fn busy(&self, port: u16, now_ms: u64, idle_ms: u64) -> bool {
+        self.answered_ms.get(&port).is_some_and(|at| now_ms.saturating_sub(*at) < idle_ms)
+    }
+}
+
+/// The port of an address as Envoy gives it (`127.0.0.6:41234`, `[::1]:41234`).
+pub fn port_of(address: &[u8]) -> Option<u16> {
+    let at = address.iter().rposition(|b| *b == b':')?;
+    std::str::from_utf8(&address[at + 1..]).ok()?.parse().ok()
+}
+
 /// What the network role knows about one client connection's activity.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Activity {
@@ -430,6 +464,27 @@ mod tests {
         assert_eq!(s.failed(1_020, 2_000), 1, "an answer between: a new streak");
         assert_eq!(s.failed(3_021, 2_000), 1, "too long after the last one: a new streak");
         assert_eq!(s.failed(3_021, 2_000), 2);
+    }
+
+    #[test]
+    fn a_reset_of_a_connection_in_use_is_told_from_one_reused_after_idling() {
+        let mut u = UpstreamUse::default();
+        u.answered(41_000, 10_000, 1_000);
+        assert!(u.busy(41_000, 10_020, 1_000), "answered 20 ms before: Tomcat resetting what it serves");
+        assert!(!u.busy(41_000, 16_000, 1_000), "idle 6 s: the keep-alive race of a 5 s idle timeout");
+        assert!(!u.busy(41_001, 10_020, 1_000), "never seen: a new connection");
+        assert!(!u.busy(41_000, 10_020, 0), "0 turns it off");
+        for port in 0..2_000u16 {
+            u.answered(port, 20_000 + u64::from(port), 1_000);
+        }
+        assert!(u.answered_ms.len() <= UPSTREAM_RECORDS, "bounded: {}", u.answered_ms.len());
+        assert!(u.busy(1_999, 22_000, 1_000), "the newest is kept");
+        assert_eq!([port_of(b"127.0.0.6:41234"), port_of(b"[::1]:80"), port_of(b"nonsense"), port_of(b"1.2.3.4:99999")], [
+            Some(41_234),
+            Some(80),
+            None,
+            None
+        ]);
     }
 
     #[test]

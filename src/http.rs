@@ -13,7 +13,7 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
 use crate::decision::{self, decide, AppSaid, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner, Upstream};
-use crate::drain::{Source, Streak};
+use crate::drain::{self, Source, Streak, UpstreamUse};
 use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
@@ -166,16 +166,24 @@ impl HttpRole {
             self.shared.metrics.rescued.inc();
         }
         let failure = &config.drain.app_failure;
+        // Which upstream connection, and when: only where a reset can drain the pod.
+        let watched = config.drain.enabled && failure.enabled && failure.resets && failure.race_idle_ms > 0;
+        let used = || watched.then(upstream_port).flatten().map(|port| (port, host::now_ms()));
         let evidence = match decision::app_said(upstream, rescued, failure.resets) {
             AppSaid::Answered => {
                 STREAK.with(|s| s.borrow_mut().answered());
+                if let Some((port, now)) = used() {
+                    UPSTREAM_USE.with(|u| u.borrow_mut().answered(port, now, failure.race_idle_ms));
+                }
                 return (upstream, rescued);
             }
             AppSaid::Refused => true,
             AppSaid::Failed => {
+                let busy = !rescued
+                    && used().is_some_and(|(port, now)| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
                 let in_a_row = STREAK.with(|s| s.borrow_mut().failed(host::now_ms(), failure.window_ms));
-                debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}): {in_a_row} in a row");
-                in_a_row >= failure.in_a_row
+                debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}, connection in use: {busy}): {in_a_row} in a row");
+                busy || in_a_row >= failure.in_a_row
             }
         };
         if config.drain.enabled && failure.enabled && evidence {
@@ -201,6 +209,11 @@ fn request_facts_on_request() -> RequestFacts {
         upgrade: read("upgrade"),
         connection: read("connection"),
     }
+}
+
+/// The local port of the upstream connection this response came on.
+fn upstream_port() -> Option<u16> {
+    drain::port_of(&host::get_property(&["upstream", "local_address"])?)
 }
 
 fn downstream_protocol() -> String {
@@ -288,6 +301,8 @@ thread_local! {
     /// This VM's app failures in a row: per VM (one worker), as reading shared data on every
     /// answer would cost a host call per request; a dying app fails every worker's requests.
     static STREAK: std::cell::RefCell<Streak> = std::cell::RefCell::default();
+    /// This VM's upstream connections' last answers: the app's pool is per worker too.
+    static UPSTREAM_USE: std::cell::RefCell<UpstreamUse> = std::cell::RefCell::default();
     static WARNED_NO_NETWORK_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 

@@ -223,6 +223,24 @@ fn app_killed_closes_everything_and_each_connection_meets_at_most_one_error() {
 }
 
 #[test]
+fn one_reset_of_a_connection_the_app_is_serving_drains_the_pod_at_once() {
+    // Tomcat's shutdown resets the connections it is serving. One reset of an upstream
+    // connection that carried an answer moments before is the app going away; the keep-alive
+    // race only meets one reused after idling past the app's timeout (the test below).
+    let app = App::start();
+    let envoy = start("busy-reset", spec(&app));
+    let pool = pool(&envoy);
+    let mut c = envoy.connect();
+    assert_eq!(c.get("/keep").status, 200);
+    let trigger = Instant::now();
+    let r = c.get("/reset");
+    assert_eq!(r.status, 503, "{}", r.raw_head);
+    let (took, _) = all_closed(&envoy, pool, trigger, "/keep");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total"), 1);
+    report("app_failure (one reset of a connection in use, 503 UC)", "race_idle_ms 1000", took);
+}
+
+#[test]
 fn a_connect_failure_closes_its_connection_even_without_drain_awareness() {
     let mut app = App::start();
     let mut spec = spec(&app);
@@ -297,32 +315,48 @@ fn responses_in_flight_when_the_pod_drains_arrive_whole_then_the_connection_clos
 fn a_keep_alive_race_with_the_app_does_not_drain_the_pod() {
     // An app whose keep-alive idle timeout is shorter than Envoy's (Node.js: 5 s; Envoy: 1 h)
     // closes an idle connection just as Envoy reuses it, now and then: that request gets
-    // Envoy's 503 (a reset, UC/UR) while the app is well. Here every 25th request on a reused
-    // upstream connection meets that race, under steady load; the pod must not drain for it.
-    let app = App::start_with(&["--race-every", "25"]);
+    // Envoy's 503 (a reset, UC/UR) while the app is well. Here the app's timeout is 1.1 s
+    // (`--keep-alive-ms`) and the load comes in bursts: one steady client keeps one upstream
+    // connection busy, and each burst, 1.25 s after the one before, reuses the others, idle
+    // past the timeout. The pod must not drain for it, with close-relay's defaults.
+    let app = App::start_with(&["--keep-alive-ms", "1100"]);
     let envoy = start("keepalive-race", spec(&app));
-    let mut conns: Vec<Conn> = (0..4).map(|_| envoy.connect()).collect();
+    let mut conns: Vec<Conn> = (0..6).map(|_| envoy.connect()).collect();
     let (mut requests, mut races, mut told) = (0, 0, 0);
-    let deadline = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < deadline {
-        for c in conns.iter_mut() {
-            requests += 1;
-            let r = c.send("GET /keep HTTP/1.1\r\nhost: app\r\n\r\n").and_then(|_| c.try_response("GET"));
-            // Told to close (`connection: close`), or closed while idle: either way, a new one.
-            match r {
-                Ok(r) if !r.says_close() => races += usize::from(r.status == 503),
-                Ok(r) => {
-                    races += usize::from(r.status == 503);
-                    told += 1;
-                    *c = envoy.connect();
-                }
-                Err(_) => {
-                    told += 1;
-                    *c = envoy.connect();
-                }
+    let ask = |c: &mut Conn, requests: &mut usize, races: &mut usize, told: &mut usize| {
+        *requests += 1;
+        let r = c.try_response("GET");
+        // Told to close (`connection: close`), or closed: either way, a new one.
+        match r {
+            Ok(r) if !r.says_close() => *races += usize::from(r.status == 503),
+            Ok(r) => {
+                *races += usize::from(r.status == 503);
+                *told += 1;
+                *c = envoy.connect();
+            }
+            Err(_) => {
+                *told += 1;
+                *c = envoy.connect();
             }
         }
-        std::thread::sleep(Duration::from_millis(5));
+    };
+    let deadline = Instant::now() + Duration::from_secs(9);
+    while races < 4 && Instant::now() < deadline {
+        // The burst: every client at once, so Envoy reaches for its idle upstream connections.
+        let sent: Vec<bool> = conns.iter_mut().map(|c| c.send("GET /keep HTTP/1.1\r\nhost: app\r\n\r\n").is_ok()).collect();
+        for (c, sent) in conns.iter_mut().zip(sent) {
+            if sent {
+                ask(c, &mut requests, &mut races, &mut told);
+            }
+        }
+        // One steady client until the others' upstream connections are past the app's timeout.
+        let quiet = Instant::now() + Duration::from_millis(1_250);
+        while Instant::now() < quiet {
+            if conns[0].send("GET /keep HTTP/1.1\r\nhost: app\r\n\r\n").is_ok() {
+                ask(&mut conns[0], &mut requests, &mut races, &mut told);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     let entered = envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total");
     eprintln!(

@@ -17,13 +17,16 @@
 //! - `/spoof`               keep-alive response carrying forged `x-close-relay` headers
 //! - `/ws`                  with `Upgrade:` answers 101 and then echoes raw bytes
 //! - `/ready`               200, or 503 after `/set-ready?v=0` (until `/set-ready?v=1`)
+//! - `/reset`               no answer: the connection is reset, as Tomcat's shutdown resets
+//!   the connections it is serving
 //!
 //! A request header `x-app-close: 1` makes any path answer with `Connection: close`.
 //!
-//! `--race-every N`: every Nth request that comes on a connection already used is met with a
-//! reset instead of an answer, as when the app closes an idle keep-alive connection just as the
-//! proxy reuses it (Node.js's `keepAliveTimeout`, 5 s, is shorter than Envoy's hour): the keep-
-//! alive race, on schedule.
+//! `--keep-alive-ms T`: the keep-alive race, on schedule. A request that comes on a connection
+//! idle for T ms or more is met with a reset instead of an answer, as when the app closes an
+//! idle connection just as the proxy reuses it (Node.js's `keepAliveTimeout`, 5 s, is shorter
+//! than Envoy's hour). At most one in any T ms: the request has to cross the app's close on the
+//! wire, and two doing so at once is rarer still. A connection in use is never reset.
 //!
 //! Graceful shutdown on SIGTERM, as real apps do it (`--shutdown MODE`):
 //! - `close-header` (default): stop accepting (new connections are refused), answer the next
@@ -36,7 +39,8 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -48,9 +52,9 @@ static READY: AtomicBool = AtomicBool::new(true);
 static CLOSING: AtomicBool = AtomicBool::new(false);
 static CLOSE_IDLE: AtomicBool = AtomicBool::new(false);
 static OPEN: AtomicUsize = AtomicUsize::new(0);
-/// `--race-every`: 0 for never; and the reused-connection requests counted toward it.
-static RACE_EVERY: AtomicUsize = AtomicUsize::new(0);
-static REUSED: AtomicUsize = AtomicUsize::new(0);
+/// `--keep-alive-ms`: 0 for never; and when the last race was, in ms from the app's start.
+static KEEP_ALIVE_MS: AtomicU64 = AtomicU64::new(0);
+static LAST_RACE_MS: AtomicU64 = AtomicU64::new(0);
 /// How often a waiting connection looks at the shutdown state.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -66,7 +70,7 @@ fn main() {
     let mode = arg("--shutdown").unwrap_or_else(|| "close-header".into());
     let ms = |name: &str, default: u64| arg(name).and_then(|v| v.parse().ok()).unwrap_or(default);
     let (prestop, timeout) = (ms("--prestop-ms", 3000), ms("--shutdown-timeout-ms", 5000));
-    RACE_EVERY.store(ms("--race-every", 0) as usize, Ordering::SeqCst);
+    KEEP_ALIVE_MS.store(ms("--keep-alive-ms", 0), Ordering::SeqCst);
     let listener = match TcpListener::bind(("127.0.0.1", port)).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
         Ok(l) => l,
         Err(e) => {
@@ -197,19 +201,39 @@ fn reset(stream: &TcpStream) {
     }
 }
 
+/// Whether a request that comes after `idle` on a reused connection meets the keep-alive race
+/// (`--keep-alive-ms`), at most once in any keep-alive period.
+fn meets_the_race(idle: Duration) -> bool {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let keep_alive = KEEP_ALIVE_MS.load(Ordering::SeqCst);
+    if keep_alive == 0 || idle < Duration::from_millis(keep_alive) {
+        return false;
+    }
+    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + keep_alive;
+    let last = LAST_RACE_MS.load(Ordering::SeqCst);
+    now >= last + keep_alive && LAST_RACE_MS.compare_exchange(last, now, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+}
+
 fn serve(stream: TcpStream) -> io::Result<()> {
     let _ = stream.set_nonblocking(false);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     let mut served = 0usize;
-    while next_request_arrives(&mut reader)? {
+    loop {
+        let idle_since = Instant::now();
+        if !next_request_arrives(&mut reader)? {
+            break;
+        }
         served += 1;
-        let every = RACE_EVERY.load(Ordering::SeqCst);
-        if served > 1 && every > 0 && (REUSED.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(every) {
+        if served > 1 && meets_the_race(idle_since.elapsed()) {
             reset(&out);
             return Ok(());
         }
         let Some(req) = read_request(&mut reader)? else { break };
+        if req.path == "/reset" {
+            reset(&out);
+            return Ok(());
+        }
         let head_only = req.method == "HEAD";
         let forced = req.header("x-app-close") == Some("1") || CLOSING.load(Ordering::SeqCst);
         let close = if forced { "Connection: close\r\n" } else { "" };
