@@ -80,6 +80,9 @@ pub struct DrainConfig {
     pub app_closes: AppCloses,
     /// App shutdown: its readiness URL fails. Off by default (needs the app's cluster).
     pub app_readiness: ReadinessProbe,
+    /// The kubelet's preStop hook, answered by close-relay itself once the pod's client
+    /// connections are gone. Off until a token is set.
+    pub prestop: Prestop,
 }
 
 impl Default for DrainConfig {
@@ -93,7 +96,63 @@ impl Default for DrainConfig {
             app_failure: AppFailure::default(),
             app_closes: AppCloses::default(),
             app_readiness: ReadinessProbe::default(),
+            prestop: Prestop::default(),
         }
+    }
+}
+
+/// A request carrying `x-close-relay-prestop: <token>` (the kubelet's `preStop.httpGet`) puts
+/// the pod into the `prestop` drain source and is answered by close-relay, never by the app,
+/// once no other HTTP/1 client connection is left or after `max_wait_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
+#[serde(default, deny_unknown_fields)]
+pub struct Prestop {
+    /// The secret the hook's header must carry; without one there is no trigger.
+    #[cfg_attr(not(target_arch = "wasm32"), serde(skip_serializing_if = "Option::is_none"))]
+    pub token: Option<Secret>,
+    /// How long the answer waits for the connections to go. The kubelet waits for a hook at
+    /// most the pod's grace period (30 s by default) and then sends SIGTERM with what is left.
+    pub max_wait_ms: u64,
+}
+
+impl Default for Prestop {
+    fn default() -> Self {
+        Prestop { token: None, max_wait_ms: 20_000 }
+    }
+}
+
+/// A secret from the configuration: compared in constant time, never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(serde::Serialize))]
+#[serde(transparent)]
+pub struct Secret(String);
+
+/// Shorter tokens are refused: the hook's header reaches the app's port from anywhere.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+impl Secret {
+    /// Whether `offered` is this secret, in time that does not depend on where they differ.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.as_bytes().ct_eq(offered))
+    }
+
+    fn check(&self, field: &str) -> Result<(), ConfigError> {
+        let problem = if self.0.chars().count() < MIN_TOKEN_CHARS {
+            Some(format!("must be at least {MIN_TOKEN_CHARS} characters (it has {})", self.0.chars().count()))
+        } else if !self.0.bytes().all(|b| b.is_ascii_graphic()) {
+            Some("must be printable ASCII without spaces, as an HTTP header value carries it".into())
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |message| Err(ConfigError { field: Some(field.into()), message }))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<{} characters, redacted>)", self.0.chars().count())
     }
 }
 
@@ -270,6 +329,18 @@ impl Config {
         in_range("drain.app_closes.threshold", d.app_closes.threshold, (1, 1_000_000))?;
         in_range("drain.app_closes.window_ms", d.app_closes.window_ms, (1, 3_600_000))?;
         in_range("drain.app_closes.hold_ms", d.app_closes.hold_ms, (0, 3_600_000))?;
+        in_range("drain.prestop.max_wait_ms", d.prestop.max_wait_ms, (0, 3_600_000))?;
+        if let Some(token) = &d.prestop.token {
+            token.check("drain.prestop.token")?;
+            if !d.sidecar.enabled {
+                return Err(ConfigError {
+                    field: Some("drain.prestop.token".into()),
+                    message: "needs drain.sidecar enabled: the hook's answer counts the pod's \
+                              client connections in Envoy's stats"
+                        .into(),
+                });
+            }
+        }
         let (sidecar, probe) = (&d.sidecar, &d.app_readiness);
         if sidecar.enabled {
             check_target("drain.sidecar", &sidecar.cluster, sidecar.interval_ms, sidecar.timeout_ms)?;
@@ -316,8 +387,17 @@ fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, (lo, hi): (T, T
 /// parses it as a float).
 fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
     let path = e.path().to_string();
+    let mut message = e.into_inner().to_string();
+    // serde quotes a string it did not expect: under `drain.prestop` that may be the token.
+    if path.starts_with("drain.prestop") {
+        if let (Some(open), Some(close)) = (message.find('"'), message.rfind('"')) {
+            if open < close {
+                message.replace_range(open..=close, "<redacted>");
+            }
+        }
+    }
     let field = (path != ".").then_some(path);
-    ConfigError { field, message: e.into_inner().to_string() }
+    ConfigError { field, message }
 }
 
 /// The role when the configuration does not say: a root id that mentions "network"
@@ -429,6 +509,32 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("drain.tick_ms"));
         let e = Config::parse(br#"{"drain": {"app_closes": {"threshold": -1}}}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("drain.app_closes.threshold"));
+    }
+
+    #[test]
+    fn the_prestop_token_is_checked_compared_in_constant_time_and_never_shown() {
+        assert_eq!(Config::parse(b"{}").unwrap().drain.prestop.token, None, "no token: no trigger");
+        let token = "s3cret-0123456789abcdef";
+        let c = Config::parse(format!(r#"{{"drain": {{"prestop": {{"token": "{token}"}}}}}}"#).as_bytes()).unwrap();
+        let secret = c.drain.prestop.token.clone().unwrap();
+        assert!(secret.matches(token.as_bytes()));
+        assert!(!secret.matches(b"s3cret-0123456789abcdeX") && !secret.matches(b"s3cret") && !secret.matches(b""));
+        assert_eq!(c.drain.prestop.max_wait_ms, 20_000);
+        assert!(!format!("{c:?}").contains(token), "the configuration as logged shows the token");
+        for bad in ["short-token", "has a space in it, 1234", "non-ascii-é-0123456789"] {
+            let e = Config::parse(format!(r#"{{"drain": {{"prestop": {{"token": "{bad}"}}}}}}"#).as_bytes()).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("drain.prestop.token"), "{e}");
+            assert!(!e.to_string().contains(bad.split(' ').next().unwrap_or(bad)), "the error shows the token: {e}");
+        }
+        let e = Config::parse(format!(r#"{{"drain": {{"prestop": {{"max_wait_ms": "{token}"}}}}}}"#).as_bytes()).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.prestop.max_wait_ms"));
+        assert!(!e.to_string().contains(token), "{e}");
+        let e = Config::parse(
+            format!(r#"{{"drain": {{"sidecar": {{"enabled": false}}, "prestop": {{"token": "{token}"}}}}}}"#).as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.prestop.token"));
+        assert!(e.message.contains("drain.sidecar"), "{e}");
     }
 
     #[test]

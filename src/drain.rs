@@ -21,16 +21,19 @@ pub enum Source {
     /// The app is going away, but a request that meets it now is rescued too, so idle
     /// connections get the sidecar's grace instead of the app's at-once close.
     AppRescued,
+    /// The kubelet's preStop hook (`drain.prestop`): the pod is being deleted. Never clears.
+    Prestop,
 }
 
 impl Source {
-    pub const ALL: [Source; 6] = [
+    pub const ALL: [Source; 7] = [
         Source::SidecarHealth,
         Source::SidecarDrain,
         Source::AppFailure,
         Source::AppCloses,
         Source::AppReadiness,
         Source::AppRescued,
+        Source::Prestop,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Source {
             Source::AppCloses => "app_closes",
             Source::AppReadiness => "app_readiness",
             Source::AppRescued => "app_rescued",
+            Source::Prestop => "prestop",
         }
     }
 
@@ -148,18 +152,30 @@ pub struct DrainStats {
     /// Connections opened, and connects that failed, to the app (`cluster.inbound|...`).
     pub app_cx_total: u64,
     pub app_cx_connect_fail: u64,
+    /// HTTP/1 client connections open on the inbound HCMs (`http.inbound_*`, Istio's stat
+    /// prefix for them): what the preStop hook waits on.
+    pub inbound_http1_active: u64,
 }
 
 impl DrainStats {
     /// The shared record of the last read: when it was read (0: never), then the counters.
     pub fn encode_read(&self, read_ms: u64) -> Vec<u8> {
-        encode_u64s(&[read_ms, self.drain_closes, self.update_draining, self.app_cx_total, self.app_cx_connect_fail])
+        encode_u64s(&[
+            read_ms,
+            self.drain_closes,
+            self.update_draining,
+            self.app_cx_total,
+            self.app_cx_connect_fail,
+            self.inbound_http1_active,
+        ])
     }
 
     /// The last read and when it was taken, if there was one.
     pub fn decode_read(bytes: &[u8]) -> Option<(u64, DrainStats)> {
-        let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail] = decode_u64s(bytes);
-        (read_ms != 0).then_some((read_ms, DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail }))
+        let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active] =
+            decode_u64s(bytes);
+        let stats = DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active };
+        (read_ms != 0).then_some((read_ms, stats))
     }
 }
 
@@ -173,6 +189,8 @@ pub fn parse_drain_stats(stats: &str) -> DrainStats {
             if name != "http.admin.downstream_cx_drain_close" {
                 out.drain_closes += value;
             }
+        } else if name.starts_with("http.inbound_") && name.ends_with(".downstream_cx_http1_active") {
+            out.inbound_http1_active += value;
         } else if name == "listener_manager.total_listeners_draining"
             || name == "listener_manager.total_filter_chains_draining"
         {
@@ -499,7 +517,7 @@ mod tests {
 
     #[test]
     fn the_stats_record_round_trips_and_says_never_read() {
-        let stats = DrainStats { drain_closes: 3, update_draining: 1, app_cx_total: 9, app_cx_connect_fail: 2 };
+        let stats = DrainStats { drain_closes: 3, update_draining: 1, app_cx_total: 9, app_cx_connect_fail: 2, inbound_http1_active: 4 };
         assert_eq!(DrainStats::decode_read(&stats.encode_read(1_234)), Some((1_234, stats)));
         assert_eq!(DrainStats::decode_read(b""), None);
         assert_eq!(DrainStats::decode_read(&stats.encode_read(0)), None);
@@ -610,6 +628,15 @@ mod tests {
                      listener_manager.total_filter_chains_draining: 1\n\
                      garbage line\n";
         assert_eq!(parse_drain_stats(stats), DrainStats { drain_closes: 3, update_draining: 1, ..Default::default() });
+    }
+
+    #[test]
+    fn inbound_http1_connections_are_summed_over_the_inbound_hcms_only() {
+        let stats = "http.inbound_0.0.0.0_8080.downstream_cx_http1_active: 3\n\
+                     http.inbound_0.0.0.0_9090.downstream_cx_http1_active: 1\n\
+                     http.outbound_0.0.0.0_80.downstream_cx_http1_active: 5\n\
+                     http.admin.downstream_cx_http1_active: 1\n";
+        assert_eq!(parse_drain_stats(stats).inbound_http1_active, 4);
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Fake {
     pub effective_context: u32,
     /// Effective contexts whose stream was closed, in order.
     pub closed: Vec<u32>,
+    /// Local responses sent: the effective context, the status, the body.
+    pub local_responses: Vec<(u32, u32, Vec<u8>)>,
     pub metrics: Vec<(String, i64)>,
     pub tick_ms: u32,
 }
@@ -261,6 +263,27 @@ extern "C" fn proxy_set_effective_context(id: u32) -> u32 {
     OK
 }
 
+/// A local response: recorded against the effective context, with its status and body.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn proxy_send_local_response(
+    status: u32,
+    _details: *const u8,
+    _details_size: usize,
+    body: *const u8,
+    body_size: usize,
+    _headers: *const u8,
+    _headers_size: usize,
+    _grpc_status: i32,
+) -> u32 {
+    let body = slice(body, body_size).to_vec();
+    with(|f| {
+        let id = f.effective_context;
+        f.local_responses.push((id, status, body));
+    });
+    OK
+}
+
 #[no_mangle]
 unsafe extern "C" fn proxy_define_metric(_kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32 {
     let name = String::from_utf8_lossy(slice(name, name_size)).into_owned();
@@ -334,7 +357,6 @@ never_called!(
     proxy_remove_header_map_value,
     proxy_replace_header_map_value,
     proxy_resolve_shared_queue,
-    proxy_send_local_response,
     proxy_set_header_map_pairs,
 );
 
@@ -387,7 +409,7 @@ mod tests {
         net.on_downstream_data(30, false);
         with(|f| f.properties.insert(b"request\0protocol".to_vec(), b"HTTP/1.1".to_vec()));
         set_map(MapType::HttpRequestHeaders, &[(":method", "GET")]);
-        let mut http = HttpRole::new(shared.clone());
+        let mut http = HttpRole::new(2, shared.clone());
         http.on_http_request_headers(0, true);
         (net, http)
     }
@@ -449,7 +471,7 @@ mod tests {
         // A request pipelined in the same read as the first: the HCM dispatches it now, and its
         // HTTP role reads that the connection is closing.
         set_map(MapType::HttpRequestHeaders, &[(":method", "GET")]);
-        let mut second = HttpRole::new(shared.clone());
+        let mut second = HttpRole::new(2, shared.clone());
         second.on_http_request_headers(0, true);
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("content-length", "2")]);
         second.on_http_response_headers(0, false);
@@ -465,7 +487,7 @@ mod tests {
         set_buffer(BufferType::DownstreamData, next);
         net.on_downstream_data(next.len(), false);
         assert_eq!(buffer(BufferType::DownstreamData), next);
-        let mut third = HttpRole::new(shared.clone());
+        let mut third = HttpRole::new(2, shared.clone());
         third.on_http_request_headers(0, true);
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("content-length", "2")]);
         third.on_http_response_headers(0, false);

@@ -50,6 +50,17 @@ extern "C" {
     fn proxy_dequeue_shared_queue(token: u32, value: *mut *mut u8, value_size: *mut usize) -> u32;
     fn proxy_close_stream(stream: u32) -> u32;
     fn proxy_set_effective_context(id: u32) -> u32;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_send_local_response(
+        status: u32,
+        details: *const u8,
+        details_size: usize,
+        body: *const u8,
+        body_size: usize,
+        headers: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
@@ -89,6 +100,7 @@ pub enum Call {
     DequeueSharedQueue,
     CloseStream,
     SetEffectiveContext,
+    SendLocalResponse,
     HttpCall,
     DefineMetric,
     IncrementMetric,
@@ -96,7 +108,7 @@ pub enum Call {
 }
 
 impl Call {
-    pub const ALL: [Call; 22] = [
+    pub const ALL: [Call; 23] = [
         Call::Log,
         Call::GetLogLevel,
         Call::GetCurrentTime,
@@ -115,6 +127,7 @@ impl Call {
         Call::DequeueSharedQueue,
         Call::CloseStream,
         Call::SetEffectiveContext,
+        Call::SendLocalResponse,
         Call::HttpCall,
         Call::DefineMetric,
         Call::IncrementMetric,
@@ -141,6 +154,7 @@ impl Call {
             Call::DequeueSharedQueue => "proxy_dequeue_shared_queue",
             Call::CloseStream => "proxy_close_stream",
             Call::SetEffectiveContext => "proxy_set_effective_context",
+            Call::SendLocalResponse => "proxy_send_local_response",
             Call::HttpCall => "proxy_http_call",
             Call::DefineMetric => "proxy_define_metric",
             Call::IncrementMetric => "proxy_increment_metric",
@@ -468,6 +482,44 @@ pub fn drain_queue(token: u32) -> Vec<Bytes> {
         items.extend(bytes);
     }
     items
+}
+
+/// Answers the effective HTTP context's request from the filter, with `body` as text/plain;
+/// the app never sees it. `details` names the answer in Envoy's access log
+/// (`%RESPONSE_CODE_DETAILS%`).
+pub fn send_local_response(status: u32, details: &str, body: &[u8]) -> Result<(), HostError> {
+    let headers = serialize_pairs(&[("content-type", "text/plain")]);
+    // SAFETY: pointers and lengths of live slices; the host copies them before returning.
+    invoke(Call::SendLocalResponse, || unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        )
+    })
+}
+
+/// A header map as the ABI passes one: the pair count, each name's and value's length (u32,
+/// little-endian), then each name and value followed by a NUL.
+fn serialize_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = u32::try_from(pairs.len()).unwrap_or(0).to_le_bytes().to_vec();
+    for (name, value) in pairs {
+        out.extend(len(name));
+        out.extend(len(value));
+    }
+    for (name, value) in pairs {
+        for s in [name, value] {
+            out.extend_from_slice(s.as_bytes());
+            out.push(0);
+        }
+    }
+    out
 }
 
 /// GET `path` through Envoy `cluster`; the answer arrives in the root's

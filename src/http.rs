@@ -13,13 +13,14 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
 use crate::decision::{self, decide, AppSaid, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner, Upstream};
-use crate::drain::{self, Source, Streak, UpstreamUse};
+use crate::drain::{self, Source, Streak, UpstreamUse, UNTIL_CLEARED};
 use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
-use crate::{host, keys, pod, wire};
+use crate::{host, keys, pod, prestop, wire};
 
 pub struct HttpRole {
+    context_id: u32,
     shared: Rc<Shared>,
     request: RequestFacts,
     /// This connection's address, once read (the network role published it).
@@ -32,8 +33,9 @@ pub struct HttpRole {
 }
 
 impl HttpRole {
-    pub fn new(shared: Rc<Shared>) -> Self {
+    pub fn new(context_id: u32, shared: Rc<Shared>) -> Self {
         HttpRole {
+            context_id,
             shared,
             request: RequestFacts::default(),
             address: None,
@@ -70,6 +72,29 @@ impl HttpRole {
             }
             None => {}
         }
+    }
+
+    /// The kubelet's preStop hook, when the network role saw its header on this connection:
+    /// with the configured token it drains the pod and is held for `prestop` to answer (the app
+    /// never sees it); otherwise the app serves it untouched, and it is counted.
+    fn prestop_hook(&mut self, config: &Config) -> Option<Action> {
+        if !self.address.as_ref().is_some_and(|a| a.hook) {
+            return None;
+        }
+        let offered = host::header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER)?;
+        let token = config.drain.prestop.token.as_ref();
+        if !token.is_some_and(|t| t.matches(offered.as_bytes())) || !config.drain.enabled {
+            self.shared.metrics.prestop_refused.inc();
+            warn!(
+                "close-relay: a request carried {} without the configured token (or none is \
+                 configured, or drain awareness is off); served by the app, no drain",
+                keys::PRESTOP_HEADER
+            );
+            return None;
+        }
+        self.entered(Source::Prestop, UNTIL_CLEARED);
+        prestop::hold(self.context_id);
+        Some(Action::Pause)
     }
 
     /// A drain source this request turned on; with different `vm_id`s the network VM keeps its
@@ -314,6 +339,7 @@ impl Context for HttpRole {}
 /// unexported, one call into the VM less per request (`crate::EXPORTS`).
 impl Drop for HttpRole {
     fn drop(&mut self) {
+        prestop::forget(self.context_id);
         if let Some(conn) = self.conn.take() {
             conn.borrow_mut().request_done(host::coarse_now());
         } else if let Some(token) = self.other_vm().filter(|_| self.begun_there) {
@@ -325,9 +351,10 @@ impl Drop for HttpRole {
 
 impl HttpContext for HttpRole {
     fn on_http_request_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
-        if self.shared.active().is_none() {
+        let shared = self.shared.clone();
+        let Some(config) = shared.active() else {
             return Action::Continue;
-        }
+        };
         #[cfg(feature = "fault-injection")]
         if host::header(MapType::HttpRequestHeaders, ":path").as_deref() == Some("/__close_relay_trap") {
             std::process::abort();
@@ -338,7 +365,7 @@ impl HttpContext for HttpRole {
         // not the pod's drain is watched: a connection told to close is only closed once no
         // request is in flight on it.
         self.track_request();
-        Action::Continue
+        self.prestop_hook(config).unwrap_or(Action::Continue)
     }
 
     /// The story of one response: its facts, the decision, then the act.

@@ -6,6 +6,8 @@
 pub const DRAIN_STATE: &str = "close_relay.drain";
 /// The app's recent `Connection: close` answers, for `app_closes` ([`crate::drain::Window`]).
 pub const APP_CLOSES: &str = "close_relay.app_closes";
+/// preStop hooks held pod-wide, by the HTTP VMs (one u64 word, [`crate::prestop`]).
+pub const PRESTOP_HOOKS: &str = "close_relay.prestop.hooks";
 /// Wake-queue tokens of every network root, woken when a drain begins (u64 words,
 /// [`crate::drain::encode_u64s`]).
 pub const WAKE_TOKENS: &str = "close_relay.wake";
@@ -26,3 +28,6 @@ pub const WAKE_QUEUE_PREFIX: &str = "close_relay.wake.";
 /// connection's address ([`crate::link::Address`]: its VM's queue and a nonce) to the HTTP
 /// role, across VMs too.
 pub const NONCE_PROPERTY: &str = "close_relay_nonce";
+
+/// The request header that carries the kubelet's preStop hook and its token (`drain.prestop`).
+pub const PRESTOP_HEADER: &str = "x-close-relay-prestop";

@@ -32,6 +32,7 @@ pub mod link;
 pub mod metrics;
 pub mod network;
 pub mod pod;
+pub mod prestop;
 pub mod root;
 pub mod shared;
 pub mod wire;

@@ -24,16 +24,20 @@ pub struct Address {
     pub text: String,
     /// A response on this connection already told the client to close.
     pub closing: bool,
+    /// The connection's first request names the preStop hook's header (`drain.prestop`).
+    pub hook: bool,
 }
 
 const TOKEN_HEX: usize = 8;
 
 /// What the network role appends to a published address once the connection is closing.
 pub const CLOSING: char = '!';
+/// What it appends (before [`CLOSING`]) when the connection carries the preStop hook.
+pub const HOOK: char = '?';
 
 impl Address {
     pub fn new(token: u32, nonce: &str) -> Address {
-        Address { token, text: format!("{token:08x}{nonce}"), closing: false }
+        Address { token, text: format!("{token:08x}{nonce}"), closing: false, hook: false }
     }
 
     /// Whatever the filter state holds; a value without a token reads as token 0.
@@ -42,20 +46,27 @@ impl Address {
         if closing {
             text.pop();
         }
+        let hook = text.ends_with(HOOK);
+        if hook {
+            text.pop();
+        }
         let token = text
             .get(..TOKEN_HEX)
             .and_then(|t| u32::from_str_radix(t, 16).ok())
             .unwrap_or(0);
-        Address { token, text, closing }
+        Address { token, text, closing, hook }
     }
 
     /// What the network role publishes for this connection.
     pub fn published(&self) -> String {
-        if self.closing {
-            format!("{}{CLOSING}", self.text)
-        } else {
-            self.text.clone()
+        let mut out = self.text.clone();
+        if self.hook {
+            out.push(HOOK);
         }
+        if self.closing {
+            out.push(CLOSING);
+        }
+        out
     }
 }
 
@@ -143,6 +154,10 @@ mod tests {
         assert_eq!(closing.published(), "0000002a00ff00ff00ff00ff!");
         assert_eq!(Address::parse(closing.published()), closing, "the marker's value stays the same");
         assert_eq!(a.published(), a.text);
+        let hook = Address { hook: true, ..closing.clone() };
+        assert_eq!(hook.published(), "0000002a00ff00ff00ff00ff?!");
+        assert_eq!(Address::parse(hook.published()), hook);
+        assert_eq!(Address::parse(hook.published()).text, a.text, "the hook's mark is not part of the marker");
     }
 
     #[test]

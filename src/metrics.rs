@@ -33,6 +33,11 @@ pub struct Metrics {
     pub closed_while_draining: Counter,
     pub closed_connect_failure: Counter,
     pub rescued: Counter,
+    /// Requests that carried the preStop hook's header without the configured token (or with
+    /// none configured): served by the app untouched.
+    pub prestop_refused: Counter,
+    /// Hooks answered by close-relay.
+    pub prestop_answered: Counter,
     pub draining: Gauge,
 }
 
@@ -53,6 +58,8 @@ impl Metrics {
             closed_while_draining: Counter::define("close_relay_closed_while_draining_total"),
             closed_connect_failure: Counter::define("close_relay_closed_connect_failure_total"),
             rescued: Counter::define("close_relay_rescued_total"),
+            prestop_refused: Counter::define("close_relay_prestop_refused_total"),
+            prestop_answered: Counter::define("close_relay_prestop_answered_total"),
             draining: Gauge::define("close_relay_draining"),
         }
     }

@@ -16,10 +16,10 @@ use crate::keys;
 use crate::metrics::Metrics;
 use crate::link::Note;
 use crate::shared::Shared;
-use crate::{conn, http, network, pod};
+use crate::{conn, http, network, pod, prestop};
 
 /// Only the counters `drain::parse_drain_stats` reads, percent-encoded for the query string.
-const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%29%24";
+const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%7Cdownstream_cx_http1_active%29%24";
 
 /// What an outstanding HTTP call was for.
 #[derive(Debug, Clone, Copy)]
@@ -243,6 +243,9 @@ impl RootContext for Root {
             self.poll(Poller::AppReadiness, readiness.target(), &readiness.path, Call::Readiness);
         }
         self.sweep(draining);
+        if self.role == Role::Http {
+            prestop::tick(drain.prestop.max_wait_ms, &self.shared.metrics);
+        }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
@@ -264,8 +267,8 @@ impl RootContext for Root {
         })
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(http::HttpRole::new(self.shared.clone())))
+    fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(http::HttpRole::new(id, self.shared.clone())))
     }
 
     fn create_stream_context(&self, id: u32) -> Option<Box<dyn StreamContext>> {

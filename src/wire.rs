@@ -173,6 +173,16 @@ pub fn starts_http1_request(buf: &[u8]) -> Option<bool> {
     }
 }
 
+/// Does the request head at the start of `buf` carry header `name` (ASCII, any case)? Only
+/// what `buf` holds of the head is looked at.
+pub fn head_has_header(buf: &[u8], name: &[u8]) -> bool {
+    buf.split(|b| *b == b'\n')
+        .skip(1)
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .take_while(|line| !line.is_empty())
+        .any(|line| line.len() > name.len() && line[name.len()] == b':' && line[..name.len()].eq_ignore_ascii_case(name))
+}
+
 /// Applies an edit to a copy of `buf` (what Envoy does with drain + prepend); for tests and
 /// fuzzing the network role's behaviour without a host.
 pub fn apply(buf: &[u8], edit: &Edit) -> Vec<u8> {
@@ -186,6 +196,18 @@ mod tests {
     use super::*;
 
     const NONCE: &str = "0123456789abcdef";
+
+    #[test]
+    fn finds_a_header_in_a_request_head_only() {
+        let name = b"x-close-relay-prestop";
+        let hook = b"GET /stop HTTP/1.1\r\nHost: 10.0.0.7:8080\r\nUser-Agent: kube-lifecycle/1.33\r\nX-Close-Relay-Prestop: t\r\n\r\n";
+        assert!(head_has_header(hook, name));
+        assert!(head_has_header(b"GET / HTTP/1.1\nx-close-relay-prestop:t\n\n", name), "bare LF");
+        assert!(!head_has_header(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nx-close-relay-prestop: t\r\n", name), "in the body");
+        assert!(!head_has_header(b"GET /x-close-relay-prestop: HTTP/1.1\r\n\r\n", name), "in the request line");
+        assert!(!head_has_header(b"GET / HTTP/1.1\r\nx-close-relay-prestopper: t\r\n\r\n", name), "another header");
+        assert!(!head_has_header(b"GET / HTTP/1.1\r\nx-close-relay-pre", name), "cut short");
+    }
 
     #[test]
     fn tells_http1_requests_from_other_protocols() {

@@ -129,6 +129,7 @@ const NUMERIC_OPTIONS: &[(&str, u128, u128)] = &[
     ("drain.app_idle_grace_ms", 0, 600_000),
     ("drain.app_failure.hold_ms", 0, 3_600_000),
     ("drain.app_failure.race_idle_ms", 0, 3_600_000),
+    ("drain.prestop.max_wait_ms", 0, 3_600_000),
     ("drain.app_closes.threshold", 1, 1_000_000),
     ("drain.app_closes.window_ms", 1, 3_600_000),
     ("drain.app_closes.hold_ms", 0, 3_600_000),

@@ -47,6 +47,12 @@ impl Conn {
         Ok(Conn { stream, buf: Vec::new() })
     }
 
+    /// How long a read waits (10 s unless set): a caller that waits longer on purpose, as the
+    /// kubelet does for a preStop hook.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        let _ = self.stream.set_read_timeout(Some(timeout));
+    }
+
     pub fn send(&mut self, raw: &str) -> io::Result<()> {
         self.send_bytes(raw.as_bytes())
     }

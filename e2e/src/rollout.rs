@@ -164,6 +164,9 @@ pub struct RunSpec {
     /// A real server's preStop hook: its stop signal comes this long after the pod's SIGTERM
     /// (the rig's own app has its `prestop` mode instead).
     pub prestop_hook_ms: u64,
+    /// The preStop hook is the kubelet's `httpGet` with close-relay's header and token
+    /// (`drain.prestop`): the app is signalled once the sidecar answers it.
+    pub kubelet_hook: bool,
     pub app_shutdown_timeout_ms: u64,
     /// Held sidecar: how long after the app exits the kubelet stops it (it notices container
     /// exits on its ~1 s PLEG relist).
@@ -196,6 +199,7 @@ impl RunSpec {
             termination_drain_ms: 5_000,
             prestop_ms: 3_000,
             prestop_hook_ms,
+            kubelet_hook: false,
             app_shutdown_timeout_ms: 5_000,
             sidecar_stop_after_app_ms: 1_000,
             eds_push_lag_ms: 1_000,
@@ -226,6 +230,9 @@ impl RunSpec {
         if let Some(ms) = self.app_idle_grace_ms {
             drain.insert("app_idle_grace_ms".into(), json!(ms));
         }
+        if self.kubelet_hook {
+            drain.insert("prestop".into(), json!({"token": KUBELET_HOOK_TOKEN}));
+        }
         if drain.is_empty() {
             String::new()
         } else {
@@ -241,37 +248,75 @@ impl RunSpec {
     }
 
     pub fn column(&self) -> Column {
-        Column { sidecar: self.sidecar, prestop: self.prestop_hook_ms > 0 }
+        Column { sidecar: self.sidecar, prestop: self.prestop_hook_ms > 0, kubelet_hook: self.kubelet_hook }
     }
 
     pub fn label(&self) -> String {
-        let prestop = if self.prestop_hook_ms > 0 { format!(" + preStop {} s", self.prestop_hook_ms / 1000) } else { String::new() };
+        let prestop = if self.kubelet_hook {
+            " + kubelet preStop".to_string()
+        } else if self.prestop_hook_ms > 0 {
+            format!(" + preStop {} s", self.prestop_hook_ms / 1000)
+        } else {
+            String::new()
+        };
         format!("{} | app {}{prestop} | sidecar {}", self.filter_label(), self.app.as_str(), self.sidecar.as_str())
     }
 }
 
-/// A column of the report: the sidecar mode, and whether the app has a preStop hook.
+/// The token the kubelet-hook column's pods are configured with and its hook sends.
+pub const KUBELET_HOOK_TOKEN: &str = "rollout-kubelet-prestop-token";
+
+/// A column of the report: the sidecar mode, and whether the app has a preStop hook: a sleep
+/// (`prestop`), or the kubelet's `httpGet` that close-relay answers (`kubelet_hook`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Column {
     pub sidecar: SidecarMode,
     pub prestop: bool,
+    pub kubelet_hook: bool,
 }
 
 impl Column {
-    pub const ALL: [Column; 4] = [
-        Column { sidecar: SidecarMode::Held, prestop: false },
-        Column { sidecar: SidecarMode::IstioAgent, prestop: false },
-        Column { sidecar: SidecarMode::Held, prestop: true },
-        Column { sidecar: SidecarMode::IstioAgent, prestop: true },
+    pub const ALL: [Column; 5] = [
+        Column { sidecar: SidecarMode::Held, prestop: false, kubelet_hook: false },
+        Column { sidecar: SidecarMode::IstioAgent, prestop: false, kubelet_hook: false },
+        Column { sidecar: SidecarMode::Held, prestop: true, kubelet_hook: false },
+        Column { sidecar: SidecarMode::IstioAgent, prestop: true, kubelet_hook: false },
+        Column { sidecar: SidecarMode::Held, prestop: false, kubelet_hook: true },
     ];
 
     pub fn as_str(self) -> &'static str {
-        match (self.sidecar, self.prestop) {
-            (SidecarMode::Held, false) => "held",
-            (SidecarMode::IstioAgent, false) => "istio drain",
-            (SidecarMode::Held, true) => "held + preStop",
-            (SidecarMode::IstioAgent, true) => "istio drain + preStop",
+        match (self.sidecar, self.prestop, self.kubelet_hook) {
+            (SidecarMode::Held, _, true) => "held + kubelet preStop",
+            (SidecarMode::IstioAgent, _, true) => "istio drain + kubelet preStop",
+            (SidecarMode::Held, false, false) => "held",
+            (SidecarMode::IstioAgent, false, false) => "istio drain",
+            (SidecarMode::Held, true, false) => "held + preStop",
+            (SidecarMode::IstioAgent, true, false) => "istio drain + preStop",
         }
+    }
+
+    /// Whether the app's stop waits for a preStop hook of either kind (the real servers only:
+    /// the rig's app has its own `prestop` mode).
+    pub fn has_hook(self) -> bool {
+        self.prestop || self.kubelet_hook
+    }
+}
+
+/// How long the kubelet waits for a preStop hook: the pod's grace period (30 s by default).
+const KUBELET_GRACE_MS: u64 = 30_000;
+
+/// The kubelet's `preStop.httpGet` to the pod's port with close-relay's header: a connection of
+/// its own, no timeout but the grace period. Returns what the answer said.
+fn kubelet_prestop(port: u16, grace: Duration) -> String {
+    let request = format!(
+        "GET /prestop HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: kube-lifecycle/1.33\r\n\
+         x-close-relay-prestop: {KUBELET_HOOK_TOKEN}\r\n\r\n"
+    );
+    let Ok(mut c) = Conn::try_open(port) else { return "could not connect".into() };
+    c.set_timeout(grace);
+    match c.send(&request).and_then(|()| c.try_response("GET")) {
+        Ok(r) => format!("{} {}", r.status, String::from_utf8_lossy(&r.body).trim_end()),
+        Err(e) => format!("no answer: {e}"),
     }
 }
 
@@ -688,7 +733,12 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
     }
     let terminated = Instant::now();
     let mut app_signal_at = start.elapsed().as_millis() as u64;
-    if spec.prestop_hook_ms == 0 {
+    let mut kubelet_hook = None;
+    if spec.kubelet_hook {
+        let (port, grace) = (envoy_a.port, Duration::from_millis(KUBELET_GRACE_MS));
+        kubelet_hook = Some(thread::spawn(move || kubelet_prestop(port, grace)));
+        note("pod A: SIGTERM (sidecar), the kubelet's preStop httpGet sent");
+    } else if spec.prestop_hook_ms == 0 {
         app_a.terminate();
         note("pod A: SIGTERM (app and sidecar)");
     } else {
@@ -697,7 +747,7 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         }
         note("pod A: SIGTERM (sidecar), preStop hook running");
     }
-    let mut app_signalled = spec.prestop_hook_ms == 0;
+    let mut app_signalled = spec.prestop_hook_ms == 0 && !spec.kubelet_hook;
     let mut removed = spec.endpoint_lag_ms == 0;
     let mut app_exited: Option<Instant> = None;
     let mut sidecar_stopped: Option<Instant> = None;
@@ -706,10 +756,9 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         SidecarMode::IstioAgent => Some(terminated + Duration::from_millis(spec.termination_drain_ms)),
         SidecarMode::Held => None,
     };
+    let hook_ms = if spec.kubelet_hook { KUBELET_GRACE_MS } else { spec.prestop_hook_ms };
     let give_up = terminated
-        + Duration::from_millis(
-            spec.prestop_ms + spec.prestop_hook_ms + spec.app_shutdown_timeout_ms + spec.sidecar_stop_after_app_ms + 5_000,
-        );
+        + Duration::from_millis(spec.prestop_ms + hook_ms + spec.app_shutdown_timeout_ms + spec.sidecar_stop_after_app_ms + 5_000);
     let mut envoy_a = Some(envoy_a);
     let tail = Duration::from_millis(spec.tail_ms);
     while sidecar_stopped.is_none_or(|at| at.elapsed() < tail) && Instant::now() < give_up {
@@ -720,7 +769,14 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
             note("pod A removed from endpoints");
             removed = true;
         }
-        if !app_signalled && terminated.elapsed() >= Duration::from_millis(spec.prestop_hook_ms) {
+        if let Some(hook) = kubelet_hook.take_if(|h| h.is_finished()) {
+            let answer = hook.join().unwrap_or_else(|_| "the hook's thread panicked".into());
+            app_a.terminate();
+            app_signalled = true;
+            app_signal_at = start.elapsed().as_millis() as u64;
+            note(&format!("pod A: kubelet preStop answered after {} ms ({answer}), app signalled", terminated.elapsed().as_millis()));
+        }
+        if !app_signalled && !spec.kubelet_hook && terminated.elapsed() >= Duration::from_millis(spec.prestop_hook_ms) {
             app_a.terminate();
             app_signalled = true;
             app_signal_at = start.elapsed().as_millis() as u64;
@@ -993,7 +1049,7 @@ pub fn chart(results: &[RunResult], path: &Path) -> Result<(), String> {
     // One hue per row (red: no filter, blue: close-relay, green: recommended), darker with a preStop.
     let color = |r: &RunResult| {
         let shade = |c: (u8, u8, u8)| {
-            let k = if r.spec.column().prestop { 2 } else { 1 };
+            let k = if r.spec.column().has_hook() { 2 } else { 1 };
             let k = if r.spec.sidecar == SidecarMode::Held { k } else { k + 1 };
             RGBColor(c.0 / k, c.1 / k, c.2 / k)
         };

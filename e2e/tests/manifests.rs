@@ -61,6 +61,7 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
         ("envoyfilter/examples/checkout-trafficextension", 2),
         ("envoyfilter/wasmplugin", 2),
         ("envoyfilter/examples/checkout", 2),
+        ("envoyfilter/examples/prestop-token", 2),
         // The settings ConfigMap is kustomize's only (local-config): just the EnvoyFilter comes out.
         ("envoyfilter/examples/checkout-rescue", 1),
     ];
@@ -83,7 +84,7 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
         assert_eq!(oks(file), *objects, "kustomize build {dir}: {out}");
     }
     say(&format!(
-        "{} manifests and 5 kustomize builds valid against Istio 1.30.3's CRDs (CEL rules included), Istio 1.29's \
+        "{} manifests and 6 kustomize builds valid against Istio 1.30.3's CRDs (CEL rules included), Istio 1.29's \
          schemas for the kinds it has, and the Prometheus Operator's",
         files.len()
     ));
@@ -205,6 +206,21 @@ fn example_overlays_select_one_workload_in_its_namespace() {
             let url = if kind == "WasmPlugin" { &r["spec"]["url"] } else { &r["spec"]["wasm"]["url"] };
             assert!(url.as_str().unwrap().contains("/close-relay@sha256:"), "{url}");
         }
+    }
+}
+
+#[test]
+fn the_prestop_token_overlay_sets_a_token_both_plugins_accept() {
+    let (built, yaml) = kustomize(&root().join("envoyfilter/examples/prestop-token"));
+    assert!(built, "{yaml}");
+    let resources = istio::docs(&yaml);
+    assert_eq!(resources.len(), 2, "{yaml}");
+    for r in &resources {
+        assert_eq!(r["spec"]["selector"]["matchLabels"], json!({"app": "checkout"}));
+        let config = Config::parse(r["spec"]["pluginConfig"].to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("{}: {e}", r["metadata"]["name"]));
+        let token = config.drain.prestop.token.unwrap_or_else(|| panic!("{}: no token", r["metadata"]["name"]));
+        assert!(token.matches(b"replace-me-with-your-own-token"));
     }
 }
 

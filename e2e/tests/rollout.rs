@@ -60,3 +60,19 @@ fn rolling_restart_with_close_relay_gives_each_alb_connection_at_most_one_error(
         eprintln!("[envoy {}] physics: {why}", e2e::envoy_version());
     }
 }
+
+#[test]
+fn rolling_restart_with_the_kubelets_prestop_hook_loses_nothing() {
+    // The kubelet's preStop httpGet with close-relay's header: the sidecar drains the pod and
+    // answers only once the ALB's connections are gone; then the app is stopped, with nothing
+    // left to meet it.
+    let r = run("short-kubelet-hook", &RunSpec { kubelet_hook: true, ..short(Row::CloseRelay) });
+    say(&r);
+    assert!(r.requests > 500, "load too small: {}", r.requests);
+    let answered = r.events.iter().find(|(_, e)| e.contains("kubelet preStop answered"));
+    assert!(answered.is_some_and(|(_, e)| e.contains("no client connection left")), "{:?}", r.events);
+    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
+    if let Some((_, e)) = answered {
+        eprintln!("[envoy {}] {e}", e2e::envoy_version());
+    }
+}

@@ -38,11 +38,12 @@ fn matrix(prestop_hook_ms: u64) -> Vec<RunSpec> {
     let mut cells = Vec::new();
     for app in apps {
         for column in Column::ALL {
-            if column.prestop && !matches!(app, AppMode::Real(_)) {
+            if column.has_hook() && !matches!(app, AppMode::Real(_)) {
                 continue;
             }
             for row in Row::ALL {
-                let spec = RunSpec::cell(row, app, column.sidecar, if column.prestop { prestop_hook_ms } else { 0 }).heavy();
+                let hook_ms = if column.prestop { prestop_hook_ms } else { 0 };
+                let spec = RunSpec { kubelet_hook: column.kubelet_hook, ..RunSpec::cell(row, app, column.sidecar, hook_ms) }.heavy();
                 if !spec.is_redundant() {
                     cells.push(spec);
                 }

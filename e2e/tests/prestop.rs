@@ -1,0 +1,117 @@
+//! The kubelet's preStop hook against a real Envoy: `lifecycle.preStop.httpGet` with the header
+//! `x-close-relay-prestop: <token>` reaches the sidecar's inbound listener like any request.
+//! close-relay answers it itself, and only once the ALB's connections are gone: idle ones
+//! closed, a busy one after its response. Then the kubelet stops the app, and nothing is left
+//! to meet it. A wrong token, or none configured, changes nothing: the app serves the request.
+
+use std::time::{Duration, Instant};
+
+use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
+
+const TOKEN: &str = "e2e-prestop-token-0123456789";
+
+/// What the kubelet sends for `preStop: httpGet` (Go's client, `kube-lifecycle` agent).
+fn hook(path: &str, token: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: kube-lifecycle/1.33\r\n\
+         X-Close-Relay-Prestop: {token}\r\nAccept-Encoding: gzip\r\n\r\n"
+    )
+}
+
+fn start(name: &str, app: &App, prestop: &str) -> Envoy {
+    let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
+    // The admin poll every 250 ms: the hook's answer follows its reads.
+    let drain = format!(r#""drain": {{"sidecar": {{"interval_ms": 250}}, "prestop": {prestop}}}"#);
+    spec.http_config = format!("{{{drain}}}");
+    spec.network_config = format!(r#"{{"role": "network", {drain}}}"#);
+    Envoy::start(name, &spec)
+}
+
+fn kept(envoy: &Envoy) -> Conn {
+    let mut c = envoy.connect();
+    let r = c.get("/keep");
+    assert!(r.status == 200 && !r.says_close(), "{}", r.raw_head);
+    c
+}
+
+fn report(what: &str, took: Duration) {
+    eprintln!("[envoy {}] prestop hook ({}): {what} in {} ms", e2e::envoy_version(), e2e::layout().as_str(), took.as_millis());
+}
+
+#[test]
+fn the_kubelets_prestop_hook_is_answered_once_the_albs_connections_are_gone() {
+    let app = App::start();
+    let envoy = start("prestop-answered", &app, &format!(r#"{{"token": "{TOKEN}"}}"#));
+    let mut idle: Vec<Conn> = (0..3).map(|_| kept(&envoy)).collect();
+    let mut busy = kept(&envoy);
+    busy.send("GET /slow?chunks=4&pause_ms=400 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
+    assert!(busy.received(16, Duration::from_secs(3)), "no response started");
+
+    let sent = Instant::now();
+    let mut kubelet = envoy.connect();
+    kubelet.send(&hook("/app-would-404", TOKEN)).expect("send the hook");
+    let answer = kubelet.try_response("GET").unwrap_or_else(|e| panic!("no answer to the hook: {e}\n{}", envoy.wasm_log()));
+    let took = sent.elapsed();
+
+    let body = String::from_utf8_lossy(&answer.body).into_owned();
+    assert_eq!(answer.status, 200, "answered by the app, not close-relay?\n{}", answer.raw_head);
+    assert!(body.contains("no client connection left"), "{body}");
+    for c in &mut idle {
+        assert!(c.closed_by_server(Duration::ZERO), "an idle ALB connection outlived the hook's answer");
+    }
+    let slow = busy.try_response("GET").unwrap_or_else(|e| panic!("the busy response was cut: {e}"));
+    let expected: String = (0..4).map(|i| format!("chunk-{i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&slow.body), expected);
+    // Its head went out before the drain began: the connection closes once the response ends.
+    assert!(busy.closed_by_server(Duration::from_millis(100)), "the busy connection outlived the hook's answer");
+    // The slow response ends about 1.6 s after it began: the hook waited for it.
+    assert!(took >= Duration::from_millis(1_000), "answered after {took:?}, before the busy response ended");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_prestop_answered_total"), 1);
+    assert!(envoy.counter("wasmcustom.close_relay_drain_entered_prestop_total") >= 1);
+    assert!(!envoy.wasm_log().contains(TOKEN), "the token reached close-relay's log");
+    report(&format!("answered \"{}\"", body.trim_end()), took);
+}
+
+#[test]
+fn a_hook_still_waiting_at_max_wait_is_answered_with_what_was_left() {
+    let app = App::start();
+    let envoy = start("prestop-max-wait", &app, &format!(r#"{{"token": "{TOKEN}", "max_wait_ms": 1000}}"#));
+    let mut busy = kept(&envoy);
+    busy.send("GET /slow?chunks=8&pause_ms=400 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
+    assert!(busy.received(16, Duration::from_secs(3)), "no response started");
+    let sent = Instant::now();
+    let mut kubelet = envoy.connect();
+    kubelet.send(&hook("/stop", TOKEN)).expect("send the hook");
+    let answer = kubelet.try_response("GET").unwrap_or_else(|e| panic!("no answer to the hook: {e}"));
+    let took = sent.elapsed();
+    let body = String::from_utf8_lossy(&answer.body).into_owned();
+    assert_eq!(answer.status, 200);
+    assert!(body.contains("max_wait_ms passed") && body.contains("1 client connections left"), "{body}");
+    assert!(took >= Duration::from_millis(1_000) && took < Duration::from_millis(2_500), "{took:?}");
+    let slow = busy.try_response("GET").unwrap_or_else(|e| panic!("the busy response was cut: {e}"));
+    assert_eq!(slow.body.len(), (0..8).map(|i: u32| format!("chunk-{i}\n").len()).sum::<usize>());
+    report(&format!("answered \"{}\"", body.trim_end()), took);
+}
+
+#[test]
+fn a_wrong_token_or_none_configured_is_served_by_the_app_and_drains_nothing() {
+    let app = App::start();
+    for (name, prestop, offered) in [
+        ("prestop-wrong-token", format!(r#"{{"token": "{TOKEN}"}}"#), "not-the-token-0123456789"),
+        ("prestop-no-token", "{}".to_string(), TOKEN),
+    ] {
+        let envoy = start(name, &app, &prestop);
+        let mut c = envoy.connect();
+        c.send(&hook("/keep", offered)).expect("send");
+        let r = c.try_response("GET").unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{name}: not the app's answer");
+        assert!(!r.says_close(), "{name}: told to close");
+        assert_eq!(envoy.counter("wasmcustom.close_relay_prestop_refused_total"), 1, "{name}: not counted");
+        assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_prestop_total"), 0, "{name}: drained");
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(c.open_now(), "{name}: the connection was closed");
+        assert!(!kept(&envoy).get("/keep").says_close(), "{name}: the pod drains");
+        assert!(!envoy.wasm_log().contains(offered), "{name}: the offered token reached close-relay's log");
+        eprintln!("[envoy {}] prestop hook ({}): {name}: served by the app, counted, no drain", e2e::envoy_version(), e2e::layout().as_str());
+    }
+}
