@@ -34,6 +34,24 @@ fn kept(envoy: &Envoy) -> Conn {
     c
 }
 
+/// A connection busy with a slow stream of `chunks` pieces, 400 ms apart, already begun.
+fn busy_with(envoy: &Envoy, chunks: u32) -> Conn {
+    let mut busy = kept(envoy);
+    busy.send(&format!("GET /slow?chunks={chunks}&pause_ms=400 HTTP/1.1\r\nhost: app\r\n\r\n")).expect("send");
+    assert!(busy.received(16, Duration::from_secs(3)), "no response started");
+    busy
+}
+
+/// The kubelet's hook, on a connection of its own: the answer's status and body, and how long
+/// it took to come.
+fn kubelet_hook(envoy: &Envoy) -> (u16, String, Duration) {
+    let sent = Instant::now();
+    let mut kubelet = envoy.connect();
+    kubelet.send(&hook("/app-would-404", TOKEN)).expect("send the hook");
+    let answer = kubelet.try_response("GET").unwrap_or_else(|e| panic!("no answer to the hook: {e}\n{}", envoy.wasm_log()));
+    (answer.status, String::from_utf8_lossy(&answer.body).into_owned(), sent.elapsed())
+}
+
 fn report(what: &str, took: Duration) {
     eprintln!("[envoy {}] prestop hook ({}): {what} in {} ms", e2e::envoy_version(), e2e::layout().as_str(), took.as_millis());
 }
@@ -43,18 +61,9 @@ fn the_kubelets_prestop_hook_is_answered_once_the_albs_connections_are_gone() {
     let app = App::start();
     let envoy = start("prestop-answered", &app, &format!(r#"{{"token": "{TOKEN}"}}"#));
     let mut idle: Vec<Conn> = (0..3).map(|_| kept(&envoy)).collect();
-    let mut busy = kept(&envoy);
-    busy.send("GET /slow?chunks=4&pause_ms=400 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
-    assert!(busy.received(16, Duration::from_secs(3)), "no response started");
-
-    let sent = Instant::now();
-    let mut kubelet = envoy.connect();
-    kubelet.send(&hook("/app-would-404", TOKEN)).expect("send the hook");
-    let answer = kubelet.try_response("GET").unwrap_or_else(|e| panic!("no answer to the hook: {e}\n{}", envoy.wasm_log()));
-    let took = sent.elapsed();
-
-    let body = String::from_utf8_lossy(&answer.body).into_owned();
-    assert_eq!(answer.status, 200, "answered by the app, not close-relay?\n{}", answer.raw_head);
+    let mut busy = busy_with(&envoy, 4);
+    let (status, body, took) = kubelet_hook(&envoy);
+    assert_eq!(status, 200, "answered by the app, not close-relay? {body}");
     assert!(body.contains("no client connection left"), "{body}");
     for c in &mut idle {
         assert!(c.closed_by_server(Duration::ZERO), "an idle ALB connection outlived the hook's answer");
@@ -76,16 +85,9 @@ fn the_kubelets_prestop_hook_is_answered_once_the_albs_connections_are_gone() {
 fn a_hook_still_waiting_at_max_wait_is_answered_with_what_was_left() {
     let app = App::start();
     let envoy = start("prestop-max-wait", &app, &format!(r#"{{"token": "{TOKEN}", "max_wait_ms": 1000}}"#));
-    let mut busy = kept(&envoy);
-    busy.send("GET /slow?chunks=8&pause_ms=400 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
-    assert!(busy.received(16, Duration::from_secs(3)), "no response started");
-    let sent = Instant::now();
-    let mut kubelet = envoy.connect();
-    kubelet.send(&hook("/stop", TOKEN)).expect("send the hook");
-    let answer = kubelet.try_response("GET").unwrap_or_else(|e| panic!("no answer to the hook: {e}"));
-    let took = sent.elapsed();
-    let body = String::from_utf8_lossy(&answer.body).into_owned();
-    assert_eq!(answer.status, 200);
+    let mut busy = busy_with(&envoy, 8);
+    let (status, body, took) = kubelet_hook(&envoy);
+    assert_eq!(status, 200, "{body}");
     assert!(body.contains("max_wait_ms passed") && body.contains("1 client connections left"), "{body}");
     assert!(took >= Duration::from_millis(1_000) && took < Duration::from_millis(2_500), "{took:?}");
     let slow = busy.try_response("GET").unwrap_or_else(|e| panic!("the busy response was cut: {e}"));
