@@ -276,12 +276,13 @@ pub struct Column {
 }
 
 impl Column {
-    pub const ALL: [Column; 5] = [
+    pub const ALL: [Column; 6] = [
         Column { sidecar: SidecarMode::Held, prestop: false, kubelet_hook: false },
         Column { sidecar: SidecarMode::IstioAgent, prestop: false, kubelet_hook: false },
         Column { sidecar: SidecarMode::Held, prestop: true, kubelet_hook: false },
         Column { sidecar: SidecarMode::IstioAgent, prestop: true, kubelet_hook: false },
         Column { sidecar: SidecarMode::Held, prestop: false, kubelet_hook: true },
+        Column { sidecar: SidecarMode::IstioAgent, prestop: false, kubelet_hook: true },
     ];
 
     pub fn as_str(self) -> &'static str {
