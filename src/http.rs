@@ -191,22 +191,25 @@ impl HttpRole {
             self.shared.metrics.rescued.inc();
         }
         let failure = &config.drain.app_failure;
-        // Which upstream connection, and when: only where a reset can drain the pod.
+        // Which upstream connection: only where a reset can drain the pod.
         let watched = config.drain.enabled && failure.enabled && failure.resets && failure.race_idle_ms > 0;
-        let used = || watched.then(upstream_port).flatten().map(|port| (port, host::now_ms()));
+        let port = || watched.then(upstream_port).flatten();
         let evidence = match decision::app_said(upstream, rescued, failure.resets) {
             AppSaid::Answered => {
                 STREAK.with(|s| s.borrow_mut().answered());
-                if let Some((port, now)) = used() {
-                    UPSTREAM_USE.with(|u| u.borrow_mut().answered(port, now, failure.race_idle_ms));
+                // The tick's clock, free to read: at most a tick old (100 ms) against a second
+                // of `race_idle_ms`, and an older record only ever reads as idle.
+                if let Some(port) = port() {
+                    UPSTREAM_USE.with(|u| u.borrow_mut().answered(port, host::coarse_now(), failure.race_idle_ms));
                 }
                 return (upstream, rescued);
             }
             AppSaid::Refused => true,
             AppSaid::Failed => {
+                let now = host::now_ms();
                 let busy = !rescued
-                    && used().is_some_and(|(port, now)| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
-                let in_a_row = STREAK.with(|s| s.borrow_mut().failed(host::now_ms(), failure.window_ms));
+                    && port().is_some_and(|port| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
+                let in_a_row = STREAK.with(|s| s.borrow_mut().failed(now, failure.window_ms));
                 debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}, connection in use: {busy}): {in_a_row} in a row");
                 busy || in_a_row >= failure.in_a_row
             }
