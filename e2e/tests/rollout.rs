@@ -62,17 +62,28 @@ fn rolling_restart_with_close_relay_gives_each_alb_connection_at_most_one_error(
 }
 
 #[test]
-fn rolling_restart_with_the_kubelets_prestop_hook_loses_nothing() {
+fn rolling_restart_with_the_kubelets_prestop_hook_leaves_no_request_for_the_stopped_app() {
     // The kubelet's preStop httpGet with close-relay's header: the sidecar drains the pod and
     // answers only once the ALB's connections are gone; then the app is stopped, with nothing
-    // left to meet it.
+    // left to meet it: no 503. Closing an idle ALB connection can still cross a request the
+    // ALB put on it that moment (a 502: the idle-close race, README): once in ten CI units, at
+    // most one per connection, and only in the drain's first second.
     let r = run("short-kubelet-hook", &RunSpec { kubelet_hook: true, ..short(Row::CloseRelay) });
     say(&r);
     assert!(r.requests > 500, "load too small: {}", r.requests);
     let answered = r.events.iter().find(|(_, e)| e.contains("kubelet preStop answered"));
     assert!(answered.is_some_and(|(_, e)| e.contains("no client connection left")), "{:?}", r.events);
-    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
+    let raced = r.statuses.get(&502).copied().unwrap_or(0);
+    assert_eq!(r.five_xx - raced, 0, "a request met the stopped app: {:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
+    assert_eq!(r.conn_errors, 0, "{:?}", r.events);
+    assert!(raced <= r.spec.concurrency as u64, "{raced} idle-close races over {} connections", r.spec.concurrency);
+    assert!(
+        r.five_xx_at.iter().all(|at| (r.spec.restart_at_ms..r.spec.restart_at_ms + 1_000).contains(at)),
+        "a 502 outside the drain's first second: {:?} ms\n{:?}",
+        r.five_xx_at,
+        r.events
+    );
     if let Some((_, e)) = answered {
-        eprintln!("[envoy {}] {e}", e2e::envoy_version());
+        eprintln!("[envoy {}] {e}; {raced} idle-close races", e2e::envoy_version());
     }
 }
