@@ -77,10 +77,12 @@ impl HttpRole {
     /// The kubelet's preStop hook, when the network role saw its header on this connection:
     /// with the configured token it drains the pod and is held for `prestop` to answer (the app
     /// never sees it); otherwise the app serves it untouched, and it is counted.
-    fn prestop_hook(&mut self, config: &Config) -> Option<Action> {
+    fn prestop_hook(&mut self) -> Option<Action> {
         if !self.address.as_ref().is_some_and(|a| a.hook) {
             return None;
         }
+        let shared = self.shared.clone();
+        let config = shared.active()?;
         let offered = host::header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER)?;
         let token = config.drain.prestop.token.as_ref();
         if !token.is_some_and(|t| t.matches(offered.as_bytes())) || !config.drain.enabled {
@@ -354,10 +356,9 @@ impl Drop for HttpRole {
 
 impl HttpContext for HttpRole {
     fn on_http_request_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
-        let shared = self.shared.clone();
-        let Some(config) = shared.active() else {
+        if self.shared.active().is_none() {
             return Action::Continue;
-        };
+        }
         #[cfg(feature = "fault-injection")]
         if host::header(MapType::HttpRequestHeaders, ":path").as_deref() == Some("/__close_relay_trap") {
             std::process::abort();
@@ -368,7 +369,7 @@ impl HttpContext for HttpRole {
         // not the pod's drain is watched: a connection told to close is only closed once no
         // request is in flight on it.
         self.track_request();
-        self.prestop_hook(config).unwrap_or(Action::Continue)
+        self.prestop_hook().unwrap_or(Action::Continue)
     }
 
     /// The story of one response: its facts, the decision, then the act.

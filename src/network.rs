@@ -122,18 +122,6 @@ impl NetworkRole {
         }
     }
 
-    /// The kubelet's preStop hook is on this connection (it opens one per hook): the HTTP role
-    /// learns it from the published address, which it reads for every request anyway, so
-    /// recognising the hook costs the other connections nothing.
-    fn announce_hook(&mut self) {
-        if let Some(address) = self.address.as_mut() {
-            address.hook = true;
-            if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.published().as_bytes()) {
-                warn!("close-relay: cannot mark the preStop hook's connection: {e:?}");
-            }
-        }
-    }
-
     /// Without anything that counts its requests in flight, the sweep cannot close a connection
     /// told to close: Envoy does, after answering the client's next request, when that request
     /// comes alone (Envoy presents what it has read but not yet handled again after each
@@ -152,6 +140,18 @@ impl NetworkRole {
             self.conn.borrow_mut().close_pending = false;
             self.shared.metrics.requests_closed.inc();
             debug!("added connection: close to the next request");
+        }
+    }
+}
+
+/// The kubelet's preStop hook is on this connection (it opens one per hook): the HTTP role
+/// learns it from the published address, which it reads for every request anyway, so
+/// recognising the hook costs the other connections nothing.
+fn announce_hook(address: Option<&mut Address>) {
+    if let Some(address) = address {
+        address.hook = true;
+        if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.published().as_bytes()) {
+            warn!("close-relay: cannot mark the preStop hook's connection: {e:?}");
         }
     }
 }
@@ -197,8 +197,7 @@ impl StreamContext for NetworkRole {
     }
 
     fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        let shared = self.shared.clone();
-        let Some(config) = shared.active() else { return Action::Continue };
+        let Some(config) = self.shared.active() else { return Action::Continue };
         let (close_pending, undecided) = {
             let mut c = self.conn.borrow_mut();
             c.activity.read(host::coarse_now());
@@ -214,7 +213,7 @@ impl StreamContext for NetworkRole {
             let http1 = wire::starts_http1_request(&first);
             self.conn.borrow_mut().activity.http1 = http1;
             if http1 == Some(true) && wire::head_has_header(&first, keys::PRESTOP_HEADER.as_bytes()) {
-                self.announce_hook();
+                announce_hook(self.address.as_mut());
             }
         }
         if close_pending && size > 0 && config.close_connection && !self.conn.borrow().sweepable() {
