@@ -41,6 +41,10 @@ pub struct Config {
     /// marker of a larger head could not be rewritten. A `u64` like every number here, so a
     /// value is range-checked as written, never after a cast to wasm32's 32-bit `usize`.
     pub max_head_bytes: u64,
+    /// The network role works alone (no HTTP plugin): it follows each response's framing in the
+    /// bytes it writes, and reads every drain source from the sidecar's stats. Gives up relaying
+    /// the app's own closes and the preStop hook; needs rescue to lose nothing (README "Lean").
+    pub lean: bool,
 }
 
 impl Default for Config {
@@ -53,6 +57,7 @@ impl Default for Config {
             close_on_connect_failure: true,
             drain: DrainConfig::default(),
             max_head_bytes: 96 * 1024,
+            lean: false,
         }
     }
 }
@@ -311,6 +316,17 @@ impl Config {
         Ok(config)
     }
 
+    /// What only one role may be given: `lean` is the network role alone.
+    pub fn check_role(&self, role: Role) -> Result<(), ConfigError> {
+        if self.lean && role == Role::Http {
+            return Err(ConfigError {
+                field: Some("lean".into()),
+                message: "is the network role working alone: remove the HTTP plugin, or set lean false in both".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// `max_head_bytes` as a length; validation keeps it far below 4 GiB, so it always fits.
     pub fn max_head(&self) -> usize {
         usize::try_from(self.max_head_bytes).unwrap_or(usize::MAX)
@@ -339,6 +355,18 @@ impl Config {
                               client connections in Envoy's stats"
                         .into(),
                 });
+            }
+        }
+        if self.lean {
+            let why = if d.prestop.token.is_some() {
+                Some(("drain.prestop.token", "lean has no HTTP role to answer the preStop hook"))
+            } else if !(d.enabled && d.sidecar.enabled) {
+                Some(("drain.sidecar", "lean reads every drain source from the sidecar's stats: needs drain and drain.sidecar enabled"))
+            } else {
+                None
+            };
+            if let Some((field, message)) = why {
+                return Err(ConfigError { field: Some(field.into()), message: message.into() });
             }
         }
         let (sidecar, probe) = (&d.sidecar, &d.app_readiness);
@@ -541,6 +569,18 @@ mod tests {
     fn not_json_or_not_object() {
         assert!(Config::parse(b"{nope").unwrap_err().message.contains("not valid JSON"));
         assert!(Config::parse(b"[1]").unwrap_err().message.contains("object"));
+    }
+
+    #[test]
+    fn lean_is_the_network_role_alone_with_the_sidecar_poll() {
+        let c = Config::parse(br#"{"lean": true}"#).unwrap();
+        assert!(c.lean && c.check_role(Role::Network).is_ok());
+        assert_eq!(c.check_role(Role::Http).unwrap_err().field.as_deref(), Some("lean"));
+        let e = Config::parse(br#"{"lean": true, "drain": {"sidecar": {"enabled": false}}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.sidecar"));
+        let e = Config::parse(br#"{"lean": true, "drain": {"prestop": {"token": "0123456789abcdefgh"}}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.prestop.token"));
+        assert!(!Config::default().lean);
     }
 
     #[test]

@@ -149,9 +149,12 @@ pub struct DrainStats {
     pub drain_closes: u64,
     /// Listeners or filter chains draining because of a config update (LDS), not shutdown.
     pub update_draining: u64,
-    /// Connections opened, and connects that failed, to the app (`cluster.inbound|...`).
+    /// Connections opened, and connects that failed, to the app (`cluster.inbound|...`, and
+    /// rescue's `cluster.close-relay-local|...`).
     pub app_cx_total: u64,
     pub app_cx_connect_fail: u64,
+    /// The app's connections it closed with a request on them (resets, closes under a request).
+    pub app_cx_reset: u64,
     /// HTTP/1 client connections open on the inbound HCMs (`http.inbound_*`, Istio's stat
     /// prefix for them): what the preStop hook waits on.
     pub inbound_http1_active: u64,
@@ -167,14 +170,16 @@ impl DrainStats {
             self.app_cx_total,
             self.app_cx_connect_fail,
             self.inbound_http1_active,
+            self.app_cx_reset,
         ])
     }
 
     /// The last read and when it was taken, if there was one.
     pub fn decode_read(bytes: &[u8]) -> Option<(u64, DrainStats)> {
-        let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active] =
+        let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active, app_cx_reset] =
             decode_u64s(bytes);
-        let stats = DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active };
+        let stats =
+            DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active, app_cx_reset };
         (read_ms != 0).then_some((read_ms, stats))
     }
 }
@@ -195,11 +200,13 @@ pub fn parse_drain_stats(stats: &str) -> DrainStats {
             || name == "listener_manager.total_filter_chains_draining"
         {
             out.update_draining += value;
-        } else if name.starts_with("cluster.inbound|") {
+        } else if name.starts_with("cluster.inbound|") || name.starts_with("cluster.close-relay-local|") {
             if name.ends_with(".upstream_cx_total") {
                 out.app_cx_total += value;
             } else if name.ends_with(".upstream_cx_connect_fail") {
                 out.app_cx_connect_fail += value;
+            } else if name.ends_with(".upstream_cx_destroy_remote_with_active_rq") {
+                out.app_cx_reset += value;
             }
         }
     }
@@ -217,6 +224,17 @@ pub fn listeners_draining(previous: Option<DrainStats>, now: DrainStats) -> bool
         }
         None => false,
     }
+}
+
+/// Is the app going away, by the counters alone (`lean`, with no HTTP role to see each answer)?
+/// Between two reads Envoy failed to connect to it, or it closed `in_a_row` connections under
+/// a request (one may be the keep-alive race: the app closing an idle connection as Envoy reuses
+/// it). A refused request meanwhile was rescued, where rescue is on.
+pub fn app_failing(previous: Option<DrainStats>, now: DrainStats, in_a_row: u32) -> bool {
+    previous.is_some_and(|prev| {
+        now.app_cx_connect_fail > prev.app_cx_connect_fail
+            || now.app_cx_reset.saturating_sub(prev.app_cx_reset) >= u64::from(in_a_row)
+    })
 }
 
 /// Does the app accept connections again? Between two reads Envoy opened a connection to it
@@ -517,7 +535,7 @@ mod tests {
 
     #[test]
     fn the_stats_record_round_trips_and_says_never_read() {
-        let stats = DrainStats { drain_closes: 3, update_draining: 1, app_cx_total: 9, app_cx_connect_fail: 2, inbound_http1_active: 4 };
+        let stats = DrainStats { drain_closes: 3, update_draining: 1, app_cx_total: 9, app_cx_connect_fail: 2, inbound_http1_active: 4, app_cx_reset: 5 };
         assert_eq!(DrainStats::decode_read(&stats.encode_read(1_234)), Some((1_234, stats)));
         assert_eq!(DrainStats::decode_read(b""), None);
         assert_eq!(DrainStats::decode_read(&stats.encode_read(0)), None);
@@ -697,6 +715,20 @@ mod tests {
         let stats = "cluster.inbound|8080||.upstream_cx_total: 7\ncluster.inbound|8080||.upstream_cx_connect_fail: 3\n\
                      cluster.prometheus_stats.upstream_cx_total: 99\n";
         assert_eq!((parse_drain_stats(stats).app_cx_total, parse_drain_stats(stats).app_cx_connect_fail), (7, 3));
+    }
+
+    #[test]
+    fn lean_reads_a_failing_app_from_the_counters_of_its_local_clusters() {
+        let stats = "cluster.close-relay-local|8080.upstream_cx_connect_fail: 2\n\
+                     cluster.close-relay-local|8080.upstream_cx_destroy_remote_with_active_rq: 4\n\
+                     cluster.outbound|8080||checkout.shop.svc.cluster.local.upstream_cx_connect_fail: 50\n";
+        let now = parse_drain_stats(stats);
+        assert_eq!((now.app_cx_connect_fail, now.app_cx_reset), (2, 4));
+        let before = |fail, reset| Some(DrainStats { app_cx_connect_fail: fail, app_cx_reset: reset, ..Default::default() });
+        assert!(!app_failing(None, now, 2), "one read says nothing");
+        assert!(app_failing(before(1, 4), now, 2), "a connect failed");
+        assert!(!app_failing(before(2, 3), now, 2), "one reset: the keep-alive race, maybe");
+        assert!(app_failing(before(2, 2), now, 2), "two resets under requests");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod config;
 pub mod conn;
 pub mod decision;
 pub mod drain;
+pub mod framing;
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod fake_host;
 pub mod host;

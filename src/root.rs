@@ -19,7 +19,7 @@ use crate::shared::Shared;
 use crate::{conn, http, network, pod, prestop};
 
 /// Only the counters `drain::parse_drain_stats` reads, percent-encoded for the query string.
-const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%7Cdownstream_cx_http1_active%29%24";
+const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%7Cupstream_cx_destroy_remote_with_active_rq%7Cdownstream_cx_http1_active%29%24";
 
 /// What an outstanding HTTP call was for.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +109,10 @@ impl Root {
         if drain::listeners_draining(previous.map(|(_, stats)| stats), now) {
             pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &self.shared.metrics);
         }
+        let failure = &config.drain.app_failure;
+        if config.lean && failure.enabled && drain::app_failing(previous.map(|(_, stats)| stats), now, failure.in_a_row) {
+            pod::enter(Source::AppFailure, read_at + failure.hold_ms, &self.shared.metrics);
+        }
         let until = pod::active_until(Source::AppFailure);
         let failed_at = until.saturating_sub(config.drain.app_failure.hold_ms);
         if until > 0 && drain::app_recovered(previous, now, failed_at) {
@@ -182,7 +186,8 @@ impl RootContext for Root {
         let root_id = String::from_utf8_lossy(&root_id);
         self.role = config::role_hint(&raw).unwrap_or_else(|| config::role_from_root_id(&root_id));
         let metrics = Metrics::define();
-        let config = match Config::parse(&raw) {
+        let role = self.role;
+        let config = match Config::parse(&raw).and_then(|c| c.check_role(role).map(|()| c)) {
             Ok(config) => {
                 info!("close-relay {:?} role ready (root id {root_id:?}): {config:?}", self.role);
                 Some(config)

@@ -1,0 +1,398 @@
+//! Where each response written to the client ends, told from the bytes themselves: what the
+//! network role knows when it works alone (`lean`), with no HTTP role to count the requests in
+//! flight. Pure: the role reads only the bytes [`Responses::wants`] asks for, at the write's
+//! current position, and passes over bodies by their length without reading them.
+//!
+//! Envoy writes every response to an HTTP/1.1 client itself, so the framing is its own: a
+//! `content-length`, `chunked` with its own chunk lines, no body (1xx, 204, 304), or, for an
+//! HTTP/1.0 client, the connection's end. Anything this reader cannot follow makes the connection
+//! [`Responses::lost`]: in flight for good, never closed as idle, as a plain Envoy would keep it.
+
+use crate::decision::has_token;
+
+/// The first read of a head: most heads fit, so most responses cost one read.
+pub const HEAD_READ: usize = 1024;
+/// Later reads of a head larger than the first.
+const HEAD_MORE: usize = 16 * 1024;
+/// Envoy's chunk lines are a hex length and CRLF; a trailer line may be longer.
+const LINE_READ: usize = 32;
+const LINE_MAX: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No response under way: the next byte starts a head.
+    Between,
+    /// A head begun and not yet whole (its bytes so far in `carry`).
+    Head,
+    /// Body bytes left (`content-length`).
+    Body(u64),
+    /// A chunk-size line (its bytes so far in `carry`).
+    ChunkLine,
+    /// Chunk data and the CRLF after it, bytes left.
+    ChunkData(u64),
+    /// The trailer section after the last chunk, until its empty line.
+    Trailers,
+    /// The response ends with the connection (close-delimited), or the connection is no longer
+    /// HTTP (`101 Switching Protocols`).
+    Open,
+    /// Bytes this reader could not follow.
+    Lost,
+}
+
+/// A response head that ended in the bytes just fed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadSeen {
+    /// The head's length, blank line included.
+    pub len: usize,
+    /// The whole head is at the start of the bytes fed (none of it came in an earlier read).
+    pub whole_here: bool,
+    /// It already says `connection: close` (Envoy's own decision: it closes the connection).
+    pub says_close: bool,
+    /// A final response (not 1xx).
+    pub is_final: bool,
+}
+
+/// What one [`Responses::feed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fed {
+    /// Bytes of the input consumed; the rest is fed again from the new position.
+    pub used: usize,
+    pub head: Option<HeadSeen>,
+}
+
+/// The responses on one client connection, as Envoy writes them.
+#[derive(Debug, Clone)]
+pub struct Responses {
+    state: State,
+    /// A head or line that spans reads.
+    carry: Vec<u8>,
+    /// Some of the current response's body went out (a HEAD's answer never has any).
+    body_started: bool,
+    max_head: usize,
+}
+
+impl Responses {
+    pub fn new(max_head: usize) -> Responses {
+        Responses { state: State::Between, carry: Vec::new(), body_started: false, max_head }
+    }
+
+    /// A response is under way (or the connection cannot be followed): it must not be closed.
+    pub fn in_flight(&self) -> bool {
+        self.state != State::Between
+    }
+
+    pub fn lost(&self) -> bool {
+        self.state == State::Lost
+    }
+
+    /// The client sent bytes. An answer whose head announced a body, none of which went out
+    /// yet, was an answer to HEAD: its exchange is over. (Were it a pipelined request instead,
+    /// the body that follows would not start a head, and the connection is [`lost`]: kept.)
+    ///
+    /// [`lost`]: Responses::lost
+    pub fn request_read(&mut self) {
+        if !self.body_started && matches!(self.state, State::Body(_) | State::ChunkLine) {
+            self.state = State::Between;
+        }
+    }
+
+    /// How many bytes at the current position must be read to go on, or `None` when the next
+    /// ones can be passed over unread ([`Responses::skip`]).
+    pub fn wants(&self) -> Option<usize> {
+        match self.state {
+            State::Between => Some(HEAD_READ),
+            State::Head => Some(HEAD_MORE.min(self.max_head.saturating_sub(self.carry.len())).max(1)),
+            State::ChunkLine | State::Trailers => Some(LINE_READ),
+            State::Body(_) | State::ChunkData(_) | State::Open | State::Lost => None,
+        }
+    }
+
+    /// Passes over up to `n` bytes unread; returns how many (0 when they must be read).
+    pub fn skip(&mut self, n: usize) -> usize {
+        let n64 = n as u64;
+        match self.state {
+            State::Body(left) | State::ChunkData(left) => {
+                let take = left.min(n64);
+                self.body_started = true;
+                let rest = left - take;
+                self.state = match (self.state, rest) {
+                    (State::Body(_), 0) => State::Between,
+                    (State::Body(_), _) => State::Body(rest),
+                    (_, 0) => State::ChunkLine,
+                    (_, _) => State::ChunkData(rest),
+                };
+                // `take` <= `n`, which is a usize.
+                usize::try_from(take).unwrap_or(n)
+            }
+            State::Open | State::Lost => n,
+            _ => 0,
+        }
+    }
+
+    /// Feeds the bytes read at the current position (at most what [`Responses::wants`] asked).
+    pub fn feed(&mut self, bytes: &[u8]) -> Fed {
+        let held = self.carry.len();
+        match self.state {
+            State::Between | State::Head => self.feed_head(bytes, held),
+            State::ChunkLine => self.feed_chunk_line(bytes, held),
+            State::Trailers => self.feed_trailers(bytes, held),
+            _ => Fed { used: 0, head: None },
+        }
+    }
+
+    /// The connection's bytes can no longer be followed.
+    pub fn lose(&mut self) {
+        self.state = State::Lost;
+        self.carry = Vec::new();
+    }
+
+    fn feed_head(&mut self, bytes: &[u8], held: usize) -> Fed {
+        if held == 0 {
+            let start = &bytes[..bytes.len().min(STATUS_START.len())];
+            if !STATUS_START.starts_with(start) {
+                self.lose();
+                return Fed { used: bytes.len(), head: None };
+            }
+        }
+        self.carry.extend_from_slice(bytes);
+        let from = held.saturating_sub(3);
+        let Some(end) = find(&self.carry[from..], b"\r\n\r\n").map(|i| from + i + 4) else {
+            if self.carry.len() >= self.max_head {
+                self.lose();
+            } else {
+                self.state = State::Head;
+            }
+            return Fed { used: bytes.len(), head: None };
+        };
+        let head = parse_head(&self.carry[..end]);
+        self.carry.clear();
+        self.body_started = false;
+        self.state = match head {
+            None => State::Lost,
+            Some(h) => h.next,
+        };
+        let seen = head.map(|h| HeadSeen { len: end, whole_here: held == 0, says_close: h.says_close, is_final: h.is_final });
+        Fed { used: end - held, head: seen }
+    }
+
+    /// One line ends in `carry`: its end, or `None` (more to read, or lost when too long).
+    fn line(&mut self, bytes: &[u8], held: usize) -> Option<usize> {
+        self.carry.extend_from_slice(bytes);
+        let from = held.saturating_sub(1);
+        let end = find(&self.carry[from..], b"\r\n").map(|i| from + i + 2);
+        if end.is_none() && self.carry.len() > LINE_MAX {
+            self.lose();
+        }
+        end
+    }
+
+    fn feed_chunk_line(&mut self, bytes: &[u8], held: usize) -> Fed {
+        let Some(end) = self.line(bytes, held) else { return Fed { used: bytes.len(), head: None } };
+        let size = chunk_size(&self.carry[..end - 2]);
+        self.carry.clear();
+        self.state = match size {
+            None => State::Lost,
+            Some(0) => State::Trailers,
+            // The data, then its CRLF.
+            Some(n) => State::ChunkData(n.saturating_add(2)),
+        };
+        Fed { used: end - held, head: None }
+    }
+
+    fn feed_trailers(&mut self, bytes: &[u8], held: usize) -> Fed {
+        let Some(end) = self.line(bytes, held) else { return Fed { used: bytes.len(), head: None } };
+        self.carry.clear();
+        if end == 2 {
+            self.state = State::Between;
+        }
+        Fed { used: end - held, head: None }
+    }
+}
+
+const STATUS_START: &[u8] = b"HTTP/1.";
+
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    next: State,
+    says_close: bool,
+    is_final: bool,
+}
+
+/// A whole response head: what follows it, and whether it says close.
+fn parse_head(head: &[u8]) -> Option<Head> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let status: u16 = lines.next()?.get(9..12)?.parse().ok()?;
+    let (mut length, mut chunked, mut says_close) = (None::<u64>, false, false);
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':')?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = value.parse().ok()?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            says_close |= has_token(value, "close");
+        }
+    }
+    let next = match status {
+        101 => State::Open,
+        100..=199 | 204 | 304 => State::Between,
+        _ if chunked => State::ChunkLine,
+        _ => match length {
+            Some(0) => State::Between,
+            Some(n) => State::Body(n),
+            None => State::Open,
+        },
+    };
+    Some(Head { next, says_close, is_final: status >= 200 })
+}
+
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.split(|b| *b == b';').next()?;
+    let digits = std::str::from_utf8(digits).ok()?.trim();
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    u64::from_str_radix(digits, 16).ok()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The same bytes with `connection: close` before the blank line that ends `head`.
+pub fn with_close(head: &[u8]) -> Vec<u8> {
+    let fields_end = head.len().saturating_sub(2);
+    let mut out = Vec::with_capacity(head.len() + CLOSE_LINE.len());
+    out.extend_from_slice(&head[..fields_end]);
+    out.extend_from_slice(CLOSE_LINE);
+    out.extend_from_slice(&head[fields_end..]);
+    out
+}
+
+pub const CLOSE_LINE: &[u8] = b"connection: close\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `writes` the way the network role does, in reads of at most what is wanted;
+    /// returns the heads seen and whether a response is still under way after each write.
+    fn follow(r: &mut Responses, writes: &[&[u8]]) -> (Vec<HeadSeen>, Vec<bool>) {
+        let (mut heads, mut busy) = (Vec::new(), Vec::new());
+        for write in writes {
+            let mut pos = 0;
+            for _ in 0..1000 {
+                if pos >= write.len() {
+                    break;
+                }
+                match r.wants() {
+                    None => pos += r.skip(write.len() - pos),
+                    Some(max) => {
+                        let fed = r.feed(&write[pos..(pos + max).min(write.len())]);
+                        heads.extend(fed.head);
+                        pos += fed.used;
+                    }
+                }
+            }
+            busy.push(r.in_flight());
+        }
+        (heads, busy)
+    }
+
+    #[test]
+    fn a_response_with_a_length_ends_after_its_body_even_across_writes() {
+        let mut r = Responses::new(96 * 1024);
+        let (heads, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello", b"world"]);
+        assert_eq!(heads.len(), 1);
+        assert!(heads[0].whole_here && !heads[0].says_close && heads[0].is_final);
+        assert_eq!(busy, [true, false]);
+    }
+
+    #[test]
+    fn a_slow_stream_stays_in_flight_until_its_last_chunk() {
+        let mut r = Responses::new(96 * 1024);
+        let (_, busy) = follow(
+            &mut r,
+            &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", b"5\r\nhello\r\n", b"1", b"0\r\n0123456789abcdef\r\n", b"0\r\n\r\n"],
+        );
+        assert_eq!(busy, [true, true, true, true, false]);
+    }
+
+    #[test]
+    fn chunk_data_that_looks_like_the_last_chunk_does_not_end_the_response() {
+        let mut r = Responses::new(96 * 1024);
+        let (_, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n0\r\n\r\n\r\n", b"0\r\n\r\n"]);
+        assert_eq!(busy, [true, false]);
+    }
+
+    #[test]
+    fn trailers_end_with_their_blank_line() {
+        let mut r = Responses::new(96 * 1024);
+        let (_, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-t: 1\r\n", b"\r\n"]);
+        assert_eq!(busy, [true, false]);
+    }
+
+    #[test]
+    fn two_responses_in_one_write_and_a_head_split_over_writes() {
+        let mut r = Responses::new(96 * 1024);
+        let (heads, busy) = follow(
+            &mut r,
+            &[b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\ncontent-le", b"ngth: 2\r\n\r\nok"],
+        );
+        assert_eq!(heads.len(), 2);
+        assert!(heads[0].whole_here && !heads[1].whole_here);
+        assert_eq!(busy, [true, false]);
+    }
+
+    #[test]
+    fn interim_and_bodiless_answers_leave_nothing_in_flight() {
+        for head in [&b"HTTP/1.1 100 Continue\r\n\r\n"[..], b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"] {
+            let mut r = Responses::new(96 * 1024);
+            assert_eq!(follow(&mut r, &[head]).1, [false], "{}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn the_answer_to_head_ends_when_the_client_sends_again() {
+        let mut r = Responses::new(96 * 1024);
+        follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"]);
+        assert!(r.in_flight());
+        r.request_read();
+        assert!(!r.in_flight());
+        // Body bytes already out: a client's bytes now are a pipelined request, not the end.
+        follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc"]);
+        r.request_read();
+        assert!(r.in_flight());
+    }
+
+    #[test]
+    fn what_cannot_be_followed_stays_in_flight_for_good() {
+        for writes in [
+            &[&b"garbage"[..]][..],
+            &[b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"],
+            &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"],
+            &[b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"],
+            &[b"HTTP/1.0 200 OK\r\n\r\nbody until close"],
+        ] {
+            let mut r = Responses::new(96 * 1024);
+            assert_eq!(follow(&mut r, writes).1.last(), Some(&true), "{writes:?}");
+        }
+        let mut r = Responses::new(64);
+        follow(&mut r, &[b"HTTP/1.1 200 OK\r\nx-long: 0123456789012345678901234567890123456789012345678901234567890123\r\n"]);
+        assert!(r.lost());
+    }
+
+    #[test]
+    fn a_head_that_says_close_is_seen_and_close_is_added_before_the_blank_line() {
+        let mut r = Responses::new(96 * 1024);
+        let (heads, _) = follow(&mut r, &[b"HTTP/1.1 503 x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"]);
+        assert!(heads[0].says_close);
+        assert_eq!(with_close(b"HTTP/1.1 200 OK\r\na: b\r\n\r\n"), b"HTTP/1.1 200 OK\r\na: b\r\nconnection: close\r\n\r\n");
+    }
+}
