@@ -7,7 +7,7 @@ ENVOY_VERSIONS ?= 1.36.4 1.37.0 1.38.2 1.39.3 1.40.0
 E2E_JOBS       ?= 2
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
-E2E_TESTS      := --test relay --test parity --test corpus --test drain --test prestop --test rescue --test rollout --test istio --test trap --test host_errors --test soak
+E2E_TESTS      := --test relay --test parity --test corpus --test drain --test lean --test prestop --test rescue --test rollout --test istio --test trap --test host_errors --test soak
 # The suites that run every scenario in both layouts (roles in one VM, and in split VMs).
 LAYOUT_TESTS   := --test relay --test parity --test corpus --test drain --test prestop --test rescue --test rollout --test soak
 # The rolling restart with real app servers, one per shutdown style (tests/servers.rs): on

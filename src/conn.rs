@@ -10,6 +10,7 @@ use std::rc::Rc;
 use log::debug;
 
 use crate::drain::{self, Activity, Grace};
+use crate::framing::Responses;
 use crate::host;
 use crate::link::Note;
 use crate::metrics::Metrics;
@@ -44,6 +45,9 @@ pub struct Conn {
     pub head_pending: bool,
     /// Bytes of that head held back until the rest of it is written.
     pub carry: Vec<u8>,
+    /// `lean`: the network role follows the responses itself, and its count of requests in
+    /// flight is whether one is under way ([`crate::framing`]).
+    pub responses: Option<Responses>,
 }
 
 pub type ConnRef = Rc<RefCell<Conn>>;
@@ -65,7 +69,7 @@ impl Conn {
     /// has a queue to hear them on) and this VM sweeps at all (the host ticks it, and tells the
     /// time). Otherwise a connection told to close ends on the client's next request.
     pub fn sweepable(&self) -> bool {
-        SWEEPING.get() && !self.close_failed && (self.http_role_here || pod::own_queue().is_some())
+        SWEEPING.get() && !self.close_failed && (self.http_role_here || self.responses.is_some() || pod::own_queue().is_some())
     }
 
     /// A same-VM HTTP role marked the next response head: the network role rewrites that one

@@ -219,9 +219,14 @@ pub fn replace_prefix(buffer: BufferType, len: usize, with: &[u8]) -> Result<(),
 
 /// Up to `max` bytes from the start of a buffer; `None` when absent, empty or unreadable.
 pub fn get_buffer(buffer: BufferType, max: usize) -> Option<Bytes> {
+    get_buffer_at(buffer, 0, max)
+}
+
+/// Up to `max` bytes of a buffer from `start`.
+pub fn get_buffer_at(buffer: BufferType, start: usize, max: usize) -> Option<Bytes> {
     let (mut data, mut size) = (std::ptr::null_mut(), 0);
     // SAFETY: out-pointers to locals; the host writes them before returning.
-    invoke(Call::GetBufferBytes, || unsafe { proxy_get_buffer_bytes(buffer as u32, 0, max, &mut data, &mut size) })
+    invoke(Call::GetBufferBytes, || unsafe { proxy_get_buffer_bytes(buffer as u32, start, max, &mut data, &mut size) })
         .ok()?;
     owned(data, size)
 }

@@ -14,7 +14,9 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType, PeerType};
 
+use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
+use crate::framing::{self, Responses};
 use crate::host;
 use crate::keys;
 use crate::link::Address;
@@ -24,6 +26,9 @@ use crate::shared::Shared;
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;
+/// Reads of one write while following responses (`lean`): a head, or a chunk line each. A
+/// write with more chunks than this is not followed further ([`Responses::lost`]).
+const MAX_STEPS: usize = 256;
 
 fn apply(buffer: BufferType, edit: &Edit) -> bool {
     let applied = host::replace_prefix(buffer, edit.len, &edit.with);
@@ -122,6 +127,50 @@ impl NetworkRole {
         }
     }
 
+    /// `lean`: follows the responses in this write, reading only heads and chunk lines. While
+    /// the pod drains, a head at the start of a write gets `connection: close`, and the sweep
+    /// closes the connection once its response is out and it is quiet.
+    fn follow_responses(&mut self, size: usize) {
+        let draining = pod::draining();
+        let (mut pos, mut end) = (0, size);
+        let mut c = self.conn.borrow_mut();
+        let Conn { responses: Some(responses), .. } = &mut *c else { return };
+        let mut told = None;
+        for _ in 0..MAX_STEPS {
+            if pos >= end {
+                break;
+            }
+            let Some(want) = responses.wants() else {
+                pos += responses.skip(end - pos);
+                continue;
+            };
+            let Some(bytes) = host::get_buffer_at(BufferType::UpstreamData, pos, want.min(end - pos)).filter(|b| !b.is_empty()) else {
+                break;
+            };
+            let fed = responses.feed(&bytes);
+            pos += fed.used;
+            let Some(head) = fed.head.filter(|h| draining && h.is_final && h.whole_here && pos == h.len) else { continue };
+            if head.says_close {
+                told = Some(Closer::Envoy);
+            } else if apply(BufferType::UpstreamData, &Edit { len: head.len, with: framing::with_close(&bytes[..head.len]) }) {
+                (pos, end) = (pos + framing::CLOSE_LINE.len(), end + framing::CLOSE_LINE.len());
+                told = Some(Closer::Relay);
+            }
+        }
+        if pos < end {
+            debug!("lean: lost track of the responses on this connection; it is never closed as idle");
+            responses.lose();
+        }
+        c.activity.in_flight = u32::from(responses.in_flight());
+        if let Some(closer) = told {
+            c.close_pending = closer == Closer::Relay;
+            c.envoy_closes = closer == Closer::Envoy;
+            drop(c);
+            self.shared.metrics.headers_rewritten.inc();
+            self.shared.metrics.closed_while_draining.inc();
+        }
+    }
+
     /// Without anything that counts its requests in flight, the sweep cannot close a connection
     /// told to close: Envoy does, after answering the client's next request, when that request
     /// comes alone (Envoy presents what it has read but not yet handled again after each
@@ -156,6 +205,22 @@ fn announce_hook(address: Option<&mut Address>) {
     }
 }
 
+impl NetworkRole {
+    /// `lean`: no HTTP role reads an address, so none is published; the connection is
+    /// registered for the sweep under its context id.
+    fn start_alone(&mut self, max_head: usize) -> Action {
+        let address = Address::new(0, &self.conn.borrow().context_id.to_string());
+        {
+            let mut c = self.conn.borrow_mut();
+            c.activity.last_ms = host::coarse_now();
+            c.responses = Some(Responses::new(max_head));
+        }
+        conn::register(&address.text, &self.conn);
+        self.address = Some(address);
+        Action::Continue
+    }
+}
+
 impl Context for NetworkRole {}
 
 /// The connection is gone (Envoy's `onCloseTCP`: `on_done`, `on_log`, `on_delete` back to back;
@@ -185,6 +250,9 @@ impl StreamContext for NetworkRole {
         if self.shared.active().is_none() {
             return Action::Continue;
         }
+        if let Some(max_head) = self.shared.active().filter(|c| c.lean).map(Config::max_head) {
+            return self.start_alone(max_head);
+        }
         let address = Address::new(pod::own_queue().unwrap_or(0), &host::nonce());
         if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.text.as_bytes()) {
             warn!("close-relay: cannot announce the network role on this connection: {e:?}");
@@ -201,6 +269,10 @@ impl StreamContext for NetworkRole {
         let (close_pending, undecided) = {
             let mut c = self.conn.borrow_mut();
             c.activity.read(host::coarse_now());
+            if let Some(responses) = c.responses.as_mut() {
+                responses.request_read();
+                c.activity.in_flight = u32::from(responses.in_flight());
+            }
             (c.close_pending, c.activity.http1.is_none())
         };
         if undecided && size > 0 {
@@ -212,7 +284,7 @@ impl StreamContext for NetworkRole {
             }
             let http1 = wire::starts_http1_request(&first);
             self.conn.borrow_mut().activity.http1 = http1;
-            if http1 == Some(true) && wire::head_has_header(&first, keys::PRESTOP_HEADER.as_bytes()) {
+            if http1 == Some(true) && !config.lean && wire::head_has_header(&first, keys::PRESTOP_HEADER.as_bytes()) {
                 announce_hook(self.address.as_mut());
             }
         }
@@ -231,7 +303,9 @@ impl StreamContext for NetworkRole {
             c.activity.wrote(size, host::coarse_now());
             (c.head_pending, c.http_role_here)
         };
-        if marked {
+        if config.lean {
+            self.follow_responses(size);
+        } else if marked {
             self.rewrite_marked_head(size, config.max_head());
         } else if !http_role_here && size >= wire::STATUS_LINE_START.len() {
             self.rewrite_head(size, config.max_head());

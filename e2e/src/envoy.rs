@@ -137,6 +137,8 @@ pub enum Filter {
     SeparateVms,
     /// Only the HTTP role, a misconfiguration that must not break anything.
     HttpOnly,
+    /// The lean configuration: the network role alone (`"lean": true`), no HTTP filter.
+    Lean,
     /// The peer a user would pick instead: Envoy's Lua filter asking the HCM to close the
     /// connection after a response whose `Connection` says close (`make bench`).
     Lua,
@@ -237,6 +239,14 @@ fn wasm_filter(spec: &EnvoySpec, kind: &str, root_id: &str, vm_id: &str, config:
     })
 }
 
+/// The network role's configuration with `"lean": true` added (an empty one: the defaults).
+pub fn lean_config(network_config: &str) -> String {
+    let mut config: Value = serde_json::from_str(network_config).unwrap_or_else(|_| json!({}));
+    config["role"] = json!("network");
+    config["lean"] = json!(true);
+    config.to_string()
+}
+
 /// With `E2E_ACCESS_LOG_DIR` set (an investigation, never the suites), each Envoy logs every
 /// request to `<dir>/<listener port>.log`: when it started (epoch seconds), its downstream
 /// connection, the status and response flags, the upstream connection it used, how long it took.
@@ -264,9 +274,12 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
     if matches!(spec.filter, Filter::CloseRelay | Filter::SeparateVms) {
         filters.push(wasm_filter(spec, "network", "close_relay_network", net_vm, &spec.network_config));
     }
+    if spec.filter == Filter::Lean {
+        filters.push(wasm_filter(spec, "network", "close_relay_network", net_vm, &lean_config(&spec.network_config)));
+    }
     let mut http_filters = Vec::new();
     match spec.filter {
-        Filter::None => {}
+        Filter::None | Filter::Lean => {}
         Filter::Lua => http_filters.push(json!({
             "name": "envoy.filters.http.lua",
             "typed_config": {

@@ -14,6 +14,7 @@ pub mod envoy;
 pub mod istio;
 pub mod oci;
 pub mod origin;
+pub mod pool;
 pub mod ports;
 pub mod process;
 pub mod rescue;

@@ -1,0 +1,151 @@
+//! The lean configuration against a real Envoy: the network role alone (`"lean": true`, no HTTP
+//! filter), following each response's framing in the bytes it writes and reading the drain
+//! sources from the sidecar's stats. Its promise is the drain suite's: once the pod is going
+//! away, idle connections are closed, busy ones after their response, and no byte a plain Envoy
+//! would deliver is lost. With rescue, what the dying app refuses meanwhile is answered by
+//! another pod, so the ALB sees no error at all.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use e2e::pool::{all_closed, pool, report, IDLE};
+use e2e::rescue::{self, Names};
+use e2e::{scratch, App, Conn, Envoy, EnvoySpec, Filter};
+
+fn lean(app: &App) -> EnvoySpec {
+    EnvoySpec::new(Filter::Lean, app.port)
+}
+
+fn wait_for(what: &str, envoy: &Envoy, within: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} not within {within:?}\n{}", envoy.wasm_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_sidecar_draining_closes_idle_connections_and_busy_ones_after_their_response() {
+    let app = App::start();
+    let envoy = Envoy::start("lean-healthcheck", &lean(&app));
+    let pool = pool(&envoy);
+    let trigger = Instant::now();
+    envoy.admin_post("/healthcheck/fail");
+    let (took, statuses) = all_closed(&envoy, pool, trigger, "/keep");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(envoy.counter("wasmcustom.close_relay_idle_closed_total") >= IDLE as u64, "{}", envoy.wasm_log());
+    report("sidecar_health (lean)", "--drain-strategy immediate", took);
+}
+
+/// What a plain Envoy delivers, lean must too: a chunked stream that pauses longer than any
+/// grace, with a request pipelined behind it, arrives whole while the pod drains; then the
+/// connection closes.
+#[test]
+fn a_response_still_streaming_when_the_pod_drains_arrives_whole_then_the_connection_closes() {
+    let app = App::start();
+    let envoy = Envoy::start("lean-in-flight", &lean(&app));
+    let seen = e2e::in_flight_through_a_drain(&envoy);
+    eprintln!("[envoy {}] lean: {seen}", e2e::envoy_version());
+}
+
+/// Every framing Envoy writes is followed to its end, so a connection that carried any of them
+/// is idle afterwards and closes on the drain; a WebSocket is no longer HTTP and stays open.
+#[test]
+fn every_framing_envoy_writes_is_followed_so_the_connection_still_closes_when_idle() {
+    let app = App::start();
+    let envoy = Envoy::start("lean-framings", &lean(&app));
+    let exchanges: [(&str, &[&str]); 6] = [
+        ("content-length", &["GET /keep HTTP/1.1\r\nhost: a\r\n\r\n"]),
+        ("1 MiB body", &["GET /big HTTP/1.1\r\nhost: a\r\n\r\n"]),
+        ("chunked", &["GET /slow?chunks=3&pause_ms=10 HTTP/1.1\r\nhost: a\r\n\r\n"]),
+        ("HEAD, then GET", &["HEAD /keep HTTP/1.1\r\nhost: a\r\n\r\n", "GET /keep HTTP/1.1\r\nhost: a\r\n\r\n"]),
+        ("100-continue", &["POST /keep HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n", "hello"]),
+        ("close-delimited from the app", &["GET /eof HTTP/1.1\r\nhost: a\r\n\r\n"]),
+    ];
+    let mut conns: Vec<(&str, Conn)> = Vec::new();
+    for (name, requests) in exchanges {
+        let mut c = envoy.connect();
+        for request in requests {
+            c.send(request).expect("send");
+            if request.starts_with("GET") || request.starts_with("HEAD") {
+                let method = if request.starts_with("HEAD") { "HEAD" } else { "GET" };
+                let r = c.try_response(method).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(r.status, 200, "{name}");
+            }
+        }
+        if name == "100-continue" {
+            let interim = c.try_response("POST").expect("100 Continue");
+            let r = if interim.status == 100 { c.try_response("POST").expect("the answer") } else { interim };
+            assert_eq!(r.status, 200, "{name}");
+        }
+        conns.push((name, c));
+    }
+    let mut ws = envoy.connect();
+    ws.send("GET /ws HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n").expect("send");
+    assert!(ws.received(12, Duration::from_secs(3)), "no upgrade answer");
+    std::thread::sleep(Duration::from_millis(600));
+    for (name, c) in conns.iter_mut() {
+        assert!(c.open_now(), "{name}: closed before any drain\n{}", envoy.wasm_log());
+    }
+    envoy.admin_post("/healthcheck/fail");
+    for (name, c) in conns.iter_mut() {
+        assert!(c.closed_by_server(Duration::from_secs(6)), "{name}: left open after the drain\n{}", envoy.wasm_log());
+    }
+    assert!(ws.open_now(), "the WebSocket was closed: it is no longer HTTP, and never ours\n{}", envoy.wasm_log());
+}
+
+struct Pod {
+    app: App,
+    envoy: Envoy,
+    eds: PathBuf,
+}
+
+impl Pod {
+    /// An app behind a lean sidecar with rescue on.
+    fn start(name: &str) -> Pod {
+        let app = App::start();
+        let eds = scratch(&format!("{name}-eds")).join("peers.json");
+        rescue::write_eds(&eds, rescue::SERVICE_PORT, &[]);
+        let mut spec = lean(&app);
+        spec.rescue = Some(eds.clone());
+        let envoy = Envoy::start(name, &spec);
+        Pod { app, envoy, eds }
+    }
+
+    fn sees(&self, pods: &[&Pod]) {
+        rescue::push_eds(&self.envoy, &self.eds, &pods.iter().map(|p| p.envoy.port).collect::<Vec<_>>());
+    }
+}
+
+/// The app dies under an ALB's pool: every request meanwhile is answered by pod B (rescue), the
+/// failed connects in the stats drain pod A with no HTTP role, and every connection closes.
+#[test]
+fn with_rescue_a_dead_app_costs_no_error_and_its_connect_failures_drain_the_pod() {
+    let (mut a, b) = (Pod::start("lean-rescue-a"), Pod::start("lean-rescue-b"));
+    a.sees(&[&a, &b]);
+    let pool = pool(&a.envoy);
+    let trigger = Instant::now();
+    a.app.kill();
+    let (took, statuses) = all_closed(&a.envoy, pool, trigger, "/keep");
+    assert!(!statuses.is_empty() && statuses.iter().all(|s| *s == 200), "{statuses:?}\n{}", a.envoy.wasm_log());
+    let names = Names::for_port(rescue::SERVICE_PORT);
+    assert!(a.envoy.cluster_stat(&format!("cluster.{}.upstream_rq_total", names.peers)) > 0, "nothing went to pod B");
+    let entered = "wasmcustom.close_relay_drain_entered_app_failure_total";
+    assert_eq!(a.envoy.counter_reaching(entered, 1, Duration::from_secs(3)), 1, "{}", a.envoy.wasm_log());
+    report("app_failure (lean, app killed, rescued)", "polled counters", took);
+    drop(b);
+}
+
+/// `lean` in an HTTP plugin is a configuration error: that plugin passes traffic through and
+/// says why; the network role of the same pair still works.
+#[test]
+fn lean_given_to_the_http_role_is_refused_and_traffic_flows() {
+    let app = App::start();
+    let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
+    spec.http_config = r#"{"lean": true}"#.into();
+    let envoy = Envoy::start("lean-http-role", &spec);
+    let mut c = envoy.connect();
+    assert_eq!(c.get("/keep").status, 200);
+    wait_for("the configuration error", &envoy, Duration::from_secs(3), || envoy.log().contains("field `lean`"));
+    assert!(envoy.log().contains("DISABLED"), "{}", envoy.wasm_log());
+}
