@@ -381,7 +381,7 @@ mod tests {
     /// As a network root configured with a tick and a clock leaves the VM: sweeping.
     fn shared(config: Config) -> Rc<Shared> {
         conn::set_sweeping(true);
-        Rc::new(Shared { config: Some(config), metrics: Metrics::define() })
+        Rc::new(Shared::new(Some(config), Metrics::define()))
     }
 
     fn set_map(map: MapType, pairs: &[(&str, &str)]) {

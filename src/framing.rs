@@ -8,7 +8,7 @@
 //! HTTP/1.0 client, the connection's end. Anything this reader cannot follow makes the connection
 //! [`Responses::lost`]: in flight for good, never closed as idle, as a plain Envoy would keep it.
 
-use crate::decision::has_token;
+use crate::decision::{self, has_token};
 
 /// The first read of a head: most heads fit, so most responses cost one read.
 pub const HEAD_READ: usize = 1024;
@@ -50,6 +50,10 @@ pub struct HeadSeen {
     pub says_close: bool,
     /// A final response (not 1xx).
     pub is_final: bool,
+    /// Rescue's marks on it: another pod answered (`x-envoy-attempt-count` 2 or more), or the
+    /// app refused and no pod could answer ([`crate::decision::REFUSED_HEADER`]).
+    pub rescued: bool,
+    pub refused: bool,
 }
 
 /// What one [`Responses::feed`] did.
@@ -165,13 +169,18 @@ impl Responses {
             return Fed { used: bytes.len(), head: None };
         };
         let head = parse_head(&self.carry[..end]);
+        let next = head.as_ref().map_or(State::Lost, |h| h.next);
+        let seen = head.map(|h| HeadSeen {
+            len: end,
+            whole_here: held == 0,
+            says_close: h.says_close,
+            is_final: h.is_final,
+            rescued: decision::rescued(h.attempt_count, h.refused),
+            refused: h.refused,
+        });
         self.carry.clear();
         self.body_started = false;
-        self.state = match head {
-            None => State::Lost,
-            Some(h) => h.next,
-        };
-        let seen = head.map(|h| HeadSeen { len: end, whole_here: held == 0, says_close: h.says_close, is_final: h.is_final });
+        self.state = next;
         Fed { used: end - held, head: seen }
     }
 
@@ -212,18 +221,21 @@ impl Responses {
 const STATUS_START: &[u8] = b"HTTP/1.";
 
 #[derive(Debug, Clone, Copy)]
-struct Head {
+struct Head<'a> {
     next: State,
     says_close: bool,
     is_final: bool,
+    attempt_count: Option<&'a str>,
+    refused: bool,
 }
 
 /// A whole response head: what follows it, and whether it says close.
-fn parse_head(head: &[u8]) -> Option<Head> {
+fn parse_head(head: &[u8]) -> Option<Head<'_>> {
     let text = std::str::from_utf8(head).ok()?;
     let mut lines = text.split("\r\n");
     let status: u16 = lines.next()?.get(9..12)?.parse().ok()?;
     let (mut length, mut chunked, mut says_close) = (None::<u64>, false, false);
+    let (mut attempt_count, mut refused) = (None, false);
     for line in lines.take_while(|l| !l.is_empty()) {
         let (name, value) = line.split_once(':')?;
         let value = value.trim();
@@ -237,6 +249,10 @@ fn parse_head(head: &[u8]) -> Option<Head> {
             chunked = value.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         } else if name.eq_ignore_ascii_case("connection") {
             says_close |= has_token(value, "close");
+        } else if name.eq_ignore_ascii_case("x-envoy-attempt-count") {
+            attempt_count = Some(value);
+        } else if name.eq_ignore_ascii_case(decision::REFUSED_HEADER) {
+            refused = true;
         }
     }
     let next = match status {
@@ -249,7 +265,7 @@ fn parse_head(head: &[u8]) -> Option<Head> {
             None => State::Open,
         },
     };
-    Some(Head { next, says_close, is_final: status >= 200 })
+    Some(Head { next, says_close, is_final: status >= 200, attempt_count, refused })
 }
 
 fn chunk_size(line: &[u8]) -> Option<u64> {
@@ -389,10 +405,22 @@ mod tests {
     }
 
     #[test]
+    fn rescue_marks_are_read_from_the_head() {
+        let mut r = Responses::new(96 * 1024);
+        let (heads, _) = follow(&mut r, &[
+            b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 2\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 503 x\r\nx-envoy-attempt-count: 3\r\nx-close-relay-refused: 1\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 1\r\ncontent-length: 0\r\n\r\n",
+        ]);
+        let marks: Vec<_> = heads.iter().map(|h| (h.rescued, h.refused)).collect();
+        assert_eq!(marks, [(true, false), (false, true), (false, false)]);
+    }
+
+    #[test]
     fn a_head_that_says_close_is_seen_and_close_is_added_before_the_blank_line() {
         let mut r = Responses::new(96 * 1024);
         let (heads, _) = follow(&mut r, &[b"HTTP/1.1 503 x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"]);
-        assert!(heads[0].says_close);
+        assert!(heads[0].says_close && !heads[0].rescued && !heads[0].refused);
         assert_eq!(with_close(b"HTTP/1.1 200 OK\r\na: b\r\n\r\n"), b"HTTP/1.1 200 OK\r\na: b\r\nconnection: close\r\n\r\n");
     }
 }

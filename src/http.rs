@@ -13,7 +13,7 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
 use crate::decision::{self, decide, AppSaid, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner, Upstream};
-use crate::drain::{self, Source, Streak, UpstreamUse, UNTIL_CLEARED};
+use crate::drain::{self, Source, UpstreamUse, UNTIL_CLEARED};
 use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
@@ -198,7 +198,7 @@ impl HttpRole {
         let port = || watched.then(upstream_port).flatten();
         let evidence = match decision::app_said(upstream, rescued, failure.resets) {
             AppSaid::Answered => {
-                STREAK.with(|s| s.borrow_mut().answered());
+                self.shared.streak.borrow_mut().answered();
                 // The tick's clock, free to read: at most a tick old (100 ms) against a second
                 // of `race_idle_ms`, and an older record only ever reads as idle.
                 if let Some(port) = port() {
@@ -211,7 +211,7 @@ impl HttpRole {
                 let now = host::now_ms();
                 let busy = !rescued
                     && port().is_some_and(|port| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
-                let in_a_row = STREAK.with(|s| s.borrow_mut().failed(now, failure.window_ms));
+                let in_a_row = self.shared.streak.borrow_mut().failed(now, failure.window_ms);
                 debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}, connection in use: {busy}): {in_a_row} in a row");
                 busy || in_a_row >= failure.in_a_row
             }
@@ -328,9 +328,6 @@ fn unframed_ends_connection() -> bool {
 
 thread_local! {
     static LEARNER: std::cell::RefCell<UnframedLearner> = std::cell::RefCell::default();
-    /// This VM's app failures in a row: per VM (one worker), as reading shared data on every
-    /// answer would cost a host call per request; a dying app fails every worker's requests.
-    static STREAK: std::cell::RefCell<Streak> = std::cell::RefCell::default();
     /// This VM's upstream connections' last answers: the app's pool is per worker too.
     static UPSTREAM_USE: std::cell::RefCell<UpstreamUse> = std::cell::RefCell::default();
     static WARNED_NO_NETWORK_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

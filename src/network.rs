@@ -16,7 +16,8 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
-use crate::framing::{self, Responses};
+use crate::drain::Source;
+use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
 use crate::keys;
 use crate::link::Address;
@@ -149,6 +150,9 @@ impl NetworkRole {
             };
             let fed = responses.feed(&bytes);
             pos += fed.used;
+            if let Some(head) = fed.head.filter(|h| h.is_final) {
+                watch_app(&self.shared, head);
+            }
             let Some(head) = fed.head.filter(|h| draining && h.is_final && h.whole_here && pos == h.len) else { continue };
             if head.says_close {
                 told = Some(Closer::Envoy);
@@ -202,6 +206,25 @@ fn announce_hook(address: Option<&mut Address>) {
         if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.published().as_bytes()) {
             warn!("close-relay: cannot mark the preStop hook's connection: {e:?}");
         }
+    }
+}
+
+/// `lean`: what a response says about the app, as the HTTP role's `watch_app` reads it from
+/// rescue's marks: a refusal no pod could answer drains the pod at once; a rescue only when
+/// another came before any answer (one may be a keep-alive race).
+fn watch_app(shared: &Shared, head: HeadSeen) {
+    let Some(config) = shared.active() else { return };
+    let failure = &config.drain.app_failure;
+    if !(head.rescued || head.refused) {
+        shared.streak.borrow_mut().answered();
+        return;
+    }
+    let now = host::now_ms();
+    let in_a_row = shared.streak.borrow_mut().failed(now, failure.window_ms);
+    debug!("lean: the app failed a request (rescued: {}, refused: {}): {in_a_row} in a row", head.rescued, head.refused);
+    if failure.enabled && (head.refused || in_a_row >= failure.in_a_row) {
+        let source = if head.refused { Source::for_app_failure(true) } else { Source::AppRescued };
+        pod::enter(source, now + failure.hold_ms, &shared.metrics);
     }
 }
 

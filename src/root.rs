@@ -48,7 +48,7 @@ impl Default for Root {
     fn default() -> Self {
         Root {
             role: Role::Http,
-            shared: Rc::new(Shared { config: None, metrics: Metrics::default() }),
+            shared: Rc::new(Shared::new(None, Metrics::default())),
             calls: HashMap::new(),
             warned: Vec::new(),
         }
@@ -202,7 +202,7 @@ impl RootContext for Root {
                 None
             }
         };
-        self.shared = Rc::new(Shared { config, metrics });
+        self.shared = Rc::new(Shared::new(config, metrics));
         if let Some(config) = self.shared.active() {
             if self.role == Role::Network && pod::register_wake().is_none() {
                 warn!(

@@ -1,6 +1,10 @@
-//! What the contexts of one plugin instance share: its configuration and its metrics.
+//! What the contexts of one plugin instance share: its configuration, its metrics, and the
+//! app's failures in a row as its responses show them.
+
+use std::cell::RefCell;
 
 use crate::config::Config;
+use crate::drain::Streak;
 use crate::metrics::Metrics;
 
 /// What every context of one plugin instance shares. `config` is `None` when the plugin
@@ -9,9 +13,17 @@ use crate::metrics::Metrics;
 pub struct Shared {
     pub config: Option<Config>,
     pub metrics: Metrics,
+    /// The app's failures in a row, as this plugin instance's responses show them (the HTTP
+    /// role's, or the lean network role's): per VM, one worker, as reading shared data on every
+    /// answer would cost a host call per request; a dying app fails every worker's requests.
+    pub streak: RefCell<Streak>,
 }
 
 impl Shared {
+    pub fn new(config: Option<Config>, metrics: Metrics) -> Shared {
+        Shared { config, metrics, streak: RefCell::default() }
+    }
+
     /// The configuration if the plugin is active.
     pub fn active(&self) -> Option<&Config> {
         self.config.as_ref().filter(|c| c.enabled)

@@ -118,9 +118,9 @@ impl Pod {
 }
 
 /// The app dies under an ALB's pool: every request meanwhile is answered by pod B (rescue), the
-/// failed connects in the stats drain pod A with no HTTP role, and every connection closes.
+/// rescued answers' heads drain pod A with no HTTP role, and every connection closes.
 #[test]
-fn with_rescue_a_dead_app_costs_no_error_and_its_connect_failures_drain_the_pod() {
+fn with_rescue_a_dead_app_costs_no_error_and_the_rescued_answers_drain_the_pod() {
     let (mut a, b) = (Pod::start("lean-rescue-a"), Pod::start("lean-rescue-b"));
     a.sees(&[&a, &b]);
     let pool = pool(&a.envoy);
@@ -130,10 +130,29 @@ fn with_rescue_a_dead_app_costs_no_error_and_its_connect_failures_drain_the_pod(
     assert!(!statuses.is_empty() && statuses.iter().all(|s| *s == 200), "{statuses:?}\n{}", a.envoy.wasm_log());
     let names = Names::for_port(rescue::SERVICE_PORT);
     assert!(a.envoy.cluster_stat(&format!("cluster.{}.upstream_rq_total", names.peers)) > 0, "nothing went to pod B");
-    let entered = "wasmcustom.close_relay_drain_entered_app_failure_total";
+    let entered = "wasmcustom.close_relay_drain_entered_app_rescued_total";
     assert_eq!(a.envoy.counter_reaching(entered, 1, Duration::from_secs(3)), 1, "{}", a.envoy.wasm_log());
-    report("app_failure (lean, app killed, rescued)", "polled counters", took);
+    report("app_rescued (lean, app killed)", "rescue's marks on the heads", took);
     drop(b);
+}
+
+/// Without rescue nothing marks a refusal on the wire: the sidecar's poll reads the failed
+/// connects in the inbound cluster's counters, and the pod drains from them. The requests sent
+/// before that poll meet the dead app (503), as through a plain Envoy: lean needs rescue to
+/// lose nothing.
+#[test]
+fn without_rescue_a_dead_app_drains_the_pod_from_the_polled_counters() {
+    let mut app = App::start();
+    let envoy = Envoy::start("lean-killed", &lean(&app));
+    let pool = pool(&envoy);
+    let trigger = Instant::now();
+    app.kill();
+    let (took, statuses) = all_closed(&envoy, pool, trigger, "/keep");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+    let entered = "wasmcustom.close_relay_drain_entered_app_failure_total";
+    assert_eq!(envoy.counter_reaching(entered, 1, Duration::from_secs(3)), 1, "{}", envoy.wasm_log());
+    let errors = statuses.iter().filter(|s| **s == 503).count();
+    report(&format!("app_failure (lean, app killed, no rescue: {errors} 503s meanwhile)"), "polled counters", took);
 }
 
 /// `lean` in an HTTP plugin is a configuration error: that plugin passes traffic through and
