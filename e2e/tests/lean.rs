@@ -168,3 +168,38 @@ fn lean_given_to_the_http_role_is_refused_and_traffic_flows() {
     wait_for("the configuration error", &envoy, Duration::from_secs(3), || envoy.log().contains("field `lean`"));
     assert!(envoy.log().contains("DISABLED"), "{}", envoy.wasm_log());
 }
+
+/// The standalone bootstrap a user tries first (envoyfilter/local/envoy-lean.yaml, with
+/// peers.yaml beside it): lean and rescue, and it works: a dead app's requests are answered by
+/// the other pod, and its rescued answers drain the pod and close the connection.
+#[test]
+fn the_shipped_standalone_lean_bootstrap_rescues_and_drains() {
+    let root = e2e::repo_root();
+    let text = std::fs::read_to_string(root.join("envoyfilter/local/envoy-lean.yaml")).unwrap();
+    let mut app = App::start();
+    let other = App::start();
+    let (port, admin) = (e2e::Port::lease(), e2e::Port::lease());
+    let dir = scratch("shipped-lean-yaml");
+    let peers = std::fs::read_to_string(root.join("envoyfilter/local/peers.yaml"))
+        .unwrap()
+        .replace("port_value: 8081", &format!("port_value: {}", other.port));
+    std::fs::write(dir.join("peers.yaml"), peers).unwrap();
+    let yaml = text
+        .replace("port_value: 10003", &format!("port_value: {}", port.get()))
+        .replace("port_value: 9903", &format!("port_value: {}", admin.get()))
+        .replace("port_value: 8080", &format!("port_value: {}", app.port))
+        .replace("envoyfilter/local/peers.yaml", &dir.join("peers.yaml").display().to_string());
+    std::fs::write(dir.join("envoy.yaml"), yaml).unwrap();
+    let envoy = Envoy::launch(dir.clone(), &dir.join("envoy.yaml"), port, admin);
+    assert!(!envoy.log().contains("DISABLED"), "{}", envoy.wasm_log());
+    let mut c = envoy.connect();
+    let r = c.get("/keep");
+    assert_eq!((r.status, r.header("x-envoy-attempt-count")), (200, Some("1")), "{}", r.raw_head);
+    app.kill();
+    for _ in 0..2 {
+        let r = c.get("/keep");
+        assert_eq!((r.status, r.header("x-envoy-attempt-count")), (200, Some("2")), "{}", r.raw_head);
+    }
+    assert!(c.closed_by_server(Duration::from_secs(3)), "the drained pod kept the connection\n{}", envoy.wasm_log());
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_rescued_total"), 1);
+}

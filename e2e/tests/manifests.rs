@@ -49,6 +49,8 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
         "envoyfilter/envoyfilter.yaml",
         "envoyfilter/trafficextension/trafficextension.yaml",
         "envoyfilter/wasmplugin/wasmplugin.yaml",
+        "envoyfilter/lean/trafficextension/trafficextension.yaml",
+        "envoyfilter/lean/wasmplugin/wasmplugin.yaml",
         "envoyfilter/examples/deployment.yaml",
         "envoyfilter/monitoring/prometheusrule.yaml",
         "envoyfilter/rescue/envoyfilter.yaml",
@@ -60,6 +62,8 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
         ("envoyfilter/trafficextension", 2),
         ("envoyfilter/examples/checkout-trafficextension", 2),
         ("envoyfilter/wasmplugin", 2),
+        ("envoyfilter/lean/trafficextension", 1),
+        ("envoyfilter/lean/wasmplugin", 1),
         ("envoyfilter/examples/checkout", 2),
         ("envoyfilter/examples/prestop-token", 2),
         // The settings ConfigMap is kustomize's only (local-config): just the EnvoyFilter comes out.
@@ -79,12 +83,12 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
     let (ok, out) = validate(&all);
     assert!(ok, "{out}");
     let oks = |file: &Path| out.lines().filter(|l| l.starts_with(&format!("ok {}: ", file.display()))).count();
-    assert_eq!(files.iter().map(|f| oks(f)).sum::<usize>(), 9, "{out}");
+    assert_eq!(files.iter().map(|f| oks(f)).sum::<usize>(), 11, "{out}");
     for (file, dir, objects) in &built_files {
         assert_eq!(oks(file), *objects, "kustomize build {dir}: {out}");
     }
     say(&format!(
-        "{} manifests and 6 kustomize builds valid against Istio 1.30.3's CRDs (CEL rules included), Istio 1.29's \
+        "{} manifests and 8 kustomize builds valid against Istio 1.30.3's CRDs (CEL rules included), Istio 1.29's \
          schemas for the kinds it has, and the Prometheus Operator's",
         files.len()
     ));
@@ -271,5 +275,27 @@ fn plugin_configs_in_the_manifests_show_every_option_at_its_default() {
         let mut shown = Vec::new();
         key_paths(&config, "", &mut shown);
         assert_eq!(shown, every, "{name}: options shown differ from the options that exist");
+    }
+}
+
+/// The lean plugin shows `lean: true` and the options lean reads, each at its default, and the
+/// module parses it as the network role alone.
+#[test]
+fn the_lean_plugin_is_the_network_role_alone_at_the_defaults() {
+    let lean = [
+        istio::read_docs(&root().join("envoyfilter/lean/wasmplugin/wasmplugin.yaml")),
+        istio::read_docs(&root().join("envoyfilter/lean/trafficextension/trafficextension.yaml")),
+    ];
+    for docs in lean {
+        assert_eq!(docs.len(), 1, "one plugin, the network role");
+        let spec = &docs[0]["spec"];
+        let (kind, config) = match spec.get("wasm") {
+            Some(wasm) => (wasm["type"].clone(), wasm["pluginConfig"].clone()),
+            None => (spec["type"].clone(), spec["pluginConfig"].clone()),
+        };
+        assert_eq!(kind, "NETWORK");
+        let parsed = Config::parse(config.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed, Config { role: Some(Role::Network), lean: true, ..Config::default() });
+        assert!(parsed.check_role(Role::Network).is_ok());
     }
 }
