@@ -54,6 +54,8 @@ pub struct HeadSeen {
     /// app refused and no pod could answer ([`crate::decision::REFUSED_HEADER`]).
     pub rescued: bool,
     pub refused: bool,
+    /// It carries `x-envoy-attempt-count` at all: the route it came by is rescue's.
+    pub attempt_counted: bool,
 }
 
 /// What one [`Responses::feed`] did.
@@ -177,6 +179,7 @@ impl Responses {
             is_final: h.is_final,
             rescued: decision::rescued(h.attempt_count, h.refused),
             refused: h.refused,
+            attempt_counted: h.attempt_count.is_some(),
         });
         self.carry.clear();
         self.body_started = false;
@@ -412,8 +415,8 @@ mod tests {
             b"HTTP/1.1 503 x\r\nx-envoy-attempt-count: 3\r\nx-close-relay-refused: 1\r\ncontent-length: 0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 1\r\ncontent-length: 0\r\n\r\n",
         ]);
-        let marks: Vec<_> = heads.iter().map(|h| (h.rescued, h.refused)).collect();
-        assert_eq!(marks, [(true, false), (false, true), (false, false)]);
+        let marks: Vec<_> = heads.iter().map(|h| (h.rescued, h.refused, h.attempt_counted)).collect();
+        assert_eq!(marks, [(true, false, true), (false, true, true), (false, false, true)]);
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub const READINESS_POLL: &str = "close_relay.poll.readiness";
 /// Readiness probes failed in a row (one u64 word).
 pub const READINESS_FAILURES: &str = "close_relay.readiness.failures";
 
+/// Set once a lean network role has seen rescue's attempt count on a response: the pod's
+/// inbound route is rescue's (one u64 word, 1).
+pub const RESCUE_SEEN: &str = "close_relay.rescue_seen";
+
 /// Each network root's wake queue is this prefix and a nonce ([`crate::link::Note`] items).
 pub const WAKE_QUEUE_PREFIX: &str = "close_relay.wake.";
 

@@ -16,7 +16,7 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
-use crate::drain::Source;
+use crate::drain::{self, Source};
 use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
 use crate::keys;
@@ -215,6 +215,9 @@ fn announce_hook(address: Option<&mut Address>) {
 fn watch_app(shared: &Shared, head: HeadSeen) {
     let Some(config) = shared.active() else { return };
     let failure = &config.drain.app_failure;
+    if head.attempt_counted && !shared.rescue_recorded.replace(true) {
+        host::shared_update(keys::RESCUE_SEEN, |_| Some((drain::encode_u64s(&[1]), ())));
+    }
     if !(head.rescued || head.refused) {
         shared.streak.borrow_mut().answered();
         return;

@@ -111,7 +111,11 @@ impl Root {
         }
         let failure = &config.drain.app_failure;
         if config.lean && failure.enabled && drain::app_failing(previous.map(|(_, stats)| stats), now, failure.in_a_row) {
-            pod::enter(Source::AppFailure, read_at + failure.hold_ms, &self.shared.metrics);
+            // With rescue, what an idle connection's next request meets is rescued: no need to
+            // close those at once, racing the client (`Source::AppRescued`), as the HTTP role does.
+            let [rescue] = drain::decode_u64s(&host::shared_get(keys::RESCUE_SEEN).0);
+            let source = Source::for_app_failure(rescue == 1);
+            pod::enter(source, read_at + failure.hold_ms, &self.shared.metrics);
         }
         let until = pod::active_until(Source::AppFailure);
         let failed_at = until.saturating_sub(config.drain.app_failure.hold_ms);

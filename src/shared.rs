@@ -1,7 +1,7 @@
 //! What the contexts of one plugin instance share: its configuration, its metrics, and the
 //! app's failures in a row as its responses show them.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use crate::config::Config;
 use crate::drain::Streak;
@@ -17,11 +17,13 @@ pub struct Shared {
     /// role's, or the lean network role's): per VM, one worker, as reading shared data on every
     /// answer would cost a host call per request; a dying app fails every worker's requests.
     pub streak: RefCell<Streak>,
+    /// This VM recorded in shared data that rescue is on ([`crate::keys::RESCUE_SEEN`]).
+    pub rescue_recorded: Cell<bool>,
 }
 
 impl Shared {
     pub fn new(config: Option<Config>, metrics: Metrics) -> Shared {
-        Shared { config, metrics, streak: RefCell::default() }
+        Shared { config, metrics, streak: RefCell::default(), rescue_recorded: Cell::new(false) }
     }
 
     /// The configuration if the plugin is active.

@@ -84,10 +84,12 @@ pub enum Row {
     /// close-relay with its defaults, and rescue (`crate::rescue`): a request the app refuses is
     /// handed to pod B.
     Rescue,
+    /// The lean configuration (the network role alone, `envoyfilter/lean`) with rescue.
+    Lean,
 }
 
 impl Row {
-    pub const ALL: [Row; 4] = [Row::NoFilter, Row::CloseRelay, Row::Recommended, Row::Rescue];
+    pub const ALL: [Row; 5] = [Row::NoFilter, Row::CloseRelay, Row::Recommended, Row::Rescue, Row::Lean];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -95,6 +97,7 @@ impl Row {
             Row::CloseRelay => "close-relay",
             Row::Recommended => "close-relay, recommended",
             Row::Rescue => "close-relay + rescue",
+            Row::Lean => "lean + rescue",
         }
     }
 }
@@ -181,7 +184,7 @@ impl RunSpec {
     pub fn cell(row: Row, app: AppMode, sidecar: SidecarMode, prestop_hook_ms: u64) -> RunSpec {
         let setting = match row {
             Row::Recommended => recommended(app, sidecar, prestop_hook_ms > 0),
-            Row::NoFilter | Row::CloseRelay | Row::Rescue => Setting::default(),
+            Row::NoFilter | Row::CloseRelay | Row::Rescue | Row::Lean => Setting::default(),
         };
         RunSpec {
             row,
@@ -213,7 +216,7 @@ impl RunSpec {
     }
 
     pub fn rescue(&self) -> bool {
-        self.row == Row::Rescue
+        matches!(self.row, Row::Rescue | Row::Lean)
     }
 
     /// The recommended row is run only where it differs from the default one.
@@ -230,7 +233,8 @@ impl RunSpec {
         if let Some(ms) = self.app_idle_grace_ms {
             drain.insert("app_idle_grace_ms".into(), json!(ms));
         }
-        if self.kubelet_hook {
+        // Lean has no HTTP role to answer the hook: the kubelet's request reaches the app.
+        if self.kubelet_hook && self.row != Row::Lean {
             drain.insert("prestop".into(), json!({"token": KUBELET_HOOK_TOKEN}));
         }
         if drain.is_empty() {
@@ -573,7 +577,11 @@ impl Pod {
                 PodApp::Rig(App::start_with(&args))
             }
         };
-        let filter = if spec.close_relay { Filter::CloseRelay } else { Filter::None };
+        let filter = match spec.row {
+            Row::NoFilter => Filter::None,
+            Row::Lean => Filter::Lean,
+            _ => Filter::CloseRelay,
+        };
         let mut envoy_spec = EnvoySpec::new(filter, app.port());
         if spec.rescue() {
             let eds = scratch(&format!("{name}-eds")).join("service.json");
@@ -1059,6 +1067,7 @@ pub fn chart(results: &[RunResult], path: &Path) -> Result<(), String> {
             Row::CloseRelay => shade((40, 90, 230)),
             Row::Recommended => shade((20, 170, 60)),
             Row::Rescue => shade((150, 40, 200)),
+            Row::Lean => shade((230, 140, 20)),
         }
     };
     for (panel, app) in panels.iter().zip(apps) {

@@ -90,6 +90,8 @@ enum Setup {
     /// `{"role": ..., "enabled": false}`; `file` names the module by `file://`, which splits
     /// the roles into two VMs on Envoy >= 1.39.
     Shipped { wasm: PathBuf, disabled: bool, file: bool },
+    /// The shipped lean WasmPlugin (envoyfilter/lean): the network role alone.
+    Lean { wasm: PathBuf },
 }
 
 struct Config {
@@ -107,6 +109,7 @@ fn configs() -> Vec<Config> {
         Config { name: "floor".into(), setup: Setup::Shipped { wasm: floor, disabled: false, file: false } },
         Config { name: "disabled".into(), setup: Setup::Shipped { wasm: release.clone(), disabled: true, file: false } },
         Config { name: "close-relay".into(), setup: Setup::Shipped { wasm: release.clone(), disabled: false, file: false } },
+        Config { name: "lean".into(), setup: Setup::Lean { wasm: release.clone() } },
     ];
     if istio::vm_key_has_environment(e2e::envoy_version()) {
         let setup = Setup::Shipped { wasm: release, disabled: false, file: true };
@@ -117,6 +120,13 @@ fn configs() -> Vec<Config> {
         let wasm = PathBuf::from(path.trim());
         assert!(wasm.exists(), "BENCH_WASM: {} missing", wasm.display());
         all.push(Config { name: label.trim().into(), setup: Setup::Shipped { wasm, disabled: false, file: false } });
+    }
+    // Modules loaded as the lean plugin is, for its ablations.
+    for extra in std::env::var("BENCH_LEAN_WASM").unwrap_or_default().split(',').filter(|s| !s.trim().is_empty()) {
+        let (label, path) = extra.split_once('=').unwrap_or_else(|| panic!("BENCH_LEAN_WASM wants label=path, got {extra:?}"));
+        let wasm = PathBuf::from(path.trim());
+        assert!(wasm.exists(), "BENCH_LEAN_WASM: {} missing", wasm.display());
+        all.push(Config { name: label.trim().into(), setup: Setup::Lean { wasm } });
     }
     all
 }
@@ -138,7 +148,7 @@ fn start(config: &Config, app_port: u16, concurrency: u32, tag: &str) -> Envoy {
     let (port, admin) = (Port::lease(), Port::lease());
     let filter = match &config.setup {
         Setup::Plain(filter) => *filter,
-        Setup::Shipped { .. } => Filter::None,
+        Setup::Shipped { .. } | Setup::Lean { .. } => Filter::None,
     };
     let mut bootstrap = e2e::envoy_config(&EnvoySpec::new(filter, app_port), port.get(), admin.get());
     if let Setup::Shipped { wasm, disabled, file } = &config.setup {
@@ -146,6 +156,10 @@ fn start(config: &Config, app_port: u16, concurrency: u32, tag: &str) -> Envoy {
         if *file {
             plugins = istio::with_url(&plugins, &format!("file://{}", wasm.display()));
         }
+        istio::apply_extensions(&mut bootstrap, &plugins, wasm, &dir);
+    }
+    if let Setup::Lean { wasm } = &config.setup {
+        let plugins = istio::read_docs(&e2e::repo_root().join("envoyfilter/lean/wasmplugin/wasmplugin.yaml"));
         istio::apply_extensions(&mut bootstrap, &plugins, wasm, &dir);
     }
     let file = dir.join("envoy.json");
@@ -311,7 +325,8 @@ fn render(
     conns: u32,
 ) -> (String, Value) {
     let index = |name: &str| configs.iter().position(|c| c.name == name).expect("configuration");
-    let (base, lua, floor, relay) = (index("baseline"), index("lua peer"), index("floor"), index("close-relay"));
+    let (base, lua, floor, relay, lean) =
+        (index("baseline"), index("lua peer"), index("floor"), index("close-relay"), index("lean"));
     let mut t = format!(
         "Envoy {} (one worker pinned to its own core), app nginx, wrk -c{conns} keep-alive, {rounds} interleaved \
          rounds x {seconds} s\n\
@@ -353,10 +368,20 @@ fn render(
             vs_floor.2,
             verdict(vs_floor.0 <= 1.05)
         ));
+        let lean_vs_lua = ratio(lean, lua);
+        goals.push(format!(
+            "  {:<6} lean / lua peer {:.3} ({:.3}-{:.3}): <= 1.10 {}",
+            shape.key,
+            lean_vs_lua.0,
+            lean_vs_lua.1,
+            lean_vs_lua.2,
+            verdict(lean_vs_lua.0 <= 1.10)
+        ));
         shape_reports.push(json!({
             "shape": shape.key, "title": shape.title, "configs": rows,
             "close_relay_vs_lua": {"median": vs_lua.0, "min": vs_lua.1, "max": vs_lua.2},
             "close_relay_vs_floor": {"median": vs_floor.0, "min": vs_floor.1, "max": vs_floor.2},
+            "lean_vs_lua": {"median": lean_vs_lua.0, "min": lean_vs_lua.1, "max": lean_vs_lua.2},
         }));
     }
 
@@ -373,18 +398,23 @@ fn render(
         }
         let rss_over_floor = rss_mb[relay].0 - rss_mb[floor].0;
         goals.push(format!("  RSS    close-relay - floor {rss_over_floor:+.1} MB: <= 4 MB {}", verdict(rss_over_floor <= 4.0)));
+        let lean_over_floor = rss_mb[lean].0 - rss_mb[floor].0;
+        goals.push(format!("  RSS    lean - floor {lean_over_floor:+.1} MB: <= 6 MB {}", verdict(lean_over_floor <= 6.0)));
     }
     t.push_str("\n.wasm\n");
     let mut sizes = serde_json::Map::new();
     for config in configs {
-        if let Setup::Shipped { wasm, disabled: false, file: false } = &config.setup {
+        if let Setup::Shipped { wasm, disabled: false, file: false } | Setup::Lean { wasm } = &config.setup {
             let bytes = fs::read(wasm).expect("read .wasm");
             let gz = gzip_len(&bytes);
             t.push_str(&format!("  {:<14} {:>8} B raw {:>8} B gzipped\n", config.name, bytes.len(), gz));
             sizes.insert(config.name.clone(), json!({"raw": bytes.len(), "gzip": gz}));
         }
     }
-    t.push_str("\ngoals (close-relay's CPU per request at or below the Lua peer's, within 5% of the floor's; RSS within 4 MB of the floor's)\n");
+    t.push_str(
+        "\ngoals (close-relay's CPU per request at or below the Lua peer's, within 5% of the floor's; RSS within 4 MB of \
+         the floor's; lean's CPU within 10% of the Lua peer's, its RSS within 6 MB of the floor's)\n",
+    );
     for g in &goals {
         t.push_str(g);
         t.push('\n');
