@@ -1,13 +1,14 @@
 //! Fuzzing every parser the filter has, as properties over generated input (proptest): the
 //! plugin configuration, `Connection` token lists, the response-head rewrite (on arbitrary
 //! splits into writes, huge heads, one response after another), the request edit, the drain
-//! state and the admin pages we parse. Each must never panic, never leak the marker and never
+//! state, the admin pages we parse, and the lean role's reading of response framing. Each must never panic, never leak the marker and never
 //! change a body byte. `make test` runs the default number of cases; `make fuzz` runs many more
 //! (PROPTEST_CASES).
 
 use close_relay::config::Config;
 use close_relay::decision::has_token;
 use close_relay::drain::{self, DrainState, Window};
+use close_relay::framing::Responses;
 use close_relay::wire::{self, HeadStep, MARKER};
 use proptest::prelude::*;
 
@@ -316,6 +317,90 @@ proptest! {
         let _ = drain::ready_says_draining(503, &bytes);
         let stats = drain::parse_drain_stats(&text);
         let _ = drain::listeners_draining(Some(stats), drain::parse_drain_stats(&text));
+    }
+}
+
+/// One response as Envoy writes it: a length, chunks (with their sizes), or no body.
+fn response() -> impl Strategy<Value = Vec<u8>> {
+    let body = prop::collection::vec(any::<u8>(), 0..300);
+    let chunks = prop::collection::vec(prop::collection::vec(any::<u8>(), 1..200), 0..5);
+    prop_oneof![
+        body.prop_map(|b| {
+            let mut r = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", b.len()).into_bytes();
+            r.extend(b);
+            r
+        }),
+        chunks.prop_map(|cs| {
+            let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for c in cs {
+                r.extend(format!("{:x}\r\n", c.len()).into_bytes());
+                r.extend(c);
+                r.extend(b"\r\n");
+            }
+            r.extend(b"0\r\n\r\n");
+            r
+        }),
+        Just(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()),
+        Just(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()),
+    ]
+}
+
+/// Feeds `stream` cut at `cuts` as the lean network role does (bounded steps per write);
+/// returns the heads seen and whether a response is under way at the end.
+fn follow(stream: &[u8], cuts: &[usize]) -> (usize, bool) {
+    let mut r = Responses::new(96 * 1024);
+    let mut heads = 0;
+    let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+    bounds.extend([0, stream.len()]);
+    bounds.sort_unstable();
+    bounds.dedup();
+    for w in bounds.windows(2) {
+        let write = &stream[w[0]..w[1]];
+        let mut pos = 0;
+        for _ in 0..10_000 {
+            if pos >= write.len() {
+                break;
+            }
+            match r.wants() {
+                None => pos += r.skip(write.len() - pos),
+                Some(max) => {
+                    let fed = r.feed(&write[pos..(pos + max).min(write.len())]);
+                    heads += usize::from(fed.head.is_some());
+                    pos += fed.used;
+                }
+            }
+        }
+        assert!(pos >= write.len(), "a write was not consumed");
+    }
+    (heads, r.in_flight())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn responses_cut_anywhere_are_followed_to_their_end(
+        responses in prop::collection::vec(response(), 1..6),
+        cuts in prop::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let stream: Vec<u8> = responses.concat();
+        let (heads, in_flight) = follow(&stream, &cuts);
+        prop_assert_eq!(heads, responses.len());
+        prop_assert!(!in_flight);
+        // Every proper prefix that ends inside a response leaves one under way.
+        let (_, cut_short) = follow(&stream[..stream.len() - 1], &cuts);
+        prop_assert!(cut_short);
+    }
+
+    #[test]
+    fn any_bytes_are_followed_or_lost_never_a_panic(
+        bytes in prop::collection::vec(any::<u8>(), 0..600),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+        prefix in prop::bool::ANY,
+    ) {
+        let mut stream = if prefix { b"HTTP/1.1 200 OK\r\n".to_vec() } else { Vec::new() };
+        stream.extend(bytes);
+        follow(&stream, &cuts);
     }
 }
 
