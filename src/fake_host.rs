@@ -603,4 +603,73 @@ mod tests {
         assert!(pod::draining());
         assert_eq!(metric("close_relay_drain_entered_sidecar_drain_total"), 1);
     }
+
+    /// A lean connection (the network role alone) with one request read.
+    fn lean_connection(id: u32, shared: &Rc<Shared>) -> NetworkRole {
+        let mut net = NetworkRole::new(id, shared.clone());
+        net.on_new_connection();
+        set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n");
+        net.on_downstream_data(30, false);
+        net
+    }
+
+    fn write(net: &mut NetworkRole, bytes: &[u8]) {
+        set_buffer(BufferType::UpstreamData, bytes);
+        net.on_upstream_data(bytes.len(), false);
+    }
+
+    #[test]
+    fn lean_sweeps_a_connection_only_once_its_response_is_out_and_tells_the_next_one_to_close() {
+        reset(START_MS);
+        let shared = shared(Config { lean: true, ..Config::default() });
+        let mut slow = lean_connection(31, &shared);
+        write(&mut slow, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n");
+        let mut quiet = lean_connection(32, &shared);
+        write(&mut quiet, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
+        let grace = Grace::for_sweep(250, 0, 100, pod::app_going());
+        for _ in 0..3 {
+            advance(400);
+            conn::sweep(true, true, grace, &shared.metrics);
+        }
+        assert_eq!(with(|f| f.closed.clone()), vec![32], "the idle one; the stream paused mid-body stays");
+        write(&mut slow, b"0\r\n\r\n");
+        set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n");
+        slow.on_downstream_data(30, false);
+        write(&mut slow, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        assert_eq!(buffer(BufferType::UpstreamData), b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+        for _ in 0..2 {
+            advance(400);
+            conn::sweep(true, true, grace, &shared.metrics);
+        }
+        assert_eq!(with(|f| f.closed.clone()), vec![32, 31]);
+        assert_eq!(metric("close_relay_closed_while_draining_total"), 1);
+    }
+
+    #[test]
+    fn lean_drains_on_two_rescued_answers_in_a_row_and_not_on_one() {
+        reset(START_MS);
+        let shared = shared(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(41, &shared);
+        let rescued = b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 2\r\ncontent-length: 0\r\n\r\n";
+        write(&mut net, rescued);
+        write(&mut net, b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 1\r\ncontent-length: 0\r\n\r\n");
+        write(&mut net, rescued);
+        assert!(!pod::draining(), "an answer between: a keep-alive race, maybe");
+        write(&mut net, rescued);
+        assert!(pod::draining());
+        assert_eq!(metric("close_relay_drain_entered_app_rescued_total"), 1);
+    }
+
+    #[test]
+    fn lean_reads_a_dead_app_from_the_inbound_counters_and_rescue_decides_the_grace() {
+        reset(START_MS);
+        let mut root = configured_root(r#"{"role": "network", "lean": true}"#);
+        let stats = |fail: u64| format!("cluster.inbound|8080||.upstream_cx_connect_fail: {fail}\n");
+        root.on_stats(200, stats(0).as_bytes());
+        advance(1_000);
+        root.on_stats(200, stats(4).as_bytes());
+        assert!(pod::draining() && pod::app_going(), "no rescue seen: the app's own grace, at once");
+        assert_eq!(metric("close_relay_drain_entered_app_failure_total"), 1);
+    }
 }
