@@ -48,6 +48,22 @@ fn a_response_still_streaming_when_the_pod_drains_arrives_whole_then_the_connect
     eprintln!("[envoy {}] lean: {seen}", e2e::envoy_version());
 }
 
+/// The same with pauses far past every grace (1 s against 250 ms and a second look): only the
+/// framing says the stream is not over; the connection's quiet alone would close it.
+#[test]
+fn a_stream_pausing_longer_than_any_grace_is_never_taken_for_idle() {
+    let app = App::start();
+    let envoy = Envoy::start("lean-long-pause", &lean(&app));
+    let mut c = envoy.connect();
+    c.send("GET /slow?chunks=3&pause_ms=1000 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
+    assert!(c.received(16, Duration::from_secs(3)), "no response started");
+    envoy.admin_post("/healthcheck/fail");
+    let slow = c.try_response("GET").unwrap_or_else(|e| panic!("slow stream cut: {e}\n{}", envoy.wasm_log()));
+    let expected: String = (0..3).map(|i| format!("chunk-{i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&slow.body), expected);
+    assert!(c.closed_by_server(Duration::from_secs(6)), "left open after the drain\n{}", envoy.wasm_log());
+}
+
 /// Every framing Envoy writes is followed to its end, so a connection that carried any of them
 /// is idle afterwards and closes on the drain; a WebSocket is no longer HTTP and stays open.
 #[test]
