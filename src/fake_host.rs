@@ -659,6 +659,7 @@ mod tests {
         write(&mut net, rescued);
         assert!(pod::draining());
         assert_eq!(metric("close_relay_drain_entered_app_rescued_total"), 1);
+        assert_eq!(metric("close_relay_rescued_total"), 3);
     }
 
     #[test]

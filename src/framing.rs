@@ -146,6 +146,28 @@ impl Responses {
         }
     }
 
+    /// Follows one write held whole in memory, as the network role does through buffer reads
+    /// at each position; returns the heads that ended in it. For tests and fuzzing.
+    pub fn follow(&mut self, write: &[u8]) -> Vec<HeadSeen> {
+        let (mut pos, mut heads) = (0, Vec::new());
+        while pos < write.len() {
+            let step = match self.wants() {
+                None => self.skip(write.len() - pos),
+                Some(max) => {
+                    let fed = self.feed(&write[pos..(pos + max).min(write.len())]);
+                    heads.extend(fed.head);
+                    fed.used
+                }
+            };
+            if step == 0 {
+                self.lose();
+                break;
+            }
+            pos += step;
+        }
+        heads
+    }
+
     /// The connection's bytes can no longer be followed.
     pub fn lose(&mut self) {
         self.state = State::Lost;
@@ -300,25 +322,11 @@ pub const CLOSE_LINE: &[u8] = b"connection: close\r\n";
 mod tests {
     use super::*;
 
-    /// Feeds `writes` the way the network role does, in reads of at most what is wanted;
-    /// returns the heads seen and whether a response is still under way after each write.
+    /// Follows `writes`; returns the heads seen and whether a response is under way after each.
     fn follow(r: &mut Responses, writes: &[&[u8]]) -> (Vec<HeadSeen>, Vec<bool>) {
         let (mut heads, mut busy) = (Vec::new(), Vec::new());
         for write in writes {
-            let mut pos = 0;
-            for _ in 0..1000 {
-                if pos >= write.len() {
-                    break;
-                }
-                match r.wants() {
-                    None => pos += r.skip(write.len() - pos),
-                    Some(max) => {
-                        let fed = r.feed(&write[pos..(pos + max).min(write.len())]);
-                        heads.extend(fed.head);
-                        pos += fed.used;
-                    }
-                }
-            }
+            heads.extend(r.follow(write));
             busy.push(r.in_flight());
         }
         (heads, busy)

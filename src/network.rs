@@ -218,6 +218,9 @@ fn watch_app(shared: &Shared, head: HeadSeen) {
     if head.attempt_counted && !shared.rescue_recorded.replace(true) {
         host::shared_update(keys::RESCUE_SEEN, |_| Some((drain::encode_u64s(&[1]), ())));
     }
+    if head.rescued {
+        shared.metrics.rescued.inc();
+    }
     if !(head.rescued || head.refused) {
         shared.streak.borrow_mut().answered();
         return;

@@ -240,3 +240,43 @@ pub fn write_eds(eds: &Path, port: u16, pods: &[u16]) {
     fs::write(&tmp, response.to_string()).expect("write EDS");
     fs::rename(&tmp, eds).expect("move EDS into place");
 }
+
+/// One pod of the service in the e2e suites: an app and its sidecar with rescue on (`filter`:
+/// close-relay's pair, or lean), knowing no other pod yet.
+pub struct Pod {
+    pub app: crate::App,
+    pub envoy: crate::Envoy,
+    pub eds: std::path::PathBuf,
+}
+
+impl Pod {
+    pub fn start(name: &str, filter: crate::Filter) -> Pod {
+        let app = crate::App::start();
+        let eds = crate::scratch(&format!("{name}-eds")).join("peers.json");
+        write_eds(&eds, SERVICE_PORT, &[]);
+        let mut spec = crate::EnvoySpec::new(filter, app.port);
+        spec.rescue = Some(eds.clone());
+        let envoy = crate::Envoy::start(name, &spec);
+        Pod { app, envoy, eds }
+    }
+
+    /// istiod's push: this sidecar now sees `pods` as the service's endpoints.
+    pub fn sees(&self, pods: &[&Pod]) {
+        push_eds(&self.envoy, &self.eds, &pods.iter().map(|p| p.envoy.port).collect::<Vec<_>>());
+    }
+
+    /// A cluster stat of this sidecar (`<cluster>.<stat>`).
+    pub fn stat(&self, cluster: &str, stat: &str) -> u64 {
+        self.envoy.cluster_stat(&format!("cluster.{cluster}.{stat}"))
+    }
+
+    /// Requests this sidecar sent to the local app, and to other pods.
+    pub fn sent(&self) -> (u64, u64) {
+        let names = Names::for_port(SERVICE_PORT);
+        (self.stat(&names.local, "upstream_rq_total"), self.stat(&names.peers, "upstream_rq_total"))
+    }
+
+    pub fn rescued(&self) -> u64 {
+        self.envoy.counter("wasmcustom.close_relay_rescued_total")
+    }
+}

@@ -5,11 +5,10 @@
 //! would deliver is lost. With rescue, what the dying app refuses meanwhile is answered by
 //! another pod, so the ALB sees no error at all.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use e2e::pool::{all_closed, pool, report, IDLE};
-use e2e::rescue::{self, Names};
+use e2e::rescue::{self, Names, Pod};
 use e2e::{scratch, App, Conn, Envoy, EnvoySpec, Filter};
 
 fn lean(app: &App) -> EnvoySpec {
@@ -110,34 +109,11 @@ fn every_framing_envoy_writes_is_followed_so_the_connection_still_closes_when_id
     assert!(ws.open_now(), "the WebSocket was closed: it is no longer HTTP, and never ours\n{}", envoy.wasm_log());
 }
 
-struct Pod {
-    app: App,
-    envoy: Envoy,
-    eds: PathBuf,
-}
-
-impl Pod {
-    /// An app behind a lean sidecar with rescue on.
-    fn start(name: &str) -> Pod {
-        let app = App::start();
-        let eds = scratch(&format!("{name}-eds")).join("peers.json");
-        rescue::write_eds(&eds, rescue::SERVICE_PORT, &[]);
-        let mut spec = lean(&app);
-        spec.rescue = Some(eds.clone());
-        let envoy = Envoy::start(name, &spec);
-        Pod { app, envoy, eds }
-    }
-
-    fn sees(&self, pods: &[&Pod]) {
-        rescue::push_eds(&self.envoy, &self.eds, &pods.iter().map(|p| p.envoy.port).collect::<Vec<_>>());
-    }
-}
-
 /// The app dies under an ALB's pool: every request meanwhile is answered by pod B (rescue), the
 /// rescued answers' heads drain pod A with no HTTP role, and every connection closes.
 #[test]
 fn with_rescue_a_dead_app_costs_no_error_and_the_rescued_answers_drain_the_pod() {
-    let (mut a, b) = (Pod::start("lean-rescue-a"), Pod::start("lean-rescue-b"));
+    let (mut a, b) = (Pod::start("lean-rescue-a", Filter::Lean), Pod::start("lean-rescue-b", Filter::Lean));
     a.sees(&[&a, &b]);
     let pool = pool(&a.envoy);
     let trigger = Instant::now();
@@ -146,6 +122,7 @@ fn with_rescue_a_dead_app_costs_no_error_and_the_rescued_answers_drain_the_pod()
     assert!(!statuses.is_empty() && statuses.iter().all(|s| *s == 200), "{statuses:?}\n{}", a.envoy.wasm_log());
     let names = Names::for_port(rescue::SERVICE_PORT);
     assert!(a.envoy.cluster_stat(&format!("cluster.{}.upstream_rq_total", names.peers)) > 0, "nothing went to pod B");
+    assert!(a.rescued() > 0, "the rescued answers were not counted");
     let entered = "wasmcustom.close_relay_drain_entered_app_rescued_total";
     assert_eq!(a.envoy.counter_reaching(entered, 1, Duration::from_secs(3)), 1, "{}", a.envoy.wasm_log());
     report("app_rescued (lean, app killed)", "rescue's marks on the heads", took);

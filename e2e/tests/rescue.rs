@@ -2,58 +2,18 @@
 //! inbound route tries the local app first and hands a refused request to the other pods
 //! (`e2e::rescue`), which it reads over EDS from a file the test rewrites as istiod would push.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use e2e::rescue::{self, Names, REFUSED_HEADER};
-use e2e::{scratch, App, Envoy, EnvoySpec, Filter};
+use e2e::rescue::{self, Names, Pod, REFUSED_HEADER};
+use e2e::{scratch, App, Envoy, Filter};
 
 const PORT: u16 = rescue::SERVICE_PORT;
 
-struct Pod {
-    app: App,
-    envoy: Envoy,
-    eds: PathBuf,
-}
-
-impl Pod {
-    /// An app and its sidecar with rescue on, knowing no other pod yet.
-    fn start(name: &str) -> Pod {
-        let app = App::start();
-        let eds = scratch(&format!("{name}-eds")).join("peers.json");
-        rescue::write_eds(&eds, PORT, &[]);
-        let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
-        spec.rescue = Some(eds.clone());
-        let envoy = Envoy::start(name, &spec);
-        Pod { app, envoy, eds }
-    }
-
-    /// istiod's push: this sidecar now sees `pods` as the service's endpoints.
-    fn sees(&self, pods: &[&Pod]) {
-        rescue::push_eds(&self.envoy, &self.eds, &pods.iter().map(|p| p.envoy.port).collect::<Vec<_>>());
-    }
-
-    /// A cluster stat of this sidecar (`<cluster>.<stat>`).
-    fn stat(&self, cluster: &str, stat: &str) -> u64 {
-        self.envoy.cluster_stat(&format!("cluster.{cluster}.{stat}"))
-    }
-
-    /// Requests this sidecar sent to the local app, and to other pods.
-    fn sent(&self) -> (u64, u64) {
-        let names = Names::for_port(PORT);
-        (self.stat(&names.local, "upstream_rq_total"), self.stat(&names.peers, "upstream_rq_total"))
-    }
-
-    fn rescued(&self) -> u64 {
-        self.envoy.counter("wasmcustom.close_relay_rescued_total")
-    }
-}
-
 #[test]
 fn while_the_app_accepts_not_one_request_leaves_the_pod() {
-    let (a, b) = (Pod::start("rescue-up-a"), Pod::start("rescue-up-b"));
+    let (a, b) = (Pod::start("rescue-up-a", Filter::CloseRelay), Pod::start("rescue-up-b", Filter::CloseRelay));
     a.sees(&[&a, &b]);
     let mut c = a.envoy.connect();
     for i in 0..100 {
@@ -72,7 +32,7 @@ fn while_the_app_accepts_not_one_request_leaves_the_pod() {
 
 #[test]
 fn a_request_the_app_refuses_is_answered_by_another_pod_and_its_connection_closes() {
-    let (mut a, b) = (Pod::start("rescue-down-a"), Pod::start("rescue-down-b"));
+    let (mut a, b) = (Pod::start("rescue-down-a", Filter::CloseRelay), Pod::start("rescue-down-b", Filter::CloseRelay));
     a.sees(&[&b]);
     a.app.kill();
     // A rescue is evidence that the app is going away once another follows it before the app
@@ -97,7 +57,7 @@ fn a_request_the_app_refuses_is_answered_by_another_pod_and_its_connection_close
 
 #[test]
 fn a_rescue_never_goes_further_than_one_pod_even_when_every_app_refuses() {
-    let (mut a, mut b) = (Pod::start("rescue-loop-a"), Pod::start("rescue-loop-b"));
+    let (mut a, mut b) = (Pod::start("rescue-loop-a", Filter::CloseRelay), Pod::start("rescue-loop-b", Filter::CloseRelay));
     a.sees(&[&b]);
     b.sees(&[&a]);
     a.app.kill();
@@ -125,7 +85,7 @@ fn a_rescue_never_goes_further_than_one_pod_even_when_every_app_refuses() {
 
 #[test]
 fn a_rescue_that_lands_back_on_its_own_pod_is_tried_on_another() {
-    let (mut a, b) = (Pod::start("rescue-self-a"), Pod::start("rescue-self-b"));
+    let (mut a, b) = (Pod::start("rescue-self-a", Filter::CloseRelay), Pod::start("rescue-self-b", Filter::CloseRelay));
     // The endpoint removal has not reached pod A's sidecar yet: it still lists itself.
     a.sees(&[&a, &b]);
     a.app.kill();
@@ -146,7 +106,7 @@ fn a_rescue_that_lands_back_on_its_own_pod_is_tried_on_another() {
 
 #[test]
 fn a_body_beyond_envoys_retry_buffer_is_not_replayed() {
-    let (mut a, b) = (Pod::start("rescue-big-a"), Pod::start("rescue-big-b"));
+    let (mut a, b) = (Pod::start("rescue-big-a", Filter::CloseRelay), Pod::start("rescue-big-b", Filter::CloseRelay));
     a.sees(&[&b]);
     a.app.kill();
     // Envoy keeps a request body for a retry up to the connection's buffer limit (1 MiB by
