@@ -280,3 +280,22 @@ impl Pod {
         self.envoy.counter("wasmcustom.close_relay_rescued_total")
     }
 }
+
+/// Launches one of the shipped standalone bootstraps with rescue (`envoyfilter/local/<file>`,
+/// listening on `listen` with its admin on `admin_port` as shipped) on leased ports: this pod's
+/// app on `app_port`, the one other pod of `peers.yaml` on `peer_port`.
+pub fn launch_standalone(file: &str, (listen, admin_port): (u16, u16), app_port: u16, peer_port: u16) -> crate::Envoy {
+    let local = crate::repo_root().join("envoyfilter/local");
+    let text = fs::read_to_string(local.join(file)).expect("read the shipped bootstrap");
+    let (port, admin) = (crate::Port::lease(), crate::Port::lease());
+    let dir = crate::scratch(&format!("shipped-{}", file.trim_end_matches(".yaml")));
+    let peers = fs::read_to_string(local.join("peers.yaml")).expect("read peers.yaml");
+    fs::write(dir.join("peers.yaml"), peers.replace("port_value: 8081", &format!("port_value: {peer_port}"))).expect("write peers.yaml");
+    let yaml = text
+        .replace(&format!("port_value: {listen}"), &format!("port_value: {}", port.get()))
+        .replace(&format!("port_value: {admin_port}"), &format!("port_value: {}", admin.get()))
+        .replace("port_value: 8080", &format!("port_value: {app_port}"))
+        .replace("envoyfilter/local/peers.yaml", &dir.join("peers.yaml").display().to_string());
+    fs::write(dir.join("envoy.yaml"), yaml).expect("write envoy.yaml");
+    crate::Envoy::launch(dir.clone(), &dir.join("envoy.yaml"), port, admin)
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use e2e::pool::{all_closed, pool, report, IDLE};
 use e2e::rescue::{self, Names, Pod};
-use e2e::{scratch, App, Conn, Envoy, EnvoySpec, Filter};
+use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
 
 fn lean(app: &App) -> EnvoySpec {
     EnvoySpec::new(Filter::Lean, app.port)
@@ -167,23 +167,9 @@ fn lean_given_to_the_http_role_is_refused_and_traffic_flows() {
 /// the other pod, and its rescued answers drain the pod and close the connection.
 #[test]
 fn the_shipped_standalone_lean_bootstrap_rescues_and_drains() {
-    let root = e2e::repo_root();
-    let text = std::fs::read_to_string(root.join("envoyfilter/local/envoy-lean.yaml")).unwrap();
     let mut app = App::start();
     let other = App::start();
-    let (port, admin) = (e2e::Port::lease(), e2e::Port::lease());
-    let dir = scratch("shipped-lean-yaml");
-    let peers = std::fs::read_to_string(root.join("envoyfilter/local/peers.yaml"))
-        .unwrap()
-        .replace("port_value: 8081", &format!("port_value: {}", other.port));
-    std::fs::write(dir.join("peers.yaml"), peers).unwrap();
-    let yaml = text
-        .replace("port_value: 10003", &format!("port_value: {}", port.get()))
-        .replace("port_value: 9903", &format!("port_value: {}", admin.get()))
-        .replace("port_value: 8080", &format!("port_value: {}", app.port))
-        .replace("envoyfilter/local/peers.yaml", &dir.join("peers.yaml").display().to_string());
-    std::fs::write(dir.join("envoy.yaml"), yaml).unwrap();
-    let envoy = Envoy::launch(dir.clone(), &dir.join("envoy.yaml"), port, admin);
+    let envoy = rescue::launch_standalone("envoy-lean.yaml", (10003, 9903), app.port, other.port);
     assert!(!envoy.log().contains("DISABLED"), "{}", envoy.wasm_log());
     let mut c = envoy.connect();
     let r = c.get("/keep");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use e2e::rescue::{self, Names, Pod, REFUSED_HEADER};
-use e2e::{scratch, App, Envoy, Filter};
+use e2e::{App, Filter};
 
 const PORT: u16 = rescue::SERVICE_PORT;
 
@@ -150,17 +150,7 @@ fn the_shipped_standalone_rescue_bootstrap_answers_from_another_pod_while_the_ap
 
     let mut app = App::start();
     let other = App::start();
-    let (port, admin) = (e2e::Port::lease(), e2e::Port::lease());
-    let dir = scratch("shipped-rescue-yaml");
-    let peers = std::fs::read_to_string(root.join("envoyfilter/local/peers.yaml")).unwrap().replace("port_value: 8081", &format!("port_value: {}", other.port));
-    std::fs::write(dir.join("peers.yaml"), peers).unwrap();
-    let yaml = text
-        .replace("port_value: 10002", &format!("port_value: {}", port.get()))
-        .replace("port_value: 9902", &format!("port_value: {}", admin.get()))
-        .replace("port_value: 8080", &format!("port_value: {}", app.port))
-        .replace("envoyfilter/local/peers.yaml", &dir.join("peers.yaml").display().to_string());
-    std::fs::write(dir.join("envoy.yaml"), yaml).unwrap();
-    let envoy = Envoy::launch(dir.clone(), &dir.join("envoy.yaml"), port, admin);
+    let envoy = rescue::launch_standalone("envoy-rescue.yaml", (10002, 9902), app.port, other.port);
     let mut c = envoy.connect();
     let r = c.get("/keep");
     assert_eq!((r.status, r.header("x-envoy-attempt-count"), r.says_close()), (200, Some("1"), false), "{}", r.raw_head);
