@@ -210,9 +210,9 @@ soak: build envoy
 	$(CARGO) build -p e2e --bins
 	SOAK_SECONDS=$(SOAK_SECONDS) ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/soak
 
-# What close-relay costs next to Envoy alone, the Lua peer and the floor module (e2e/floor), per
+# What close-relay (the pair, and lean) costs next to Envoy alone, the Lua peer and the floor module (e2e/floor), per
 # traffic shape, and its memory at two workers (e2e/src/bin/bench.rs); the table on stdout and in
-# target/bench/. BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNS, BENCH_SHAPES, BENCH_WASM tune it.
+# target/bench/. BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNS, BENCH_SHAPES, BENCH_WASM, BENCH_LEAN_WASM tune it.
 # Run it on a quiet machine: it pins Envoy to one core and the load to the other.
 bench: build envoy
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
