@@ -99,9 +99,19 @@ const POLL: Duration = Duration::from_millis(20);
 
 impl Origin {
     pub fn start(reply: Reply) -> Origin {
-        let lease = Port::lease();
+        // A leased port may still be taken for a moment by something outside the leases (CI
+        // saw "Address already in use" once, as the rig's app did before): take another.
+        let (lease, listener) = (0..5)
+            .find_map(|_| {
+                let lease = Port::lease();
+                match TcpListener::bind(("127.0.0.1", lease.get())) {
+                    Ok(listener) => Some((lease, listener)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => None,
+                    Err(e) => panic!("origin on {}: {e}", lease.get()),
+                }
+            })
+            .unwrap_or_else(|| panic!("origin: five leased ports in a row were taken"));
         let port = lease.get();
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| panic!("origin on {port}: {e}"));
         let state = Arc::new(State { stop: AtomicBool::new(false), reply: Mutex::new(reply), requests: Mutex::default() });
         let shared = state.clone();
         let accept = thread::spawn(move || {
