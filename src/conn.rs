@@ -4,11 +4,11 @@
 //! HTTP role updates it through its methods, one in another VM through notes (`link`).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use log::debug;
 
+use crate::vm;
 use crate::drain::{self, Activity, Grace};
 use crate::framing::Responses;
 use crate::host;
@@ -69,7 +69,7 @@ impl Conn {
     /// has a queue to hear them on) and this VM sweeps at all (the host ticks it, and tells the
     /// time). Otherwise a connection told to close ends on the client's next request.
     pub fn sweepable(&self) -> bool {
-        SWEEPING.get() && !self.close_failed && (self.http_role_here || self.responses.is_some() || pod::own_queue().is_some())
+        vm::SWEEPING.get() && !self.close_failed && (self.http_role_here || self.responses.is_some() || pod::own_queue().is_some())
     }
 
     /// A same-VM HTTP role marked the next response head: the network role rewrites that one
@@ -82,33 +82,24 @@ impl Conn {
 
 /// Registers the connection at `address` with this VM.
 pub fn register(address: &str, conn: &ConnRef) {
-    CONNS.with(|c| c.borrow_mut().insert(address.to_string(), conn.clone()));
+    vm::CONNS.with(|c| c.borrow_mut().insert(address.to_string(), conn.clone()));
 }
 
 /// The connection is gone. `try_with`: this runs from a context's drop, also at VM teardown.
 pub fn unregister(address: &str) {
-    let _ = CONNS.try_with(|c| c.borrow_mut().remove(address));
+    let _ = vm::CONNS.try_with(|c| c.borrow_mut().remove(address));
 }
 
 /// Whether this VM's network root sweeps: set once it is configured.
 pub fn set_sweeping(sweeping: bool) {
-    SWEEPING.set(sweeping);
+    vm::SWEEPING.set(sweeping);
 }
 
-thread_local! {
-    static SWEEPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
 
-thread_local! {
-    /// Connections of this VM by address (`link::Address::text`). One VM runs on one worker
-    /// thread and a connection stays on its worker, so an HTTP role that finds its address here
-    /// shares the VM.
-    static CONNS: RefCell<HashMap<String, ConnRef>> = RefCell::new(HashMap::new());
-}
 
 /// The connection at `address`, if its network role lives in this VM.
 pub fn conn_for(address: &str) -> Option<ConnRef> {
-    CONNS.with(|c| c.borrow().get(address).cloned())
+    vm::CONNS.with(|c| c.borrow().get(address).cloned())
 }
 
 /// Closes a client connection after what was written to it is flushed, acting as its network
@@ -166,7 +157,7 @@ pub fn hear(note: &Note) {
 /// delayed close, or on a pod that is draining (those on a second look, [`drain::second_look`]).
 pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) {
     let now = host::coarse_now();
-    let due: Vec<(ConnRef, bool, Activity)> = CONNS.with(|c| {
+    let due: Vec<(ConnRef, bool, Activity)> = vm::CONNS.with(|c| {
         c.borrow()
             .values()
             .filter_map(|conn| {

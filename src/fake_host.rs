@@ -416,7 +416,7 @@ mod tests {
 
     /// What the network role published for the connection last made.
     fn published() -> String {
-        let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        let address = with(|f| f.properties.get(keys::ADDRESS_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
         String::from_utf8_lossy(&address).into_owned()
     }
 
@@ -543,7 +543,7 @@ mod tests {
         let shared = shared(Config::default());
         let mut net = NetworkRole::new(21, shared.clone());
         net.on_new_connection();
-        let address = with(|f| f.properties.get(keys::NONCE_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        let address = with(|f| f.properties.get(keys::ADDRESS_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
         let address = String::from_utf8_lossy(&address).into_owned();
         let note = |n: &crate::link::Note| crate::link::Note::decode(&n.encode());
         let grace = Grace::for_sweep(250, 0, 100, false);

@@ -11,7 +11,7 @@
 //! host would (`CLOSE_RELAY_HOST_FAULT=<abi name>` in the VM's environment), so the e2e tests show
 //! each failure handled.
 
-use std::cell::Cell;
+use crate::vm;
 use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, Bytes, LogLevel, MapType, MetricType, StreamType};
@@ -399,21 +399,16 @@ fn now_ns() -> u64 {
     }
 }
 
-thread_local! {
-    /// Milliseconds since the epoch as of the last tick: good enough for idle graces and drain
-    /// holds, and free to read on the data path.
-    static COARSE_NOW: Cell<u64> = const { Cell::new(0) };
-}
 
 /// The host's clock in ms since the epoch; also refreshes [`coarse_now`].
 pub fn now_ms() -> u64 {
     let now = now_ns() / 1_000_000;
-    COARSE_NOW.set(now);
+    vm::COARSE_NOW.set(now);
     now
 }
 
 pub fn coarse_now() -> u64 {
-    COARSE_NOW.get()
+    vm::COARSE_NOW.get()
 }
 
 /// False when the host would not tick this root.
@@ -639,7 +634,7 @@ mod tests {
     #[test]
     fn property_paths_join_segments_with_nul() {
         assert_eq!(property_path(&["request", "protocol"]), b"request\0protocol");
-        assert_eq!(property_path(&[crate::keys::NONCE_PROPERTY]), b"close_relay_nonce");
+        assert_eq!(property_path(&[crate::keys::ADDRESS_PROPERTY]), b"close_relay_address");
     }
 
     #[test]

@@ -11,9 +11,10 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
+use crate::vm;
 use crate::config::Config;
-use crate::decision::{self, decide, AppSaid, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, UnframedLearner, Upstream};
-use crate::drain::{self, Source, UpstreamUse, UNTIL_CLEARED};
+use crate::decision::{self, decide, AppSaid, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
+use crate::drain::{self, Source, UNTIL_CLEARED};
 use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
@@ -46,7 +47,7 @@ impl HttpRole {
 
     fn address(&mut self) -> Option<&Address> {
         if self.address.is_none() {
-            let raw = host::get_property(&[keys::NONCE_PROPERTY])?;
+            let raw = host::get_property(&[keys::ADDRESS_PROPERTY])?;
             self.address = Some(Address::parse(String::from_utf8_lossy(&raw).into_owned()));
         }
         self.address.as_ref()
@@ -147,7 +148,7 @@ impl HttpRole {
         let metrics = self.shared.metrics;
         let Some(address) = self.address().map(|a| a.text.clone()) else {
             metrics.skipped(SkipReason::NoNetworkRole).inc();
-            if !WARNED_NO_NETWORK_ROLE.replace(true) {
+            if !vm::WARNED_NO_NETWORK_ROLE.replace(true) {
                 warn!(
                     "close-relay: no network role on this listener, cannot relay the app's \
                      connection close; add the NETWORK filter before the HTTP connection manager"
@@ -202,7 +203,7 @@ impl HttpRole {
                 // The tick's clock, free to read: at most a tick old (100 ms) against a second
                 // of `race_idle_ms`, and an older record only ever reads as idle.
                 if let Some(port) = port() {
-                    UPSTREAM_USE.with(|u| u.borrow_mut().answered(port, host::coarse_now(), failure.race_idle_ms));
+                    vm::UPSTREAM_USE.with(|u| u.borrow_mut().answered(port, host::coarse_now(), failure.race_idle_ms));
                 }
                 return (upstream, rescued);
             }
@@ -210,7 +211,7 @@ impl HttpRole {
             AppSaid::Failed => {
                 let now = host::now_ms();
                 let busy = !rescued
-                    && port().is_some_and(|port| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
+                    && port().is_some_and(|port| vm::UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
                 let in_a_row = self.shared.streak.borrow_mut().failed(now, failure.window_ms);
                 debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}, connection in use: {busy}): {in_a_row} in a row");
                 busy || in_a_row >= failure.in_a_row
@@ -320,18 +321,12 @@ fn unframed_ends_connection() -> bool {
         // No upstream connection (a local reply): nothing to learn, and nothing to relay.
         return false;
     };
-    LEARNER.with(|l| {
+    vm::LEARNER.with(|l| {
         l.borrow_mut()
             .ends_connection(&String::from_utf8_lossy(&host), &String::from_utf8_lossy(&local))
     })
 }
 
-thread_local! {
-    static LEARNER: std::cell::RefCell<UnframedLearner> = std::cell::RefCell::default();
-    /// This VM's upstream connections' last answers: the app's pool is per worker too.
-    static UPSTREAM_USE: std::cell::RefCell<UpstreamUse> = std::cell::RefCell::default();
-    static WARNED_NO_NETWORK_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
 
 impl Context for HttpRole {}
 

@@ -31,7 +31,7 @@ pub const WAKE_QUEUE_PREFIX: &str = "close_relay.wake.";
 /// The connection filter-state key through which the network role announces itself and its
 /// connection's address ([`crate::link::Address`]: its VM's queue and a nonce) to the HTTP
 /// role, across VMs too.
-pub const NONCE_PROPERTY: &str = "close_relay_nonce";
+pub const ADDRESS_PROPERTY: &str = "close_relay_address";
 
 /// The request header that carries the kubelet's preStop hook and its token (`drain.prestop`).
 pub const PRESTOP_HEADER: &str = "x-close-relay-prestop";

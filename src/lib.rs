@@ -36,6 +36,7 @@ pub mod pod;
 pub mod prestop;
 pub mod root;
 pub mod shared;
+pub mod vm;
 pub mod wire;
 
 /// The module's exports after `make build`: the ABI marker, the allocator, and the callbacks the

@@ -10,7 +10,7 @@
 //! source turned on. Once a response has told the client to close, the network role publishes
 //! the address again with [`CLOSING`] after it, so the HTTP role of a request the client had
 //! already sent behind that response closes it too, from any VM. Pure codecs here; the sending
-//! and applying live in `http.rs` and `root.rs`.
+//! lives in [`crate::pod::send`], the applying in [`crate::conn::hear`].
 
 use crate::drain::Source;
 

@@ -2,16 +2,12 @@
 //! batched on the hot path. The host primitives they sit on are `host::Counter` and
 //! `host::Gauge`.
 
-use std::cell::Cell;
 
+use crate::vm;
 use crate::decision::SkipReason;
 use crate::drain::Source;
 use crate::host::{Counter, Gauge};
 
-thread_local! {
-    /// Responses counted but not yet added to `close_relay_responses_total`.
-    static RESPONSES_UNFLUSHED: Cell<u64> = const { Cell::new(0) };
-}
 
 /// Responses are counted in the VM and added to the host's counter in batches: a host call
 /// per response is a round trip out of the VM on the hot path (measured with `make bench`).
@@ -67,17 +63,17 @@ impl Metrics {
     /// Counts one response; the host's counter catches up every [`RESPONSES_BATCH`] responses
     /// and on every tick ([`Metrics::flush`]).
     pub fn count_response(&self) {
-        let n = RESPONSES_UNFLUSHED.get() + 1;
+        let n = vm::RESPONSES_UNFLUSHED.get() + 1;
         if n >= RESPONSES_BATCH {
-            RESPONSES_UNFLUSHED.set(0);
+            vm::RESPONSES_UNFLUSHED.set(0);
             self.responses.add(n);
         } else {
-            RESPONSES_UNFLUSHED.set(n);
+            vm::RESPONSES_UNFLUSHED.set(n);
         }
     }
 
     pub fn flush(&self) {
-        let n = RESPONSES_UNFLUSHED.replace(0);
+        let n = vm::RESPONSES_UNFLUSHED.replace(0);
         if n > 0 {
             self.responses.add(n);
         }

@@ -54,13 +54,13 @@ impl NetworkRole {
 
     /// Same VM: the next head is marked; rewrite it, holding back pieces until it is whole.
     fn rewrite_marked_head(&mut self, size: usize, max_head: usize) {
-        let Some(nonce) = self.nonce() else { return };
+        let Some(address) = self.marker_value() else { return };
         let Some(write) = host::get_buffer(BufferType::UpstreamData, size.min(max_head)) else {
             return;
         };
         let step = {
             let mut c = self.conn.borrow_mut();
-            let step = wire::feed_marked_head(&mut c.carry, &write, &nonce, max_head);
+            let step = wire::feed_marked_head(&mut c.carry, &write, &address, max_head);
             c.head_pending = step == HeadStep::Hold;
             step
         };
@@ -94,8 +94,8 @@ impl NetworkRole {
                 None => return,
             }
         }
-        let Some(nonce) = self.nonce() else { return };
-        let HeadRewrite::Rewritten { edit, closer } = wire::rewrite_response_head(&buf, &nonce, max_head) else {
+        let Some(address) = self.marker_value() else { return };
+        let HeadRewrite::Rewritten { edit, closer } = wire::rewrite_response_head(&buf, &address, max_head) else {
             return;
         };
         if apply(BufferType::UpstreamData, &edit) {
@@ -104,7 +104,7 @@ impl NetworkRole {
     }
 
     /// The marker's value on this connection.
-    fn nonce(&self) -> Option<String> {
+    fn marker_value(&self) -> Option<String> {
         self.address.as_ref().map(|a| a.text.clone())
     }
 
@@ -122,7 +122,7 @@ impl NetworkRole {
         debug!("marker rewritten to connection: close; closed by {closer:?}");
         if let Some(address) = self.address.as_mut().filter(|a| relay && !a.closing) {
             address.closing = true;
-            if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.published().as_bytes()) {
+            if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.published().as_bytes()) {
                 warn!("close-relay: cannot mark the connection closing: {e:?}");
             }
         }
@@ -203,7 +203,7 @@ impl NetworkRole {
 fn announce_hook(address: Option<&mut Address>) {
     if let Some(address) = address {
         address.hook = true;
-        if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.published().as_bytes()) {
+        if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.published().as_bytes()) {
             warn!("close-relay: cannot mark the preStop hook's connection: {e:?}");
         }
     }
@@ -283,7 +283,7 @@ impl StreamContext for NetworkRole {
             return self.start_alone(max_head);
         }
         let address = Address::new(pod::own_queue().unwrap_or(0), &host::nonce());
-        if let Err(e) = host::set_property(keys::NONCE_PROPERTY, address.text.as_bytes()) {
+        if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.text.as_bytes()) {
             warn!("close-relay: cannot announce the network role on this connection: {e:?}");
             return Action::Continue;
         }

@@ -1,10 +1,10 @@
 //! The pod's drain state as this VM sees it: the record in shared data, behind a per-VM cache
 //! that the ticks refresh, so the data path reads a `Cell` and never the host.
 
-use std::cell::Cell;
 
 use log::info;
 
+use crate::vm;
 use crate::drain::{self, DrainState, Source, Window, UNTIL_CLEARED};
 use crate::host;
 use crate::keys;
@@ -14,21 +14,15 @@ use crate::link::Note;
 /// Tokens kept at most; older ones belong to VMs long replaced by config updates.
 const WAKE_CAPACITY: usize = 64;
 
-thread_local! {
-    static DRAINING: Cell<bool> = const { Cell::new(false) };
-    static APP_GOING: Cell<bool> = const { Cell::new(false) };
-    /// This VM's own wake queue, once its network root registered one.
-    static OWN_WAKE: Cell<Option<u32>> = const { Cell::new(None) };
-}
 
 /// Is the app itself going away (see [`DrainState::app_going`])? As of the last refresh.
 pub fn app_going() -> bool {
-    APP_GOING.get()
+    vm::APP_GOING.get()
 }
 
 /// Is the pod going away? As of the last tick or local entry.
 pub fn draining() -> bool {
-    DRAINING.get()
+    vm::DRAINING.get()
 }
 
 /// Re-reads the shared record (held sources expire here); returns whether draining.
@@ -36,8 +30,8 @@ pub fn refresh(metrics: &Metrics) -> bool {
     let now = host::now_ms();
     let state = DrainState::decode(&host::shared_get(keys::DRAIN_STATE).0);
     let draining = state.draining(now);
-    APP_GOING.set(state.app_going(now));
-    if draining != DRAINING.replace(draining) {
+    vm::APP_GOING.set(state.app_going(now));
+    if draining != vm::DRAINING.replace(draining) {
         let sources: Vec<_> = state.active_sources(now).iter().map(|s| s.as_str()).collect();
         info!("close-relay: pod draining: {draining} (sources: {sources:?})");
     }
@@ -74,9 +68,9 @@ fn record(source: Source, until: u64) -> bool {
         info!("close-relay: pod draining, source {} (until {until})", source.as_str());
     }
     if until > now {
-        DRAINING.set(true);
+        vm::DRAINING.set(true);
         if matches!(source, Source::AppFailure | Source::AppCloses) {
-            APP_GOING.set(true);
+            vm::APP_GOING.set(true);
         }
     }
     entered
@@ -124,7 +118,7 @@ pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
 pub fn register_wake() -> Option<u32> {
     let name = format!("{}{}", keys::WAKE_QUEUE_PREFIX, host::nonce());
     let token = host::register_queue(&name)?;
-    OWN_WAKE.set(Some(token));
+    vm::OWN_WAKE.set(Some(token));
     host::shared_update(keys::WAKE_TOKENS, |current| {
         let mut tokens: Vec<u64> = current.chunks_exact(8).map(|c| drain::decode_u64s::<1>(c)[0]).collect();
         tokens.push(u64::from(token));
@@ -137,7 +131,7 @@ pub fn register_wake() -> Option<u32> {
 /// This VM's queue, once its network root registered one: published in each connection's
 /// [`crate::link::Address`].
 pub fn own_queue() -> Option<u32> {
-    OWN_WAKE.get()
+    vm::OWN_WAKE.get()
 }
 
 /// Sends `note` to the network root that owns `token`; false if it cannot (the queue is gone).

@@ -6,25 +6,21 @@
 //! once Envoy's stats show no other HTTP/1 client connection on the inbound listeners, or when
 //! `max_wait_ms` has passed, and the kubelet goes on to stop the app.
 
-use std::cell::RefCell;
 
 use log::{info, warn};
 
+use crate::vm;
 use crate::drain::{self, DrainStats};
 use crate::metrics::Metrics;
 use crate::{host, keys};
 
 /// One held hook: the HTTP context to answer and when the hold began.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hold {
+pub(crate) struct Hold {
     context_id: u32,
     since_ms: u64,
 }
 
-thread_local! {
-    /// This VM's held hooks (a pod normally has one).
-    static HOLDS: RefCell<Vec<Hold>> = const { RefCell::new(Vec::new()) };
-}
 
 /// How a hold ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,14 +63,14 @@ pub fn body(outcome: Outcome) -> String {
 /// Holds the hook of HTTP context `context_id` until [`tick`] answers it.
 pub fn hold(context_id: u32) {
     let since_ms = host::now_ms();
-    HOLDS.with(|h| h.borrow_mut().push(Hold { context_id, since_ms }));
+    vm::HOLDS.with(|h| h.borrow_mut().push(Hold { context_id, since_ms }));
     count_hooks(1);
     info!("close-relay: kubelet preStop hook held until the pod's client connections are gone");
 }
 
 /// The hook's context ended before its answer (the kubelet gave up): forget it.
 pub fn forget(context_id: u32) {
-    let removed = HOLDS.with(|h| {
+    let removed = vm::HOLDS.with(|h| {
         let mut holds = h.borrow_mut();
         let before = holds.len();
         holds.retain(|hold| hold.context_id != context_id);
@@ -87,14 +83,14 @@ pub fn forget(context_id: u32) {
 
 /// Answers every hold whose outcome is in.
 pub fn tick(max_wait_ms: u64, metrics: &Metrics) {
-    if HOLDS.with(|h| h.borrow().is_empty()) {
+    if vm::HOLDS.with(|h| h.borrow().is_empty()) {
         return;
     }
     let now = host::now_ms();
     let read = DrainStats::decode_read(&host::shared_get(keys::SIDECAR_STATS).0)
         .map(|(at, stats)| (at, stats.inbound_http1_active));
     let [hooks] = drain::decode_u64s(&host::shared_get(keys::PRESTOP_HOOKS).0);
-    let due: Vec<(Hold, Outcome)> = HOLDS.with(|h| {
+    let due: Vec<(Hold, Outcome)> = vm::HOLDS.with(|h| {
         h.borrow()
             .iter()
             .filter_map(|hold| outcome(hold.since_ms, now, max_wait_ms, read, hooks).map(|o| (*hold, o)))

@@ -21,9 +21,9 @@ use crate::{conn, http, network, pod, prestop};
 /// Only the counters `drain::parse_drain_stats` reads, percent-encoded for the query string.
 const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%7Cupstream_cx_destroy_remote_with_active_rq%7Cdownstream_cx_http1_active%29%24";
 
-/// What an outstanding HTTP call was for.
+/// The page an outstanding HTTP call asked for (not [`host::Call`], the ABI calls).
 #[derive(Debug, Clone, Copy)]
-enum Call {
+enum Page {
     Ready,
     Stats,
     Readiness,
@@ -39,7 +39,7 @@ enum Poller {
 pub struct Root {
     role: Role,
     shared: Rc<Shared>,
-    calls: HashMap<u32, Call>,
+    pages: HashMap<u32, Page>,
     /// Pollers whose dispatch failed (no such cluster): warned once, retried every interval.
     warned: Vec<Poller>,
 }
@@ -49,7 +49,7 @@ impl Default for Root {
         Root {
             role: Role::Http,
             shared: Rc::new(Shared::new(None, Metrics::default())),
-            calls: HashMap::new(),
+            pages: HashMap::new(),
             warned: Vec::new(),
         }
     }
@@ -66,10 +66,10 @@ fn claim(key: &str, interval_ms: u64) -> bool {
 }
 
 impl Root {
-    fn poll(&mut self, poller: Poller, target: Target, path: &str, call: Call) {
+    fn poll(&mut self, poller: Poller, target: Target, path: &str, page: Page) {
         match host::http_get(target.cluster, target.authority, path, target.timeout_ms) {
             Some(token) => {
-                self.calls.insert(token, call);
+                self.pages.insert(token, page);
             }
             None if !self.warned.contains(&poller) => {
                 self.warned.push(poller);
@@ -92,7 +92,7 @@ impl Root {
             pod::clear(Source::SidecarHealth, metrics);
         }
         let sidecar = config.drain.sidecar.clone();
-        self.poll(Poller::Sidecar, sidecar.target(), STATS_PATH, Call::Stats);
+        self.poll(Poller::Sidecar, sidecar.target(), STATS_PATH, Page::Stats);
     }
 
     pub(crate) fn on_stats(&mut self, status: u16, body: &[u8]) {
@@ -172,12 +172,12 @@ impl Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
-        let Some(call) = self.calls.remove(&token) else { return };
+        let Some(page) = self.pages.remove(&token) else { return };
         let (status, body) = host::http_call_response(body_size);
-        match call {
-            Call::Ready => self.on_ready(status, &body),
-            Call::Stats => self.on_stats(status, &body),
-            Call::Readiness => self.on_readiness(status),
+        match page {
+            Page::Ready => self.on_ready(status, &body),
+            Page::Stats => self.on_stats(status, &body),
+            Page::Readiness => self.on_readiness(status),
         }
     }
 }
@@ -245,11 +245,11 @@ impl RootContext for Root {
         let drain = config.drain.clone();
         let draining = pod::refresh(&self.shared.metrics);
         if drain.sidecar.enabled && claim(keys::SIDECAR_POLL, drain.sidecar.interval_ms) {
-            self.poll(Poller::Sidecar, drain.sidecar.target(), "/ready", Call::Ready);
+            self.poll(Poller::Sidecar, drain.sidecar.target(), "/ready", Page::Ready);
         }
         let readiness = &drain.app_readiness;
         if readiness.enabled && claim(keys::READINESS_POLL, readiness.interval_ms) {
-            self.poll(Poller::AppReadiness, readiness.target(), &readiness.path, Call::Readiness);
+            self.poll(Poller::AppReadiness, readiness.target(), &readiness.path, Page::Readiness);
         }
         self.sweep(draining);
         if self.role == Role::Http {

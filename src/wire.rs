@@ -6,7 +6,8 @@
 use crate::decision::has_token;
 
 /// Name of the private response header the HTTP role adds and the network role rewrites.
-/// Its value is a per-connection secret nonce, so an app cannot forge it.
+/// Its value is the connection's address ([`crate::link::Address`]: its VM's queue token and a secret
+/// per-connection nonce), so an app cannot forge it.
 pub const MARKER: &str = "x-close-relay";
 const CLOSE_LINE: &[u8] = b"connection: close\r\n";
 
@@ -46,10 +47,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Turns the marker line `x-close-relay: <nonce>` of an HTTP/1.1 response head at the start of
+/// Turns the marker line `x-close-relay: <address>` of an HTTP/1.1 response head at the start of
 /// `buf` into `connection: close` (or drops it when the head already says close). Looks at no
 /// more than `max_head` bytes. Any other bytes, body included, are returned unchanged.
-pub fn rewrite_response_head(buf: &[u8], nonce: &str, max_head: usize) -> HeadRewrite {
+pub fn rewrite_response_head(buf: &[u8], address: &str, max_head: usize) -> HeadRewrite {
     if !buf.starts_with(STATUS_LINE_START) {
         return HeadRewrite::None;
     }
@@ -67,7 +68,7 @@ pub fn rewrite_response_head(buf: &[u8], nonce: &str, max_head: usize) -> HeadRe
         let Some(len) = find(&window[pos..fields_end], b"\r\n") else { break };
         let line = &window[pos..pos + len];
         if let Some((name, value)) = split_field(line) {
-            if name.eq_ignore_ascii_case(MARKER.as_bytes()) && value == nonce.as_bytes() {
+            if name.eq_ignore_ascii_case(MARKER.as_bytes()) && value == address.as_bytes() {
                 marker = Some((pos, pos + len + 2));
             } else if name.eq_ignore_ascii_case(b"connection")
                 && std::str::from_utf8(value).is_ok_and(|v| has_token(v, "close"))
@@ -106,7 +107,7 @@ pub enum HeadStep {
 /// writes held back. A head never ends without a blank line, so holding part of one back
 /// never stalls a response; a head larger than `max_head`, or bytes that do not start a
 /// response head, are released as they are.
-pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], nonce: &str, max_head: usize) -> HeadStep {
+pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], address: &str, max_head: usize) -> HeadStep {
     let held = carry.len();
     carry.extend_from_slice(write);
     let data = &carry[..];
@@ -115,7 +116,7 @@ pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], nonce: &str, max_head
     if looks_like_head && find(data, b"\r\n\r\n").is_none() && data.len() < max_head {
         return HeadStep::Hold;
     }
-    let step = match rewrite_response_head(data, nonce, max_head) {
+    let step = match rewrite_response_head(data, address, max_head) {
         HeadRewrite::Rewritten { edit, closer } => {
             HeadStep::Done { edit: Some(Edit { len: write.len(), with: apply(data, &edit) }), closer: Some(closer) }
         }
@@ -254,7 +255,7 @@ mod tests {
     }
 
     #[test]
-    fn wrong_nonce_or_no_marker_untouched() {
+    fn a_wrong_address_or_no_marker_is_untouched() {
         for buf in [
             head(&format!("{MARKER}: ffffffffffffffff\r\n")),
             head(""),

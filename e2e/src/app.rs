@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 
-use crate::client::Conn;
+use crate::client::Client;
 use crate::process::{connectable, wait_until, Proc};
 use crate::{repo_root, Port};
 
@@ -124,7 +124,7 @@ impl App {
 
     /// Makes the app's `/ready` answer 200 (`true`) or 503.
     pub fn set_ready(&self, ready: bool) {
-        let mut c = Conn::open(self.port);
+        let mut c = Client::open(self.port);
         let r = c.get(&format!("/set-ready?v={}", u8::from(ready)));
         assert_eq!(r.status, 200);
     }

@@ -31,20 +31,20 @@ impl Response {
 
 /// A raw client connection: writes bytes, parses responses, and tells whether the server
 /// closed the socket.
-pub struct Conn {
+pub struct Client {
     stream: TcpStream,
     buf: Vec<u8>,
 }
 
-impl Conn {
-    pub fn open(port: u16) -> Conn {
-        Conn::try_open(port).unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"))
+impl Client {
+    pub fn open(port: u16) -> Client {
+        Client::try_open(port).unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"))
     }
 
-    pub fn try_open(port: u16) -> io::Result<Conn> {
+    pub fn try_open(port: u16) -> io::Result<Client> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Conn { stream, buf: Vec::new() })
+        Ok(Client { stream, buf: Vec::new() })
     }
 
     /// How long a read waits (10 s unless set): a caller that waits longer on purpose, as the

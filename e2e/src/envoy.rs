@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::client::Conn;
+use crate::client::Client;
 use crate::process::{connectable, scratch, Proc};
 use crate::{istio, wasm};
 use crate::{repo_root, Port};
@@ -634,7 +634,7 @@ impl Envoy {
 
     /// POST on the admin API (`/healthcheck/fail`, `/drain_listeners?...`).
     pub fn admin_post(&self, path: &str) {
-        let mut c = Conn::open(self.admin);
+        let mut c = Client::open(self.admin);
         c.send(&format!("POST {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n"))
             .expect("admin post");
         let r = c.response("POST");
@@ -675,8 +675,8 @@ impl Envoy {
         }
     }
 
-    pub fn connect(&self) -> Conn {
-        Conn::open(self.port)
+    pub fn connect(&self) -> Client {
+        Client::open(self.port)
     }
 }
 
@@ -752,7 +752,7 @@ fn stat_once(read: impl Fn() -> u64, within: Duration, done: impl Fn(u64) -> boo
 
 /// GET on the admin API; `None` when it does not answer 200.
 pub fn admin_get(port: u16, path: &str) -> Option<String> {
-    let mut c = Conn::try_open(port).ok()?;
+    let mut c = Client::try_open(port).ok()?;
     c.send(&format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")).ok()?;
     let r = c.try_response("GET").ok()?;
     (r.status == 200).then(|| String::from_utf8_lossy(&r.body).into_owned())

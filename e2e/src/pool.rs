@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::{Conn, Envoy};
+use crate::{Client, Envoy};
 
 pub const BUSY: usize = 3;
 pub const IDLE: usize = 3;
@@ -12,8 +12,8 @@ pub const IDLE: usize = 3;
 pub const WITHIN: Duration = Duration::from_secs(6);
 
 pub struct Pool {
-    pub busy: Vec<Conn>,
-    pub idle: Vec<Conn>,
+    pub busy: Vec<Client>,
+    pub idle: Vec<Client>,
 }
 
 /// Opens the pool the way an ALB keeps one: each connection has carried a request.

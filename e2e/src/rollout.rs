@@ -19,21 +19,22 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::servers::{RealApp, Server};
-use crate::{rescue, scratch, App, Conn, Envoy, EnvoySpec, Filter, Port, Proc};
+use crate::{rescue, scratch, App, Client, Envoy, EnvoySpec, Filter, Port, Proc};
 
 /// How the app shuts down on SIGTERM (see `app --shutdown`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppMode {
     CloseHeader,
     CloseIdle,
-    Prestop,
+    /// Serves on for `late_close_ms` after its signal, then `CloseHeader` (not the preStop hook).
+    LateClose,
     /// A real app server (`crate::servers`), stopped with its container's signal.
     Real(Server),
 }
 
 impl AppMode {
     /// The rig's own app in its three shutdown modes.
-    pub const ALL: [AppMode; 3] = [AppMode::CloseHeader, AppMode::CloseIdle, AppMode::Prestop];
+    pub const ALL: [AppMode; 3] = [AppMode::CloseHeader, AppMode::CloseIdle, AppMode::LateClose];
     pub const REAL: [AppMode; 5] = [
         AppMode::Real(Server::Nginx),
         AppMode::Real(Server::Go),
@@ -46,7 +47,7 @@ impl AppMode {
         match self {
             AppMode::CloseHeader => "close-header",
             AppMode::CloseIdle => "close-idle",
-            AppMode::Prestop => "prestop",
+            AppMode::LateClose => "late-close",
             AppMode::Real(server) => server.as_str(),
         }
     }
@@ -163,9 +164,9 @@ pub struct RunSpec {
     pub restart_at_ms: u64,
     /// istio-agent's terminationDrainDuration.
     pub termination_drain_ms: u64,
-    pub prestop_ms: u64,
+    pub late_close_ms: u64,
     /// A real server's preStop hook: its stop signal comes this long after the pod's SIGTERM
-    /// (the rig's own app has its `prestop` mode instead).
+    /// (the rig's own app has its `late-close` mode instead).
     pub prestop_hook_ms: u64,
     /// The preStop hook is the kubelet's `httpGet` with close-relay's header and token
     /// (`drain.prestop`): the app is signalled once the sidecar answers it.
@@ -200,7 +201,7 @@ impl RunSpec {
             tail_ms: 500,
             restart_at_ms: 2_000,
             termination_drain_ms: 5_000,
-            prestop_ms: 3_000,
+            late_close_ms: 3_000,
             prestop_hook_ms,
             kubelet_hook: false,
             app_shutdown_timeout_ms: 5_000,
@@ -317,7 +318,7 @@ fn kubelet_prestop(port: u16, grace: Duration) -> String {
         "GET /prestop HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: kube-lifecycle/1.33\r\n\
          x-close-relay-prestop: {KUBELET_HOOK_TOKEN}\r\n\r\n"
     );
-    let Ok(mut c) = Conn::try_open(port) else { return "could not connect".into() };
+    let Ok(mut c) = Client::try_open(port) else { return "could not connect".into() };
     c.set_timeout(grace);
     match c.send(&request).and_then(|()| c.try_response("GET")) {
         Ok(r) => format!("{} {}", r.status, String::from_utf8_lossy(&r.body).trim_end()),
@@ -572,8 +573,8 @@ impl Pod {
             AppMode::Real(server) => PodApp::Real(RealApp::start(server, &scratch(&format!("{name}-app")))),
             mode => {
                 let mut args = vec!["--shutdown", mode.as_str()];
-                let (prestop, timeout) = (spec.prestop_ms.to_string(), spec.app_shutdown_timeout_ms.to_string());
-                args.extend(["--prestop-ms", &prestop, "--shutdown-timeout-ms", &timeout]);
+                let (late, timeout) = (spec.late_close_ms.to_string(), spec.app_shutdown_timeout_ms.to_string());
+                args.extend(["--late-close-ms", &late, "--shutdown-timeout-ms", &timeout]);
                 PodApp::Rig(App::start_with(&args))
             }
         };
@@ -621,7 +622,7 @@ fn load(port: u16, rate_per_s: u64, concurrency: usize, duration: Duration, star
             let done = done.clone();
             thread::spawn(move || {
                 let mut samples = Vec::new();
-                let mut conn: Option<Conn> = None;
+                let mut conn: Option<Client> = None;
                 let mut next = start + interval.mul_f64(i as f64 / concurrency as f64);
                 while next < start + duration && !done.load(Ordering::Relaxed) {
                     if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -652,9 +653,9 @@ fn load(port: u16, rate_per_s: u64, concurrency: usize, duration: Duration, star
     all
 }
 
-fn request(conn: &mut Option<Conn>, port: u16) -> io::Result<(u16, bool)> {
+fn request(conn: &mut Option<Client>, port: u16) -> io::Result<(u16, bool)> {
     if conn.is_none() {
-        *conn = Some(Conn::try_open(port)?);
+        *conn = Some(Client::try_open(port)?);
     }
     let c = conn.as_mut().ok_or_else(|| io::Error::other("no connection"))?;
     c.send("GET /keep HTTP/1.1\r\nhost: alb\r\n\r\n")?;
@@ -767,7 +768,7 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
     };
     let hook_ms = if spec.kubelet_hook { KUBELET_GRACE_MS } else { spec.prestop_hook_ms };
     let give_up = terminated
-        + Duration::from_millis(spec.prestop_ms + hook_ms + spec.app_shutdown_timeout_ms + spec.sidecar_stop_after_app_ms + 5_000);
+        + Duration::from_millis(spec.late_close_ms + hook_ms + spec.app_shutdown_timeout_ms + spec.sidecar_stop_after_app_ms + 5_000);
     let mut envoy_a = Some(envoy_a);
     let tail = Duration::from_millis(spec.tail_ms);
     while sidecar_stopped.is_none_or(|at| at.elapsed() < tail) && Instant::now() < give_up {
@@ -938,7 +939,7 @@ pub fn physics(r: &RunResult) -> Option<String> {
              upstream at all. close-relay closes each such ALB connection on its first 503 (UF) \
              and drains the rest, so each ALB connection meets at most one."
         ),
-        AppMode::CloseHeader | AppMode::Prestop if !r.spec.setting.first_close_drains => format!(
+        AppMode::CloseHeader | AppMode::LateClose if !r.spec.setting.first_close_drains => format!(
             "{n} 5xx: once shutting down, the app refused new connections; Envoy's pooled \
              connections to it carried one more answer each (relayed as close), but the ALB held \
              more idle connections to the pod than that, and with the default configuration \
@@ -946,7 +947,7 @@ pub fn physics(r: &RunResult) -> Option<String> {
              With a held sidecar, `drain.app_closes.threshold: 1` makes the app's first close \
              that signal (next row)."
         ),
-        AppMode::CloseHeader | AppMode::Prestop if at_most_one_each => format!(
+        AppMode::CloseHeader | AppMode::LateClose if at_most_one_each => format!(
             "{n} 5xx: the app stopped accepting at SIGTERM and its first close drained the pod; \
              close-relay then closed every idle ALB connection at once, but a request the ALB had \
              just put on one of them crossed that close (502), or a request that reached pod A \

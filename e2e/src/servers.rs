@@ -179,7 +179,7 @@ fn tomcat(dir: &Path, port: u16) -> Command {
 
 /// A GET answered with 200 (Tomcat listens before its app is deployed).
 fn answers(port: u16) -> bool {
-    crate::Conn::try_open(port).ok().and_then(|mut c| {
+    crate::Client::try_open(port).ok().and_then(|mut c| {
         c.send("GET /ready HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n").ok()?;
         c.try_response("GET").ok()
     }).is_some_and(|r| r.status == 200)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::{envoy_config, pattern_byte, App, Conn, Envoy, EnvoySpec, Filter};
+use crate::{envoy_config, pattern_byte, App, Client, Envoy, EnvoySpec, Filter};
 
 const BIG: usize = 1 << 20;
 
@@ -89,7 +89,7 @@ impl Stack {
 }
 
 /// One HTTP/1 request on `c`; false when the connection must be replaced.
-fn one(stack: &Stack, start: Instant, c: &mut Conn, path: &str, extra: &str) -> bool {
+fn one(stack: &Stack, start: Instant, c: &mut Client, path: &str, extra: &str) -> bool {
     let at = start.elapsed().as_millis() as u64;
     let sent = c.send(&format!("GET {path} HTTP/1.1\r\nhost: app\r\n{extra}\r\n"));
     let r = match sent.and_then(|_| c.try_response("GET")) {
@@ -116,7 +116,7 @@ fn one(stack: &Stack, start: Instant, c: &mut Conn, path: &str, extra: &str) -> 
 fn http1_worker(stack: &Stack, stop: &AtomicBool, start: Instant, kind: &str) {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut c) = Conn::try_open(stack.envoy.port) else {
+        let Ok(mut c) = Client::try_open(stack.envoy.port) else {
             stack.tally.failed(start.elapsed().as_millis() as u64, "connect refused".into());
             thread::sleep(Duration::from_millis(50));
             continue;
@@ -141,7 +141,7 @@ fn http1_worker(stack: &Stack, stop: &AtomicBool, start: Instant, kind: &str) {
 }
 
 /// A slow reader: asks for a large body and reads it in small pieces with pauses.
-fn slow_big(stack: &Stack, start: Instant, c: &mut Conn) -> bool {
+fn slow_big(stack: &Stack, start: Instant, c: &mut Client) -> bool {
     let at = start.elapsed().as_millis() as u64;
     if c.send("GET /big HTTP/1.1\r\nhost: app\r\n\r\n").is_err() {
         stack.tally.failed(at, "/big slow: connection error".into());

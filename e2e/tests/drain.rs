@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::pool::{all_closed, pool, report, BUSY, IDLE, WITHIN};
-use e2e::{App, Conn, Envoy, EnvoySpec, Filter, Layout};
+use e2e::{App, Client, Envoy, EnvoySpec, Filter, Layout};
 
 fn start(name: &str, spec: EnvoySpec) -> Envoy {
     Envoy::start(name, &spec)
@@ -227,9 +227,9 @@ fn a_keep_alive_race_with_the_app_does_not_drain_the_pod() {
     // worker with one burst connection meet the race twice in a row and drain).
     let app = App::start_with(&["--keep-alive-ms", "1100"]);
     let envoy = start("keepalive-race", EnvoySpec { concurrency: 1, ..spec(&app) });
-    let mut conns: Vec<Conn> = (0..6).map(|_| envoy.connect()).collect();
+    let mut conns: Vec<Client> = (0..6).map(|_| envoy.connect()).collect();
     let (mut requests, mut races, mut told) = (0, 0, 0);
-    let ask = |c: &mut Conn, requests: &mut usize, races: &mut usize, told: &mut usize| {
+    let ask = |c: &mut Client, requests: &mut usize, races: &mut usize, told: &mut usize| {
         *requests += 1;
         let r = c.try_response("GET");
         // Told to close (`connection: close`), or closed: either way, a new one.

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use close_relay::host::Call;
-use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
+use e2e::{App, Client, Envoy, EnvoySpec, Filter};
 
 /// Calls without which no close can be relayed: the response headers, the marker, the nonce,
 /// and the client buffer edits. The module must still pass everything through and keep counting.
@@ -38,7 +38,7 @@ fn keep_then_close(envoy: &Envoy, call: Call) -> (bool, bool) {
 
 /// Whether the connection ends: closed by Envoy soon, or on the client's next request, which
 /// must still be answered in full.
-fn ended(c: &mut Conn, call: Call) -> bool {
+fn ended(c: &mut Client, call: Call) -> bool {
     if c.closed_by_server(Duration::from_millis(1500)) {
         return true;
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use e2e::pool::{all_closed, pool, report, IDLE};
 use e2e::rescue::{self, Names, Pod};
-use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
+use e2e::{App, Client, Envoy, EnvoySpec, Filter};
 
 fn lean(app: &App) -> EnvoySpec {
     EnvoySpec::new(Filter::Lean, app.port)
@@ -77,7 +77,7 @@ fn every_framing_envoy_writes_is_followed_so_the_connection_still_closes_when_id
         ("100-continue", &["POST /keep HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n", "hello"]),
         ("close-delimited from the app", &["GET /eof HTTP/1.1\r\nhost: a\r\n\r\n"]),
     ];
-    let mut conns: Vec<(&str, Conn)> = Vec::new();
+    let mut conns: Vec<(&str, Client)> = Vec::new();
     for (name, requests) in exchanges {
         let mut c = envoy.connect();
         for request in requests {

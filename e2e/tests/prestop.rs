@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{App, Conn, Envoy, EnvoySpec, Filter};
+use e2e::{App, Client, Envoy, EnvoySpec, Filter};
 
 const TOKEN: &str = "e2e-prestop-token-0123456789";
 
@@ -27,7 +27,7 @@ fn start(name: &str, app: &App, prestop: &str) -> Envoy {
     Envoy::start(name, &spec)
 }
 
-fn kept(envoy: &Envoy) -> Conn {
+fn kept(envoy: &Envoy) -> Client {
     let mut c = envoy.connect();
     let r = c.get("/keep");
     assert!(r.status == 200 && !r.says_close(), "{}", r.raw_head);
@@ -35,7 +35,7 @@ fn kept(envoy: &Envoy) -> Conn {
 }
 
 /// A connection busy with a slow stream of `chunks` pieces, 400 ms apart, already begun.
-fn busy_with(envoy: &Envoy, chunks: u32) -> Conn {
+fn busy_with(envoy: &Envoy, chunks: u32) -> Client {
     let mut busy = kept(envoy);
     busy.send(&format!("GET /slow?chunks={chunks}&pause_ms=400 HTTP/1.1\r\nhost: app\r\n\r\n")).expect("send");
     assert!(busy.received(16, Duration::from_secs(3)), "no response started");
@@ -60,7 +60,7 @@ fn report(what: &str, took: Duration) {
 fn the_kubelets_prestop_hook_is_answered_once_the_albs_connections_are_gone() {
     let app = App::start();
     let envoy = start("prestop-answered", &app, &format!(r#"{{"token": "{TOKEN}"}}"#));
-    let mut idle: Vec<Conn> = (0..3).map(|_| kept(&envoy)).collect();
+    let mut idle: Vec<Client> = (0..3).map(|_| kept(&envoy)).collect();
     let mut busy = busy_with(&envoy, 4);
     let (status, body, took) = kubelet_hook(&envoy);
     assert_eq!(status, 200, "answered by the app, not close-relay? {body}");

@@ -6,12 +6,12 @@
 use std::time::{Duration, Instant};
 
 use e2e::servers::{RealApp, Server};
-use e2e::Conn;
+use e2e::Client;
 
 fn refused_within(port: u16, within: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < within {
-        if Conn::try_open(port).is_err() {
+        if Client::try_open(port).is_err() {
             return Some(start.elapsed());
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -22,7 +22,7 @@ fn refused_within(port: u16, within: Duration) -> Option<Duration> {
 fn check(server: Server) -> String {
     let dir = e2e::scratch(&format!("server-{}", server.as_str().replace(' ', "-")));
     let mut app = RealApp::start(server, &dir);
-    let mut busy = Conn::open(app.port);
+    let mut busy = Client::open(app.port);
     for i in 0..2 {
         // Named on failure: one fresh-clone run saw a reset here from one of the five servers.
         let r = busy
@@ -32,7 +32,7 @@ fn check(server: Server) -> String {
         assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{}: {}", server.as_str(), r.raw_head);
         assert!(!r.says_close(), "{}: closes keep-alive connections: {}", server.as_str(), r.raw_head);
     }
-    let mut idle = Conn::open(app.port);
+    let mut idle = Client::open(app.port);
     assert_eq!(idle.get("/keep").status, 200);
     let signalled = Instant::now();
     app.terminate();

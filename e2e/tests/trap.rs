@@ -9,7 +9,7 @@ use e2e::{App, Envoy, EnvoySpec, Filter};
 
 /// What a client saw on one request over a fresh connection.
 fn outcome(envoy: &Envoy, raw: &str) -> String {
-    let Ok(mut c) = e2e::Conn::try_open(envoy.port) else { return "refused".into() };
+    let Ok(mut c) = e2e::Client::try_open(envoy.port) else { return "refused".into() };
     if c.send(raw).is_err() {
         return "closed".into();
     }

@@ -33,7 +33,8 @@
 //!   request on each existing connection with `Connection: close`;
 //! - `close-idle`: like Go's `Server.Shutdown`: refuse new connections, close idle ones at
 //!   once, finish in-flight ones with `Connection: close`;
-//! - `prestop`: keep serving normally for `--prestop-ms` (default 3000), then `close-header`.
+//! - `late-close`: keep serving normally for `--late-close-ms` (default 3000), then `close-header`
+//!   (an app that serves on after its signal; not the preStop hook, which the rig sends itself).
 //!
 //! The app exits once no connection is left, or after `--shutdown-timeout-ms` (default 5000).
 
@@ -69,7 +70,7 @@ fn main() {
     }
     let mode = arg("--shutdown").unwrap_or_else(|| "close-header".into());
     let ms = |name: &str, default: u64| arg(name).and_then(|v| v.parse().ok()).unwrap_or(default);
-    let (prestop, timeout) = (ms("--prestop-ms", 3000), ms("--shutdown-timeout-ms", 5000));
+    let (late, timeout) = (ms("--late-close-ms", 3000), ms("--shutdown-timeout-ms", 5000));
     KEEP_ALIVE_MS.store(ms("--keep-alive-ms", 0), Ordering::SeqCst);
     let listener = match TcpListener::bind(("127.0.0.1", port)).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
         Ok(l) => l,
@@ -91,7 +92,7 @@ fn main() {
             eprintln!("app: SIGTERM, shutting down ({mode})");
         }
         if let Some(at) = termed {
-            let delay = if mode == "prestop" { prestop } else { 0 };
+            let delay = if mode == "late-close" { late } else { 0 };
             if at.elapsed() >= Duration::from_millis(delay) {
                 break;
             }

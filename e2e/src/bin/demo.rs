@@ -7,10 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{scratch, App, Conn, Envoy, EnvoySpec, Filter, Port};
+use e2e::{scratch, App, Client, Envoy, EnvoySpec, Filter, Port};
 
 fn show(label: &str, port: u16, path: &str) {
-    let mut c = Conn::open(port);
+    let mut c = Client::open(port);
     let started = Instant::now();
     let r = c.get(path);
     let connection = r.header("connection").unwrap_or("(none)").to_string();
@@ -41,10 +41,10 @@ fn main() {
     show("sidecar without close-relay", plain.port, "/keep");
     show("sidecar with close-relay", relay.port, "/keep");
     println!("\nThe pod is going away: the sidecar drains (admin /healthcheck/fail). Two idle ALB connections each:");
-    let mut idle: Vec<(&str, Conn)> = Vec::new();
+    let mut idle: Vec<(&str, Client)> = Vec::new();
     for (label, port) in [("sidecar without close-relay", plain.port), ("sidecar with close-relay", relay.port)] {
         for _ in 0..2 {
-            let mut c = Conn::open(port);
+            let mut c = Client::open(port);
             c.get("/keep");
             idle.push((label, c));
         }
@@ -72,7 +72,7 @@ fn main() {
         Port::fixed(9902),
     );
     let attempt = |port: u16| {
-        let mut c = Conn::open(port);
+        let mut c = Client::open(port);
         let r = c.get("/keep");
         format!("{} (x-envoy-attempt-count: {}, connection: {})", r.status, r.header("x-envoy-attempt-count").unwrap_or("-"), r.header("connection").unwrap_or("(none)"))
     };

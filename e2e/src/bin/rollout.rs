@@ -117,7 +117,7 @@ fn main() {
     let s = RunSpec::cell(Row::NoFilter, AppMode::CloseHeader, SidecarMode::Held, prestop_hook_ms).heavy();
     let header = format!(
         "Rolling restart on Envoy {}, close-relay roles in {}: {} req/s over {} client connections, restart at {} s, \
-         load until {} ms after pod A's sidecar stops, terminationDrainDuration {} s, rig app prestop {} s, \
+         load until {} ms after pod A's sidecar stops, terminationDrainDuration {} s, rig app late-close {} s, \
          real servers' preStop hook {} s ({} s for the whole matrix)",
         e2e::envoy_version(),
         e2e::layout().as_str(),
@@ -126,7 +126,7 @@ fn main() {
         s.restart_at_ms / 1000,
         s.tail_ms,
         s.termination_drain_ms / 1000,
-        s.prestop_ms / 1000,
+        s.late_close_ms / 1000,
         prestop_hook_ms / 1000,
         started.elapsed().as_secs()
     );
