@@ -15,6 +15,7 @@ pub mod istio;
 pub mod oci;
 pub mod origin;
 pub mod pool;
+pub mod nginx;
 pub mod ports;
 pub mod process;
 pub mod rescue;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::rollout::Nginx;
+use crate::nginx::Nginx;
 use crate::{connectable, repo_root, Port, Proc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

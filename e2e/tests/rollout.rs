@@ -3,10 +3,10 @@
 //! the sidecar is held until the app exits. With close-relay configured for a held sidecar (the
 //! app's first close drains the pod) each ALB connection meets at most one error, and usually
 //! none: the app stops accepting at SIGTERM, so a request crossing the first close or an idle
-//! close on the wire has nowhere to go (`rollout::physics` explains each). The full matrix is
+//! close on the wire has nowhere to go (`rollout::explain` says why each, from the numbers). The full matrix is
 //! `make rollout`.
 
-use e2e::rollout::{physics, run, AppMode, Row, RunResult, RunSpec, SidecarMode};
+use e2e::rollout::{describe, explain, run, AppMode, Row, RunResult, RunSpec, SidecarMode};
 
 /// The recommended close-relay setting for this app under a held sidecar: its first close drains.
 fn short(row: Row) -> RunSpec {
@@ -54,10 +54,10 @@ fn rolling_restart_with_close_relay_gives_each_alb_connection_at_most_one_error(
         r.five_xx_at,
         r.events
     );
-    let why = physics(&r);
-    assert!(!why.as_deref().is_some_and(|w| w.contains("not explained")), "{why:?}");
-    if let Some(why) = why {
-        eprintln!("[envoy {}] physics: {why}", e2e::envoy_version());
+    let why = explain(&r);
+    assert!(why.as_ref().is_none_or(|e| e.explained()), "{why:?}");
+    if let Some(e) = why {
+        eprintln!("[envoy {}] physics: {}", e2e::envoy_version(), describe(&r, &e));
     }
 }
 

@@ -71,7 +71,7 @@ fn each_real_server_serves_keep_alive_and_shuts_down_on_its_stop_signal() {
 /// connections closed at once, `Connection: close` in flight, as nginx and Tomcat do), Node.js
 /// (a connection busy at the signal stays open), uvicorn (closes at its next tick, no header).
 mod rollout {
-    use e2e::rollout::{physics, run, AppMode, Row, RunResult, RunSpec, SidecarMode};
+    use e2e::rollout::{describe, explain, run, AppMode, Row, RunResult, RunSpec, SidecarMode};
     use e2e::servers::Server;
 
     const STYLES: [Server; 3] = [Server::Go, Server::Node, Server::Uvicorn];
@@ -97,7 +97,7 @@ mod rollout {
             r.conn_errors,
             r.statuses,
             r.counters.get("close_relay_rescued_total").copied().unwrap_or(0),
-            physics(&r).map(|p| format!("\n  physics: {p}")).unwrap_or_default()
+            explain(&r).map(|e| format!("\n  physics: {}", describe(&r, &e))).unwrap_or_default()
         );
         assert!(r.requests > min_requests, "{}: load too small: {}", spec.label(), r.requests);
         r
@@ -107,8 +107,8 @@ mod rollout {
     fn at_most_one_each(r: &RunResult) {
         assert_eq!(r.conn_errors, 0, "{}: {:?}", r.spec.label(), r.events);
         assert!(r.five_xx <= r.spec.concurrency as u64, "{}: {} 5xx at {:?}", r.spec.label(), r.five_xx, r.five_xx_at);
-        let why = physics(r);
-        assert!(!why.as_deref().is_some_and(|w| w.contains("not explained")), "{}: {why:?}", r.spec.label());
+        let why = explain(r);
+        assert!(why.as_ref().is_none_or(|e| e.explained()), "{}: {why:?}", r.spec.label());
     }
 
     fn each_style(sidecar: SidecarMode) {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::rollout::Nginx;
+use e2e::nginx::Nginx;
 use e2e::{istio, Envoy, EnvoySpec, Filter, Port};
 use serde_json::{json, Value};
 

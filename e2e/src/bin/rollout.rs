@@ -11,7 +11,7 @@
 
 use std::fs;
 
-use e2e::rollout::{chart, physics, run, table, AppMode, Column, RunResult, RunSpec, Row, SidecarMode};
+use e2e::rollout::{chart, describe, explain, run, table, AppMode, Column, RunResult, RunSpec, Row, SidecarMode};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -140,7 +140,7 @@ fn main() {
         "layout": e2e::layout().as_str(),
         "runs": results.iter().chain(&race).map(|r| {
             let mut v = r.to_json();
-            v["physics"] = physics(r).map_or(serde_json::Value::Null, serde_json::Value::from);
+            v["physics"] = explain(r).map_or(serde_json::Value::Null, |e| serde_json::json!({"cause": format!("{:?}", e.cause), "explained": e.explained(), "text": describe(r, &e)}));
             v
         }).collect::<Vec<_>>(),
     });
