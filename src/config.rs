@@ -43,7 +43,7 @@ pub struct Config {
     pub max_head_bytes: u64,
     /// The network role works alone (no HTTP plugin): it follows each response's framing in the
     /// bytes it writes, and reads every drain source from the sidecar's stats. Gives up relaying
-    /// the app's own closes and the preStop hook; needs rescue to lose nothing (README "Lean").
+    /// the app's own closes and the preStop hook; needs rescue to lose nothing (docs/lean.md).
     pub lean: bool,
 }
 

@@ -138,7 +138,7 @@ pub struct Signals {
 pub const REFUSED_HEADER: &str = "x-close-relay-refused";
 
 /// Did a healthy pod answer this request after the local app refused it? The rescue route
-/// (README "Rescue") tries the local app first, so only its retries go to another pod, and
+/// (docs/rescue.md) tries the local app first, so only its retries go to another pod, and
 /// Envoy sets `x-envoy-attempt-count` on the response (`include_attempt_count_in_response`):
 /// 2 or more means a retry answered, unless the answer is a refusal too ([`REFUSED_HEADER`]:
 /// every pod tried refused, or there was none). Without the count, or with one that is not a

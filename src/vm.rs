@@ -2,7 +2,7 @@
 //! place, so that what lives as long as the VM, and who may touch it, is read here.
 //!
 //! The rule: Envoy runs each wasm VM on one worker thread (one VM per worker and per VM key,
-//! `docs/architecture.md` "Layouts"), and calls into it from that thread only, so a
+//! `docs/how-it-works.md`, "One VM or two"), and calls into it from that thread only, so a
 //! thread-local is exactly one VM's state: no locks, nothing shared between workers. What
 //! every worker and both roles must see goes through the host's shared data instead (`pod.rs`,
 //! keys in `keys.rs`). What belongs to one plugin instance's contexts (its configuration, its

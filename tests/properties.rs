@@ -121,7 +121,7 @@ fn a_head_written_in_pieces_is_rewritten_whole() {
     assert_eq!(fed(&big, &[50], 64), big);
 }
 
-/// Every numeric option, where it sits, and the range the README documents for it. An oracle
+/// Every numeric option, where it sits, and the range docs/configuration.md documents for it. An oracle
 /// kept apart from `Config::validate` on purpose.
 const NUMERIC_OPTIONS: &[(&str, u128, u128)] = &[
     ("max_head_bytes", 1024, 8 * 1024 * 1024),

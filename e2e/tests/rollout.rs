@@ -66,7 +66,7 @@ fn rolling_restart_with_the_kubelets_prestop_hook_leaves_no_request_for_the_stop
     // The kubelet's preStop httpGet with close-relay's header: the sidecar drains the pod and
     // answers only once the ALB's connections are gone; then the app is stopped, with nothing
     // left to meet it: no 503. Closing an idle ALB connection can still cross a request the
-    // ALB put on it that moment (a 502: the idle-close race, README): once in ten CI units, at
+    // ALB put on it that moment (a 502: the idle-close race, docs/rollout.md): once in ten CI units, at
     // most one per connection, and only in the drain's first second.
     let r = run("short-kubelet-hook", &RunSpec { kubelet_hook: true, ..short(Row::CloseRelay) });
     say(&r);

@@ -85,7 +85,7 @@ fn all_ok(v: &[String]) -> bool {
     v.iter().all(|s| s == "200")
 }
 
-/// What the README's "Verify" step and the shipped alerts rely on, under every policy: Envoy
+/// What docs/operations.md and the shipped alerts rely on, under every policy: Envoy
 /// logs the failed callback at error level, and counts the trapping connection's close as an
 /// Envoy bug (its HCM finds no close reason). FAIL_RELOAD also counts its reload backoffs.
 fn assert_visible(s: &Seen, role: &str, policy: &str) {

@@ -4,7 +4,7 @@
 //! (`e2e/floor`: both roles, nothing but the exports a filter needs), close-relay disabled and
 //! close-relay as shipped; the wasm ones loaded the way the shipped WasmPlugins load them (one
 //! VM, their pluginConfig); and close-relay with the roles in split VMs, as Envoy >= 1.39 builds
-//! the same pair from a `file://` module (the layouts in the README). Traffic shapes: a tiny GET, ALB-like request headers with a 64 KiB
+//! the same pair from a `file://` module (the layouts in docs/how-it-works.md). Traffic shapes: a tiny GET, ALB-like request headers with a 64 KiB
 //! response, a 1 MiB response, a 16 KiB POST.
 //!
 //! CPU: one Envoy worker pinned to its own core, wrk and the app on the other; rounds

@@ -64,7 +64,7 @@ pub enum Row {
     NoFilter,
     /// close-relay with its default configuration.
     CloseRelay,
-    /// close-relay with the settings the README recommends for this app ([`recommended`]).
+    /// close-relay with the settings docs/rollout.md recommends for this app ([`recommended`]).
     Recommended,
     /// close-relay with its defaults, and rescue (`crate::rescue`): a request the app refuses is
     /// handed to pod B.
@@ -87,7 +87,7 @@ impl Row {
     }
 }
 
-/// What the README recommends beside close-relay's defaults, for one app and column.
+/// What docs/rollout.md recommends beside close-relay's defaults, for one app and column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Setting {
     /// `drain.app_closes.threshold: 1`: the app's first `Connection: close` counts as the pod
@@ -115,7 +115,7 @@ impl Setting {
     }
 }
 
-/// The recommended setting, from `make rollout`'s measurements (README "Which app server").
+/// The recommended setting, from `make rollout`'s measurements (docs/rollout.md, "Your app server").
 /// The rig's app answers every request in flight at SIGTERM with `Connection: close`, so its first
 /// close is the earliest signal. The real servers stop within milliseconds of their signal, too
 /// soon for a first close to come before the first 503, and Tomcat closes every 100th keep-alive
