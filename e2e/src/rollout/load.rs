@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::Client;
 
+/// What one request of the load got from the ALB.
 #[derive(Debug, Clone, Copy)]
-pub enum Outcome {
+pub enum Reply {
     Status(u16),
     /// The client could not talk to the ALB at all.
     ConnError,
@@ -19,7 +20,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
     pub at_ms: u64,
-    pub outcome: Outcome,
+    pub reply: Reply,
 }
 
 /// A bounded load: `concurrency` clients, each with its own keep-alive connection to nginx,
@@ -39,19 +40,19 @@ pub fn load(port: u16, rate_per_s: u64, concurrency: usize, duration: Duration, 
                     }
                     next += interval;
                     let at_ms = start.elapsed().as_millis() as u64;
-                    let outcome = match request(&mut conn, port) {
+                    let reply = match request(&mut conn, port) {
                         Ok((status, close)) => {
                             if close {
                                 conn = None;
                             }
-                            Outcome::Status(status)
+                            Reply::Status(status)
                         }
                         Err(_) => {
                             conn = None;
-                            Outcome::ConnError
+                            Reply::ConnError
                         }
                     };
-                    samples.push(Sample { at_ms, outcome });
+                    samples.push(Sample { at_ms, reply });
                 }
                 samples
             })

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::infra::{kubelet_prestop, Istiod, KubeProxy, Pod, KUBELET_GRACE_MS};
-use super::load::{load, Outcome, Sample};
+use super::load::{load, Reply, Sample};
 use super::spec::{RunSpec, SidecarMode};
 use crate::nginx::Nginx;
 use crate::scratch;
@@ -184,14 +184,14 @@ fn summarize(spec: &RunSpec, samples: Vec<Sample>, events: Vec<(u64, String)>) -
     let mut five_xx_at = Vec::new();
     let mut conn_errors = 0;
     for s in &samples {
-        match s.outcome {
-            Outcome::Status(code) => {
+        match s.reply {
+            Reply::Status(code) => {
                 *statuses.entry(code).or_insert(0) += 1;
                 if code >= 500 {
                     five_xx_at.push(s.at_ms);
                 }
             }
-            Outcome::ConnError => conn_errors += 1,
+            Reply::ConnError => conn_errors += 1,
         }
     }
     RunResult {
