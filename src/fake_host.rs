@@ -3,6 +3,10 @@
 //! buffers, header maps, metrics, closes). The contexts and `host.rs` itself run unchanged
 //! against it, so configure, the marker round trip, the sweep and drain transitions are tested
 //! in milliseconds, beside the real-Envoy suites. Only in `cargo test` builds off wasm32.
+//!
+//! One thread is one host and one VM: the host here and the VM's state (`crate::vm`) are
+//! thread-locals, so each test, on its own thread as cargo runs them, starts on a fresh pair;
+//! [`reset`] clears the host, not the VM.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

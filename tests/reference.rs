@@ -2,7 +2,8 @@
 //! table and nothing else is; each default and type is the one `Config::default()` has; each
 //! range is the one validation enforces (both bounds accepted, one past either refused with the
 //! option named). The option names come from the type itself: serde's "expected one of" list
-//! for each object, so a field added to `config.rs` without a row fails here.
+//! for each object, so a field added to `config.rs` without a row fails here. And the docs'
+//! links: every relative one leads to a file.
 
 use std::collections::BTreeMap;
 
@@ -146,4 +147,29 @@ fn the_logged_errors_shown_are_the_modules() {
         let line = format!("invalid plugin configuration: {shown}{}", e.message);
         assert!(DOC.contains(&line), "docs/configuration.md should show: {line}");
     }
+}
+
+/// The README and the docs link to each other and to the repository's files: every relative
+/// link leads to a file that exists, so a page moved or renamed breaks `make test`.
+#[test]
+fn every_relative_link_in_the_docs_leads_to_a_file() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        pages.push(entry.unwrap().path());
+    }
+    let mut links = 0;
+    for page in pages.iter().filter(|p| p.extension().is_some_and(|e| e == "md")) {
+        let text = std::fs::read_to_string(page).unwrap();
+        for target in text.split("](").skip(1).filter_map(|rest| rest.split(')').next()) {
+            let file = target.split('#').next().unwrap_or_default();
+            if file.is_empty() || file.contains("://") {
+                continue;
+            }
+            let dir = page.parent().unwrap();
+            assert!(dir.join(file).exists(), "{}: link to {target} leads nowhere", page.display());
+            links += 1;
+        }
+    }
+    assert!(links > 20, "only {links} links found");
 }
