@@ -3,8 +3,10 @@
 
 # Every Envoy minor a supported Istio ships (1.28 -> 1.36 ... 1.31 -> 1.39) and master's 1.40.
 ENVOY_VERSIONS ?= 1.36.4 1.37.0 1.38.2 1.39.3 1.40.0
-# Versions whose e2e suites run side by side (ports and scratch dirs are per process).
-E2E_JOBS       ?= 2
+# E2E units run side by side (ports and scratch dirs are per process). Three on two cores: the
+# suites wait on Envoy, polls and graces more than they compute; a fresh-clone `make test` took
+# 923 s with two, 767 s with three, every unit green.
+E2E_JOBS       ?= 3
 ENVOY_DEMO     ?= 1.40.0
 ENVOY_DIR      := .envoy
 E2E_TESTS      := --test relay --test parity --test corpus --test drain --test lean --test prestop --test rescue --test rollout --test istio --test trap --test host_errors --test soak
