@@ -8,13 +8,13 @@ use std::rc::Rc;
 
 use log::debug;
 
-use crate::vm;
 use crate::drain::{self, Activity, Grace};
 use crate::framing::Responses;
 use crate::host;
 use crate::link::Note;
 use crate::metrics::Metrics;
 use crate::pod;
+use crate::vm;
 
 /// One client connection as this VM knows it; shared with a same-VM HTTP role.
 #[derive(Debug, Default)]
@@ -94,8 +94,6 @@ pub fn unregister(address: &str) {
 pub fn set_sweeping(sweeping: bool) {
     vm::SWEEPING.set(sweeping);
 }
-
-
 
 /// The connection at `address`, if its network role lives in this VM.
 pub fn conn_for(address: &str) -> Option<ConnRef> {

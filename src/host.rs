@@ -399,7 +399,6 @@ fn now_ns() -> u64 {
     }
 }
 
-
 /// The host's clock in ms since the epoch; also refreshes [`coarse_now`].
 pub fn now_ms() -> u64 {
     let now = now_ns() / 1_000_000;

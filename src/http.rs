@@ -11,7 +11,6 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use crate::vm;
 use crate::config::Config;
 use crate::decision::{self, decide, AppSaid, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
 use crate::drain::{self, Source, UNTIL_CLEARED};
@@ -19,6 +18,7 @@ use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
 use crate::{host, keys, pod, prestop, wire};
+use crate::vm;
 
 pub struct HttpRole {
     context_id: u32,
@@ -326,7 +326,6 @@ fn unframed_ends_connection() -> bool {
             .ends_connection(&String::from_utf8_lossy(&host), &String::from_utf8_lossy(&local))
     })
 }
-
 
 impl Context for HttpRole {}
 

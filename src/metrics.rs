@@ -2,12 +2,10 @@
 //! batched on the hot path. The host primitives they sit on are `host::Counter` and
 //! `host::Gauge`.
 
-
-use crate::vm;
 use crate::decision::SkipReason;
 use crate::drain::Source;
 use crate::host::{Counter, Gauge};
-
+use crate::vm;
 
 /// Responses are counted in the VM and added to the host's counter in batches: a host call
 /// per response is a round trip out of the VM on the hot path (measured with `make bench`).

@@ -1,19 +1,17 @@
 //! The pod's drain state as this VM sees it: the record in shared data, behind a per-VM cache
 //! that the ticks refresh, so the data path reads a `Cell` and never the host.
 
-
 use log::info;
 
-use crate::vm;
 use crate::drain::{self, DrainState, Source, Window, UNTIL_CLEARED};
 use crate::host;
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::link::Note;
+use crate::vm;
 
 /// Tokens kept at most; older ones belong to VMs long replaced by config updates.
 const WAKE_CAPACITY: usize = 64;
-
 
 /// Is the app itself going away (see [`DrainState::app_going`])? As of the last refresh.
 pub fn app_going() -> bool {
