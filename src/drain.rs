@@ -161,7 +161,7 @@ pub struct DrainStats {
 }
 
 impl DrainStats {
-    /// The shared record of the last read: when it was read (0: never), then the counters.
+    /// The shared record of the last read: when its call was sent (0: never), then the counters.
     pub fn encode_read(&self, read_ms: u64) -> Vec<u8> {
         encode_u64s(&[
             read_ms,
@@ -174,7 +174,7 @@ impl DrainStats {
         ])
     }
 
-    /// The last read and when it was taken, if there was one.
+    /// The last read and when its call was sent, if there was one.
     pub fn decode_read(bytes: &[u8]) -> Option<(u64, DrainStats)> {
         let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active, app_cx_reset] =
             decode_u64s(bytes);

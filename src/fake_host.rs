@@ -597,15 +597,44 @@ mod tests {
         reset(START_MS);
         let mut root = configured_root("{}");
         let stats = |closes: u64| format!("http.inbound_0.0.0.0_15006.downstream_cx_drain_close: {closes}\nhttp.admin.downstream_cx_drain_close: 9\n");
-        root.on_stats(200, stats(0).as_bytes());
+        root.on_stats(200, stats(0).as_bytes(), crate::host::now_ms());
         assert!(!pod::draining(), "a first read has nothing to compare with");
         advance(1_000);
-        root.on_stats(200, stats(0).as_bytes());
+        root.on_stats(200, stats(0).as_bytes(), crate::host::now_ms());
         assert!(!pod::draining());
         advance(1_000);
-        root.on_stats(200, stats(3).as_bytes());
+        root.on_stats(200, stats(3).as_bytes(), crate::host::now_ms());
         assert!(pod::draining());
         assert_eq!(metric("close_relay_drain_entered_sidecar_drain_total"), 1);
+    }
+
+    #[test]
+    fn a_stats_read_sent_before_the_prestop_hook_came_does_not_answer_it() {
+        // Seen on CI under load: the poll went out, the hook arrived, then the answer, which
+        // counted one busy client but not the hook's own connection; dated by its arrival, it
+        // passed for "only the hook is left" and the hook was answered while a stream ran.
+        reset(START_MS);
+        let mut root = configured_root(r#"{"drain": {"prestop": {"token": "a-token-of-16-chars"}}}"#);
+        let metrics = Metrics::define();
+        let active = |n: u64| format!("http.inbound_0.0.0.0_15006.downstream_cx_http1_active: {n}\n");
+        let sent_before = crate::host::now_ms();
+        advance(5);
+        crate::prestop::hold(7);
+        advance(10);
+        root.on_stats(200, active(1).as_bytes(), sent_before);
+        crate::prestop::tick(20_000, &metrics);
+        assert!(with(|f| f.local_responses.is_empty()), "answered from a read older than the hook");
+        let sent_after = crate::host::now_ms();
+        root.on_stats(200, active(2).as_bytes(), sent_after);
+        crate::prestop::tick(20_000, &metrics);
+        assert!(with(|f| f.local_responses.is_empty()), "the busy client is still there");
+        advance(250);
+        root.on_stats(200, active(1).as_bytes(), crate::host::now_ms());
+        crate::prestop::tick(20_000, &metrics);
+        let answered = with(|f| f.local_responses.clone());
+        assert_eq!(answered.len(), 1);
+        assert_eq!((answered[0].0, answered[0].1), (7, 200));
+        assert!(String::from_utf8_lossy(&answered[0].2).contains("no client connection left"));
     }
 
     /// A lean connection (the network role alone) with one request read.
@@ -671,9 +700,9 @@ mod tests {
         reset(START_MS);
         let mut root = configured_root(r#"{"role": "network", "lean": true}"#);
         let stats = |fail: u64| format!("cluster.inbound|8080||.upstream_cx_connect_fail: {fail}\n");
-        root.on_stats(200, stats(0).as_bytes());
+        root.on_stats(200, stats(0).as_bytes(), crate::host::now_ms());
         advance(1_000);
-        root.on_stats(200, stats(4).as_bytes());
+        root.on_stats(200, stats(4).as_bytes(), crate::host::now_ms());
         assert!(pod::draining() && pod::app_going(), "no rescue seen: the app's own grace, at once");
         assert_eq!(metric("close_relay_drain_entered_app_failure_total"), 1);
     }

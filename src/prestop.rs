@@ -6,13 +6,12 @@
 //! once Envoy's stats show no other HTTP/1 client connection on the inbound listeners, or when
 //! `max_wait_ms` has passed, and the kubelet goes on to stop the app.
 
-
 use log::{info, warn};
 
-use crate::vm;
 use crate::drain::{self, DrainStats};
 use crate::metrics::Metrics;
 use crate::{host, keys};
+use crate::vm;
 
 /// One held hook: the HTTP context to answer and when the hold began.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +19,6 @@ pub(crate) struct Hold {
     context_id: u32,
     since_ms: u64,
 }
-
 
 /// How a hold ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,9 +30,9 @@ pub enum Outcome {
     TimedOut { waited_ms: u64, left: Option<u64> },
 }
 
-/// Whether a hold that began at `since_ms` ends now. `read`: the last stats read, when it was
-/// taken and the inbound HTTP/1 client connections it counted; only a read taken after the hold
-/// began counts, as it counts the hook's own connections, `hooks` of them pod-wide.
+/// Whether a hold that began at `since_ms` ends now. `read`: the last stats read, when its call
+/// was sent and the inbound HTTP/1 client connections it counted; only a read sent after the hold
+/// began counts, as only it surely counts the hook's own connections, `hooks` of them pod-wide.
 pub fn outcome(since_ms: u64, now_ms: u64, max_wait_ms: u64, read: Option<(u64, u64)>, hooks: u64) -> Option<Outcome> {
     let waited_ms = now_ms.saturating_sub(since_ms);
     let left = read.filter(|(at, _)| *at >= since_ms).map(|(_, active)| active.saturating_sub(hooks));

@@ -39,7 +39,8 @@ enum Poller {
 pub struct Root {
     role: Role,
     shared: Rc<Shared>,
-    pages: HashMap<u32, Page>,
+    /// Outstanding calls: the page asked for, and when the call was sent.
+    pages: HashMap<u32, (Page, u64)>,
     /// Pollers whose dispatch failed (no such cluster): warned once, retried every interval.
     warned: Vec<Poller>,
 }
@@ -69,7 +70,7 @@ impl Root {
     fn poll(&mut self, poller: Poller, target: Target, path: &str, page: Page) {
         match host::http_get(target.cluster, target.authority, path, target.timeout_ms) {
             Some(token) => {
-                self.pages.insert(token, page);
+                self.pages.insert(token, (page, host::now_ms()));
             }
             None if !self.warned.contains(&poller) => {
                 self.warned.push(poller);
@@ -95,7 +96,10 @@ impl Root {
         self.poll(Poller::Sidecar, sidecar.target(), STATS_PATH, Page::Stats);
     }
 
-    pub(crate) fn on_stats(&mut self, status: u16, body: &[u8]) {
+    /// `sent_at`: when the call went out. The counters are at least that recent, and no more:
+    /// an answer that arrives after a preStop hook began may still count from before the hook's
+    /// own connection, so the read is dated by its sending (`prestop::outcome`).
+    pub(crate) fn on_stats(&mut self, status: u16, body: &[u8], sent_at: u64) {
         if status != 200 {
             return;
         }
@@ -103,7 +107,7 @@ impl Root {
         let now = drain::parse_drain_stats(&String::from_utf8_lossy(body));
         let read_at = host::now_ms();
         let previous = host::shared_update(keys::SIDECAR_STATS, |current| {
-            Some((now.encode_read(read_at), DrainStats::decode_read(current)))
+            Some((now.encode_read(sent_at), DrainStats::decode_read(current)))
         })
         .flatten();
         if drain::listeners_draining(previous.map(|(_, stats)| stats), now) {
@@ -172,11 +176,11 @@ impl Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
-        let Some(page) = self.pages.remove(&token) else { return };
+        let Some((page, sent_at)) = self.pages.remove(&token) else { return };
         let (status, body) = host::http_call_response(body_size);
         match page {
             Page::Ready => self.on_ready(status, &body),
-            Page::Stats => self.on_stats(status, &body),
+            Page::Stats => self.on_stats(status, &body, sent_at),
             Page::Readiness => self.on_readiness(status),
         }
     }
