@@ -5,12 +5,17 @@
 //! change a body byte. `make test` runs the default number of cases; `make fuzz` runs many more
 //! (PROPTEST_CASES).
 
+use std::sync::LazyLock;
+
 use close_relay::config::Config;
 use close_relay::decision::has_token;
 use close_relay::drain::{self, DrainState, Window};
 use close_relay::framing::Responses;
 use close_relay::wire::{self, HeadStep, MARKER};
 use proptest::prelude::*;
+
+mod common;
+use common::config_with;
 
 const NONCE: &str = "00ff00ff00ff00ff";
 
@@ -121,47 +126,10 @@ fn a_head_written_in_pieces_is_rewritten_whole() {
     assert_eq!(fed(&big, &[50], 64), big);
 }
 
-/// Every numeric option, where it sits, and the range docs/configuration.md documents for it. An oracle
-/// kept apart from `Config::validate` on purpose.
-const NUMERIC_OPTIONS: &[(&str, u128, u128)] = &[
-    ("max_head_bytes", 1024, 8 * 1024 * 1024),
-    ("drain.tick_ms", 10, 10_000),
-    ("drain.idle_grace_ms", 0, 600_000),
-    ("drain.app_idle_grace_ms", 0, 600_000),
-    ("drain.app_failure.hold_ms", 0, 3_600_000),
-    ("drain.app_failure.race_idle_ms", 0, 3_600_000),
-    ("drain.prestop.max_wait_ms", 0, 3_600_000),
-    ("drain.app_closes.threshold", 1, 1_000_000),
-    ("drain.app_closes.window_ms", 1, 3_600_000),
-    ("drain.app_closes.hold_ms", 0, 3_600_000),
-    ("drain.sidecar.interval_ms", 50, 3_600_000),
-    ("drain.sidecar.timeout_ms", 10, 60_000),
-    ("drain.app_readiness.interval_ms", 50, 3_600_000),
-    ("drain.app_readiness.timeout_ms", 10, 60_000),
-    ("drain.app_readiness.failures", 1, 1000),
-];
-
-/// `{"drain": {"sidecar": {"interval_ms": <value>}}}` for `drain.sidecar.interval_ms`, with the
-/// readiness probe switched on so its numbers are checked. `value` is JSON text: it may be
-/// past 2^64, which no Rust integer holds.
-fn config_with(path: &str, value: &str) -> String {
-    const PLACEHOLDER: &str = "__value__";
-    let mut root = serde_json::json!({});
-    let mut at = &mut root;
-    let keys: Vec<&str> = path.split('.').collect();
-    for (i, key) in keys.iter().enumerate() {
-        if *key == "app_readiness" {
-            at[*key] = serde_json::json!({"enabled": true, "cluster": "app"});
-        }
-        if i + 1 == keys.len() {
-            at[*key] = serde_json::json!(PLACEHOLDER);
-        } else if at.get(*key).is_none() {
-            at[*key] = serde_json::json!({});
-        }
-        at = &mut at[*key];
-    }
-    root.to_string().replace(&format!("\"{PLACEHOLDER}\""), value)
-}
+/// Every numeric option and its range, as `docs/configuration.md` documents them: an oracle
+/// kept apart from `Config::validate` on purpose (`tests/reference.rs` checks the two agree at
+/// the bounds; here every value around 2^32 and 2^64 is tried).
+static NUMERIC_OPTIONS: LazyLock<Vec<(String, u128, u128)>> = LazyLock::new(common::ranges);
 
 /// Values near the edges of 32 and 64 bits, written as JSON integers: those that are the
 /// range's own values once truncated (2^32 + lo), and those just past.
@@ -189,7 +157,8 @@ proptest! {
         option in 0..NUMERIC_OPTIONS.len(),
         value in wide_number(),
     ) {
-        let (path, lo, hi) = NUMERIC_OPTIONS[option];
+        let (path, lo, hi) = &NUMERIC_OPTIONS[option];
+        let (path, lo, hi) = (path.as_str(), *lo, *hi);
         let raw = config_with(path, &value.to_string());
         match Config::parse(raw.as_bytes()) {
             Ok(_) => prop_assert!((lo..=hi).contains(&value), "{raw} accepted"),

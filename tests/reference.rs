@@ -5,56 +5,14 @@
 //! for each object, so a field added to `config.rs` without a row fails here. And the docs'
 //! links: every relative one leads to a file.
 
-use std::collections::BTreeMap;
-
 use close_relay::config::Config;
 use serde_json::{json, Value};
 
-const DOC: &str = include_str!("../docs/configuration.md");
+mod common;
+use common::{config_with, ranges, rows, DOC};
 
-#[derive(Debug)]
-struct Row {
-    kind: String,
-    default: String,
-    range: String,
-    meaning: String,
-}
-
-/// The table's rows by option path; its cells with the backticks taken off.
-fn rows() -> BTreeMap<String, Row> {
-    let mut rows = BTreeMap::new();
-    for line in DOC.lines().filter(|l| l.starts_with("| `")) {
-        // `\|` is a pipe inside a cell.
-        let line = line.replace("\\|", "\u{1}");
-        let cells: Vec<String> =
-            line.trim_matches('|').split('|').map(|c| c.trim().replace('\u{1}', "|")).collect();
-        assert_eq!(cells.len(), 5, "a row of five cells: {line}");
-        let unquote = |c: &str| c.trim_matches('`').to_string();
-        let row = Row { kind: cells[1].clone(), default: unquote(&cells[2]), range: unquote(&cells[3]), meaning: cells[4].clone() };
-        assert!(rows.insert(unquote(&cells[0]), row).is_none(), "listed twice: {}", cells[0]);
-    }
-    rows
-}
-
-/// `{"a": {"b": v}}` for the path `a.b`.
-fn nested(path: &str, value: Value) -> Value {
-    path.rsplit('.').fold(value, |inner, key| json!({ key: inner }))
-}
-
-/// Deep merge of `b` into `a`.
-fn merge(a: &mut Value, b: Value) {
-    match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
-    }
-}
-
-fn parse(value: &Value) -> Result<Config, close_relay::config::ConfigError> {
-    Config::parse(value.to_string().as_bytes())
+fn parse(raw: &str) -> Result<Config, close_relay::config::ConfigError> {
+    Config::parse(raw.as_bytes())
 }
 
 /// Every option path the type accepts: the fields serde names for an unknown one at each
@@ -64,8 +22,8 @@ fn options() -> Vec<String> {
     let mut out = Vec::new();
     let mut objects = vec![String::new()];
     while let Some(prefix) = objects.pop() {
-        let probe = if prefix.is_empty() { json!({"no_such_option": 1}) } else { nested(&format!("{prefix}.no_such_option"), json!(1)) };
-        let message = parse(&probe).unwrap_err().message;
+        let probe = if prefix.is_empty() { "no_such_option".to_string() } else { format!("{prefix}.no_such_option") };
+        let message = parse(&config_with(&probe, "1")).unwrap_err().message;
         // serde: "expected `a`", "expected `a` or `b`", "expected one of `a`, `b`, `c`".
         let listed = message.rsplit("expected ").next().unwrap_or_default().trim_start_matches("one of ");
         for field in listed.split(", ").flat_map(|f| f.split(" or ")).map(|f| f.trim_matches('`')) {
@@ -104,7 +62,7 @@ fn each_default_and_type_is_the_modules() {
             // No default: the type is what the module accepts.
             _ => {
                 let sample = if row.kind.contains("\"network\"") { json!("network") } else { json!("a-token-of-16-chars") };
-                assert!(parse(&nested(&path, sample)).is_ok(), "{path}: {} not accepted", row.kind);
+                assert!(parse(&config_with(&path, &sample.to_string())).is_ok(), "{path}: {} not accepted", row.kind);
                 continue;
             }
         };
@@ -116,24 +74,14 @@ fn each_default_and_type_is_the_modules() {
 #[test]
 fn each_range_is_the_one_validation_enforces() {
     for (path, row) in rows() {
-        let Some((lo, hi)) = row.range.split_once("..=") else {
-            assert_ne!(row.kind, "integer", "{path}: every integer has a range");
-            continue;
-        };
-        let (lo, hi): (u64, u64) = (lo.parse().unwrap(), hi.parse().unwrap());
-        // An option of a source that is off is only checked once the source is on.
-        let mut base = json!({});
-        if path.starts_with("drain.app_readiness.") {
-            base = json!({"drain": {"app_readiness": {"enabled": true, "cluster": "app"}}});
-        }
-        let with = |n: u64| {
-            let mut config = base.clone();
-            merge(&mut config, nested(&path, json!(n)));
-            parse(&config)
-        };
+        assert!(row.kind != "integer" || row.range.contains("..="), "{path}: every integer has a range");
+    }
+    for (path, lo, hi) in ranges() {
+        // An option of a source that is off is only checked once the source is on: `config_with`
+        // switches the readiness probe on.
+        let with = |n: u128| parse(&config_with(&path, &n.to_string()));
         assert!(with(lo).is_ok() && with(hi).is_ok(), "{path}: {lo} or {hi} refused");
-        let past: Vec<u64> = [lo.checked_sub(1), hi.checked_add(1)].into_iter().flatten().collect();
-        for n in past {
+        for n in [lo.checked_sub(1), Some(hi + 1)].into_iter().flatten() {
             let refused = with(n).expect_err(&format!("{path}: {n} accepted"));
             assert_eq!(refused.field.as_deref(), Some(path.as_str()), "{path}: {n}: {}", refused.message);
         }
@@ -143,7 +91,7 @@ fn each_range_is_the_one_validation_enforces() {
 #[test]
 fn the_logged_errors_shown_are_the_modules() {
     for (config, shown) in [(json!({"bogus_option": 1}), "field `bogus_option`: "), (json!({"drain": {"idle_grace_ms": 4294967396u64}}), "field `drain.idle_grace_ms`: ")] {
-        let e = parse(&config).unwrap_err();
+        let e = parse(&config.to_string()).unwrap_err();
         let line = format!("invalid plugin configuration: {shown}{}", e.message);
         assert!(DOC.contains(&line), "docs/configuration.md should show: {line}");
     }
