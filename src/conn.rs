@@ -48,6 +48,14 @@ pub struct Conn {
     /// `lean`: the network role follows the responses itself, and its count of requests in
     /// flight is whether one is under way ([`crate::framing`]).
     pub responses: Option<Responses>,
+    /// The kubelet's preStop hook came on this connection at this time (tick clock): it is
+    /// not one of the clients the hook waits for.
+    pub hook_since: Option<u64>,
+    /// The count last published on it for the HTTP role that holds the hook.
+    pub hook_left: Option<u64>,
+    /// A probe of Envoy's drain waits for the answer to this connection's request
+    /// ([`crate::drain::Probed`]).
+    pub probe: bool,
 }
 
 pub type ConnRef = Rc<RefCell<Conn>>;
@@ -128,6 +136,25 @@ pub fn close(conn: &ConnRef) -> bool {
             false
         }
     }
+}
+
+/// This VM's client connections still open, the preStop hooks' own left out, and the hooks'
+/// connections: `(context id, when the hook came, the count last published on it)`.
+pub fn census() -> (u64, Vec<(ConnRef, u64)>) {
+    vm::CONNS.with(|c| {
+        let conns = c.borrow();
+        let mut open = 0u64;
+        let mut hooks = Vec::new();
+        for conn in conns.values() {
+            let c = conn.borrow();
+            match c.hook_since {
+                _ if c.closing => {}
+                Some(since) => hooks.push((conn.clone(), since)),
+                None => open = open.saturating_add(1),
+            }
+        }
+        (open, hooks)
+    })
 }
 
 /// A note from an HTTP role in another VM about one of this VM's connections, as a same-VM HTTP

@@ -142,45 +142,27 @@ pub fn ready_says_draining(status: u16, body: &[u8]) -> bool {
     status != 200 && body.windows(8).any(|w| w.eq_ignore_ascii_case(b"DRAINING"))
 }
 
-/// What one admin `/stats` read says about listener drains.
+/// What one admin `/stats` read says. Only stats a default istio-proxy keeps are read: its
+/// inclusion list keeps `listener_manager.*` (`docs/istio.md`), and nothing else here would be
+/// there: what the module needs beyond this it sees itself (the network role's probes, the
+/// census of client connections, Envoy's local replies).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DrainStats {
-    /// Sum of `http.<prefix>.downstream_cx_drain_close` over all HCMs but the admin's own.
-    pub drain_closes: u64,
-    /// Listeners or filter chains draining because of a config update (LDS), not shutdown.
+    /// Listeners or filter chains draining because of a config update (LDS), not shutdown:
+    /// Envoy's drain closes them too, routinely.
     pub update_draining: u64,
-    /// Connections opened, and connects that failed, to the app (`cluster.inbound|...`, and
-    /// rescue's `cluster.close-relay-local|...`).
-    pub app_cx_total: u64,
-    pub app_cx_connect_fail: u64,
-    /// The app's connections it closed with a request on them (resets, closes under a request).
-    pub app_cx_reset: u64,
-    /// HTTP/1 client connections open on the inbound HCMs (`http.inbound_*`, Istio's stat
-    /// prefix for them): what the preStop hook waits on.
-    pub inbound_http1_active: u64,
 }
 
 impl DrainStats {
     /// The shared record of the last read: when its call was sent (0: never), then the counters.
     pub fn encode_read(&self, read_ms: u64) -> Vec<u8> {
-        encode_u64s(&[
-            read_ms,
-            self.drain_closes,
-            self.update_draining,
-            self.app_cx_total,
-            self.app_cx_connect_fail,
-            self.inbound_http1_active,
-            self.app_cx_reset,
-        ])
+        encode_u64s(&[read_ms, self.update_draining])
     }
 
     /// The last read and when its call was sent, if there was one.
     pub fn decode_read(bytes: &[u8]) -> Option<(u64, DrainStats)> {
-        let [read_ms, drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active, app_cx_reset] =
-            decode_u64s(bytes);
-        let stats =
-            DrainStats { drain_closes, update_draining, app_cx_total, app_cx_connect_fail, inbound_http1_active, app_cx_reset };
-        (read_ms != 0).then_some((read_ms, stats))
+        let [read_ms, update_draining] = decode_u64s(bytes);
+        (read_ms != 0).then_some((read_ms, DrainStats { update_draining }))
     }
 }
 
@@ -190,71 +172,43 @@ pub fn parse_drain_stats(stats: &str) -> DrainStats {
     for line in stats.lines() {
         let Some((name, value)) = line.split_once(": ") else { continue };
         let Ok(value) = value.trim().parse::<u64>() else { continue };
-        if name.starts_with("http.") && name.ends_with(".downstream_cx_drain_close") {
-            if name != "http.admin.downstream_cx_drain_close" {
-                out.drain_closes += value;
-            }
-        } else if name.starts_with("http.inbound_") && name.ends_with(".downstream_cx_http1_active") {
-            out.inbound_http1_active += value;
-        } else if name == "listener_manager.total_listeners_draining"
-            || name == "listener_manager.total_filter_chains_draining"
-        {
-            out.update_draining += value;
-        } else if name.starts_with("cluster.inbound|") || name.starts_with("cluster.close-relay-local|") {
-            if name.ends_with(".upstream_cx_total") {
-                out.app_cx_total += value;
-            } else if name.ends_with(".upstream_cx_connect_fail") {
-                out.app_cx_connect_fail += value;
-            } else if name.ends_with(".upstream_cx_destroy_remote_with_active_rq") {
-                out.app_cx_reset += value;
-            }
+        if name == "listener_manager.total_listeners_draining" || name == "listener_manager.total_filter_chains_draining" {
+            out.update_draining = out.update_draining.saturating_add(value);
         }
     }
     out
 }
 
-/// Is Envoy draining its listeners for shutdown? Drain closes went up between two reads, and
-/// neither read saw a listener update draining (those close connections too, routinely).
-pub fn listeners_draining(previous: Option<DrainStats>, now: DrainStats) -> bool {
-    match previous {
-        Some(prev) => {
-            now.drain_closes > prev.drain_closes
-                && prev.update_draining == 0
-                && now.update_draining == 0
-        }
-        None => false,
+/// What one probe of the network role saw (`crate::network`): a request that Envoy had every
+/// reason to answer keeping the connection open (HTTP/1.1, one whole head, no body, nothing
+/// about `Connection`, nothing behind it) was answered with Envoy's own `connection: close`,
+/// or without it. Envoy adds that header to such an answer only when its drain manager says
+/// the listener drains (`drain_listeners`, `healthcheck/fail`, a listener update) or its
+/// overload manager disables keep-alive: a client cannot make it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probed {
+    EnvoyClosed,
+    KeptAlive,
+}
+
+/// Envoy's closes seen in a row, pod-wide, before they count as its drain: one could be a
+/// single odd exchange; Envoy's drain closes every connection's next answer, so a second, on
+/// another connection (the first one is closed), follows within a request or two.
+pub const ENVOY_CLOSES_IN_A_ROW: u64 = 2;
+
+/// The probes' record in shared data: Envoy's closes in a row (a kept-alive answer resets it).
+pub fn next_in_a_row(in_a_row: u64, probed: Probed) -> u64 {
+    match probed {
+        Probed::EnvoyClosed => in_a_row.saturating_add(1),
+        Probed::KeptAlive => 0,
     }
 }
 
-/// Is the app going away, by the counters alone (`lean`, with no HTTP role to see each answer)?
-/// Between two reads Envoy failed to connect to it, or it closed `in_a_row` connections under
-/// a request (one may be the keep-alive race: the app closing an idle connection as Envoy reuses
-/// it). A refused request meanwhile was rescued, where rescue is on.
-pub fn app_failing(previous: Option<DrainStats>, now: DrainStats, in_a_row: u32) -> bool {
-    previous.is_some_and(|prev| {
-        now.app_cx_connect_fail > prev.app_cx_connect_fail
-            || now.app_cx_reset.saturating_sub(prev.app_cx_reset) >= u64::from(in_a_row)
-    })
-}
-
-/// Does the app accept connections again? Between two reads Envoy opened a connection to it
-/// that did not fail. Ends an `app_failure` drain before its hold runs out: an app that was
-/// killed and restarted serves again, while one shutting down refuses every new connection.
-pub fn app_accepting(previous: Option<DrainStats>, now: DrainStats) -> bool {
-    previous.is_some_and(|prev| {
-        let opened = now.app_cx_total.saturating_sub(prev.app_cx_total);
-        let failed = now.app_cx_connect_fail.saturating_sub(prev.app_cx_connect_fail);
-        opened > failed
-    })
-}
-
-/// Has the app come back since it failed? [`app_accepting`] over two reads, the earlier of which
-/// was taken after the failure began (`failed_at_ms`): connections opened in the interval before
-/// the failure say nothing about after it, and clearing on them ended the drain within
-/// milliseconds of its start, then re-entered it on the next 503, closing idle connections each
-/// time (seen in the soak).
-pub fn app_recovered(previous: Option<(u64, DrainStats)>, now: DrainStats, failed_at_ms: u64) -> bool {
-    previous.is_some_and(|(read_at_ms, prev)| read_at_ms >= failed_at_ms && app_accepting(Some(prev), now))
+/// Is Envoy draining its listeners for shutdown, as the probes tell it? Enough of its own
+/// closes in a row, no listener update draining in the last stats read, and no health-check
+/// failure that explains them (its own source, cleared by `healthcheck/ok`).
+pub fn listeners_draining(in_a_row: u64, updating: bool, health_failed: bool) -> bool {
+    in_a_row >= ENVOY_CLOSES_IN_A_ROW && !updating && !health_failed
 }
 
 /// Counts events in a fixed window; the window restarts when it has passed.
@@ -534,14 +488,6 @@ mod tests {
     }
 
     #[test]
-    fn the_stats_record_round_trips_and_says_never_read() {
-        let stats = DrainStats { drain_closes: 3, update_draining: 1, app_cx_total: 9, app_cx_connect_fail: 2, inbound_http1_active: 4, app_cx_reset: 5 };
-        assert_eq!(DrainStats::decode_read(&stats.encode_read(1_234)), Some((1_234, stats)));
-        assert_eq!(DrainStats::decode_read(b""), None);
-        assert_eq!(DrainStats::decode_read(&stats.encode_read(0)), None);
-    }
-
-    #[test]
     fn a_large_response_gives_a_slow_reader_time_before_an_idle_close() {
         let mut a = Activity { http1: Some(true), ..Default::default() };
         a.read(1_000);
@@ -637,34 +583,28 @@ mod tests {
     }
 
     #[test]
-    fn drain_stats_sum_all_hcms_but_admin() {
-        let stats = "http.admin.downstream_cx_drain_close: 7\n\
-                     http.inbound_0.0.0.0_8080.downstream_cx_drain_close: 2\n\
-                     http.outbound_x.downstream_cx_drain_close: 1\n\
-                     http.inbound_0.0.0.0_8080.downstream_cx_drain_closed_extra: 9\n\
+    fn the_stats_record_reads_only_what_a_default_sidecar_keeps() {
+        let stats = "http.inbound_0.0.0.0_8080.downstream_cx_drain_close: 2\n\
                      listener_manager.total_listeners_draining: 0\n\
                      listener_manager.total_filter_chains_draining: 1\n\
                      garbage line\n";
-        assert_eq!(parse_drain_stats(stats), DrainStats { drain_closes: 3, update_draining: 1, ..Default::default() });
+        let read = parse_drain_stats(stats);
+        assert_eq!(read, DrainStats { update_draining: 1 });
+        assert_eq!(DrainStats::decode_read(&read.encode_read(1_234)), Some((1_234, read)));
+        assert_eq!(DrainStats::decode_read(b""), None);
+        assert_eq!(DrainStats::decode_read(&read.encode_read(0)), None);
     }
 
     #[test]
-    fn inbound_http1_connections_are_summed_over_the_inbound_hcms_only() {
-        let stats = "http.inbound_0.0.0.0_8080.downstream_cx_http1_active: 3\n\
-                     http.inbound_0.0.0.0_9090.downstream_cx_http1_active: 1\n\
-                     http.outbound_0.0.0.0_80.downstream_cx_http1_active: 5\n\
-                     http.admin.downstream_cx_http1_active: 1\n";
-        assert_eq!(parse_drain_stats(stats).inbound_http1_active, 4);
-    }
-
-    #[test]
-    fn listener_drain_needs_a_rise_without_updates() {
-        let at = |c, u| DrainStats { drain_closes: c, update_draining: u, ..Default::default() };
-        assert!(!listeners_draining(None, at(5, 0)), "first read is only a baseline");
-        assert!(!listeners_draining(Some(at(5, 0)), at(5, 0)));
-        assert!(listeners_draining(Some(at(5, 0)), at(6, 0)));
-        assert!(!listeners_draining(Some(at(5, 0)), at(6, 1)), "LDS update drain");
-        assert!(!listeners_draining(Some(at(5, 1)), at(6, 0)), "update just ended");
+    fn envoys_own_closes_in_a_row_tell_its_drain_unless_an_update_or_health_explains_them() {
+        let mut in_a_row = next_in_a_row(0, Probed::EnvoyClosed);
+        assert!(!listeners_draining(in_a_row, false, false), "one close: an odd exchange, maybe");
+        in_a_row = next_in_a_row(in_a_row, Probed::EnvoyClosed);
+        assert!(listeners_draining(in_a_row, false, false));
+        assert!(!listeners_draining(in_a_row, true, false), "a listener update drains its old chains");
+        assert!(!listeners_draining(in_a_row, false, true), "healthcheck/fail is its own source");
+        assert_eq!(next_in_a_row(in_a_row, Probed::KeptAlive), 0, "a kept-alive answer: Envoy is not draining");
+        assert_eq!(next_in_a_row(u64::MAX, Probed::EnvoyClosed), u64::MAX);
     }
 
     #[test]
@@ -698,37 +638,6 @@ mod tests {
         assert!(idle(&fresh, 1_350, 0, 350, false));
         let answered = Activity { last_ms: 1_000, saw_request: true, http1: Some(true), last_was_response: true, ..Default::default() };
         assert!(idle(&answered, 1_000, 0, 350, false), "used and answered: the zero grace applies");
-    }
-
-    #[test]
-    fn the_app_accepts_again_once_a_new_connection_to_it_did_not_fail() {
-        let at = |total, fail| DrainStats { app_cx_total: total, app_cx_connect_fail: fail, ..Default::default() };
-        assert!(!app_accepting(None, at(5, 0)));
-        assert!(!app_accepting(Some(at(5, 2)), at(8, 5)), "every new connection refused");
-        assert!(app_accepting(Some(at(5, 2)), at(8, 4)), "one got through");
-        assert!(!app_accepting(Some(at(5, 2)), at(5, 2)), "no new connection says nothing");
-        let after = Some((2_000, at(5, 2)));
-        assert!(app_recovered(after, at(8, 4), 1_500), "read twice since the failure, one got through");
-        assert!(!app_recovered(Some((1_000, at(5, 2))), at(8, 4), 1_500), "the earlier read was before the failure");
-        assert!(!app_recovered(after, at(8, 5), 1_500));
-        assert!(!app_recovered(None, at(8, 4), 0));
-        let stats = "cluster.inbound|8080||.upstream_cx_total: 7\ncluster.inbound|8080||.upstream_cx_connect_fail: 3\n\
-                     cluster.prometheus_stats.upstream_cx_total: 99\n";
-        assert_eq!((parse_drain_stats(stats).app_cx_total, parse_drain_stats(stats).app_cx_connect_fail), (7, 3));
-    }
-
-    #[test]
-    fn lean_reads_a_failing_app_from_the_counters_of_its_local_clusters() {
-        let stats = "cluster.close-relay-local|8080.upstream_cx_connect_fail: 2\n\
-                     cluster.close-relay-local|8080.upstream_cx_destroy_remote_with_active_rq: 4\n\
-                     cluster.outbound|8080||checkout.shop.svc.cluster.local.upstream_cx_connect_fail: 50\n";
-        let now = parse_drain_stats(stats);
-        assert_eq!((now.app_cx_connect_fail, now.app_cx_reset), (2, 4));
-        let before = |fail, reset| Some(DrainStats { app_cx_connect_fail: fail, app_cx_reset: reset, ..Default::default() });
-        assert!(!app_failing(None, now, 2), "one read says nothing");
-        assert!(app_failing(before(1, 4), now, 2), "a connect failed");
-        assert!(!app_failing(before(2, 3), now, 2), "one reset: the keep-alive race, maybe");
-        assert!(app_failing(before(2, 2), now, 2), "two resets under requests");
     }
 
     #[test]

@@ -592,51 +592,6 @@ mod tests {
         assert!(!pod::draining(), "a 503 that does not say DRAINING is no evidence");
     }
 
-    #[test]
-    fn drain_closes_rising_in_stats_mean_the_sidecar_is_draining() {
-        reset(START_MS);
-        let mut root = configured_root("{}");
-        let stats = |closes: u64| format!("http.inbound_0.0.0.0_15006.downstream_cx_drain_close: {closes}\nhttp.admin.downstream_cx_drain_close: 9\n");
-        root.on_stats(200, stats(0).as_bytes(), crate::host::now_ms());
-        assert!(!pod::draining(), "a first read has nothing to compare with");
-        advance(1_000);
-        root.on_stats(200, stats(0).as_bytes(), crate::host::now_ms());
-        assert!(!pod::draining());
-        advance(1_000);
-        root.on_stats(200, stats(3).as_bytes(), crate::host::now_ms());
-        assert!(pod::draining());
-        assert_eq!(metric("close_relay_drain_entered_sidecar_drain_total"), 1);
-    }
-
-    #[test]
-    fn a_stats_read_sent_before_the_prestop_hook_came_does_not_answer_it() {
-        // Seen on CI under load: the poll went out, the hook arrived, then the answer, which
-        // counted one busy client but not the hook's own connection; dated by its arrival, it
-        // passed for "only the hook is left" and the hook was answered while a stream ran.
-        reset(START_MS);
-        let mut root = configured_root(r#"{"drain": {"prestop": {"token": "a-token-of-16-chars"}}}"#);
-        let metrics = Metrics::define();
-        let active = |n: u64| format!("http.inbound_0.0.0.0_15006.downstream_cx_http1_active: {n}\n");
-        let sent_before = crate::host::now_ms();
-        advance(5);
-        crate::prestop::hold(7);
-        advance(10);
-        root.on_stats(200, active(1).as_bytes(), sent_before);
-        crate::prestop::tick(20_000, &metrics);
-        assert!(with(|f| f.local_responses.is_empty()), "answered from a read older than the hook");
-        let sent_after = crate::host::now_ms();
-        root.on_stats(200, active(2).as_bytes(), sent_after);
-        crate::prestop::tick(20_000, &metrics);
-        assert!(with(|f| f.local_responses.is_empty()), "the busy client is still there");
-        advance(250);
-        root.on_stats(200, active(1).as_bytes(), crate::host::now_ms());
-        crate::prestop::tick(20_000, &metrics);
-        let answered = with(|f| f.local_responses.clone());
-        assert_eq!(answered.len(), 1);
-        assert_eq!((answered[0].0, answered[0].1), (7, 200));
-        assert!(String::from_utf8_lossy(&answered[0].2).contains("no client connection left"));
-    }
-
     /// A lean connection (the network role alone) with one request read.
     fn lean_connection(id: u32, shared: &Rc<Shared>) -> NetworkRole {
         let mut net = NetworkRole::new(id, shared.clone());
@@ -696,14 +651,102 @@ mod tests {
     }
 
     #[test]
-    fn lean_reads_a_dead_app_from_the_inbound_counters_and_rescue_decides_the_grace() {
+    fn lean_reads_a_dead_app_from_envoys_own_replies() {
         reset(START_MS);
-        let mut root = configured_root(r#"{"role": "network", "lean": true}"#);
-        let stats = |fail: u64| format!("cluster.inbound|8080||.upstream_cx_connect_fail: {fail}\n");
-        root.on_stats(200, stats(0).as_bytes(), crate::host::now_ms());
-        advance(1_000);
-        root.on_stats(200, stats(4).as_bytes(), crate::host::now_ms());
-        assert!(pod::draining() && pod::app_going(), "no rescue seen: the app's own grace, at once");
+        let shared = shared(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(51, &shared);
+        let reply = |body: &str| format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{body}", body.len());
+        let reset = reply("upstream connect error or disconnect/reset before headers. reset reason: connection termination");
+        write(&mut net, reply("the app's own 503, whatever it says").as_bytes());
+        write(&mut net, reset.as_bytes());
+        assert!(!pod::draining(), "one reset: the keep-alive race, maybe");
+        write(&mut net, reset.as_bytes());
+        assert!(pod::draining() && pod::app_going(), "a second before any answer: the app is going");
+        reset_and_refuse(START_MS);
+    }
+
+    fn reset_and_refuse(start_ms: u64) {
+        reset(start_ms);
+        let shared = shared(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(52, &shared);
+        let body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused";
+        write(&mut net, format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        assert!(pod::draining() && pod::app_going(), "a refusal: at once, no rescue to catch the next one");
         assert_eq!(metric("close_relay_drain_entered_app_failure_total"), 1);
+    }
+
+    /// A connection of this VM whose request is probed, answered with `head`.
+    fn probed(id: u32, shared: &Rc<Shared>, head: &[u8]) {
+        crate::vm::PROBE_DUE.set(true);
+        let (mut net, _http) = connection(id, shared);
+        write(&mut net, head);
+    }
+
+    #[test]
+    fn envoys_own_close_on_two_probed_requests_is_its_drain_and_a_kept_alive_answer_ends_it() {
+        reset(START_MS);
+        let shared = shared(Config::default());
+        let closed = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+        let kept = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        probed(61, &shared, closed);
+        assert!(!pod::draining(), "one close: an odd exchange, maybe");
+        probed(62, &shared, closed);
+        assert!(pod::draining());
+        assert_eq!(metric("close_relay_drain_entered_sidecar_drain_total"), 1);
+        probed(63, &shared, kept);
+        assert!(!pod::draining(), "Envoy kept a connection open: it is not draining");
+        // A request that asked to close is never probed; nor is a second one the same tick.
+        crate::vm::PROBE_DUE.set(true);
+        let mut net = NetworkRole::new(64, shared.clone());
+        net.on_new_connection();
+        set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\nconnection: close\r\n\r\n");
+        net.on_downstream_data(48, false);
+        write(&mut net, closed);
+        probed(65, &shared, closed);
+        let (mut net, _http) = connection(66, &shared);
+        write(&mut net, closed);
+        assert!(!pod::draining(), "only one probe counted since the kept-alive answer");
+        // A listener update (LDS) makes Envoy close too: not a shutdown.
+        with(|f| f.shared.insert(keys::SIDECAR_READ.as_bytes().to_vec(), (crate::drain::DrainStats { update_draining: 1 }.encode_read(START_MS), 1)));
+        probed(67, &shared, closed);
+        assert!(!pod::draining(), "closes during a listener update");
+    }
+
+    #[test]
+    fn the_prestop_hook_is_answered_once_the_network_roles_count_no_other_client() {
+        reset(START_MS);
+        let mut root = configured_root(r#"{"role": "network"}"#);
+        let shared = shared(Config::default());
+        let (busy, _http) = connection(71, &shared);
+        let mut hook = NetworkRole::new(72, shared.clone());
+        hook.on_new_connection();
+        let request = format!("GET /prestop HTTP/1.1\r\nhost: pod\r\n{}: a-token-of-16-chars\r\n\r\n", keys::PRESTOP_HEADER);
+        set_buffer(BufferType::DownstreamData, request.as_bytes());
+        hook.on_downstream_data(request.len(), false);
+        let metrics = Metrics::define();
+        crate::prestop::hold(7);
+        // Another worker's VM last counted before the hook came: its count cannot answer it.
+        let other = |at_ms| crate::census::encode(&[crate::census::Record { vm: 99, open: 0, at_ms }]);
+        with(|f| f.shared.insert(keys::CENSUS.as_bytes().to_vec(), (other(START_MS - 50), 1)));
+        advance(100);
+        root.on_tick();
+        crate::prestop::tick(20_000, &metrics);
+        assert!(with(|f| f.local_responses.is_empty()), "not counted since the hook came");
+        let census = with(|f| f.shared[keys::CENSUS.as_bytes()].0.clone());
+        let mut records = crate::census::decode(&census);
+        records.iter_mut().filter(|r| r.vm == 99).for_each(|r| r.at_ms = START_MS + 100);
+        with(|f| f.shared.insert(keys::CENSUS.as_bytes().to_vec(), (crate::census::encode(&records), 2)));
+        advance(100);
+        root.on_tick();
+        crate::prestop::tick(20_000, &metrics);
+        assert!(with(|f| f.local_responses.is_empty()), "the busy client is still there");
+        drop(busy);
+        advance(100);
+        root.on_tick();
+        crate::prestop::tick(20_000, &metrics);
+        let answered = with(|f| f.local_responses.clone());
+        assert_eq!(answered.len(), 1);
+        assert_eq!((answered[0].0, answered[0].1), (7, 200));
+        assert!(String::from_utf8_lossy(&answered[0].2).contains("no client connection left"));
     }
 }

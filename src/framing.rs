@@ -50,6 +50,7 @@ pub struct HeadSeen {
     pub says_close: bool,
     /// A final response (not 1xx).
     pub is_final: bool,
+    pub status: u16,
     /// Rescue's marks on it: another pod answered (`x-envoy-attempt-count` 2 or more), or the
     /// app refused and no pod could answer ([`crate::decision::REFUSED_HEADER`]).
     pub rescued: bool,
@@ -199,6 +200,7 @@ impl Responses {
             whole_here: held == 0,
             says_close: h.says_close,
             is_final: h.is_final,
+            status: h.status,
             rescued: decision::rescued(h.attempt_count, h.refused),
             refused: h.refused,
             attempt_counted: h.attempt_count.is_some(),
@@ -250,6 +252,7 @@ struct Head<'a> {
     next: State,
     says_close: bool,
     is_final: bool,
+    status: u16,
     attempt_count: Option<&'a str>,
     refused: bool,
 }
@@ -290,7 +293,7 @@ fn parse_head(head: &[u8]) -> Option<Head<'_>> {
             None => State::Open,
         },
     };
-    Some(Head { next, says_close, is_final: status >= 200, attempt_count, refused })
+    Some(Head { next, says_close, is_final: status >= 200, status, attempt_count, refused })
 }
 
 fn chunk_size(line: &[u8]) -> Option<u64> {

@@ -6,16 +6,20 @@
 pub const DRAIN_STATE: &str = "close_relay.drain";
 /// The app's recent `Connection: close` answers, for `app_closes` ([`crate::drain::Window`]).
 pub const APP_CLOSES: &str = "close_relay.app_closes";
-/// preStop hooks held pod-wide, by the HTTP VMs (one u64 word, [`crate::prestop`]).
-pub const PRESTOP_HOOKS: &str = "close_relay.prestop.hooks";
+/// Each network VM's count of its client connections ([`crate::census`]).
+pub const CENSUS: &str = "close_relay.census";
+/// Envoy's own `connection: close` seen in a row by the network role's probes (one u64 word,
+/// [`crate::drain::next_in_a_row`]).
+pub const ENVOY_CLOSES: &str = "close_relay.envoy_closes";
 /// Wake-queue tokens of every network root, woken when a drain begins (u64 words,
 /// [`crate::drain::encode_u64s`]).
 pub const WAKE_TOKENS: &str = "close_relay.wake";
 /// When the next sidecar poll is due; the worker whose CAS moves it polls (one u64 word).
 pub const SIDECAR_POLL: &str = "close_relay.poll.sidecar";
 /// The last sidecar `/stats` read and when it was taken
-/// ([`crate::drain::DrainStats::encode_read`]).
-pub const SIDECAR_STATS: &str = "close_relay.sidecar.stats";
+/// ([`crate::drain::DrainStats::encode_read`]). `close_relay.sidecar.stats` held an earlier
+/// version's record, with stats a default sidecar does not keep.
+pub const SIDECAR_READ: &str = "close_relay.sidecar.read";
 /// When the next app readiness probe is due (one u64 word).
 pub const READINESS_POLL: &str = "close_relay.poll.readiness";
 /// Readiness probes failed in a row (one u64 word).
@@ -32,6 +36,11 @@ pub const WAKE_QUEUE_PREFIX: &str = "close_relay.wake.";
 /// connection's address ([`crate::link::Address`]: its VM's queue and a nonce) to the HTTP
 /// role, across VMs too.
 pub const ADDRESS_PROPERTY: &str = "close_relay_address";
+
+/// The connection filter-state key on the preStop hook's connection: the pod's other client
+/// connections as the network role last counted them after the hook came ([`crate::census`]),
+/// read by the HTTP role that holds the hook, in whichever VM.
+pub const PRESTOP_PROPERTY: &str = "close_relay_prestop_left";
 
 /// The request header that carries the kubelet's preStop hook and its token (`drain.prestop`).
 pub const PRESTOP_HEADER: &str = "x-close-relay-prestop";

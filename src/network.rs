@@ -16,7 +16,7 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
-use crate::drain::{self, Source};
+use crate::drain::{self, DrainStats, Probed, Source, UNTIL_CLEARED};
 use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
 use crate::keys;
@@ -24,9 +24,12 @@ use crate::link::Address;
 use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
 use crate::pod;
 use crate::shared::Shared;
+use crate::vm;
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;
+/// Enough of Envoy's local reply body to read its reset reason ([`wire::local_reply_refused`]).
+const LOCAL_REPLY_READ: usize = wire::LOCAL_REPLY_START.len() + 48;
 /// Reads of one write while following responses (`lean`): a head, or a chunk line each. A
 /// write with more chunks than this is not followed further ([`Responses::lost`]).
 const MAX_STEPS: usize = 256;
@@ -135,7 +138,7 @@ impl NetworkRole {
         let draining = pod::draining();
         let (mut pos, mut end) = (0, size);
         let mut c = self.conn.borrow_mut();
-        let Conn { responses: Some(responses), .. } = &mut *c else { return };
+        let Conn { responses: Some(responses), probe, .. } = &mut *c else { return };
         let mut told = None;
         for _ in 0..MAX_STEPS {
             if pos >= end {
@@ -151,7 +154,16 @@ impl NetworkRole {
             let fed = responses.feed(&bytes);
             pos += fed.used;
             if let Some(head) = fed.head.filter(|h| h.is_final) {
-                watch_app(&self.shared, head);
+                if std::mem::take(probe) {
+                    probed(&self.shared, if head.says_close { Probed::EnvoyClosed } else { Probed::KeptAlive });
+                }
+                // Envoy's own reply when it could not reach the app: a default sidecar keeps no
+                // stat of it, but its body names it (one read more, for a 503 only).
+                let local = (head.status == 503 && pos < end)
+                    .then(|| host::get_buffer_at(BufferType::UpstreamData, pos, LOCAL_REPLY_READ.min(end - pos)))
+                    .flatten()
+                    .and_then(|body| wire::local_reply_refused(&body));
+                watch_app(&self.shared, head, local);
             }
             let Some(head) = fed.head.filter(|h| draining && h.is_final && h.whole_here && pos == h.len) else { continue };
             if head.says_close {
@@ -175,6 +187,34 @@ impl NetworkRole {
         }
     }
 
+    /// Probes Envoy's drain on this request, once a tick per VM: a request Envoy would keep
+    /// the connection open for ([`wire::keep_alive_request`]), whose answer then says whether
+    /// Envoy's listener drains. A default sidecar keeps no stat of Envoy's drain closes.
+    fn arm_probe(&self, config: &Config, size: usize, first: Option<Vec<u8>>) {
+        if !(config.drain.enabled && config.drain.sidecar.enabled && vm::PROBE_DUE.get()) {
+            return;
+        }
+        let Some(head) = first.or_else(|| host::get_buffer(BufferType::DownstreamData, size)) else { return };
+        if wire::keep_alive_request(&head) {
+            vm::PROBE_DUE.set(false);
+            self.conn.borrow_mut().probe = true;
+        }
+    }
+
+    /// The answer to a probed request starts in this write (not `lean`, which follows it).
+    fn answer_probe(&self, size: usize) {
+        let Some(head) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else { return };
+        match wire::final_head_says_close(&head) {
+            Some(close) => {
+                self.conn.borrow_mut().probe = false;
+                probed(&self.shared, if close { Probed::EnvoyClosed } else { Probed::KeptAlive });
+            }
+            // An interim 1xx: the final answer comes next. Anything else tells nothing.
+            None if head.starts_with(b"HTTP/1.1 1") => {}
+            None => self.conn.borrow_mut().probe = false,
+        }
+    }
+
     /// Without anything that counts its requests in flight, the sweep cannot close a connection
     /// told to close: Envoy does, after answering the client's next request, when that request
     /// comes alone (Envoy presents what it has read but not yet handled again after each
@@ -190,7 +230,9 @@ impl NetworkRole {
             return;
         };
         if apply(BufferType::DownstreamData, &edit) {
-            self.conn.borrow_mut().close_pending = false;
+            let mut c = self.conn.borrow_mut();
+            (c.close_pending, c.probe) = (false, false);
+            drop(c);
             self.shared.metrics.requests_closed.inc();
             debug!("added connection: close to the next request");
         }
@@ -200,7 +242,8 @@ impl NetworkRole {
 /// The kubelet's preStop hook is on this connection (it opens one per hook): the HTTP role
 /// learns it from the published address, which it reads for every request anyway, so
 /// recognising the hook costs the other connections nothing.
-fn announce_hook(address: Option<&mut Address>) {
+fn announce_hook(address: Option<&mut Address>, conn: &ConnRef) {
+    conn.borrow_mut().hook_since = Some(host::coarse_now());
     if let Some(address) = address {
         address.hook = true;
         if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.published().as_bytes()) {
@@ -210,9 +253,10 @@ fn announce_hook(address: Option<&mut Address>) {
 }
 
 /// `lean`: what a response says about the app, as the HTTP role's `watch_app` reads it from
-/// rescue's marks: a refusal no pod could answer drains the pod at once; a rescue only when
-/// another came before any answer (one may be a keep-alive race).
-fn watch_app(shared: &Shared, head: HeadSeen) {
+/// rescue's marks and Envoy's own replies (`local`: it could not reach the app, refused or
+/// reset): a refusal drains the pod at once; a rescue or a reset only when another came before
+/// any answer (one may be a keep-alive race).
+fn watch_app(shared: &Shared, head: HeadSeen, local: Option<bool>) {
     let Some(config) = shared.active() else { return };
     let failure = &config.drain.app_failure;
     if head.attempt_counted && !shared.rescue_recorded.replace(true) {
@@ -221,16 +265,51 @@ fn watch_app(shared: &Shared, head: HeadSeen) {
     if head.rescued {
         shared.metrics.rescued.inc();
     }
-    if !(head.rescued || head.refused) {
+    let refused_here = local == Some(true);
+    if !(head.rescued || head.refused || local.is_some()) {
         shared.streak.borrow_mut().answered();
         return;
     }
     let now = host::now_ms();
     let in_a_row = shared.streak.borrow_mut().failed(now, failure.window_ms);
-    debug!("lean: the app failed a request (rescued: {}, refused: {}): {in_a_row} in a row", head.rescued, head.refused);
-    if failure.enabled && (head.refused || in_a_row >= failure.in_a_row) {
-        let source = if head.refused { Source::for_app_failure(true) } else { Source::AppRescued };
-        pod::enter(source, now + failure.hold_ms, &shared.metrics);
+    debug!(
+        "lean: the app failed a request (rescued: {}, refused: {}, Envoy's reply: {local:?}): {in_a_row} in a row",
+        head.rescued, head.refused
+    );
+    if failure.enabled && (head.refused || refused_here || in_a_row >= failure.in_a_row) {
+        let source = match (head.refused, head.rescued) {
+            (true, _) => Source::for_app_failure(true),
+            (false, true) => Source::AppRescued,
+            (false, false) => Source::AppFailure,
+        };
+        pod::enter(source, now.saturating_add(failure.hold_ms), &shared.metrics);
+    }
+}
+
+/// What a probe saw, pod-wide: Envoy's own closes in a row drain the pod (`sidecar_drain`,
+/// istio-agent's `drain_listeners`), a kept-alive answer ends that source.
+fn probed(shared: &Shared, probed: Probed) {
+    if shared.active().filter(|c| c.drain.enabled && c.drain.sidecar.enabled).is_none() {
+        return;
+    }
+    let in_a_row = host::shared_update(keys::ENVOY_CLOSES, |current| {
+        let [n] = drain::decode_u64s(current);
+        let next = drain::next_in_a_row(n, probed);
+        Some((drain::encode_u64s(&[next]), next))
+    })
+    .unwrap_or(0);
+    debug!("probe of Envoy's drain: {probed:?} ({in_a_row} of Envoy's closes in a row)");
+    match probed {
+        Probed::KeptAlive if pod::active_until(Source::SidecarDrain) > 0 => pod::clear(Source::SidecarDrain, &shared.metrics),
+        Probed::KeptAlive => {}
+        Probed::EnvoyClosed => {
+            let updating = DrainStats::decode_read(&host::shared_get(keys::SIDECAR_READ).0)
+                .is_some_and(|(_, stats)| stats.update_draining > 0);
+            let health = pod::active_until(Source::SidecarHealth) > 0;
+            if drain::listeners_draining(in_a_row, updating, health) {
+                pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &shared.metrics);
+            }
+        }
     }
 }
 
@@ -295,27 +374,36 @@ impl StreamContext for NetworkRole {
 
     fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
         let Some(config) = self.shared.active() else { return Action::Continue };
-        let (close_pending, undecided) = {
+        let (close_pending, undecided, starts_request) = {
             let mut c = self.conn.borrow_mut();
+            let starts_request = !c.activity.saw_request || c.activity.last_was_response;
+            // More bytes behind a probed request (a body, a pipelined request): its answer no
+            // longer tells anything.
+            c.probe = false;
             c.activity.read(host::coarse_now());
             if let Some(responses) = c.responses.as_mut() {
                 responses.request_read();
                 c.activity.in_flight = u32::from(responses.in_flight());
             }
-            (c.close_pending, c.activity.http1.is_none())
+            (c.close_pending, c.activity.http1.is_none(), starts_request)
         };
+        let mut first = None;
         if undecided && size > 0 {
             // Once per connection: the sweep closes only connections that speak HTTP/1.
-            let first = host::get_buffer(BufferType::DownstreamData, size.min(FIRST_READ)).unwrap_or_default();
+            let read = host::get_buffer(BufferType::DownstreamData, size.min(FIRST_READ)).unwrap_or_default();
+            let first = first.insert(read);
             #[cfg(feature = "fault-injection")]
             if first.starts_with(b"TRAP ") {
                 std::process::abort();
             }
-            let http1 = wire::starts_http1_request(&first);
+            let http1 = wire::starts_http1_request(first);
             self.conn.borrow_mut().activity.http1 = http1;
-            if http1 == Some(true) && !config.lean && wire::head_has_header(&first, keys::PRESTOP_HEADER.as_bytes()) {
-                announce_hook(self.address.as_mut());
+            if http1 == Some(true) && !config.lean && wire::head_has_header(first, keys::PRESTOP_HEADER.as_bytes()) {
+                announce_hook(self.address.as_mut(), &self.conn);
             }
+        }
+        if starts_request && size <= FIRST_READ && self.conn.borrow().activity.http1 == Some(true) {
+            self.arm_probe(config, size, first);
         }
         if close_pending && size > 0 && config.close_connection && !self.conn.borrow().sweepable() {
             self.close_on_next_request(size);
@@ -327,11 +415,14 @@ impl StreamContext for NetworkRole {
         let Some(config) = self.shared.active().filter(|_| self.address.is_some()) else {
             return Action::Continue;
         };
-        let (marked, http_role_here) = {
+        let (marked, http_role_here, probe) = {
             let mut c = self.conn.borrow_mut();
             c.activity.wrote(size, host::coarse_now());
-            (c.head_pending, c.http_role_here)
+            (c.head_pending, c.http_role_here, c.probe)
         };
+        if probe && !config.lean {
+            self.answer_probe(size);
+        }
         if config.lean {
             self.follow_responses(size);
         } else if marked {

@@ -10,16 +10,18 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType};
 
 use crate::config::{self, Config, Role, Target};
-use crate::drain::{self, DrainStats, Grace, Source, UNTIL_CLEARED};
+use crate::census::{self, Record};
+use crate::drain::{self, Grace, Source, UNTIL_CLEARED};
 use crate::host;
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::link::Note;
 use crate::shared::Shared;
-use crate::{conn, http, network, pod, prestop};
+use crate::{conn, http, network, pod, prestop, vm};
 
-/// Only the counters `drain::parse_drain_stats` reads, percent-encoded for the query string.
-const STATS_PATH: &str = "/stats?filter=%28downstream_cx_drain_close%7Ctotal_listeners_draining%7Ctotal_filter_chains_draining%7Cupstream_cx_total%7Cupstream_cx_connect_fail%7Cupstream_cx_destroy_remote_with_active_rq%7Cdownstream_cx_http1_active%29%24";
+/// Only the stats `drain::parse_drain_stats` reads, all kept by a default sidecar's inclusion
+/// list (`listener_manager`), percent-encoded for the query string.
+const STATS_PATH: &str = "/stats?filter=%5Elistener_manager%5C.total_%28listeners%7Cfilter_chains%29_draining%24";
 
 /// The page an outstanding HTTP call asked for (not [`host::Call`], the ABI calls).
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +68,39 @@ fn claim(key: &str, interval_ms: u64) -> bool {
     .is_some()
 }
 
+/// Publishes this VM's count of client connections ([`census`]) and, on each preStop hook's
+/// connection here, the pod's other connections as counted since the hook came.
+fn count_connections(tick_ms: u64) {
+    let now = host::now_ms();
+    if vm::CENSUS_ID.get() == 0 {
+        vm::CENSUS_ID.set(u64::from_str_radix(&host::nonce(), 16).unwrap_or(1).max(1));
+    }
+    let (open, hooks) = conn::census();
+    let stale_ms = census::STALE_TICKS.saturating_mul(tick_ms);
+    let mine = Record { vm: vm::CENSUS_ID.get(), open, at_ms: now };
+    let records = host::shared_update(keys::CENSUS, |current| {
+        let records = census::publish(&census::decode(current), mine, stale_ms);
+        Some((census::encode(&records), records))
+    })
+    .unwrap_or_else(|| vec![mine]);
+    for (conn, since) in hooks {
+        let Some(left) = census::pod_wide(&records, since, now, stale_ms) else { continue };
+        let id = {
+            let c = conn.borrow();
+            if c.hook_left == Some(left) {
+                continue;
+            }
+            c.context_id
+        };
+        let published = host::set_effective_context(id)
+            .and_then(|()| host::set_property(keys::PRESTOP_PROPERTY, left.to_string().as_bytes()));
+        match published {
+            Ok(()) => conn.borrow_mut().hook_left = Some(left),
+            Err(e) => debug!("cannot publish the preStop hook's count: {e:?}"),
+        }
+    }
+}
+
 impl Root {
     fn poll(&mut self, poller: Poller, target: Target, path: &str, page: Page) {
         match host::http_get(target.cluster, target.authority, path, target.timeout_ms) {
@@ -89,6 +124,8 @@ impl Root {
         let metrics = &self.shared.metrics;
         if drain::ready_says_draining(status, body) {
             pod::enter(Source::SidecarHealth, UNTIL_CLEARED, metrics);
+            // The closes the probes saw are its own; `healthcheck/ok` must end the drain.
+            pod::clear(Source::SidecarDrain, metrics);
         } else if status == 200 {
             pod::clear(Source::SidecarHealth, metrics);
         }
@@ -96,35 +133,17 @@ impl Root {
         self.poll(Poller::Sidecar, sidecar.target(), STATS_PATH, Page::Stats);
     }
 
-    /// `sent_at`: when the call went out. The counters are at least that recent, and no more:
-    /// an answer that arrives after a preStop hook began may still count from before the hook's
-    /// own connection, so the read is dated by its sending (`prestop::outcome`).
+    /// `sent_at`: when the call went out: the probes compare their evidence against the read
+    /// that was current then (`network::probed`).
     pub(crate) fn on_stats(&mut self, status: u16, body: &[u8], sent_at: u64) {
-        if status != 200 {
+        if status != 200 || self.shared.active().is_none() {
             return;
         }
-        let Some(config) = self.shared.active() else { return };
         let now = drain::parse_drain_stats(&String::from_utf8_lossy(body));
-        let read_at = host::now_ms();
-        let previous = host::shared_update(keys::SIDECAR_STATS, |current| {
-            Some((now.encode_read(sent_at), DrainStats::decode_read(current)))
-        })
-        .flatten();
-        if drain::listeners_draining(previous.map(|(_, stats)| stats), now) {
-            pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &self.shared.metrics);
-        }
-        let failure = &config.drain.app_failure;
-        if config.lean && failure.enabled && drain::app_failing(previous.map(|(_, stats)| stats), now, failure.in_a_row) {
-            // With rescue, what an idle connection's next request meets is rescued: no need to
-            // close those at once, racing the client (`Source::AppRescued`), as the HTTP role does.
-            let [rescue] = drain::decode_u64s(&host::shared_get(keys::RESCUE_SEEN).0);
-            let source = Source::for_app_failure(rescue == 1);
-            pod::enter(source, read_at + failure.hold_ms, &self.shared.metrics);
-        }
-        let until = pod::active_until(Source::AppFailure);
-        let failed_at = until.saturating_sub(config.drain.app_failure.hold_ms);
-        if until > 0 && drain::app_recovered(previous, now, failed_at) {
-            pod::clear(Source::AppFailure, &self.shared.metrics);
+        host::shared_update(keys::SIDECAR_READ, |_| Some((now.encode_read(sent_at), ())));
+        if now.update_draining > 0 {
+            // Envoy's closes on a listener update are no shutdown: the probes' entry was early.
+            pod::clear(Source::SidecarDrain, &self.shared.metrics);
         }
     }
 
@@ -233,8 +252,14 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        // `/logging?wasm=debug` on the admin API takes effect within a tick.
+        host::follow_host_log_level();
         let Some(config) = self.shared.active() else { return };
         self.shared.metrics.flush();
+        if self.role == Role::Network {
+            vm::PROBE_DUE.set(true);
+            count_connections(config.drain.tick_ms);
+        }
         if let Some(queue) = pod::own_queue().filter(|_| self.role == Role::Network) {
             // Notes from HTTP roles in other VMs first: the sweep must count their requests. A
             // wake-up among them needs nothing more: this tick sweeps anyway.

@@ -37,6 +37,11 @@ thread_local! {
     /// conn.rs: connections of this VM by address (`link::Address::text`). A connection stays
     /// on its worker, so an HTTP role that finds its address here shares the VM.
     pub(crate) static CONNS: RefCell<HashMap<String, ConnRef>> = RefCell::new(HashMap::new());
+    /// network.rs: a probe of Envoy's drain may be armed (once a tick, by the network root).
+    pub(crate) static PROBE_DUE: Cell<bool> = const { Cell::new(false) };
+    /// root.rs: this VM's name in the census of client connections (`census::Record::vm`).
+    pub(crate) static CENSUS_ID: Cell<u64> = const { Cell::new(0) };
+
     /// conn.rs: this VM's network root sweeps idle connections (set once it is configured).
     pub(crate) static SWEEPING: Cell<bool> = const { Cell::new(false) };
 

@@ -184,6 +184,81 @@ pub fn head_has_header(buf: &[u8], name: &[u8]) -> bool {
         .any(|line| line.len() > name.len() && line[name.len()] == b':' && line[..name.len()].eq_ignore_ascii_case(name))
 }
 
+/// Is `buf` exactly one whole HTTP/1.1 request head that Envoy has every reason to answer
+/// keeping the connection open? A target in origin form, one `host`, well-formed fields, no
+/// body (`content-length: 0` at most, no `transfer-encoding`), no field that names
+/// `connection`, `upgrade` or `expect`, and nothing behind it. Envoy then says `connection:
+/// close` on its own only when its listener drains (`drain::Probed`): what a client asks for,
+/// a malformed head and an answer before the request is whole are all left out here.
+pub fn keep_alive_request(buf: &[u8]) -> bool {
+    let Some(end) = find(buf, b"\r\n\r\n") else { return false };
+    if end + 4 != buf.len() {
+        return false;
+    }
+    let mut lines = buf[..end].split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let Some(request_line) = lines.next() else { return false };
+    let mut parts = request_line.split(|b| *b == b' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let line_ok = (1..=20).contains(&method.len())
+        && method.iter().all(u8::is_ascii_uppercase)
+        && method != b"CONNECT"
+        && target.first() == Some(&b'/')
+        && target.iter().all(u8::is_ascii_graphic)
+        && version == b"HTTP/1.1";
+    let mut hosts = 0;
+    for line in lines {
+        let Some((name, value)) = split_field(line) else { return false };
+        let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+        if name.is_empty() || !name.iter().all(token) || value.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
+            return false;
+        }
+        let lower = name.to_ascii_lowercase();
+        let names = |word: &[u8]| lower.windows(word.len()).any(|w| w == word);
+        if names(b"connection") || names(b"upgrade") || names(b"expect") || lower == b"transfer-encoding" {
+            return false;
+        }
+        if lower == b"content-length" && value != b"0" {
+            return false;
+        }
+        hosts += usize::from(lower == b"host");
+    }
+    line_ok && hosts == 1
+}
+
+/// Does the final HTTP/1.1 response head at the start of `buf` carry `connection: close`?
+/// `None` when `buf` does not start with one whole final head (an interim 1xx, a head cut by
+/// the read, anything else).
+pub fn final_head_says_close(buf: &[u8]) -> Option<bool> {
+    let end = find(buf, b"\r\n\r\n")?;
+    let head = buf.get(..end)?;
+    let status = head.strip_prefix(STATUS_LINE_START)?.get(..3)?;
+    if !status.iter().all(u8::is_ascii_digit) || status[0] < b'2' {
+        return None;
+    }
+    let says_close = head
+        .split(|b| *b == b'\n')
+        .skip(1)
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter_map(split_field)
+        .any(|(name, value)| name.eq_ignore_ascii_case(b"connection") && has_token(&String::from_utf8_lossy(value), "close"));
+    Some(says_close)
+}
+
+/// What Envoy's own reply says when it could not get an answer from the app: its body starts
+/// with this, then the reset reason (`connection failure` when the app refused the
+/// connection, `connection termination` or another reason when it reset it).
+pub const LOCAL_REPLY_START: &[u8] = b"upstream connect error or disconnect/reset before headers.";
+
+/// Which failure Envoy's local reply body at the start of `body` names: `Some(true)` the app
+/// refused the connection, `Some(false)` it reset it, `None` not Envoy's reply (as far as
+/// `body` goes).
+pub fn local_reply_refused(body: &[u8]) -> Option<bool> {
+    let rest = body.strip_prefix(LOCAL_REPLY_START)?;
+    Some(find(rest, b"connection failure").is_some())
+}
+
 /// Applies an edit to a copy of `buf` (what Envoy does with drain + prepend); for tests and
 /// fuzzing the network role's behaviour without a host.
 pub fn apply(buf: &[u8], edit: &Edit) -> Vec<u8> {
@@ -312,5 +387,56 @@ mod tests {
         ] {
             assert_eq!(inject_request_close(buf), None, "{:?}", String::from_utf8_lossy(buf));
         }
+    }
+    #[test]
+    fn a_probe_takes_only_requests_envoy_would_keep_alive() {
+        let yes: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\nhost: a\r\n\r\n",
+            b"HEAD /x?y=1 HTTP/1.1\r\nHost: a\r\nuser-agent: ELB-HealthChecker/2.0\r\ncontent-length: 0\r\n\r\n",
+        ];
+        for r in yes {
+            assert!(keep_alive_request(r), "{}", String::from_utf8_lossy(r));
+        }
+        let no: &[&[u8]] = &[
+            b"GET / HTTP/1.0\r\nhost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nConnection: keep-alive\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nproxy-connection: close\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\n\r\n",
+            b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nbad name: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nx: a\x01b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\n",
+            b"GET http://a/ HTTP/1.1\r\nhost: a\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\nhost: a\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ];
+        for r in no {
+            assert!(!keep_alive_request(r), "{}", String::from_utf8_lossy(r));
+        }
+    }
+
+    #[test]
+    fn a_final_head_says_whether_envoy_closes() {
+        assert_eq!(final_head_says_close(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"), Some(false));
+        assert_eq!(final_head_says_close(b"HTTP/1.1 503 x\r\nConnection: Close\r\n\r\n"), Some(true));
+        assert_eq!(final_head_says_close(b"HTTP/1.1 200 OK\r\nx-close-relay: 0000\r\n\r\n"), Some(false), "our marker is not Envoy's close");
+        assert_eq!(final_head_says_close(b"HTTP/1.1 100 Continue\r\n\r\n"), None);
+        assert_eq!(final_head_says_close(b"HTTP/1.1 200 OK\r\nconnection: cl"), None);
+        assert_eq!(final_head_says_close(b"garbage"), None);
+    }
+
+    #[test]
+    fn envoys_local_reply_names_a_refusal_or_a_reset() {
+        let body = |reason: &str| format!("upstream connect error or disconnect/reset before headers. reset reason: {reason}");
+        assert_eq!(local_reply_refused(body("connection failure, transport failure reason: delayed connect error: 111").as_bytes()), Some(true));
+        assert_eq!(local_reply_refused(b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"), Some(true));
+        assert_eq!(local_reply_refused(body("connection termination").as_bytes()), Some(false));
+        assert_eq!(local_reply_refused(b"no healthy upstream"), None);
     }
 }

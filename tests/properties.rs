@@ -285,7 +285,17 @@ proptest! {
         let _ = Window::decode(&bytes);
         let _ = drain::ready_says_draining(503, &bytes);
         let stats = drain::parse_drain_stats(&text);
-        let _ = drain::listeners_draining(Some(stats), drain::parse_drain_stats(&text));
+        prop_assert_eq!(drain::DrainStats::decode_read(&stats.encode_read(1)), Some((1, stats)));
+        let _ = close_relay::census::pod_wide(&close_relay::census::decode(&bytes), 5, 10, 3);
+    }
+
+    #[test]
+    fn the_probes_readers_never_panic_and_a_probed_head_is_one_whole_head(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        if wire::keep_alive_request(&bytes) {
+            prop_assert!(bytes.ends_with(b"\r\n\r\n") && wire::starts_http1_request(&bytes) == Some(true));
+        }
+        let _ = wire::final_head_says_close(&bytes);
+        let _ = wire::local_reply_refused(&bytes);
     }
 }
 
