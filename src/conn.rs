@@ -9,7 +9,7 @@ use std::rc::Rc;
 use log::debug;
 
 use crate::drain::{self, Activity, Grace};
-use crate::framing::Responses;
+use crate::framing::{HeadSeen, Responses};
 use crate::host;
 use crate::link::Note;
 use crate::metrics::Metrics;
@@ -53,6 +53,9 @@ pub struct Conn {
     pub hook_since: Option<u64>,
     /// The count last published on it for the HTTP role that holds the hook.
     pub hook_left: Option<u64>,
+    /// `lean`: a 503 head went out and its body, which may be Envoy's own reply naming why it
+    /// could not reach the app, comes in the next write (Envoy writes a head and its body apart).
+    pub head_503: Option<HeadSeen>,
     /// A probe of Envoy's drain waits for the answer to this connection's request
     /// ([`crate::drain::Probed`]).
     pub probe: bool,

@@ -33,6 +33,11 @@ pub struct Metrics {
     /// Hooks answered by close-relay.
     pub prestop_answered: Counter,
     pub draining: Gauge,
+    /// 1 once this role's plugin configuration was accepted, 0 when it was rejected (the role
+    /// then passes traffic through): how a default sidecar, which logs at warning, shows that
+    /// close-relay runs.
+    pub http_ready: Gauge,
+    pub network_ready: Gauge,
 }
 
 impl Metrics {
@@ -55,6 +60,8 @@ impl Metrics {
             prestop_refused: Counter::define("close_relay_prestop_refused_total"),
             prestop_answered: Counter::define("close_relay_prestop_answered_total"),
             draining: Gauge::define("close_relay_draining"),
+            http_ready: Gauge::define("close_relay_http_role_ready"),
+            network_ready: Gauge::define("close_relay_network_role_ready"),
         }
     }
 

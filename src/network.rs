@@ -138,7 +138,10 @@ impl NetworkRole {
         let draining = pod::draining();
         let (mut pos, mut end) = (0, size);
         let mut c = self.conn.borrow_mut();
-        let Conn { responses: Some(responses), probe, .. } = &mut *c else { return };
+        let Conn { responses: Some(responses), probe, head_503, .. } = &mut *c else { return };
+        if let Some(head) = head_503.take() {
+            watch_app(&self.shared, head, local_reply(0, end));
+        }
         let mut told = None;
         for _ in 0..MAX_STEPS {
             if pos >= end {
@@ -159,11 +162,12 @@ impl NetworkRole {
                 }
                 // Envoy's own reply when it could not reach the app: a default sidecar keeps no
                 // stat of it, but its body names it (one read more, for a 503 only).
-                let local = (head.status == 503 && pos < end)
-                    .then(|| host::get_buffer_at(BufferType::UpstreamData, pos, LOCAL_REPLY_READ.min(end - pos)))
-                    .flatten()
-                    .and_then(|body| wire::local_reply_refused(&body));
-                watch_app(&self.shared, head, local);
+                if head.status == 503 && pos == end && responses.in_flight() {
+                    *head_503 = Some(head);
+                } else {
+                    let local = if head.status == 503 { local_reply(pos, end) } else { None };
+                    watch_app(&self.shared, head, local);
+                }
             }
             let Some(head) = fed.head.filter(|h| draining && h.is_final && h.whole_here && pos == h.len) else { continue };
             if head.says_close {
@@ -243,7 +247,9 @@ impl NetworkRole {
 /// learns it from the published address, which it reads for every request anyway, so
 /// recognising the hook costs the other connections nothing.
 fn announce_hook(address: Option<&mut Address>, conn: &ConnRef) {
-    conn.borrow_mut().hook_since = Some(host::coarse_now());
+    // The host's clock, not the tick's: a census record dated after it surely counts every
+    // connection opened before the hook.
+    conn.borrow_mut().hook_since = Some(host::now_ms());
     if let Some(address) = address {
         address.hook = true;
         if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.published().as_bytes()) {
@@ -284,6 +290,15 @@ fn watch_app(shared: &Shared, head: HeadSeen, local: Option<bool>) {
         };
         pod::enter(source, now.saturating_add(failure.hold_ms), &shared.metrics);
     }
+}
+
+/// Which failure Envoy's local reply starting at `pos` of this write names, if it is one.
+fn local_reply(pos: usize, end: usize) -> Option<bool> {
+    if pos >= end {
+        return None;
+    }
+    let body = host::get_buffer_at(BufferType::UpstreamData, pos, LOCAL_REPLY_READ.min(end - pos))?;
+    wire::local_reply_refused(&body)
 }
 
 /// What a probe saw, pod-wide: Envoy's own closes in a row drain the pod (`sidecar_drain`,

@@ -229,6 +229,8 @@ impl RootContext for Root {
                 None
             }
         };
+        let ready = if self.role == Role::Http { metrics.http_ready } else { metrics.network_ready };
+        ready.set(u64::from(config.is_some()));
         self.shared = Rc::new(Shared::new(config, metrics));
         if let Some(config) = self.shared.active() {
             if self.role == Role::Network && pod::register_wake().is_none() {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::client::Client;
 use crate::process::{connectable, scratch, Proc};
-use crate::{istio, wasm};
+use crate::{istio, sidecar, wasm};
 use crate::{repo_root, Port};
 
 /// The Envoy under test: `$ENVOY`, else the newest one `make envoy` installed under `.envoy/`.
@@ -353,6 +353,7 @@ pub fn envoy_config(spec: &EnvoySpec, listen: u16, admin: u16) -> Value {
     if let Some(eds) = &spec.rescue {
         crate::rescue::apply(&mut bootstrap, "inbound|8080||", crate::rescue::SERVICE_PORT, eds);
     }
+    sidecar::apply(&mut bootstrap, admin);
     bootstrap
 }
 
@@ -385,11 +386,6 @@ fn push(list: &mut Value, item: Value) {
     }
 }
 
-/// The tests read the filter's debug lines.
-const DEBUG_LOG: &[&str] = &["-l", "info", "--component-log-level", "wasm:debug"];
-/// istio-proxy's default (`--log-level warning`).
-const QUIET_LOG: &[&str] = &["-l", "warning"];
-
 pub struct Envoy {
     pub port: u16,
     pub admin: u16,
@@ -421,8 +417,7 @@ impl Envoy {
         let lane_leases: Vec<Port> = spec.lanes.iter().map(|_| Port::lease()).collect();
         let lanes: Vec<u16> = lane_leases.iter().map(Port::get).collect();
         add_lanes(&mut config, &lanes.iter().copied().zip(spec.lanes.iter().copied()).collect::<Vec<_>>());
-        let mut args = vec!["--concurrency".to_string(), spec.concurrency.to_string()];
-        args.extend(["--drain-strategy".to_string(), spec.drain_strategy.to_string()]);
+        let args = sidecar::flags(spec.concurrency, spec.drain_strategy);
         if lds {
             let listener = config["static_resources"]["listeners"][0].take();
             config["static_resources"]["listeners"] = json!([]);
@@ -433,12 +428,10 @@ impl Envoy {
                 "resource_api_version": "V3"
             }});
             write_lds(&dir, &listener, 1);
-            // A listener push drains the old listener's connections for this long.
-            args.extend(["--drain-time-s".to_string(), "2".to_string()]);
         }
         let file = dir.join("envoy.json");
         fs::write(&file, config.to_string()).expect("write config");
-        let mut envoy = Envoy::launch_with(dir, &file, port, admin, &args, DEBUG_LOG);
+        let mut envoy = Envoy::launch_with(dir, &file, port, admin, &args);
         (envoy.lanes, envoy._lane_leases) = (lanes, lane_leases);
         if let Some(layout) = spec.layout() {
             let want = vms_for(spec.concurrency, layout);
@@ -462,26 +455,20 @@ impl Envoy {
     }
 
     /// Starts Envoy on a config file that listens on `port` with its admin on `admin`, from
-    /// the repository root (where the shipped configs expect to be run).
+    /// the repository root (where the shipped configs expect to be run), with pilot-agent's
+    /// flags at the mesh's default two workers.
     pub fn launch(dir: PathBuf, config: &Path, port: Port, admin: Port) -> Envoy {
-        Envoy::launch_with(dir, config, port, admin, &["--concurrency".into(), "2".into()], DEBUG_LOG)
+        Envoy::launch_workers(dir, config, port, admin, 2)
     }
 
-    /// Like [`Envoy::launch`], with `concurrency` workers and istio-proxy's own log level
-    /// (warning): what a sidecar in production pays, for `make bench`.
-    pub fn launch_quiet(dir: PathBuf, config: &Path, port: Port, admin: Port, concurrency: u32) -> Envoy {
-        Envoy::launch_with(dir, config, port, admin, &["--concurrency".into(), concurrency.to_string()], QUIET_LOG)
+    /// Like [`Envoy::launch`], with `concurrency` workers (`make bench`).
+    pub fn launch_workers(dir: PathBuf, config: &Path, port: Port, admin: Port, concurrency: u32) -> Envoy {
+        Envoy::launch_with(dir, config, port, admin, &sidecar::flags(concurrency, "immediate"))
     }
 
-    /// The leases are held as long as Envoy runs: nothing else is handed its ports.
-    fn launch_with(
-        dir: PathBuf,
-        config: &Path,
-        port_lease: Port,
-        admin_lease: Port,
-        args: &[String],
-        log_args: &[&str],
-    ) -> Envoy {
+    /// The leases are held as long as Envoy runs: nothing else is handed its ports. Every Envoy
+    /// must be a default sidecar's: a stat outside Istio's inclusion list fails here.
+    fn launch_with(dir: PathBuf, config: &Path, port_lease: Port, admin_lease: Port, args: &[String]) -> Envoy {
         let (port, admin) = (port_lease.get(), admin_lease.get());
         let log = dir.join("envoy.log");
         let mut proc = Proc::spawn(
@@ -491,9 +478,6 @@ impl Envoy {
                 .arg("-c")
                 .arg(config)
                 .args(args)
-                .arg("--disable-hot-restart")
-                .args(log_args)
-                .args(["--file-flush-interval-msec", "50"])
                 .arg("--log-path")
                 .arg(&log)
                 .stdout(Stdio::null())
@@ -502,6 +486,10 @@ impl Envoy {
         proc.wait_ready(Duration::from_secs(30), &log, || {
             connectable(port) && admin_get(admin, "/ready").is_some_and(|b| b.contains("LIVE"))
         });
+        let stats = admin_get(admin, "/stats").unwrap_or_default();
+        if let Err(e) = sidecar::check_stats(&stats) {
+            panic!("{}: not a default istio-proxy's stats (Istio's inclusion list missing?): {e}", config.display());
+        }
         let mut envoy = Envoy {
             port,
             admin,
@@ -514,6 +502,48 @@ impl Envoy {
         };
         envoy.wasm = envoy.wasm_vms() > 0;
         envoy
+    }
+
+    /// The guide's debug logging (`POST /logging?wasm=debug`), for a test that reads the
+    /// module's info and debug lines: a default sidecar logs at warning, and the module follows
+    /// the new level on its next tick.
+    pub fn debug_log(&self) {
+        self.admin_post("/logging?wasm=debug");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    /// Whether each role's configuration was accepted (`close_relay_<role>_role_ready`), as a
+    /// user verifies it on a default sidecar.
+    pub fn roles_ready(&self) -> (u64, u64) {
+        let ready = |role| self.counter(&format!("wasmcustom.close_relay_{role}_role_ready"));
+        (ready("http"), ready("network"))
+    }
+
+    /// Requests a cluster sent, summed over its hosts, from `/clusters`: per-host counters are
+    /// not stats, so a default sidecar's inclusion list keeps them.
+    pub fn cluster_rq_total(&self, cluster: &str) -> u64 {
+        self.cluster_host_stat(cluster, "rq_total")
+    }
+
+    /// Hosts of a cluster that Envoy counts healthy, from `/clusters`.
+    pub fn cluster_healthy_hosts(&self, cluster: &str) -> u64 {
+        let body = admin_get(self.admin, "/clusters").unwrap_or_default();
+        let prefix = format!("{cluster}::");
+        body.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter(|rest| rest.ends_with("::health_flags::healthy"))
+            .count() as u64
+    }
+
+    /// One per-host counter of a cluster (`<cluster>::<host>::<stat>::<value>` lines of
+    /// `/clusters`: `cx_total`, `cx_connect_fail`, `rq_total`, `rq_error`, ...), summed.
+    pub fn cluster_host_stat(&self, cluster: &str, stat: &str) -> u64 {
+        let body = admin_get(self.admin, "/clusters").unwrap_or_default();
+        let (prefix, suffix) = (format!("{cluster}::"), format!("::{stat}::"));
+        body.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|rest| rest.rsplit_once(&suffix).and_then(|(_, v)| v.trim().parse::<u64>().ok()))
+            .sum()
     }
 
     /// Wasm VMs alive now (`wasm.envoy.wasm.runtime.v8.active`).
@@ -602,18 +632,6 @@ impl Envoy {
             .filter_map(|l| l.split_once(": "))
             .filter_map(|(k, v)| Some((k.trim_start_matches("wasmcustom.").to_string(), v.trim().parse().ok()?)))
             .collect()
-    }
-
-    /// A stat whose name holds characters the admin filter would read as a regex (Istio's
-    /// cluster names: `outbound|8080||host`); 0 when absent.
-    pub fn cluster_stat(&self, name: &str) -> u64 {
-        let pattern: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '.' }).collect();
-        self.counters_matching(&format!("^{pattern}$")).get(name).copied().unwrap_or(0)
-    }
-
-    /// [`Envoy::cluster_stat`] once it equals `want`, or its value after `within`.
-    pub fn cluster_stat_settling_at(&self, name: &str, want: u64, within: Duration) -> u64 {
-        stat_once(|| self.cluster_stat(name), within, |v| v == want)
     }
 
     /// The counter once it reaches `at_least`, or its value after `within`: for counters that

@@ -21,6 +21,7 @@ pub mod process;
 pub mod rescue;
 pub mod rollout;
 pub mod servers;
+pub mod sidecar;
 pub mod soak;
 pub mod wasm;
 

@@ -104,3 +104,51 @@ pub fn report(source: &str, setup: &str, took: Duration) {
     );
 }
 
+
+/// Traffic that goes on, as an ALB's does: one client sending `GET /keep` every 20 ms on a
+/// keep-alive connection, opening a new one whenever it is told to close or the connection
+/// ends, until stopped (20 s at most).
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl Traffic {
+    pub fn start(port: u16) -> Traffic {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut answered, mut connections) = (0u64, 0u64);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut conn: Option<Client> = None;
+            while !stopping.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if conn.is_none() {
+                    conn = Client::try_open(port).ok();
+                    connections += 1;
+                }
+                if let Some(c) = conn.as_mut() {
+                    let sent = c.send("GET /keep HTTP/1.1\r\nhost: alb\r\n\r\n").is_ok();
+                    match c.try_response("GET").ok().filter(|_| sent) {
+                        Some(r) => {
+                            answered += u64::from(r.status == 200);
+                            if r.says_close() {
+                                conn = None;
+                            }
+                        }
+                        None => conn = None,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (answered, connections)
+        });
+        Traffic { stop, handle }
+    }
+
+    /// Requests answered 200, and connections opened.
+    pub fn stop(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or((0, 0))
+    }
+}

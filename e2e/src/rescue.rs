@@ -217,8 +217,13 @@ fn rescue_hcm(hcm: &mut Value, inbound_cluster: &str, names: &Names) {
 /// [`SERVICE_PORT`]), once its service cluster counts them all healthy.
 pub fn push_eds(envoy: &crate::Envoy, eds: &Path, pods: &[u16]) {
     write_eds(eds, SERVICE_PORT, pods);
-    let healthy = format!("cluster.{}.membership_healthy", Names::for_port(SERVICE_PORT).peers);
-    let seen = envoy.cluster_stat_settling_at(&healthy, pods.len() as u64, std::time::Duration::from_secs(10));
+    let peers = Names::for_port(SERVICE_PORT).peers;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = envoy.cluster_healthy_hosts(&peers);
+    while seen != pods.len() as u64 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        seen = envoy.cluster_healthy_hosts(&peers);
+    }
     assert_eq!(seen, pods.len() as u64, "the sidecar did not take the EDS push");
 }
 
@@ -265,15 +270,15 @@ impl Pod {
         push_eds(&self.envoy, &self.eds, &pods.iter().map(|p| p.envoy.port).collect::<Vec<_>>());
     }
 
-    /// A cluster stat of this sidecar (`<cluster>.<stat>`).
+    /// A per-host counter of one of this sidecar's clusters, summed (`/clusters`).
     pub fn stat(&self, cluster: &str, stat: &str) -> u64 {
-        self.envoy.cluster_stat(&format!("cluster.{cluster}.{stat}"))
+        self.envoy.cluster_host_stat(cluster, stat)
     }
 
     /// Requests this sidecar sent to the local app, and to other pods.
     pub fn sent(&self) -> (u64, u64) {
         let names = Names::for_port(SERVICE_PORT);
-        (self.stat(&names.local, "upstream_rq_total"), self.stat(&names.peers, "upstream_rq_total"))
+        (self.stat(&names.local, "rq_total"), self.stat(&names.peers, "rq_total"))
     }
 
     pub fn rescued(&self) -> u64 {

@@ -128,12 +128,12 @@ fn with_rescue_a_dead_app_costs_no_error_and_the_rescued_answers_drain_the_pod()
     drop(b);
 }
 
-/// Without rescue nothing marks a refusal on the wire: the sidecar's poll reads the failed
-/// connects in the inbound cluster's counters, and the pod drains from them. The requests sent
-/// before that poll meet the dead app (503), as through a plain Envoy: lean needs rescue to
-/// lose nothing.
+/// Without rescue nothing of ours marks a refusal on the wire, and a default sidecar keeps no
+/// stat of it: Envoy's own 503 names it in its body ("upstream connect error ... connection
+/// failure"), and the pod drains from that. The requests sent before meet the dead app (503),
+/// as through a plain Envoy: lean needs rescue to lose nothing.
 #[test]
-fn without_rescue_a_dead_app_drains_the_pod_from_the_polled_counters() {
+fn without_rescue_a_dead_app_drains_the_pod_from_envoys_own_replies() {
     let mut app = App::start();
     let envoy = Envoy::start("lean-killed", &lean(&app));
     let pool = pool(&envoy);
@@ -144,7 +144,7 @@ fn without_rescue_a_dead_app_drains_the_pod_from_the_polled_counters() {
     let entered = "wasmcustom.close_relay_drain_entered_app_failure_total";
     assert_eq!(envoy.counter_reaching(entered, 1, Duration::from_secs(3)), 1, "{}", envoy.wasm_log());
     let errors = statuses.iter().filter(|s| **s == 503).count();
-    report(&format!("app_failure (lean, app killed, no rescue: {errors} 503s meanwhile)"), "polled counters", took);
+    report(&format!("app_failure (lean, app killed, no rescue: {errors} 503s meanwhile)"), "Envoy's local replies", took);
 }
 
 /// `lean` in an HTTP plugin is a configuration error: that plugin passes traffic through and

@@ -20,11 +20,13 @@ fn hook(path: &str, token: &str) -> String {
 
 fn start(name: &str, app: &App, prestop: &str) -> Envoy {
     let mut spec = EnvoySpec::new(Filter::CloseRelay, app.port);
-    // The admin poll every 250 ms: the hook's answer follows its reads.
-    let drain = format!(r#""drain": {{"sidecar": {{"interval_ms": 250}}, "prestop": {prestop}}}"#);
+    let drain = format!(r#""drain": {{"prestop": {prestop}}}"#);
     spec.http_config = format!("{{{drain}}}");
     spec.network_config = format!(r#"{{"role": "network", {drain}}}"#);
-    Envoy::start(name, &spec)
+    let envoy = Envoy::start(name, &spec);
+    // The token must never reach the module's log, at any level: look at them all.
+    envoy.debug_log();
+    envoy
 }
 
 fn kept(envoy: &Envoy) -> Client {
@@ -79,6 +81,33 @@ fn the_kubelets_prestop_hook_is_answered_once_the_albs_connections_are_gone() {
     assert!(envoy.counter("wasmcustom.close_relay_drain_entered_prestop_total") >= 1);
     assert!(!envoy.wasm_log().contains(TOKEN), "the token reached close-relay's log");
     report(&format!("answered \"{}\"", body.trim_end()), took);
+}
+
+/// On a default sidecar, which keeps no stat of its client connections: a 5 s response is in
+/// flight when the hook comes. The hook is answered once that response has ended, and within
+/// about a second of its end (the network roles count the connections themselves).
+#[test]
+fn a_hook_waits_for_a_5_s_response_and_is_answered_within_a_second_of_its_end() {
+    let app = App::start();
+    let envoy = start("prestop-5s", &app, &format!(r#"{{"token": "{TOKEN}"}}"#));
+    let mut busy = busy_with(&envoy, 13);
+    let stream = std::thread::spawn(move || {
+        let r = busy.try_response("GET");
+        let ended = Instant::now();
+        (r.map(|r| r.body.len()), ended, busy.closed_by_server(Duration::from_secs(3)))
+    });
+    let (status, body, took) = kubelet_hook(&envoy);
+    let answered = Instant::now();
+    let (len, ended, closed) = stream.join().expect("the stream's reader");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("no client connection left"), "{body}");
+    let expected = (0..13).map(|i: u32| format!("chunk-{i}\n").len()).sum::<usize>();
+    assert_eq!(len.unwrap_or_else(|e| panic!("the 5 s response was cut: {e}")), expected);
+    assert!(closed, "the busy connection stayed open after its response");
+    assert!(answered >= ended, "answered {:?} before the response ended", ended - answered);
+    let after_end = answered - ended;
+    assert!(after_end < Duration::from_millis(1_500), "answered {after_end:?} after the response ended");
+    report(&format!("5 s response in flight: answered \"{}\" {} ms after it ended", body.trim_end(), after_end.as_millis()), took);
 }
 
 #[test]

@@ -49,7 +49,7 @@ fn a_request_the_app_refuses_is_answered_by_another_pod_and_its_connection_close
         assert!(c.closed_by_server(Duration::from_secs(3)), "{method}: connection left open");
     }
     assert_eq!(b.sent().0, 6, "the other pod's app answered them all");
-    assert!(b.stat(&Names::for_port(PORT).local, "upstream_cx_tx_bytes_total") > 3 * 16384, "the POST bodies reached it");
+    assert_eq!(b.stat(&Names::for_port(PORT).local, "rq_success"), 6, "and answered them well");
     assert_eq!(a.rescued(), 6);
     assert_eq!(a.envoy.counter("wasmcustom.close_relay_drain_entered_app_rescued_total"), 1);
     assert_eq!(a.envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total"), 0, "no request failed");
@@ -74,7 +74,7 @@ fn a_rescue_never_goes_further_than_one_pod_even_when_every_app_refuses() {
     eprintln!("[envoy {}] every app refusing, {N} requests: pod A sent (local, other pods) {a_sent:?}, pod B {b_sent:?}", e2e::envoy_version());
     assert!(a_sent.1 >= N && a_sent.1 <= 2 * N, "pod A hands each request on once, or twice when the first pod refused: {a_sent:?}");
     assert_eq!(b_sent.1, 0, "pod B handed a rescued request on: a loop");
-    let b_refused = b.stat(&Names::for_port(PORT).local, "upstream_cx_connect_fail");
+    let b_refused = b.stat(&Names::for_port(PORT).local, "cx_connect_fail");
     assert_eq!(b_refused, a_sent.1, "every request pod A handed on, pod B tried on its own app only");
     assert_eq!(a.rescued(), 0, "a refusal is no rescue");
     // The pod drains, with the sidecar's idle grace: a request on an idle connection is rescued
@@ -119,14 +119,15 @@ fn a_body_beyond_envoys_retry_buffer_is_not_replayed() {
     let sent = (0..body / chunk.len()).take_while(|_| c.send_bytes(&chunk).is_ok()).count() * chunk.len();
     let r = c.try_response("POST");
     let status = r.as_ref().map(|r| r.status).ok();
-    let reached = b.stat(&Names::for_port(PORT).local, "upstream_cx_tx_bytes_total");
+    let reached = b.stat(&Names::for_port(PORT).local, "rq_total");
     eprintln!(
-        "[envoy {}] a {body}-byte POST with the app down: {sent} bytes sent, answered {status:?}, {reached} bytes reached pod B",
+        "[envoy {}] a {body}-byte POST with the app down: {sent} bytes sent, answered {status:?}, {reached} requests reached pod B's app",
         e2e::envoy_version()
     );
     match status {
         // The retry was decided before the buffer overflowed: the whole body went to pod B.
-        Some(200) => assert!(reached >= body as u64, "a rescued body arrived cut: {reached} bytes"),
+        // The rig app reads a body whole (its content-length) before it answers.
+        Some(200) => assert_eq!(reached, 1, "the rescued POST reached pod B once"),
         // Past the buffer the retry is abandoned: the refusal (503), or Envoy's own 507 when the
         // body outgrew the buffer while the retry waited (1.38.2, 1.40.0); nothing sent anywhere.
         Some(503 | 507) | None => assert_eq!(b.sent().0, 0, "a body past the buffer reached another pod"),

@@ -164,7 +164,7 @@ fn start(config: &Config, app_port: u16, concurrency: u32, tag: &str) -> Envoy {
     }
     let file = dir.join("envoy.json");
     fs::write(&file, bootstrap.to_string()).expect("write envoy.json");
-    Envoy::launch_quiet(dir, &file, port, admin, concurrency)
+    Envoy::launch_workers(dir, &file, port, admin, concurrency)
 }
 
 fn pin(pid: u32, cpu: &str) {

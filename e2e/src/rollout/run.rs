@@ -157,10 +157,6 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
         if stop {
             if let Some(e) = envoy_a.take() {
                 counters = e.counters_matching("close_relay_.*_total");
-                if spec.rescue() {
-                    // The rescue cluster's retries, and those its circuit breaker refused.
-                    counters.extend(e.counters_matching("^cluster\\.close-relay-rescue.[0-9]+\\.upstream_rq_retry"));
-                }
                 e.stop();
                 sidecar_stopped = Some(Instant::now());
                 note("pod A: sidecar stopped");
