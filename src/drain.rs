@@ -8,7 +8,9 @@ pub enum Source {
     /// Envoy's admin `/ready` says DRAINING: `healthcheck/fail`, or the server draining.
     SidecarHealth,
     /// Envoy drains its listeners (`drain_listeners?inboundonly&graceful`, as istio-agent
-    /// sends on SIGTERM): its HCMs count drain closes with no listener update under way.
+    /// sends on SIGTERM): the network role's probes see Envoy's own `connection: close` on
+    /// answers it would keep alive ([`Probed`]), with no listener update under way. Ends on a
+    /// kept-alive answer.
     SidecarDrain,
     /// The app refuses connections or resets them (Envoy answers 503 UF/UC/UR).
     AppFailure,
