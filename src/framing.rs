@@ -245,6 +245,12 @@ impl Responses {
     }
 }
 
+/// The response head whole at the start of `buf`, if there is one (the network role's probes
+/// read one head, apart from any connection's responses).
+pub fn head_at_start(buf: &[u8]) -> Option<HeadSeen> {
+    Responses::new(buf.len().max(1)).feed(buf).head
+}
+
 const STATUS_START: &[u8] = b"HTTP/1.";
 
 #[derive(Debug, Clone, Copy)]
@@ -436,5 +442,16 @@ mod tests {
         let (heads, _) = follow(&mut r, &[b"HTTP/1.1 503 x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"]);
         assert!(heads[0].says_close && !heads[0].rescued && !heads[0].refused);
         assert_eq!(with_close(b"HTTP/1.1 200 OK\r\na: b\r\n\r\n"), b"HTTP/1.1 200 OK\r\na: b\r\nconnection: close\r\n\r\n");
+    }
+
+    #[test]
+    fn a_head_at_the_start_says_whether_envoy_closes() {
+        let close = |buf: &[u8]| head_at_start(buf).map(|h| (h.is_final, h.says_close));
+        assert_eq!(close(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"), Some((true, false)));
+        assert_eq!(close(b"HTTP/1.1 503 x\r\nConnection: Close\r\n\r\n"), Some((true, true)));
+        assert_eq!(close(b"HTTP/1.1 200 OK\r\nx-close-relay: 0000\r\n\r\n"), Some((true, false)), "our marker is not Envoy's close");
+        assert_eq!(close(b"HTTP/1.1 100 Continue\r\n\r\n"), Some((false, false)), "interim: the final head comes next");
+        assert_eq!(close(b"HTTP/1.1 200 OK\r\nconnection: cl"), None);
+        assert_eq!(close(b"garbage"), None);
     }
 }

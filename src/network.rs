@@ -158,7 +158,7 @@ impl NetworkRole {
             pos += fed.used;
             if let Some(head) = fed.head.filter(|h| h.is_final) {
                 if std::mem::take(probe) {
-                    probed(&self.shared, if head.says_close { Probed::EnvoyClosed } else { Probed::KeptAlive });
+                    probed(&self.shared, answered(&head));
                 }
                 // Envoy's own reply when it could not reach the app: a default sidecar keeps no
                 // stat of it, but its body names it (one read more, for a 503 only).
@@ -207,14 +207,14 @@ impl NetworkRole {
 
     /// The answer to a probed request starts in this write (not `lean`, which follows it).
     fn answer_probe(&self, size: usize) {
-        let Some(head) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else { return };
-        match wire::final_head_says_close(&head) {
-            Some(close) => {
+        let Some(bytes) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else { return };
+        match framing::head_at_start(&bytes) {
+            Some(head) if head.is_final => {
                 self.conn.borrow_mut().probe = false;
-                probed(&self.shared, if close { Probed::EnvoyClosed } else { Probed::KeptAlive });
+                probed(&self.shared, answered(&head));
             }
-            // An interim 1xx: the final answer comes next. Anything else tells nothing.
-            None if head.starts_with(b"HTTP/1.1 1") => {}
+            // An interim 1xx: the final answer comes next.
+            Some(_) => {}
             None => self.conn.borrow_mut().probe = false,
         }
     }
@@ -292,6 +292,11 @@ fn watch_app(shared: &Shared, head: HeadSeen, local: Option<bool>) {
     }
 }
 
+/// What the final head answering a probed request says.
+fn answered(head: &HeadSeen) -> Probed {
+    if head.says_close { Probed::EnvoyClosed } else { Probed::KeptAlive }
+}
+
 /// Which failure Envoy's local reply starting at `pos` of this write names, if it is one.
 fn local_reply(pos: usize, end: usize) -> Option<bool> {
     if pos >= end {
@@ -315,8 +320,7 @@ fn probed(shared: &Shared, probed: Probed) {
     .unwrap_or(0);
     debug!("probe of Envoy's drain: {probed:?} ({in_a_row} of Envoy's closes in a row)");
     match probed {
-        Probed::KeptAlive if pod::active_until(Source::SidecarDrain) > 0 => pod::clear(Source::SidecarDrain, &shared.metrics),
-        Probed::KeptAlive => {}
+        Probed::KeptAlive => pod::clear(Source::SidecarDrain, &shared.metrics),
         Probed::EnvoyClosed => {
             let updating = DrainStats::decode_read(&host::shared_get(keys::SIDECAR_READ).0)
                 .is_some_and(|(_, stats)| stats.update_draining > 0);

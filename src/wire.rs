@@ -143,7 +143,19 @@ fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
 /// request pipelined behind it would never be answered once Envoy closes after this one).
 pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
     let line_end = find(&buf[..buf.len().min(MAX_REQUEST_LINE)], b"\r\n")?;
-    let line = &buf[..line_end];
+    let (method, _, _) = request_line(&buf[..line_end])?;
+    if method == b"PRI" || find(buf, b"\r\n\r\n").map(|i| i + 4) != Some(buf.len()) {
+        return None;
+    }
+    let mut with = Vec::with_capacity(line_end + 2 + CLOSE_LINE.len());
+    with.extend_from_slice(&buf[..line_end + 2]);
+    with.extend_from_slice(CLOSE_LINE);
+    Some(Edit { len: line_end + 2, with })
+}
+
+/// A well-formed HTTP/1.x request line: its method (1 to 20 upper-case letters), target (visible
+/// ASCII) and version (`HTTP/1.1` or `HTTP/1.0`).
+fn request_line(line: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
     let mut parts = line.split(|&b| b == b' ');
     let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
     let well_formed = parts.next().is_none()
@@ -152,13 +164,7 @@ pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
         && !target.is_empty()
         && target.iter().all(|b| b.is_ascii_graphic())
         && (version == b"HTTP/1.1" || version == b"HTTP/1.0");
-    if !well_formed || method == b"PRI" || find(buf, b"\r\n\r\n").map(|i| i + 4) != Some(buf.len()) {
-        return None;
-    }
-    let mut with = Vec::with_capacity(line_end + 2 + CLOSE_LINE.len());
-    with.extend_from_slice(&buf[..line_end + 2]);
-    with.extend_from_slice(CLOSE_LINE);
-    Some(Edit { len: line_end + 2, with })
+    well_formed.then_some((method, target, version))
 }
 
 /// Do the first bytes a client sent start an HTTP/1 request (a method token, then a space)?
@@ -196,17 +202,8 @@ pub fn keep_alive_request(buf: &[u8]) -> bool {
         return false;
     }
     let mut lines = buf[..end].split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let Some(request_line) = lines.next() else { return false };
-    let mut parts = request_line.split(|b| *b == b' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return false;
-    };
-    let line_ok = (1..=20).contains(&method.len())
-        && method.iter().all(u8::is_ascii_uppercase)
-        && method != b"CONNECT"
-        && target.first() == Some(&b'/')
-        && target.iter().all(u8::is_ascii_graphic)
-        && version == b"HTTP/1.1";
+    let Some((method, target, version)) = lines.next().and_then(request_line) else { return false };
+    let line_ok = method != b"CONNECT" && target.first() == Some(&b'/') && version == b"HTTP/1.1";
     let mut hosts = 0;
     for line in lines {
         let Some((name, value)) = split_field(line) else { return false };
@@ -225,25 +222,6 @@ pub fn keep_alive_request(buf: &[u8]) -> bool {
         hosts += usize::from(lower == b"host");
     }
     line_ok && hosts == 1
-}
-
-/// Does the final HTTP/1.1 response head at the start of `buf` carry `connection: close`?
-/// `None` when `buf` does not start with one whole final head (an interim 1xx, a head cut by
-/// the read, anything else).
-pub fn final_head_says_close(buf: &[u8]) -> Option<bool> {
-    let end = find(buf, b"\r\n\r\n")?;
-    let head = buf.get(..end)?;
-    let status = head.strip_prefix(STATUS_LINE_START)?.get(..3)?;
-    if !status.iter().all(u8::is_ascii_digit) || status[0] < b'2' {
-        return None;
-    }
-    let says_close = head
-        .split(|b| *b == b'\n')
-        .skip(1)
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-        .filter_map(split_field)
-        .any(|(name, value)| name.eq_ignore_ascii_case(b"connection") && has_token(&String::from_utf8_lossy(value), "close"));
-    Some(says_close)
 }
 
 /// What Envoy's own reply says when it could not get an answer from the app: its body starts
@@ -419,16 +397,6 @@ mod tests {
         for r in no {
             assert!(!keep_alive_request(r), "{}", String::from_utf8_lossy(r));
         }
-    }
-
-    #[test]
-    fn a_final_head_says_whether_envoy_closes() {
-        assert_eq!(final_head_says_close(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"), Some(false));
-        assert_eq!(final_head_says_close(b"HTTP/1.1 503 x\r\nConnection: Close\r\n\r\n"), Some(true));
-        assert_eq!(final_head_says_close(b"HTTP/1.1 200 OK\r\nx-close-relay: 0000\r\n\r\n"), Some(false), "our marker is not Envoy's close");
-        assert_eq!(final_head_says_close(b"HTTP/1.1 100 Continue\r\n\r\n"), None);
-        assert_eq!(final_head_says_close(b"HTTP/1.1 200 OK\r\nconnection: cl"), None);
-        assert_eq!(final_head_says_close(b"garbage"), None);
     }
 
     #[test]

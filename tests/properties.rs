@@ -294,7 +294,7 @@ proptest! {
         if wire::keep_alive_request(&bytes) {
             prop_assert!(bytes.ends_with(b"\r\n\r\n") && wire::starts_http1_request(&bytes) == Some(true));
         }
-        let _ = wire::final_head_says_close(&bytes);
+        let _ = close_relay::framing::head_at_start(&bytes);
         let _ = wire::local_reply_refused(&bytes);
     }
 }
