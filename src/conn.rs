@@ -48,8 +48,8 @@ pub struct Conn {
     /// `lean`: the network role follows the responses itself, and its count of requests in
     /// flight is whether one is under way ([`crate::framing`]).
     pub responses: Option<Responses>,
-    /// The kubelet's preStop hook came on this connection at this time (tick clock): it is
-    /// not one of the clients the hook waits for.
+    /// The kubelet's preStop hook came on this connection at this time (the host's clock): it
+    /// is not one of the clients the hook waits for.
     pub hook_since: Option<u64>,
     /// The count last published on it for the HTTP role that holds the hook.
     pub hook_left: Option<u64>,
@@ -142,7 +142,7 @@ pub fn close(conn: &ConnRef) -> bool {
 }
 
 /// This VM's client connections still open, the preStop hooks' own left out, and the hooks'
-/// connections: `(context id, when the hook came, the count last published on it)`.
+/// connections with when each hook came.
 pub fn census() -> (u64, Vec<(ConnRef, u64)>) {
     vm::CONNS.with(|c| {
         let conns = c.borrow();

@@ -24,6 +24,8 @@ pub struct Fake {
     pub properties: HashMap<Vec<u8>, Vec<u8>>,
     /// By `BufferType` number.
     pub buffers: HashMap<u32, Vec<u8>>,
+    /// Reads of each buffer, by `BufferType` number.
+    pub buffer_reads: HashMap<u32, u32>,
     /// By `MapType` number, in order.
     pub maps: HashMap<u32, Vec<(String, String)>>,
     pub effective_context: u32,
@@ -113,7 +115,10 @@ extern "C" fn proxy_set_tick_period_milliseconds(period: u32) -> u32 {
 
 #[no_mangle]
 unsafe extern "C" fn proxy_get_buffer_bytes(buffer: u32, start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
-    let bytes = with(|f| f.buffers.get(&buffer).cloned());
+    let bytes = with(|f| {
+        *f.buffer_reads.entry(buffer).or_default() += 1;
+        f.buffers.get(&buffer).cloned()
+    });
     let Some(bytes) = bytes else { return NOT_FOUND };
     let from = start.min(bytes.len());
     let to = from.saturating_add(max).min(bytes.len());
@@ -666,11 +671,11 @@ mod tests {
         assert!(!pod::draining(), "the body, which names the failure, has not come yet");
         write(&mut net, body.as_bytes());
         assert!(pod::draining() && pod::app_going(), "a second before any answer: the app is going");
-        reset_and_refuse(START_MS);
     }
 
-    fn reset_and_refuse(start_ms: u64) {
-        reset(start_ms);
+    #[test]
+    fn lean_drains_at_once_on_envoys_own_reply_to_a_refusal() {
+        reset(START_MS);
         let shared = shared(Config { lean: true, ..Config::default() });
         let mut net = lean_connection(52, &shared);
         let body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused";
@@ -681,7 +686,7 @@ mod tests {
 
     /// A connection of this VM whose request is probed, answered with `head`.
     fn probed(id: u32, shared: &Rc<Shared>, head: &[u8]) {
-        crate::vm::PROBE_DUE.set(true);
+        crate::vm::PROBE_READS.set(crate::network::PROBE_READS_PER_TICK);
         let (mut net, _http) = connection(id, shared);
         write(&mut net, head);
     }
@@ -700,7 +705,7 @@ mod tests {
         probed(63, &shared, kept);
         assert!(!pod::draining(), "Envoy kept a connection open: it is not draining");
         // A request that asked to close is never probed; nor is a second one the same tick.
-        crate::vm::PROBE_DUE.set(true);
+        crate::vm::PROBE_READS.set(crate::network::PROBE_READS_PER_TICK);
         let mut net = NetworkRole::new(64, shared.clone());
         net.on_new_connection();
         set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\nconnection: close\r\n\r\n");
@@ -714,6 +719,23 @@ mod tests {
         with(|f| f.shared.insert(keys::SIDECAR_READ.as_bytes().to_vec(), (crate::drain::DrainStats { update_draining: 1 }.encode_read(START_MS), 1)));
         probed(67, &shared, closed);
         assert!(!pod::draining(), "closes during a listener update");
+    }
+
+    #[test]
+    fn traffic_no_probe_can_take_costs_a_few_reads_a_tick_not_one_a_request() {
+        reset(START_MS);
+        let shared = shared(Config::default());
+        let (mut net, _http) = connection(81, &shared);
+        crate::vm::PROBE_READS.set(crate::network::PROBE_READS_PER_TICK);
+        let post = b"POST / HTTP/1.1\r\nhost: alb\r\ncontent-length: 2\r\n\r\nok";
+        let reads = || with(|f| f.buffer_reads.get(&(BufferType::DownstreamData as u32)).copied().unwrap_or(0));
+        let before = reads();
+        for _ in 0..20 {
+            write(&mut net, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+            set_buffer(BufferType::DownstreamData, post);
+            net.on_downstream_data(post.len(), false);
+        }
+        assert_eq!(reads() - before, crate::network::PROBE_READS_PER_TICK, "20 POSTs in one tick");
     }
 
     #[test]

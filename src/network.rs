@@ -28,6 +28,9 @@ use crate::vm;
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;
+/// Request heads read per tick and VM looking for one to probe: a probe takes the first that
+/// qualifies, and traffic where none does (all POSTs, say) costs at most this many reads a tick.
+pub const PROBE_READS_PER_TICK: u32 = 4;
 /// Enough of Envoy's local reply body to read its reset reason ([`wire::local_reply_refused`]).
 const LOCAL_REPLY_READ: usize = wire::LOCAL_REPLY_START.len() + 48;
 /// Reads of one write while following responses (`lean`): a head, or a chunk line each. A
@@ -194,13 +197,22 @@ impl NetworkRole {
     /// Probes Envoy's drain on this request, once a tick per VM: a request Envoy would keep
     /// the connection open for ([`wire::keep_alive_request`]), whose answer then says whether
     /// Envoy's listener drains. A default sidecar keeps no stat of Envoy's drain closes.
+    /// `first`: the head already read for this connection's first request, free to look at.
     fn arm_probe(&self, config: &Config, size: usize, first: Option<Vec<u8>>) {
-        if !(config.drain.enabled && config.drain.sidecar.enabled && vm::PROBE_DUE.get()) {
+        let reads = vm::PROBE_READS.get();
+        if !(config.drain.enabled && config.drain.sidecar.enabled && reads > 0) {
             return;
         }
-        let Some(head) = first.or_else(|| host::get_buffer(BufferType::DownstreamData, size)) else { return };
+        let head = match first {
+            Some(head) => head,
+            None => {
+                vm::PROBE_READS.set(reads - 1);
+                let Some(head) = host::get_buffer(BufferType::DownstreamData, size) else { return };
+                head
+            }
+        };
         if wire::keep_alive_request(&head) {
-            vm::PROBE_DUE.set(false);
+            vm::PROBE_READS.set(0);
             self.conn.borrow_mut().probe = true;
         }
     }

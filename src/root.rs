@@ -259,8 +259,11 @@ impl RootContext for Root {
         let Some(config) = self.shared.active() else { return };
         self.shared.metrics.flush();
         if self.role == Role::Network {
-            vm::PROBE_DUE.set(true);
-            count_connections(config.drain.tick_ms);
+            vm::PROBE_READS.set(network::PROBE_READS_PER_TICK);
+            if !config.lean {
+                // Only the preStop hook reads the count, and lean has no HTTP role to hold one.
+                count_connections(config.drain.tick_ms);
+            }
         }
         if let Some(queue) = pod::own_queue().filter(|_| self.role == Role::Network) {
             // Notes from HTTP roles in other VMs first: the sweep must count their requests. A

@@ -37,8 +37,9 @@ thread_local! {
     /// conn.rs: connections of this VM by address (`link::Address::text`). A connection stays
     /// on its worker, so an HTTP role that finds its address here shares the VM.
     pub(crate) static CONNS: RefCell<HashMap<String, ConnRef>> = RefCell::new(HashMap::new());
-    /// network.rs: a probe of Envoy's drain may be armed (once a tick, by the network root).
-    pub(crate) static PROBE_DUE: Cell<bool> = const { Cell::new(false) };
+    /// network.rs: request heads a probe of Envoy's drain may still read this tick (the network
+    /// root refills it each tick; arming a probe empties it).
+    pub(crate) static PROBE_READS: Cell<u32> = const { Cell::new(0) };
     /// root.rs: this VM's name in the census of client connections (`census::Record::vm`).
     pub(crate) static CENSUS_ID: Cell<u64> = const { Cell::new(0) };
 
