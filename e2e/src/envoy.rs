@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::client::Client;
 use crate::process::{connectable, scratch, Proc};
-use crate::{istio, sidecar, wasm};
+use crate::{sidecar, wasm};
 use crate::{repo_root, Port};
 
 /// The Envoy under test: `$ENVOY`, else the newest one `make envoy` installed under `.envoy/`.
@@ -422,7 +422,6 @@ impl Envoy {
             let listener = config["static_resources"]["listeners"][0].take();
             config["static_resources"]["listeners"] = json!([]);
             fs::create_dir_all(dir.join("lds")).expect("lds dir");
-            istio::sidecar_node(&mut config);
             config["dynamic_resources"] = json!({"lds_config": {
                 "path_config_source": {"path": dir.join("lds/lds.json"), "watched_directory": {"path": dir.join("lds")}},
                 "resource_api_version": "V3"
@@ -533,6 +532,11 @@ impl Envoy {
             .filter_map(|l| l.strip_prefix(&prefix))
             .filter(|rest| rest.ends_with("::health_flags::healthy"))
             .count() as u64
+    }
+
+    /// [`Envoy::cluster_healthy_hosts`] once it equals `want`, or its value after `within`.
+    pub fn cluster_healthy_hosts_settling_at(&self, cluster: &str, want: u64, within: Duration) -> u64 {
+        stat_once(|| self.cluster_healthy_hosts(cluster), within, |v| v == want)
     }
 
     /// One per-host counter of a cluster (`<cluster>::<host>::<stat>::<value>` lines of

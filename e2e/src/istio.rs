@@ -105,12 +105,6 @@ fn insert_inbound(bootstrap: &mut Value, at: Before, filter: &Value) {
     }
 }
 
-/// Istio's bootstrap names the node; xDS subscriptions, file-based ones too, require it.
-pub(crate) fn sidecar_node(bootstrap: &mut Value) {
-    if bootstrap.get("node").is_none() {
-        bootstrap["node"] = json!({"id": "sidecar~127.0.0.1~checkout-0.shop~shop.svc.cluster.local", "cluster": "checkout.shop"});
-    }
-}
 
 /// Writes an ECDS resource where Envoy will read it, and returns the config source for it.
 fn ecds_file(dir: &Path, resource: &Value) -> Value {
@@ -133,7 +127,7 @@ fn agent_pulls(extension: &mut Value, wasm: &Path) {
 
 /// Applies an EnvoyFilter's patches to `bootstrap`'s inbound listeners (see the module docs).
 pub fn apply_envoy_filter(bootstrap: &mut Value, envoy_filter: &Value, wasm: &Path, dir: &Path) {
-    sidecar_node(bootstrap);
+    crate::sidecar::ensure_node(bootstrap);
     let mut extensions = Map::new();
     for p in envoy_filter["spec"]["configPatches"].as_array().expect("configPatches") {
         let (apply_to, op, value) = (&p["applyTo"], &p["patch"]["operation"], &p["patch"]["value"]);
@@ -307,7 +301,7 @@ pub fn istiod_inbound(bootstrap: &mut Value, app_port: u16, target_port: u16, se
 /// istiod's outbound cluster for a Service (`outbound|<port>||<host>`), its endpoints over EDS
 /// from `eds` instead of istiod's ADS stream.
 pub fn istiod_outbound(bootstrap: &mut Value, service: &str, port: u16, eds: &Path) {
-    sidecar_node(bootstrap);
+    crate::sidecar::ensure_node(bootstrap);
     let name = format!("outbound|{port}||{service}");
     bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(json!({
         "name": name,
@@ -402,7 +396,7 @@ impl<'a> Extension<'a> {
 /// listeners, as istiod and istio-agent do (see the module docs); `pulled` is the module
 /// istio-agent pulled for an `oci://` url.
 pub fn apply_extensions(bootstrap: &mut Value, resources: &[Value], pulled: &Path, dir: &Path) {
-    sidecar_node(bootstrap);
+    crate::sidecar::ensure_node(bootstrap);
     for (index, resource) in resources.iter().enumerate() {
         let ext = Extension::read(resource, index);
         let network = ext.network();

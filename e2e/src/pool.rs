@@ -104,7 +104,6 @@ pub fn report(source: &str, setup: &str, took: Duration) {
     );
 }
 
-
 /// Traffic that goes on, as an ALB's does: one client sending `GET /keep` every 20 ms on a
 /// keep-alive connection, opening a new one whenever it is told to close or the connection
 /// ends, until stopped (20 s at most).

@@ -176,7 +176,7 @@ pub fn refused_reply_mappers() -> Value {
 /// it) into rescue routes for the app's `port`, with the other pods read from `eds`.
 pub fn apply(bootstrap: &mut Value, inbound_cluster: &str, port: u16, eds: &Path) {
     let names = Names::for_port(port);
-    crate::istio::sidecar_node(bootstrap);
+    crate::sidecar::ensure_node(bootstrap);
     let clusters = bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters");
     let mut local = clusters.iter().find(|c| c["name"] == inbound_cluster).cloned().expect("the inbound cluster");
     local["name"] = json!(names.local);
@@ -218,12 +218,7 @@ fn rescue_hcm(hcm: &mut Value, inbound_cluster: &str, names: &Names) {
 pub fn push_eds(envoy: &crate::Envoy, eds: &Path, pods: &[u16]) {
     write_eds(eds, SERVICE_PORT, pods);
     let peers = Names::for_port(SERVICE_PORT).peers;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut seen = envoy.cluster_healthy_hosts(&peers);
-    while seen != pods.len() as u64 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        seen = envoy.cluster_healthy_hosts(&peers);
-    }
+    let seen = envoy.cluster_healthy_hosts_settling_at(&peers, pods.len() as u64, std::time::Duration::from_secs(10));
     assert_eq!(seen, pods.len() as u64, "the sidecar did not take the EDS push");
 }
 

@@ -64,6 +64,13 @@ pub fn node() -> Value {
     })
 }
 
+/// Istio's bootstrap names the node; xDS subscriptions, file-based ones too, require it.
+pub fn ensure_node(bootstrap: &mut Value) {
+    if bootstrap.get("node").is_none() {
+        bootstrap["node"] = node();
+    }
+}
+
 fn static_cluster(name: &str, port: u16) -> Value {
     json!({
         "name": name,
@@ -81,9 +88,7 @@ pub const AGENT_PORT: u16 = 15020;
 pub fn apply(bootstrap: &mut Value, admin: u16) {
     bootstrap["stats_config"] = stats_config();
     bootstrap["layered_runtime"] = layered_runtime();
-    if bootstrap.get("node").is_none() {
-        bootstrap["node"] = node();
-    }
+    ensure_node(bootstrap);
     let clusters = &mut bootstrap["static_resources"]["clusters"];
     if !clusters.is_array() {
         *clusters = json!([]);
