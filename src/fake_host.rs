@@ -674,6 +674,20 @@ mod tests {
     }
 
     #[test]
+    fn lean_never_takes_an_apps_503_for_envoys_own_whatever_its_body_says() {
+        reset(START_MS);
+        let shared = shared(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(53, &shared);
+        // A gateway app passing on a dependency's reply: Envoy's router marks it as the app's.
+        let body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure";
+        let passed_on = format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nx-envoy-upstream-service-time: 3\r\n\r\n{body}", body.len());
+        for _ in 0..5 {
+            write(&mut net, passed_on.as_bytes());
+        }
+        assert!(!pod::draining(), "the app's own 503s, five in a row");
+    }
+
+    #[test]
     fn lean_drains_at_once_on_envoys_own_reply_to_a_refusal() {
         reset(START_MS);
         let shared = shared(Config { lean: true, ..Config::default() });

@@ -57,6 +57,10 @@ pub struct HeadSeen {
     pub refused: bool,
     /// It carries `x-envoy-attempt-count` at all: the route it came by is rescue's.
     pub attempt_counted: bool,
+    /// It carries `x-envoy-upstream-service-time`, which Envoy's router sets on an answer that
+    /// came from the app and never on its own local reply: whatever its body says, it is the
+    /// app's (or something behind it).
+    pub from_upstream: bool,
 }
 
 /// What one [`Responses::feed`] did.
@@ -204,6 +208,7 @@ impl Responses {
             rescued: decision::rescued(h.attempt_count, h.refused),
             refused: h.refused,
             attempt_counted: h.attempt_count.is_some(),
+            from_upstream: h.from_upstream,
         });
         self.carry.clear();
         self.body_started = false;
@@ -261,6 +266,7 @@ struct Head<'a> {
     status: u16,
     attempt_count: Option<&'a str>,
     refused: bool,
+    from_upstream: bool,
 }
 
 /// A whole response head: what follows it, and whether it says close.
@@ -269,7 +275,7 @@ fn parse_head(head: &[u8]) -> Option<Head<'_>> {
     let mut lines = text.split("\r\n");
     let status: u16 = lines.next()?.get(9..12)?.parse().ok()?;
     let (mut length, mut chunked, mut says_close) = (None::<u64>, false, false);
-    let (mut attempt_count, mut refused) = (None, false);
+    let (mut attempt_count, mut refused, mut from_upstream) = (None, false, false);
     for line in lines.take_while(|l| !l.is_empty()) {
         let (name, value) = line.split_once(':')?;
         let value = value.trim();
@@ -287,6 +293,8 @@ fn parse_head(head: &[u8]) -> Option<Head<'_>> {
             attempt_count = Some(value);
         } else if name.eq_ignore_ascii_case(decision::REFUSED_HEADER) {
             refused = true;
+        } else if name.eq_ignore_ascii_case("x-envoy-upstream-service-time") {
+            from_upstream = true;
         }
     }
     let next = match status {
@@ -299,7 +307,7 @@ fn parse_head(head: &[u8]) -> Option<Head<'_>> {
             None => State::Open,
         },
     };
-    Some(Head { next, says_close, is_final: status >= 200, status, attempt_count, refused })
+    Some(Head { next, says_close, is_final: status >= 200, status, attempt_count, refused, from_upstream })
 }
 
 fn chunk_size(line: &[u8]) -> Option<u64> {

@@ -164,11 +164,13 @@ impl NetworkRole {
                     probed(&self.shared, answered(&head));
                 }
                 // Envoy's own reply when it could not reach the app: a default sidecar keeps no
-                // stat of it, but its body names it (one read more, for a 503 only).
-                if head.status == 503 && pos == end && responses.in_flight() {
+                // stat of it, but its body names it (one read more, for a 503 of Envoy's own
+                // only: an app's 503 passing on a dependency's reply says the same words).
+                let envoys_503 = head.status == 503 && !head.from_upstream;
+                if envoys_503 && pos == end && responses.in_flight() {
                     *head_503 = Some(head);
                 } else {
-                    let local = if head.status == 503 { local_reply(pos, end) } else { None };
+                    let local = if envoys_503 { local_reply(pos, end) } else { None };
                     watch_app(&self.shared, head, local);
                 }
             }

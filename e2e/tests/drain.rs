@@ -125,6 +125,41 @@ fn an_idle_connection_closes_within_a_second_of_istio_agents_drain_while_traffic
     }
 }
 
+/// The probes take Envoy's own `connection: close` for its drain. A client can make Envoy say
+/// close on its own exchange: by asking (`Connection: close`, `Proxy-Connection: close`,
+/// HTTP/1.0), or with a request Envoy refuses. None of those is probed, so no client, through
+/// the ALB or from a neighbour, drains the pod this way: after many of each, on fresh
+/// connections over several ticks, an idle connection is still open.
+#[test]
+fn a_client_that_makes_envoy_say_close_never_drains_the_pod() {
+    let app = App::start();
+    let envoy = start("client-says-close", spec(&app));
+    let mut idle = envoy.connect();
+    assert!(!idle.get("/keep").says_close());
+    let asks = [
+        "GET /keep HTTP/1.1\r\nhost: alb\r\nconnection: close\r\n\r\n",
+        "GET /keep HTTP/1.1\r\nhost: alb\r\nproxy-connection: close\r\n\r\n",
+        "GET /keep HTTP/1.0\r\nhost: alb\r\n\r\n",
+        "GET /keep HTTP/1.1\r\nhost: alb\r\nbad header\r\n\r\n",
+    ];
+    let started = Instant::now();
+    let mut told = 0;
+    while started.elapsed() < Duration::from_millis(1_500) {
+        for ask in asks {
+            let mut c = envoy.connect();
+            c.send(ask).expect("send");
+            let r = c.try_response("GET").unwrap_or_else(|e| panic!("no answer to {ask:?}: {e}"));
+            told += usize::from(r.says_close());
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert!(told >= 4 * 10, "Envoy did not say close to these clients ({told} times): the test shows nothing");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(idle.open_now(), "the idle connection was closed: a client's own closes drained the pod\n{}", envoy.wasm_log());
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_sidecar_drain_total"), 0);
+    assert!(!idle.get("/keep").says_close(), "the pod is draining");
+}
+
 #[test]
 fn healthcheck_ok_ends_the_drain() {
     let app = App::start();

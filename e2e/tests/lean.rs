@@ -147,6 +147,27 @@ fn without_rescue_a_dead_app_drains_the_pod_from_envoys_own_replies() {
     report(&format!("app_failure (lean, app killed, no rescue: {errors} 503s meanwhile)"), "Envoy's local replies", took);
 }
 
+/// Lean reads Envoy's own 503 by its body; an app that passes on a dependency's reply says the
+/// same words (a gateway, a BFF). Envoy's router marks the app's answer as the app's
+/// (`x-envoy-upstream-service-time`), so its 503s, however many, never drain the pod.
+#[test]
+fn an_app_passing_on_envoys_reply_text_never_drains_the_pod() {
+    let app = App::start();
+    let envoy = Envoy::start("lean-passed-on", &lean(&app));
+    let mut idle = envoy.connect();
+    assert!(!idle.get("/keep").says_close());
+    let mut c = envoy.connect();
+    for _ in 0..6 {
+        let r = c.get("/envoy-503");
+        assert_eq!(r.status, 503);
+        assert!(String::from_utf8_lossy(&r.body).starts_with("upstream connect error"), "{}", r.raw_head);
+        assert!(!r.says_close(), "the pod began draining on the app's own 503:\n{}", r.raw_head);
+    }
+    std::thread::sleep(Duration::from_millis(1_300));
+    assert!(idle.open_now(), "an idle connection was closed: the app's 503s drained the pod");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total"), 0);
+}
+
 /// `lean` in an HTTP plugin is a configuration error: that plugin passes traffic through and
 /// says why; the network role of the same pair still works.
 #[test]

@@ -15,6 +15,8 @@
 //! - `/status-close?code=N` status N (204, 304, ...) without body + `Connection: close`
 //! - `/big-head-close?bytes=N` about N bytes of `x-pad-*` headers + `Connection: close`
 //! - `/spoof`               keep-alive response carrying forged `x-close-relay` headers
+//! - `/envoy-503`           keep-alive 503 whose body is Envoy's own "upstream connect error"
+//!   reply, as a gateway app passes on a dependency's
 //! - `/ws`                  with `Upgrade:` answers 101 and then echoes raw bytes
 //! - `/ready`               200, or 503 after `/set-ready?v=0` (until `/set-ready?v=1`)
 //! - `/reset`               no answer: the connection is reset, as Tomcat's shutdown resets
@@ -273,6 +275,10 @@ fn serve(stream: TcpStream) -> io::Result<()> {
             "/set-ready" => {
                 READY.store(req.param("v") == Some("1"), Ordering::Relaxed);
                 (simple("", "ok"), !forced)
+            }
+            "/envoy-503" => {
+                let body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure";
+                (format!("HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n{close}\r\n{body}", body.len()), !forced)
             }
             "/spoof" => (
                 simple("x-close-relay: 0000000000000000\r\nX-Close-Relay: close\r\n", "ok"),
