@@ -655,14 +655,18 @@ mod tests {
         assert_eq!(metric("close_relay_rescued_total"), 3);
     }
 
+    /// A 503 as Envoy writes it, with `headers` (whole lines) and `body`.
+    fn reply_503(headers: &str, body: &str) -> String {
+        format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\n{headers}\r\n{body}", body.len())
+    }
+
     #[test]
     fn lean_reads_a_dead_app_from_envoys_own_replies() {
         reset(START_MS);
         let shared = shared(Config { lean: true, ..Config::default() });
         let mut net = lean_connection(51, &shared);
-        let reply = |body: &str| format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{body}", body.len());
-        let reset = reply("upstream connect error or disconnect/reset before headers. reset reason: connection termination");
-        write(&mut net, reply("the app's own 503, whatever it says").as_bytes());
+        let reset = reply_503("content-type: text/plain\r\n", "upstream connect error or disconnect/reset before headers. reset reason: connection termination");
+        write(&mut net, reply_503("", "the app's own 503, whatever it says").as_bytes());
         write(&mut net, reset.as_bytes());
         assert!(!pod::draining(), "one reset: the keep-alive race, maybe");
         // Envoy writes a head and its body apart.
@@ -679,8 +683,10 @@ mod tests {
         let shared = shared(Config { lean: true, ..Config::default() });
         let mut net = lean_connection(53, &shared);
         // A gateway app passing on a dependency's reply: Envoy's router marks it as the app's.
-        let body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure";
-        let passed_on = format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nx-envoy-upstream-service-time: 3\r\n\r\n{body}", body.len());
+        let passed_on = reply_503(
+            "x-envoy-upstream-service-time: 3\r\n",
+            "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+        );
         for _ in 0..5 {
             write(&mut net, passed_on.as_bytes());
         }
@@ -693,7 +699,7 @@ mod tests {
         let shared = shared(Config { lean: true, ..Config::default() });
         let mut net = lean_connection(52, &shared);
         let body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused";
-        write(&mut net, format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        write(&mut net, reply_503("", body).as_bytes());
         assert!(pod::draining() && pod::app_going(), "a refusal: at once, no rescue to catch the next one");
         assert_eq!(metric("close_relay_drain_entered_app_failure_total"), 1);
     }
