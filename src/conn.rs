@@ -66,7 +66,7 @@ pub type ConnRef = Rc<RefCell<Conn>>;
 impl Conn {
     /// A same-VM HTTP role saw a request start on this connection.
     pub fn request_started(&mut self) {
-        self.activity.in_flight += 1;
+        self.activity.in_flight = self.activity.in_flight.saturating_add(1);
         self.http_role_here = true;
     }
 
@@ -172,7 +172,7 @@ pub fn hear(note: &Note) {
     let Some(conn) = conn_for(conn) else { return };
     let mut c = conn.borrow_mut();
     match note {
-        Note::Begin(_) => c.activity.in_flight += 1,
+        Note::Begin(_) => c.activity.in_flight = c.activity.in_flight.saturating_add(1),
         // Only the count: a note is read a dispatcher turn late, when the client may already
         // have sent its next request, and the bytes this role saw itself say which came last.
         _ if ended => c.activity.in_flight = c.activity.in_flight.saturating_sub(1),

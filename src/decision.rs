@@ -200,7 +200,7 @@ pub fn decide(
 /// is one relayed close per VM before an HTTP/2 app is recognised.
 #[derive(Debug, Default)]
 pub struct UnframedLearner {
-    hosts: std::collections::HashMap<String, Unframed>,
+    hosts: std::collections::BTreeMap<String, Unframed>,
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -235,7 +235,7 @@ impl Window {
         if now_ms >= self.start_ms.saturating_add(window_ms) || self.count == 0 {
             *self = Window { start_ms: now_ms, count: 0 };
         }
-        self.count += 1;
+        self.count = self.count.saturating_add(1);
         self.count
     }
 }
@@ -273,7 +273,7 @@ impl Streak {
 /// as is this record, and the connections of one pool have distinct local ports.
 #[derive(Debug, Default)]
 pub struct UpstreamUse {
-    answered_ms: std::collections::HashMap<u16, u64>,
+    answered_ms: std::collections::BTreeMap<u16, u64>,
 }
 
 /// Records beyond this are pruned of the idle ones (an upstream pool rarely holds as many).
@@ -298,7 +298,7 @@ impl UpstreamUse {
 /// The port of an address as Envoy gives it (`127.0.0.6:41234`, `[::1]:41234`).
 pub fn port_of(address: &[u8]) -> Option<u16> {
     let at = address.iter().rposition(|b| *b == b':')?;
-    std::str::from_utf8(&address[at + 1..]).ok()?.parse().ok()
+    std::str::from_utf8(address.get(at.saturating_add(1)..)?).ok()?.parse().ok()
 }
 
 /// What the network role knows about one client connection's activity.

@@ -8,6 +8,8 @@
 //! thread-locals, so each test, on its own thread as cargo runs them, starts on a fresh pair;
 //! [`reset`] clears the host, not the VM.
 
+#![allow(clippy::disallowed_types)] // a test host off wasm32, where std's seed cannot fail
+
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 
@@ -35,6 +37,9 @@ pub struct Fake {
     pub local_responses: Vec<(u32, u32, Vec<u8>)>,
     pub metrics: Vec<(String, i64)>,
     pub tick_ms: u32,
+    /// WASI's `random_get` fails, as a host without a random source would.
+    pub no_random: bool,
+    pub random_calls: u64,
 }
 
 thread_local! {
@@ -314,6 +319,23 @@ extern "C" fn proxy_increment_metric(id: u32, offset: i64) -> u32 {
     }))
 }
 
+/// WASI's random source: a counter's bytes, distinct on every call, or the errno a host without
+/// one returns (`ENOSYS`).
+#[no_mangle]
+unsafe extern "C" fn random_get(buf: *mut u8, len: usize) -> i32 {
+    with(|f| {
+        if f.no_random {
+            return 52;
+        }
+        f.random_calls += 1;
+        let bytes = f.random_calls.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes();
+        for i in 0..len {
+            *buf.add(i) = bytes[i % 8];
+        }
+        0
+    })
+}
+
 #[no_mangle]
 extern "C" fn proxy_record_metric(id: u32, value: u64) -> u32 {
     with(|f| f.metrics.get_mut(id as usize).map_or(NOT_FOUND, |(_, v)| {
@@ -453,6 +475,22 @@ mod tests {
         advance(ms);
         conn::sweep(false, true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
         with(|f| f.closed.clone())
+    }
+
+    #[test]
+    fn without_a_random_value_a_connection_passes_through_unmarked_and_nothing_panics() {
+        reset(START_MS);
+        with(|f| f.no_random = true);
+        let shared = shared(Config::default());
+        let (mut net, mut http) = connection(9, &shared);
+        assert_eq!(published(), "", "no guessable address is published");
+        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
+        http.on_http_response_headers(0, false);
+        assert!(with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().all(|(k, _)| k != crate::wire::MARKER)));
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        set_buffer(BufferType::UpstreamData, head);
+        net.on_upstream_data(head.len(), false);
+        assert_eq!(buffer(BufferType::UpstreamData), head, "the response untouched");
     }
 
     #[test]

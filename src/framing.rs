@@ -125,7 +125,7 @@ impl Responses {
             State::Body(left) | State::ChunkData(left) => {
                 let take = left.min(n64);
                 self.body_started = true;
-                let rest = left - take;
+                let rest = left.saturating_sub(take);
                 self.state = match (self.state, rest) {
                     (State::Body(_), 0) => State::Between,
                     (State::Body(_), _) => State::Body(rest),
@@ -157,9 +157,9 @@ impl Responses {
         let (mut pos, mut heads) = (0, Vec::new());
         while pos < write.len() {
             let step = match self.wants() {
-                None => self.skip(write.len() - pos),
+                None => self.skip(write.len().saturating_sub(pos)),
                 Some(max) => {
-                    let fed = self.feed(&write[pos..(pos + max).min(write.len())]);
+                    let fed = self.feed(&write[pos..pos.saturating_add(max).min(write.len())]);
                     heads.extend(fed.head);
                     fed.used
                 }
@@ -168,7 +168,7 @@ impl Responses {
                 self.lose();
                 break;
             }
-            pos += step;
+            pos = pos.saturating_add(step);
         }
         heads
     }
@@ -189,7 +189,7 @@ impl Responses {
         }
         self.carry.extend_from_slice(bytes);
         let from = held.saturating_sub(3);
-        let Some(end) = find(&self.carry[from..], b"\r\n\r\n").map(|i| from + i + 4) else {
+        let Some(end) = find(&self.carry[from..], b"\r\n\r\n").map(|i| from.saturating_add(i).saturating_add(4)) else {
             if self.carry.len() >= self.max_head {
                 self.lose();
             } else {
@@ -213,14 +213,14 @@ impl Responses {
         self.carry.clear();
         self.body_started = false;
         self.state = next;
-        Fed { used: end - held, head: seen }
+        Fed { used: end.saturating_sub(held), head: seen }
     }
 
     /// One line ends in `carry`: its end, or `None` (more to read, or lost when too long).
     fn line(&mut self, bytes: &[u8], held: usize) -> Option<usize> {
         self.carry.extend_from_slice(bytes);
         let from = held.saturating_sub(1);
-        let end = find(&self.carry[from..], b"\r\n").map(|i| from + i + 2);
+        let end = find(&self.carry[from..], b"\r\n").map(|i| from.saturating_add(i).saturating_add(2));
         if end.is_none() && self.carry.len() > LINE_MAX {
             self.lose();
         }
@@ -229,7 +229,7 @@ impl Responses {
 
     fn feed_chunk_line(&mut self, bytes: &[u8], held: usize) -> Fed {
         let Some(end) = self.line(bytes, held) else { return Fed { used: bytes.len(), head: None } };
-        let size = chunk_size(&self.carry[..end - 2]);
+        let size = chunk_size(&self.carry[..end.saturating_sub(2)]);
         self.carry.clear();
         self.state = match size {
             None => State::Lost,
@@ -237,7 +237,7 @@ impl Responses {
             // The data, then its CRLF.
             Some(n) => State::ChunkData(n.saturating_add(2)),
         };
-        Fed { used: end - held, head: None }
+        Fed { used: end.saturating_sub(held), head: None }
     }
 
     fn feed_trailers(&mut self, bytes: &[u8], held: usize) -> Fed {
@@ -246,7 +246,7 @@ impl Responses {
         if end == 2 {
             self.state = State::Between;
         }
-        Fed { used: end - held, head: None }
+        Fed { used: end.saturating_sub(held), head: None }
     }
 }
 
@@ -326,7 +326,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// The same bytes with `connection: close` before the blank line that ends `head`.
 pub fn with_close(head: &[u8]) -> Vec<u8> {
     let fields_end = head.len().saturating_sub(2);
-    let mut out = Vec::with_capacity(head.len() + CLOSE_LINE.len());
+    let mut out = Vec::with_capacity(head.len().saturating_add(CLOSE_LINE.len()));
     out.extend_from_slice(&head[..fields_end]);
     out.extend_from_slice(CLOSE_LINE);
     out.extend_from_slice(&head[fields_end..]);

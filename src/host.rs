@@ -66,6 +66,13 @@ extern "C" {
     fn proxy_record_metric(id: u32, value: u64) -> u32;
 }
 
+// WASI's random source, which std would call with a panic on failure (`RandomState::new`).
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn random_get(buf: *mut u8, len: usize) -> i32;
+}
+
 /// A host status other than Ok, as its raw ABI number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostError(pub u32);
@@ -105,10 +112,11 @@ pub enum Call {
     DefineMetric,
     IncrementMetric,
     RecordMetric,
+    RandomGet,
 }
 
 impl Call {
-    pub const ALL: [Call; 23] = [
+    pub const ALL: [Call; 24] = [
         Call::Log,
         Call::GetLogLevel,
         Call::GetCurrentTime,
@@ -132,6 +140,7 @@ impl Call {
         Call::DefineMetric,
         Call::IncrementMetric,
         Call::RecordMetric,
+        Call::RandomGet,
     ];
 
     pub fn abi_name(self) -> &'static str {
@@ -159,6 +168,7 @@ impl Call {
             Call::DefineMetric => "proxy_define_metric",
             Call::IncrementMetric => "proxy_increment_metric",
             Call::RecordMetric => "proxy_record_metric",
+            Call::RandomGet => "random_get",
         }
     }
 }
@@ -291,7 +301,7 @@ pub fn pairs(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
         Some(field)
     };
     (0..count).map_while(move |i| {
-        let (key_len, value_len) = (word(4 + i * 8)?, word(8 + i * 8)?);
+        let (key_len, value_len) = (word(i.saturating_mul(8).saturating_add(4))?, word(i.saturating_mul(8).saturating_add(8))?);
         Some((take(key_len)?, take(value_len)?))
     })
 }
@@ -381,13 +391,20 @@ pub fn follow_host_log_level() {
     log::set_max_level(filter);
 }
 
-/// A hard-to-guess 64-bit value as 16 hex digits. `RandomState` is seeded from WASI
-/// `random_get`, which Envoy implements; each call advances its key.
-pub fn nonce() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(now_ns());
-    format!("{:016x}", hasher.finish())
+/// A hard-to-guess 64-bit value as 16 hex digits, from WASI's `random_get` (Envoy fills it from
+/// its own random source). `None` when the host gives none: a guessable value would let an app
+/// forge the marker, so the caller does without one.
+pub fn nonce() -> Option<String> {
+    let mut word = [0u8; 8];
+    // SAFETY: out-pointer to a local of the length given. WASI's status is an errno (0: success).
+    let filled = invoke(Call::RandomGet, || unsafe { random_get(word.as_mut_ptr(), word.len()) as u32 });
+    filled.ok().map(|()| format!("{:016x}", u64::from_le_bytes(word)))
+}
+
+/// A value unique to this VM for naming (a queue, a census record): the nonce, or without one
+/// the host's clock in ns, which two VMs do not start on at once.
+pub fn unique() -> String {
+    nonce().unwrap_or_else(|| format!("{:016x}", now_ns()))
 }
 
 fn now_ns() -> u64 {

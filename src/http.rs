@@ -179,7 +179,7 @@ impl HttpRole {
     fn count_app_close(&mut self, config: &Config) {
         let closes = &config.drain.app_closes;
         if config.drain.enabled && closes.enabled && pod::count_app_close(closes.window_ms, closes.threshold) {
-            self.entered(Source::AppCloses, host::now_ms() + closes.hold_ms);
+            self.entered(Source::AppCloses, host::now_ms().saturating_add(closes.hold_ms));
         }
     }
 
@@ -222,7 +222,7 @@ impl HttpRole {
             // sidecar's idle grace, not the app's at-once close (`Source::AppRescued`).
             let source = if rescued { Source::AppRescued } else { Source::for_app_failure(headers.refused) };
             debug!("app going away ({}): pod draining for {} ms", source.as_str(), failure.hold_ms);
-            self.entered(source, host::now_ms() + failure.hold_ms);
+            self.entered(source, host::now_ms().saturating_add(failure.hold_ms));
         }
         (upstream, rescued)
     }

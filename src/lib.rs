@@ -17,7 +17,7 @@
 //! [`pod`], [`root`] and the two context types act through it. [`metrics`] holds what the
 //! module exports, [`shared::Shared`] what one plugin instance's contexts share.
 
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::arithmetic_side_effects))]
 
 pub mod census;
 pub mod config;

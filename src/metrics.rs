@@ -68,7 +68,7 @@ impl Metrics {
     /// Counts one response; the host's counter catches up every [`RESPONSES_BATCH`] responses
     /// and on every tick ([`Metrics::flush`]).
     pub fn count_response(&self) {
-        let n = vm::RESPONSES_UNFLUSHED.get() + 1;
+        let n = vm::RESPONSES_UNFLUSHED.get().saturating_add(1);
         if n >= RESPONSES_BATCH {
             vm::RESPONSES_UNFLUSHED.set(0);
             self.responses.add(n);

@@ -151,14 +151,14 @@ impl NetworkRole {
                 break;
             }
             let Some(want) = responses.wants() else {
-                pos += responses.skip(end - pos);
+                pos = pos.saturating_add(responses.skip(end.saturating_sub(pos)));
                 continue;
             };
-            let Some(bytes) = host::get_buffer_at(BufferType::UpstreamData, pos, want.min(end - pos)).filter(|b| !b.is_empty()) else {
+            let Some(bytes) = host::get_buffer_at(BufferType::UpstreamData, pos, want.min(end.saturating_sub(pos))).filter(|b| !b.is_empty()) else {
                 break;
             };
             let fed = responses.feed(&bytes);
-            pos += fed.used;
+            pos = pos.saturating_add(fed.used);
             if let Some(head) = fed.head.filter(|h| h.is_final) {
                 if std::mem::take(probe) {
                     probed(&self.shared, answered(&head));
@@ -178,7 +178,7 @@ impl NetworkRole {
             if head.says_close {
                 told = Some(Closer::Envoy);
             } else if apply(BufferType::UpstreamData, &Edit { len: head.len, with: framing::with_close(&bytes[..head.len]) }) {
-                (pos, end) = (pos + framing::CLOSE_LINE.len(), end + framing::CLOSE_LINE.len());
+                (pos, end) = (pos.saturating_add(framing::CLOSE_LINE.len()), end.saturating_add(framing::CLOSE_LINE.len()));
                 told = Some(Closer::Relay);
             }
         }
@@ -208,7 +208,7 @@ impl NetworkRole {
         let head = match first {
             Some(head) => head,
             None => {
-                vm::PROBE_READS.set(reads - 1);
+                vm::PROBE_READS.set(reads.saturating_sub(1));
                 let Some(head) = host::get_buffer(BufferType::DownstreamData, size) else { return };
                 head
             }
@@ -316,7 +316,7 @@ fn local_reply(pos: usize, end: usize) -> Option<bool> {
     if pos >= end {
         return None;
     }
-    let body = host::get_buffer_at(BufferType::UpstreamData, pos, LOCAL_REPLY_READ.min(end - pos))?;
+    let body = host::get_buffer_at(BufferType::UpstreamData, pos, LOCAL_REPLY_READ.min(end.saturating_sub(pos)))?;
     wire::local_reply_refused(&body)
 }
 
@@ -394,7 +394,13 @@ impl StreamContext for NetworkRole {
         if let Some(max_head) = self.shared.active().filter(|c| c.lean).map(Config::max_head) {
             return self.start_alone(max_head);
         }
-        let address = Address::new(pod::own_queue().unwrap_or(0), &host::nonce());
+        let Some(nonce) = host::nonce() else {
+            if !vm::WARNED_NO_NONCE.replace(true) {
+                warn!("close-relay: the host gives no random value for this connection's marker; not relayed");
+            }
+            return Action::Continue;
+        };
+        let address = Address::new(pod::own_queue().unwrap_or(0), &nonce);
         if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.text.as_bytes()) {
             warn!("close-relay: cannot announce the network role on this connection: {e:?}");
             return Action::Continue;

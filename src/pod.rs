@@ -114,7 +114,7 @@ pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
 /// within a dispatcher turn (`on_queue_ready`), not a tick later, before an ALB reuses an idle
 /// connection into a pod whose app already refuses new ones.
 pub fn register_wake() -> Option<u32> {
-    let name = format!("{}{}", keys::WAKE_QUEUE_PREFIX, host::nonce());
+    let name = format!("{}{}", keys::WAKE_QUEUE_PREFIX, host::unique());
     let token = host::register_queue(&name)?;
     vm::OWN_WAKE.set(Some(token));
     host::shared_update(keys::WAKE_TOKENS, |current| {

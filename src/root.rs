@@ -2,7 +2,7 @@
 //! pod's drain state fresh, and the polls (Envoy admin, app readiness) that feed that state.
 //! Every worker's root ticks; shared-data CAS elects one of them per poll interval.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use log::{debug, error, info, warn};
@@ -42,7 +42,7 @@ pub struct Root {
     role: Role,
     shared: Rc<Shared>,
     /// Outstanding calls: the page asked for, and when the call was sent.
-    pages: HashMap<u32, (Page, u64)>,
+    pages: BTreeMap<u32, (Page, u64)>,
     /// Pollers whose dispatch failed (no such cluster): warned once, retried every interval.
     warned: Vec<Poller>,
 }
@@ -52,7 +52,7 @@ impl Default for Root {
         Root {
             role: Role::Http,
             shared: Rc::new(Shared::new(None, Metrics::default())),
-            pages: HashMap::new(),
+            pages: BTreeMap::new(),
             warned: Vec::new(),
         }
     }
@@ -63,7 +63,7 @@ fn claim(key: &str, interval_ms: u64) -> bool {
     let now = host::now_ms();
     host::shared_update(key, |current| {
         let [due] = drain::decode_u64s(current);
-        (now >= due).then(|| (drain::encode_u64s(&[now + interval_ms]), ()))
+        (now >= due).then(|| (drain::encode_u64s(&[now.saturating_add(interval_ms)]), ()))
     })
     .is_some()
 }
@@ -73,7 +73,7 @@ fn claim(key: &str, interval_ms: u64) -> bool {
 fn count_connections(tick_ms: u64) {
     let now = host::now_ms();
     if vm::CENSUS_ID.get() == 0 {
-        vm::CENSUS_ID.set(u64::from_str_radix(&host::nonce(), 16).unwrap_or(1).max(1));
+        vm::CENSUS_ID.set(u64::from_str_radix(&host::unique(), 16).unwrap_or(1).max(1));
     }
     let (open, hooks) = conn::census();
     let stale_ms = census::STALE_TICKS.saturating_mul(tick_ms);
@@ -157,7 +157,7 @@ impl Root {
         }
         let failures = host::shared_update(keys::READINESS_FAILURES, |current| {
             let [n] = drain::decode_u64s(current);
-            Some((drain::encode_u64s(&[n + 1]), n + 1))
+            Some((drain::encode_u64s(&[n.saturating_add(1)]), n.saturating_add(1)))
         })
         .unwrap_or(0);
         debug!("app readiness probe failed ({status}), {failures} in a row");

@@ -13,7 +13,7 @@
 //! threads. The fault-injection build's `host::fault::FAILING` follows the rule too.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use crate::conn::ConnRef;
 use crate::decision::UnframedLearner;
@@ -36,7 +36,7 @@ thread_local! {
 
     /// conn.rs: connections of this VM by address (`link::Address::text`). A connection stays
     /// on its worker, so an HTTP role that finds its address here shares the VM.
-    pub(crate) static CONNS: RefCell<HashMap<String, ConnRef>> = RefCell::new(HashMap::new());
+    pub(crate) static CONNS: RefCell<BTreeMap<String, ConnRef>> = const { RefCell::new(BTreeMap::new()) };
     /// network.rs: request heads a probe of Envoy's drain may still read this tick (the network
     /// root refills it each tick; arming a probe empties it).
     pub(crate) static PROBE_READS: Cell<u32> = const { Cell::new(0) };
@@ -53,6 +53,8 @@ thread_local! {
     pub(crate) static UPSTREAM_USE: RefCell<UpstreamUse> = RefCell::default();
     /// http.rs: the missing network role was logged once.
     pub(crate) static WARNED_NO_NETWORK_ROLE: Cell<bool> = const { Cell::new(false) };
+    /// network.rs: the host's missing random value was logged once.
+    pub(crate) static WARNED_NO_NONCE: Cell<bool> = const { Cell::new(false) };
 
     /// prestop.rs: this VM's held preStop hooks (a pod normally has one).
     pub(crate) static HOLDS: RefCell<Vec<Hold>> = const { RefCell::new(Vec::new()) };

@@ -59,24 +59,24 @@ pub fn rewrite_response_head(buf: &[u8], address: &str, max_head: usize) -> Head
     let Some(status_end) = find(window, b"\r\n") else {
         return HeadRewrite::None;
     };
-    let head_end = find(window, b"\r\n\r\n").map(|i| i + 4);
-    let fields_end = head_end.map_or(window.len(), |e| e - 2);
+    let head_end = find(window, b"\r\n\r\n").map(|i| i.saturating_add(4));
+    let fields_end = head_end.map_or(window.len(), |e| e.saturating_sub(2));
     let mut marker = None;
     let mut already_close = false;
-    let mut pos = status_end + 2;
+    let mut pos = status_end.saturating_add(2);
     while pos < fields_end {
         let Some(len) = find(&window[pos..fields_end], b"\r\n") else { break };
-        let line = &window[pos..pos + len];
+        let line = &window[pos..pos.saturating_add(len)];
         if let Some((name, value)) = split_field(line) {
             if name.eq_ignore_ascii_case(MARKER.as_bytes()) && value == address.as_bytes() {
-                marker = Some((pos, pos + len + 2));
+                marker = Some((pos, pos.saturating_add(len).saturating_add(2)));
             } else if name.eq_ignore_ascii_case(b"connection")
                 && std::str::from_utf8(value).is_ok_and(|v| has_token(v, "close"))
             {
                 already_close = true;
             }
         }
-        pos += len + 2;
+        pos = pos.saturating_add(len).saturating_add(2);
     }
     let Some((start, end)) = marker else {
         return HeadRewrite::None;
@@ -131,7 +131,7 @@ pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], address: &str, max_he
 
 fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
     let colon = line.iter().position(|&b| b == b':')?;
-    let value = &line[colon + 1..];
+    let value = &line[colon.saturating_add(1)..];
     let skip = value.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
     Some((&line[..colon], &value[skip..]))
 }
@@ -144,13 +144,13 @@ fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
 pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
     let line_end = find(&buf[..buf.len().min(MAX_REQUEST_LINE)], b"\r\n")?;
     let (method, _, _) = request_line(&buf[..line_end])?;
-    if method == b"PRI" || find(buf, b"\r\n\r\n").map(|i| i + 4) != Some(buf.len()) {
+    if method == b"PRI" || find(buf, b"\r\n\r\n").map(|i| i.saturating_add(4)) != Some(buf.len()) {
         return None;
     }
-    let mut with = Vec::with_capacity(line_end + 2 + CLOSE_LINE.len());
-    with.extend_from_slice(&buf[..line_end + 2]);
+    let mut with = Vec::with_capacity(line_end.saturating_add(2).saturating_add(CLOSE_LINE.len()));
+    with.extend_from_slice(&buf[..line_end.saturating_add(2)]);
     with.extend_from_slice(CLOSE_LINE);
-    Some(Edit { len: line_end + 2, with })
+    Some(Edit { len: line_end.saturating_add(2), with })
 }
 
 /// A well-formed HTTP/1.x request line: its method (1 to 20 upper-case letters), target (visible
@@ -198,13 +198,13 @@ pub fn head_has_header(buf: &[u8], name: &[u8]) -> bool {
 /// a malformed head and an answer before the request is whole are all left out here.
 pub fn keep_alive_request(buf: &[u8]) -> bool {
     let Some(end) = find(buf, b"\r\n\r\n") else { return false };
-    if end + 4 != buf.len() {
+    if end.saturating_add(4) != buf.len() {
         return false;
     }
     let mut lines = buf[..end].split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let Some((method, target, version)) = lines.next().and_then(request_line) else { return false };
     let line_ok = method != b"CONNECT" && target.first() == Some(&b'/') && version == b"HTTP/1.1";
-    let mut hosts = 0;
+    let mut hosts: usize = 0;
     for line in lines {
         let Some((name, value)) = split_field(line) else { return false };
         let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
@@ -219,7 +219,7 @@ pub fn keep_alive_request(buf: &[u8]) -> bool {
         if lower == b"content-length" && value != b"0" {
             return false;
         }
-        hosts += usize::from(lower == b"host");
+        hosts = hosts.saturating_add(usize::from(lower == b"host"));
     }
     line_ok && hosts == 1
 }

@@ -13,13 +13,14 @@ use e2e::{App, Client, Envoy, EnvoySpec, Filter};
 
 /// Calls without which no close can be relayed: the response headers, the marker, the nonce,
 /// and the client buffer edits. The module must still pass everything through and keep counting.
-const RELAY_NEEDS: [Call; 6] = [
+const RELAY_NEEDS: [Call; 7] = [
     Call::GetHeaderMapPairs,
     Call::AddHeaderMapValue,
     Call::GetProperty,
     Call::SetProperty,
     Call::GetBufferBytes,
     Call::SetBufferBytes,
+    Call::RandomGet,
 ];
 
 /// Calls without which the module's counters do not reach Envoy (or not before 64 responses,
