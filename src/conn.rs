@@ -9,11 +9,10 @@ use std::rc::Rc;
 use log::debug;
 
 use crate::drain::{self, Activity, Grace};
-use crate::framing::{HeadSeen, Responses};
+use crate::framing::{HeadSeen, Messages};
 use crate::host;
 use crate::link::Note;
 use crate::metrics::Metrics;
-use crate::pod;
 use crate::vm;
 
 /// One client connection as this VM knows it; shared with a same-VM HTTP role.
@@ -45,9 +44,14 @@ pub struct Conn {
     pub head_pending: bool,
     /// Bytes of that head held back until the rest of it is written.
     pub carry: Vec<u8>,
-    /// `lean`: the network role follows the responses itself, and its count of requests in
-    /// flight is whether one is under way ([`crate::framing`]).
-    pub responses: Option<Responses>,
+    /// `lean`: the network role follows the requests and the responses itself, and its count
+    /// of requests in flight is whether one is read and not yet answered ([`crate::framing`]).
+    pub responses: Option<Messages>,
+    pub requests: Option<Messages>,
+    /// `lean`: this connection was counted as lost (`close_relay_lean_lost_total`).
+    pub lost_counted: bool,
+    /// An HTTP role in another VM reported a request on this connection (a note).
+    pub heard: bool,
     /// The kubelet's preStop hook came on this connection at this time (the host's clock): it
     /// is not one of the clients the hook waits for.
     pub hook_since: Option<u64>,
@@ -70,17 +74,20 @@ impl Conn {
         self.http_role_here = true;
     }
 
-    /// A same-VM HTTP role's stream ended, its response written.
+    /// A same-VM HTTP role's stream ended, its response written: every byte the client sent
+    /// before it is accounted for.
     pub fn request_done(&mut self, now_ms: u64) {
         self.activity.request_done(now_ms);
     }
 
-    /// May the sweep close this connection once it is quiet? Only where its requests in flight
-    /// are known (a same-VM HTTP role counts them; one in another VM sends notes when this VM
-    /// has a queue to hear them on) and this VM sweeps at all (the host ticks it, and tells the
-    /// time). Otherwise a connection told to close ends on the client's next request.
+    /// May the sweep close this connection once it is quiet? Only on evidence, for this very
+    /// connection, that its requests in flight are counted: an HTTP role reported one (in this
+    /// VM, or by a note from another), or `lean` follows it; and only where this VM sweeps at all
+    /// (the host ticks it, and tells the time). A queue to hear notes on proves nothing: the HTTP
+    /// plugin may have refused its configuration, trapped, or be missing from this chain.
+    /// Otherwise a connection told to close ends on the client's next request.
     pub fn sweepable(&self) -> bool {
-        vm::SWEEPING.get() && !self.close_failed && (self.http_role_here || self.responses.is_some() || pod::own_queue().is_some())
+        vm::SWEEPING.get() && !self.close_failed && (self.http_role_here || self.heard || self.responses.is_some())
     }
 
     /// A same-VM HTTP role marked the next response head: the network role rewrites that one
@@ -172,10 +179,17 @@ pub fn hear(note: &Note) {
     let Some(conn) = conn_for(conn) else { return };
     let mut c = conn.borrow_mut();
     match note {
-        Note::Begin(_) => c.activity.in_flight = c.activity.in_flight.saturating_add(1),
-        // Only the count: a note is read a dispatcher turn late, when the client may already
-        // have sent its next request, and the bytes this role saw itself say which came last.
-        _ if ended => c.activity.in_flight = c.activity.in_flight.saturating_sub(1),
+        Note::Begin(_) => {
+            c.activity.in_flight = c.activity.in_flight.saturating_add(1);
+            c.heard = true;
+        }
+        // Only the count, and what it accounts for: a note is read a dispatcher turn late, when
+        // the client may already have sent its next request, and the bytes this role saw itself
+        // say which came last (a request still arriving reads as not quiet either way).
+        _ if ended => {
+            c.activity.in_flight = c.activity.in_flight.saturating_sub(1);
+            c.activity.unaccounted = false;
+        }
         _ => {}
     }
 }

@@ -319,6 +319,10 @@ pub struct Activity {
     pub idle_seen_ms: Option<u64>,
     /// Bytes written to the client since it last sent any: the last response, so far.
     pub response_bytes: u64,
+    /// The client sent bytes that no finished request accounts for yet: a request the HTTP role
+    /// has not reported (or never will: no HTTP role on this chain, a head Envoy refused before
+    /// its filters ran), whose answer, if any, is Envoy's business.
+    pub unaccounted: bool,
 }
 
 /// The slowest reading rate a client is given time for: Envoy has written a response when the
@@ -332,6 +336,7 @@ impl Activity {
         self.last_was_response = false;
         self.saw_request = true;
         self.response_bytes = 0;
+        self.unaccounted = true;
     }
 
     /// `size` bytes were written to the client.
@@ -351,6 +356,7 @@ impl Activity {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.last_ms = now_ms;
         self.last_was_response = true;
+        self.unaccounted = false;
     }
 }
 
@@ -378,7 +384,11 @@ pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64, told:
         return true;
     }
     match a.http1 {
-        Some(true) => a.last_was_response,
+        // Only bytes a finished request accounts for: after Envoy's own answer to a head its
+        // filters never saw (a 400, a 426), it closes when the client does or after its delayed
+        // close, reading nothing meanwhile, and a close from us would leave the client's bytes
+        // unread: a reset.
+        Some(true) => a.last_was_response && !a.unaccounted,
         Some(false) => false,
         // Nothing decided yet: idle only if nobody has spoken, and not before a new connection
         // had `fresh_grace_ms` to send its first request (a client opens one to use it). A
@@ -495,6 +505,8 @@ mod tests {
         a.read(1_000);
         a.wrote(512 * 1024, 1_010);
         a.wrote(512 * 1024, 1_020);
+        assert!(!idle(&a, 9_000, 350, 350, false), "no finished request accounts for the bytes read");
+        a.request_done(1_020);
         assert_eq!(a.reading_ms(), 1_000, "1 MiB at the slow rate");
         assert!(!idle(&a, 1_400, 350, 350, false), "a slow reader may still be reading");
         assert!(idle(&a, 2_400, 350, 350, false));
@@ -508,6 +520,7 @@ mod tests {
         a.in_flight = 0;
         a.read(2_500);
         a.wrote(2, 2_501);
+        a.request_done(2_501);
         assert_eq!(a.reading_ms(), 0, "a new response counts from zero");
         assert!(idle(&a, 2_851, 350, 350, false));
     }

@@ -639,8 +639,9 @@ mod tests {
     fn lean_connection(id: u32, shared: &Rc<Shared>) -> NetworkRole {
         let mut net = NetworkRole::new(id, shared.clone());
         net.on_new_connection();
-        set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n");
-        net.on_downstream_data(30, false);
+        let request = b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n";
+        set_buffer(BufferType::DownstreamData, request);
+        net.on_downstream_data(request.len(), false);
         net
     }
 
@@ -666,7 +667,7 @@ mod tests {
         assert_eq!(with(|f| f.closed.clone()), vec![32], "the idle one; the stream paused mid-body stays");
         write(&mut slow, b"0\r\n\r\n");
         set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n");
-        slow.on_downstream_data(30, false);
+        slow.on_downstream_data(29, false);
         write(&mut slow, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
         assert_eq!(buffer(BufferType::UpstreamData), b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
         for _ in 0..2 {

@@ -1,12 +1,17 @@
-//! Where each response written to the client ends, told from the bytes themselves: what the
-//! network role knows when it works alone (`lean`), with no HTTP role to count the requests in
-//! flight. Pure: the role reads only the bytes [`Responses::wants`] asks for, at the write's
-//! current position, and passes over bodies by their length without reading them.
+//! Where each request the client sends and each response written to it end, told from the bytes
+//! themselves: what the network role knows when it works alone (`lean`), with no HTTP role to
+//! count the requests in flight. Pure: the role reads only the bytes [`Messages::wants`] asks
+//! for, at the current position, and passes over bodies by their length without reading them.
 //!
 //! Envoy writes every response to an HTTP/1.1 client itself, so the framing is its own: a
-//! `content-length`, `chunked` with its own chunk lines, no body (1xx, 204, 304), or, for an
-//! HTTP/1.0 client, the connection's end. Anything this reader cannot follow makes the connection
-//! [`Responses::lost`]: in flight for good, never closed as idle, as a plain Envoy would keep it.
+//! `content-length`, `chunked` with its own chunk lines, no body (1xx, 204, 304, an answer to
+//! HEAD), or, for an HTTP/1.0 client, the connection's end. A request is framed by its own
+//! `content-length` or `chunked`. Each request head read is owed a final response
+//! ([`Messages::asked`]), so a request read and not yet answered is in flight too. Anything this
+//! reader cannot follow makes the connection [`Messages::lost`]: in flight for good, never closed
+//! as idle, as a plain Envoy would keep it.
+
+use std::collections::VecDeque;
 
 use crate::decision::{self, has_token};
 
@@ -17,6 +22,17 @@ const HEAD_MORE: usize = 16 * 1024;
 /// Envoy's chunk lines are a hex length and CRLF; a trailer line may be longer.
 const LINE_READ: usize = 32;
 const LINE_MAX: usize = 8 * 1024;
+/// Requests read and not yet answered that one connection may pipeline before it is lost.
+const PIPELINE_MAX: usize = 64;
+
+/// Which way the bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Envoy's responses to the client.
+    Response,
+    /// The client's requests.
+    Request,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -61,9 +77,11 @@ pub struct HeadSeen {
     /// came from the app and never on its own local reply: whatever its body says, it is the
     /// app's (or something behind it).
     pub from_upstream: bool,
+    /// A request head whose method is HEAD: its answer has no body.
+    pub head_method: bool,
 }
 
-/// What one [`Responses::feed`] did.
+/// What one [`Messages::feed`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fed {
     /// Bytes of the input consumed; the rest is fed again from the new position.
@@ -71,44 +89,51 @@ pub struct Fed {
     pub head: Option<HeadSeen>,
 }
 
-/// The responses on one client connection, as Envoy writes them.
+/// The requests or the responses on one client connection, as they go by.
 #[derive(Debug, Clone)]
-pub struct Responses {
+pub struct Messages {
+    side: Side,
     state: State,
     /// A head or line that spans reads.
     carry: Vec<u8>,
-    /// Some of the current response's body went out (a HEAD's answer never has any).
-    body_started: bool,
     max_head: usize,
+    /// Responses: the requests read and owed a final answer, oldest first (`true`: HEAD).
+    owed: VecDeque<bool>,
 }
 
-impl Responses {
-    pub fn new(max_head: usize) -> Responses {
-        Responses { state: State::Between, carry: Vec::new(), body_started: false, max_head }
+impl Messages {
+    pub fn responses(max_head: usize) -> Messages {
+        Messages { side: Side::Response, state: State::Between, carry: Vec::new(), max_head, owed: VecDeque::new() }
     }
 
-    /// A response is under way (or the connection cannot be followed): it must not be closed.
+    pub fn requests(max_head: usize) -> Messages {
+        Messages { side: Side::Request, ..Messages::responses(max_head) }
+    }
+
+    /// A message is under way, a request read is still owed its answer, or the connection
+    /// cannot be followed: it must not be closed.
     pub fn in_flight(&self) -> bool {
-        self.state != State::Between
+        self.state != State::Between || !self.owed.is_empty()
     }
 
     pub fn lost(&self) -> bool {
         self.state == State::Lost
     }
 
-    /// The client sent bytes. An answer whose head announced a body, none of which went out
-    /// yet, was an answer to HEAD: its exchange is over. (Were it a pipelined request instead,
-    /// the body that follows would not start a head, and the connection is [`lost`]: kept.)
-    ///
-    /// [`lost`]: Responses::lost
-    pub fn request_read(&mut self) {
-        if !self.body_started && matches!(self.state, State::Body(_) | State::ChunkLine) {
-            self.state = State::Between;
+    /// Responses: the client sent a whole request head (`head_method`: HEAD, answered with no
+    /// body), owed a final answer. Returns false when more are owed than one connection may
+    /// pipeline: the connection is then lost.
+    pub fn asked(&mut self, head_method: bool) -> bool {
+        if self.owed.len() >= PIPELINE_MAX {
+            self.lose();
+            return false;
         }
+        self.owed.push_back(head_method);
+        true
     }
 
     /// How many bytes at the current position must be read to go on, or `None` when the next
-    /// ones can be passed over unread ([`Responses::skip`]).
+    /// ones can be passed over unread ([`Messages::skip`]).
     pub fn wants(&self) -> Option<usize> {
         match self.state {
             State::Between => Some(HEAD_READ),
@@ -124,7 +149,6 @@ impl Responses {
         match self.state {
             State::Body(left) | State::ChunkData(left) => {
                 let take = left.min(n64);
-                self.body_started = true;
                 let rest = left.saturating_sub(take);
                 self.state = match (self.state, rest) {
                     (State::Body(_), 0) => State::Between,
@@ -140,7 +164,7 @@ impl Responses {
         }
     }
 
-    /// Feeds the bytes read at the current position (at most what [`Responses::wants`] asked).
+    /// Feeds the bytes read at the current position (at most what [`Messages::wants`] asked).
     pub fn feed(&mut self, bytes: &[u8]) -> Fed {
         let held = self.carry.len();
         match self.state {
@@ -151,8 +175,8 @@ impl Responses {
         }
     }
 
-    /// Follows one write held whole in memory, as the network role does through buffer reads
-    /// at each position; returns the heads that ended in it. For tests and fuzzing.
+    /// Follows bytes held whole in memory, as the network role does through buffer reads at
+    /// each position; returns the heads that ended in them. For tests and fuzzing.
     pub fn follow(&mut self, write: &[u8]) -> Vec<HeadSeen> {
         let (mut pos, mut heads) = (0, Vec::new());
         while pos < write.len() {
@@ -177,12 +201,16 @@ impl Responses {
     pub fn lose(&mut self) {
         self.state = State::Lost;
         self.carry = Vec::new();
+        self.owed = VecDeque::new();
     }
 
     fn feed_head(&mut self, bytes: &[u8], held: usize) -> Fed {
         if held == 0 {
-            let start = &bytes[..bytes.len().min(STATUS_START.len())];
-            if !STATUS_START.starts_with(start) {
+            let starts = match self.side {
+                Side::Response => STATUS_START.starts_with(&bytes[..bytes.len().min(STATUS_START.len())]),
+                Side::Request => bytes.first().is_some_and(u8::is_ascii_uppercase),
+            };
+            if !starts {
                 self.lose();
                 return Fed { used: bytes.len(), head: None };
             }
@@ -197,9 +225,19 @@ impl Responses {
             }
             return Fed { used: bytes.len(), head: None };
         };
-        let head = parse_head(&self.carry[..end]);
-        let next = head.as_ref().map_or(State::Lost, |h| h.next);
-        let seen = head.map(|h| HeadSeen {
+        let head = match self.side {
+            Side::Response => parse_head(&self.carry[..end]),
+            Side::Request => parse_request_head(&self.carry[..end]),
+        };
+        let Some(h) = head else {
+            self.lose();
+            return Fed { used: end.saturating_sub(held), head: None };
+        };
+        let mut next = h.next;
+        if self.side == Side::Response && h.is_final && self.owed.pop_front() == Some(true) {
+            next = State::Between;
+        }
+        let seen = HeadSeen {
             len: end,
             whole_here: held == 0,
             says_close: h.says_close,
@@ -209,11 +247,11 @@ impl Responses {
             refused: h.refused,
             attempt_counted: h.attempt_count.is_some(),
             from_upstream: h.from_upstream,
-        });
+            head_method: h.head_method,
+        };
         self.carry.clear();
-        self.body_started = false;
         self.state = next;
-        Fed { used: end.saturating_sub(held), head: seen }
+        Fed { used: end.saturating_sub(held), head: Some(seen) }
     }
 
     /// One line ends in `carry`: its end, or `None` (more to read, or lost when too long).
@@ -253,7 +291,7 @@ impl Responses {
 /// The response head whole at the start of `buf`, if there is one (the network role's probes
 /// read one head, apart from any connection's responses).
 pub fn head_at_start(buf: &[u8]) -> Option<HeadSeen> {
-    Responses::new(buf.len().max(1)).feed(buf).head
+    Messages::responses(buf.len().max(1)).feed(buf).head
 }
 
 const STATUS_START: &[u8] = b"HTTP/1.";
@@ -267,47 +305,98 @@ struct Head<'a> {
     attempt_count: Option<&'a str>,
     refused: bool,
     from_upstream: bool,
+    head_method: bool,
 }
 
-/// A whole response head: what follows it, and whether it says close.
-fn parse_head(head: &[u8]) -> Option<Head<'_>> {
-    let text = std::str::from_utf8(head).ok()?;
-    let mut lines = text.split("\r\n");
-    let status: u16 = lines.next()?.get(9..12)?.parse().ok()?;
-    let (mut length, mut chunked, mut says_close) = (None::<u64>, false, false);
-    let (mut attempt_count, mut refused, mut from_upstream) = (None, false, false);
+/// The first line and the header fields of a whole head, as bytes: a value may carry obs-text
+/// (bytes past ASCII), which says nothing about framing. `None` on a field line without a colon.
+fn split_head(head: &[u8]) -> Option<(&[u8], Vec<(&[u8], &[u8])>)> {
+    let mut lines = head.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let first = lines.next()?;
+    let mut fields = Vec::new();
     for line in lines.take_while(|l| !l.is_empty()) {
-        let (name, value) = line.split_once(':')?;
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            let n = value.parse().ok()?;
+        let colon = line.iter().position(|b| *b == b':')?;
+        fields.push((&line[..colon], line.get(colon.saturating_add(1)..)?.trim_ascii()));
+    }
+    Some((first, fields))
+}
+
+/// What a head's framing fields say: its length (`None`: none given, `Err`: two that differ) and
+/// whether its last transfer coding is chunked (`Some(false)`: a coding, not chunked).
+fn framing_fields(fields: &[(&[u8], &[u8])]) -> Option<(Option<u64>, Option<bool>)> {
+    let (mut length, mut chunked) = (None::<u64>, None);
+    for (name, value) in fields {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(value).ok()?.parse().ok()?;
             if length.is_some_and(|l| l != n) {
                 return None;
             }
             length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        } else if name.eq_ignore_ascii_case("connection") {
-            says_close |= has_token(value, "close");
-        } else if name.eq_ignore_ascii_case("x-envoy-attempt-count") {
-            attempt_count = Some(value);
-        } else if name.eq_ignore_ascii_case(decision::REFUSED_HEADER) {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = value.rsplit(|b| *b == b',').next().map(<[u8]>::trim_ascii);
+            chunked = Some(last.is_some_and(|l| l.eq_ignore_ascii_case(b"chunked")));
+        }
+    }
+    Some((length, chunked))
+}
+
+/// A whole response head: what follows it, and whether it says close.
+fn parse_head(head: &[u8]) -> Option<Head<'_>> {
+    let (first, fields) = split_head(head)?;
+    let status: u16 = std::str::from_utf8(first.get(9..12)?).ok()?.parse().ok()?;
+    let (length, chunked) = framing_fields(&fields)?;
+    let (mut attempt_count, mut refused, mut from_upstream, mut says_close) = (None, false, false, false);
+    for (name, value) in &fields {
+        if name.eq_ignore_ascii_case(b"connection") {
+            says_close |= std::str::from_utf8(value).is_ok_and(|v| has_token(v, "close"));
+        } else if name.eq_ignore_ascii_case(b"x-envoy-attempt-count") {
+            attempt_count = std::str::from_utf8(value).ok();
+        } else if name.eq_ignore_ascii_case(decision::REFUSED_HEADER.as_bytes()) {
             refused = true;
-        } else if name.eq_ignore_ascii_case("x-envoy-upstream-service-time") {
+        } else if name.eq_ignore_ascii_case(b"x-envoy-upstream-service-time") {
             from_upstream = true;
         }
     }
     let next = match status {
         101 => State::Open,
         100..=199 | 204 | 304 => State::Between,
-        _ if chunked => State::ChunkLine,
+        _ if chunked == Some(true) => State::ChunkLine,
         _ => match length {
             Some(0) => State::Between,
             Some(n) => State::Body(n),
             None => State::Open,
         },
     };
-    Some(Head { next, says_close, is_final: status >= 200, status, attempt_count, refused, from_upstream })
+    Some(Head { next, says_close, is_final: status >= 200, status, attempt_count, refused, from_upstream, head_method: false })
+}
+
+/// A whole request head: what follows it (its body, or the next request). An upgrade or a
+/// CONNECT leaves HTTP/1 behind: never followed further.
+fn parse_request_head(head: &[u8]) -> Option<Head<'_>> {
+    let (first, fields) = split_head(head)?;
+    let method = first.split(|b| *b == b' ').next()?;
+    let (length, chunked) = framing_fields(&fields)?;
+    let upgrade = fields.iter().any(|(name, _)| name.eq_ignore_ascii_case(b"upgrade"));
+    let next = match chunked {
+        _ if upgrade || method == b"CONNECT" => State::Open,
+        Some(true) => State::ChunkLine,
+        // A request coding other than chunked cannot be framed (Envoy answers 501).
+        Some(false) => State::Lost,
+        None => match length {
+            Some(n) if n > 0 => State::Body(n),
+            _ => State::Between,
+        },
+    };
+    Some(Head {
+        next,
+        says_close: false,
+        is_final: true,
+        status: 0,
+        attempt_count: None,
+        refused: false,
+        from_upstream: false,
+        head_method: method == b"HEAD",
+    })
 }
 
 fn chunk_size(line: &[u8]) -> Option<u64> {
@@ -340,7 +429,7 @@ mod tests {
     use super::*;
 
     /// Follows `writes`; returns the heads seen and whether a response is under way after each.
-    fn follow(r: &mut Responses, writes: &[&[u8]]) -> (Vec<HeadSeen>, Vec<bool>) {
+    fn follow(r: &mut Messages, writes: &[&[u8]]) -> (Vec<HeadSeen>, Vec<bool>) {
         let (mut heads, mut busy) = (Vec::new(), Vec::new());
         for write in writes {
             heads.extend(r.follow(write));
@@ -351,7 +440,7 @@ mod tests {
 
     #[test]
     fn a_response_with_a_length_ends_after_its_body_even_across_writes() {
-        let mut r = Responses::new(96 * 1024);
+        let mut r = Messages::responses(96 * 1024);
         let (heads, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello", b"world"]);
         assert_eq!(heads.len(), 1);
         assert!(heads[0].whole_here && !heads[0].says_close && heads[0].is_final);
@@ -360,7 +449,7 @@ mod tests {
 
     #[test]
     fn a_slow_stream_stays_in_flight_until_its_last_chunk() {
-        let mut r = Responses::new(96 * 1024);
+        let mut r = Messages::responses(96 * 1024);
         let (_, busy) = follow(
             &mut r,
             &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", b"5\r\nhello\r\n", b"1", b"0\r\n0123456789abcdef\r\n", b"0\r\n\r\n"],
@@ -370,21 +459,21 @@ mod tests {
 
     #[test]
     fn chunk_data_that_looks_like_the_last_chunk_does_not_end_the_response() {
-        let mut r = Responses::new(96 * 1024);
+        let mut r = Messages::responses(96 * 1024);
         let (_, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n0\r\n\r\n\r\n", b"0\r\n\r\n"]);
         assert_eq!(busy, [true, false]);
     }
 
     #[test]
     fn trailers_end_with_their_blank_line() {
-        let mut r = Responses::new(96 * 1024);
+        let mut r = Messages::responses(96 * 1024);
         let (_, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-t: 1\r\n", b"\r\n"]);
         assert_eq!(busy, [true, false]);
     }
 
     #[test]
     fn two_responses_in_one_write_and_a_head_split_over_writes() {
-        let mut r = Responses::new(96 * 1024);
+        let mut r = Messages::responses(96 * 1024);
         let (heads, busy) = follow(
             &mut r,
             &[b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\ncontent-le", b"ngth: 2\r\n\r\nok"],
@@ -397,22 +486,51 @@ mod tests {
     #[test]
     fn interim_and_bodiless_answers_leave_nothing_in_flight() {
         for head in [&b"HTTP/1.1 100 Continue\r\n\r\n"[..], b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"] {
-            let mut r = Responses::new(96 * 1024);
+            let mut r = Messages::responses(96 * 1024);
             assert_eq!(follow(&mut r, &[head]).1, [false], "{}", String::from_utf8_lossy(head));
         }
     }
 
     #[test]
-    fn the_answer_to_head_ends_when_the_client_sends_again() {
-        let mut r = Responses::new(96 * 1024);
-        follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"]);
-        assert!(r.in_flight());
-        r.request_read();
-        assert!(!r.in_flight());
-        // Body bytes already out: a client's bytes now are a pipelined request, not the end.
-        follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc"]);
-        r.request_read();
-        assert!(r.in_flight());
+    fn a_request_read_is_in_flight_until_its_final_answer_and_a_head_request_gets_no_body() {
+        let (mut q, mut r) = (Messages::requests(96 * 1024), Messages::responses(96 * 1024));
+        let asked = q.follow(b"HEAD /a HTTP/1.1\r\nhost: x\r\n\r\nGET /slow HTTP/1.1\r\nhost: x\r\n\r\n");
+        assert_eq!(asked.iter().map(|h| h.head_method).collect::<Vec<_>>(), [true, false]);
+        for h in &asked {
+            assert!(r.asked(h.head_method));
+        }
+        assert!(!q.in_flight() && r.in_flight(), "both read, none answered");
+        follow(&mut r, &[b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"]);
+        assert!(r.in_flight(), "the answer to HEAD has no body, but the pipelined GET is owed one");
+        assert_eq!(follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]).1, [false]);
+    }
+
+    #[test]
+    fn a_request_body_is_followed_by_its_length_or_chunks_and_obs_text_is_no_loss() {
+        let mut q = Messages::requests(96 * 1024);
+        let heads = q.follow(b"POST / HTTP/1.1\r\ncontent-length: 5\r\nx-name: caf\xe9\r\n\r\nhelloPUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n");
+        assert_eq!(heads.len(), 2);
+        assert!(q.in_flight(), "the chunked body is still coming");
+        q.follow(b"0\r\n\r\n");
+        assert!(!q.in_flight() && !q.lost());
+        let mut r = Messages::responses(96 * 1024);
+        assert_eq!(follow(&mut r, &[b"HTTP/1.1 200 OK\r\nx-name: caf\xe9\r\ncontent-length: 0\r\n\r\n"]).1, [false], "obs-text in a response");
+        for lost in [&b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n"[..], b"\x16\x03\x01", b"GET / HTTP/1.1\r\nno colon\r\n\r\n"] {
+            let mut q = Messages::requests(96 * 1024);
+            q.follow(lost);
+            assert!(q.lost(), "{}", String::from_utf8_lossy(lost));
+        }
+        let mut q = Messages::requests(96 * 1024);
+        q.follow(b"GET /ws HTTP/1.1\r\nupgrade: websocket\r\n\r\n\x81\x00");
+        assert!(q.in_flight(), "an upgrade is never followed further");
+    }
+
+    #[test]
+    fn a_connection_that_pipelines_too_many_requests_is_lost() {
+        let mut r = Messages::responses(96 * 1024);
+        assert!((0..PIPELINE_MAX).all(|_| r.asked(false)));
+        assert!(!r.asked(false));
+        assert!(r.lost());
     }
 
     #[test]
@@ -424,17 +542,17 @@ mod tests {
             &[b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"],
             &[b"HTTP/1.0 200 OK\r\n\r\nbody until close"],
         ] {
-            let mut r = Responses::new(96 * 1024);
+            let mut r = Messages::responses(96 * 1024);
             assert_eq!(follow(&mut r, writes).1.last(), Some(&true), "{writes:?}");
         }
-        let mut r = Responses::new(64);
+        let mut r = Messages::responses(64);
         follow(&mut r, &[b"HTTP/1.1 200 OK\r\nx-long: 0123456789012345678901234567890123456789012345678901234567890123\r\n"]);
         assert!(r.lost());
     }
 
     #[test]
     fn rescue_marks_are_read_from_the_head() {
-        let mut r = Responses::new(96 * 1024);
+        let mut r = Messages::responses(96 * 1024);
         let (heads, _) = follow(&mut r, &[
             b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 2\r\ncontent-length: 0\r\n\r\n",
             b"HTTP/1.1 503 x\r\nx-envoy-attempt-count: 3\r\nx-close-relay-refused: 1\r\ncontent-length: 0\r\n\r\n",
@@ -446,7 +564,7 @@ mod tests {
 
     #[test]
     fn a_head_that_says_close_is_seen_and_close_is_added_before_the_blank_line() {
-        let mut r = Responses::new(96 * 1024);
+        let mut r = Messages::responses(96 * 1024);
         let (heads, _) = follow(&mut r, &[b"HTTP/1.1 503 x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"]);
         assert!(heads[0].says_close && !heads[0].rescued && !heads[0].refused);
         assert_eq!(with_close(b"HTTP/1.1 200 OK\r\na: b\r\n\r\n"), b"HTTP/1.1 200 OK\r\na: b\r\nconnection: close\r\n\r\n");

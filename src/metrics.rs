@@ -27,6 +27,8 @@ pub struct Metrics {
     pub closed_while_draining: Counter,
     pub closed_connect_failure: Counter,
     pub rescued: Counter,
+    /// `lean`: connections whose bytes it could no longer follow, left to Envoy to close.
+    pub lean_lost: Counter,
     /// Requests that carried the preStop hook's header without the configured token (or with
     /// none configured): served by the app untouched.
     pub prestop_refused: Counter,
@@ -57,6 +59,7 @@ impl Metrics {
             closed_while_draining: Counter::define("close_relay_closed_while_draining_total"),
             closed_connect_failure: Counter::define("close_relay_closed_connect_failure_total"),
             rescued: Counter::define("close_relay_rescued_total"),
+            lean_lost: Counter::define("close_relay_lean_lost_total"),
             prestop_refused: Counter::define("close_relay_prestop_refused_total"),
             prestop_answered: Counter::define("close_relay_prestop_answered_total"),
             draining: Gauge::define("close_relay_draining"),
