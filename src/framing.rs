@@ -308,9 +308,12 @@ struct Head<'a> {
     head_method: bool,
 }
 
+/// A header field: its name and its value, trimmed.
+type Field<'a> = (&'a [u8], &'a [u8]);
+
 /// The first line and the header fields of a whole head, as bytes: a value may carry obs-text
 /// (bytes past ASCII), which says nothing about framing. `None` on a field line without a colon.
-fn split_head(head: &[u8]) -> Option<(&[u8], Vec<(&[u8], &[u8])>)> {
+fn split_head(head: &[u8]) -> Option<(&[u8], Vec<Field<'_>>)> {
     let mut lines = head.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let first = lines.next()?;
     let mut fields = Vec::new();
@@ -323,7 +326,7 @@ fn split_head(head: &[u8]) -> Option<(&[u8], Vec<(&[u8], &[u8])>)> {
 
 /// What a head's framing fields say: its length (`None`: none given, `Err`: two that differ) and
 /// whether its last transfer coding is chunked (`Some(false)`: a coding, not chunked).
-fn framing_fields(fields: &[(&[u8], &[u8])]) -> Option<(Option<u64>, Option<bool>)> {
+fn framing_fields(fields: &[Field<'_>]) -> Option<(Option<u64>, Option<bool>)> {
     let (mut length, mut chunked) = (None::<u64>, None);
     for (name, value) in fields {
         if name.eq_ignore_ascii_case(b"content-length") {
