@@ -39,6 +39,8 @@ pub struct Fake {
     pub tick_ms: u32,
     /// WASI's `random_get` fails, as a host without a random source would.
     pub no_random: bool,
+    /// `proxy_set_buffer_bytes` fails, as a host that cannot edit the buffer would.
+    pub no_buffer_edits: bool,
     pub random_calls: u64,
 }
 
@@ -134,6 +136,9 @@ unsafe extern "C" fn proxy_get_buffer_bytes(buffer: u32, start: usize, max: usiz
 #[no_mangle]
 unsafe extern "C" fn proxy_set_buffer_bytes(buffer: u32, start: usize, size: usize, data: *const u8, data_size: usize) -> u32 {
     let with_bytes = slice(data, data_size).to_vec();
+    if with(|f| f.no_buffer_edits) {
+        return 10; // InternalFailure
+    }
     with(|f| {
         let buf = f.buffers.entry(buffer).or_default();
         let from = start.min(buf.len());
@@ -505,6 +510,26 @@ mod tests {
         assert_eq!(swept_after(100, &shared), vec![7], "quiet: closed on the sweep");
         assert_eq!(metric("close_relay_relayed_total"), 1);
         assert_eq!(metric("close_relay_connections_closed_total"), 1);
+    }
+
+    #[test]
+    fn a_held_write_the_host_would_not_hold_back_goes_out_once() {
+        reset(START_MS);
+        let shared = shared(Config::default());
+        let (mut net, mut http) = connection(10, &shared);
+        set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
+        http.on_http_response_headers(0, false);
+        let address = published();
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {address}\r\n\r\nok", crate::wire::MARKER);
+        let (first, rest) = head.as_bytes().split_at(20);
+        set_buffer(BufferType::UpstreamData, first);
+        with(|f| f.no_buffer_edits = true);
+        net.on_upstream_data(first.len(), false);
+        assert_eq!(buffer(BufferType::UpstreamData), first, "not held back: it goes out as it is");
+        with(|f| f.no_buffer_edits = false);
+        set_buffer(BufferType::UpstreamData, rest);
+        net.on_upstream_data(rest.len(), false);
+        assert_eq!(buffer(BufferType::UpstreamData), rest, "the next write carries only its own bytes");
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl NetworkRole {
         };
         match step {
             HeadStep::Hold => {
-                apply(BufferType::UpstreamData, &Edit { len: write.len(), with: Vec::new() });
+                if !apply(BufferType::UpstreamData, &Edit { len: write.len(), with: Vec::new() }) {
+                    self.give_up_hold(write.len());
+                }
             }
             HeadStep::Done { edit: Some(edit), closer } => {
                 if apply(BufferType::UpstreamData, &edit) {
@@ -82,6 +84,22 @@ impl NetworkRole {
                 }
             }
             HeadStep::Done { edit: None, .. } => {}
+        }
+    }
+
+    /// The host would not hold back this write of `len` bytes: it goes out as it is, so none of
+    /// it stays held (it would go out twice), what earlier writes held goes out before it, and
+    /// this head is not rewritten (the marker reaches the client as it is).
+    fn give_up_hold(&mut self, len: usize) {
+        let earlier = {
+            let mut c = self.conn.borrow_mut();
+            let before = c.carry.len().saturating_sub(len);
+            c.carry.truncate(before);
+            c.head_pending = false;
+            std::mem::take(&mut c.carry)
+        };
+        if !earlier.is_empty() {
+            apply(BufferType::UpstreamData, &Edit { len: 0, with: earlier });
         }
     }
 
