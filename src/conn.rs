@@ -173,7 +173,7 @@ pub fn hear(note: &Note) {
     let (conn, ended) = match note {
         Note::Begin(conn) => (conn, false),
         Note::End { conn, begun } => (conn, *begun),
-        Note::Wake | Note::Enter { .. } => return,
+        Note::Wake | Note::Enter { .. } | Note::Clear(_) => return,
     };
     // Gone already (closed, or a note from before a config update): nothing to do.
     let Some(conn) = conn_for(conn) else { return };

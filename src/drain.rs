@@ -245,10 +245,18 @@ impl Window {
 /// app too: one whose keep-alive idle timeout is shorter than Envoy's (Node.js: 5 s) closes an
 /// idle connection just as Envoy reuses it. An app going away fails every request that comes,
 /// one after the other; a healthy one answers the next.
+///
+/// One VM sees one worker's requests only, and a worker may carry little else than one
+/// client's: so a streak also ends when the app answered anyone in the pod since it began
+/// (`pod_answers`: the pod's answers as published each tick, [`crate::pod::answers`]). A
+/// client whose request makes a healthy app reset its connection cannot then drain the pod
+/// by sending it twice to a quiet worker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Streak {
     count: u32,
     last_ms: u64,
+    /// The pod's answers published when this streak began.
+    pod_answers: u64,
 }
 
 impl Streak {
@@ -257,12 +265,13 @@ impl Streak {
         *self = Streak::default();
     }
 
-    /// One more failure at `now_ms`; returns how many came in a row, each within `window_ms` of
-    /// the one before (a failure long after the last is a new streak: traffic was sparse).
-    pub fn failed(&mut self, now_ms: u64, window_ms: u64) -> u32 {
-        let follows = self.count > 0 && now_ms <= self.last_ms.saturating_add(window_ms);
+    /// One more failure at `now_ms`, with the pod's answers published so far; returns how
+    /// many came in a row, each within `window_ms` of the one before (a failure long after the
+    /// last is a new streak: traffic was sparse), with no answer anywhere in the pod between.
+    pub fn failed(&mut self, now_ms: u64, window_ms: u64, pod_answers: u64) -> u32 {
+        let follows = self.count > 0 && now_ms <= self.last_ms.saturating_add(window_ms) && pod_answers <= self.pod_answers;
         let count = if follows { self.count.saturating_add(1) } else { 1 };
-        *self = Streak { count, last_ms: now_ms };
+        *self = Streak { count, last_ms: now_ms, pod_answers };
         count
     }
 }
@@ -460,12 +469,14 @@ mod tests {
     #[test]
     fn failures_count_in_a_row_until_the_app_answers() {
         let mut s = Streak::default();
-        assert_eq!(s.failed(1_000, 2_000), 1, "one reset: a keep-alive race, maybe");
-        assert_eq!(s.failed(1_010, 2_000), 2, "another before any answer");
+        assert_eq!(s.failed(1_000, 2_000, 7), 1, "one reset: a keep-alive race, maybe");
+        assert_eq!(s.failed(1_010, 2_000, 7), 2, "another before any answer");
         s.answered();
-        assert_eq!(s.failed(1_020, 2_000), 1, "an answer between: a new streak");
-        assert_eq!(s.failed(3_021, 2_000), 1, "too long after the last one: a new streak");
-        assert_eq!(s.failed(3_021, 2_000), 2);
+        assert_eq!(s.failed(1_020, 2_000, 7), 1, "an answer between: a new streak");
+        assert_eq!(s.failed(3_021, 2_000, 7), 1, "too long after the last one: a new streak");
+        assert_eq!(s.failed(3_021, 2_000, 7), 2);
+        assert_eq!(s.failed(3_030, 2_000, 9), 1, "the app answered another worker's requests between: a new streak");
+        assert_eq!(s.failed(3_040, 2_000, 9), 2, "none since");
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct HttpRole {
     conn: Option<ConnRef>,
     /// The network role is in another VM and was told this request began.
     begun_there: bool,
+    /// This request's number in the VM ([`vm::REQUESTS_BEGUN`]).
+    number: u64,
 }
 
 impl HttpRole {
@@ -42,6 +44,7 @@ impl HttpRole {
             address: None,
             conn: None,
             begun_there: false,
+            number: 0,
         }
     }
 
@@ -98,6 +101,16 @@ impl HttpRole {
         self.entered(Source::Prestop, UNTIL_CLEARED);
         prestop::hold(self.context_id);
         Some(Action::Pause)
+    }
+
+    /// A drain source this VM turned on and its evidence then disproved; the network VM keeps its
+    /// own record with different `vm_id`s, so it is told too.
+    fn cleared(&mut self, source: Source) {
+        pod::clear(source, &self.shared.metrics);
+        self.address();
+        if let Some(token) = self.other_vm() {
+            pod::send(token, &Note::Clear(source));
+        }
     }
 
     /// A drain source this request turned on; with different `vm_id`s the network VM keeps its
@@ -200,6 +213,12 @@ impl HttpRole {
         let evidence = match decision::app_said(upstream, rescued, failure.resets) {
             AppSaid::Answered => {
                 self.shared.streak.borrow_mut().answered();
+                pod::count_answer();
+                if self.shared.unconfirmed_reset.get().is_some_and(|before| self.number > before) {
+                    self.shared.unconfirmed_reset.set(None);
+                    debug!("the app answered a request begun after its single reset: not going away");
+                    self.cleared(Source::AppFailure);
+                }
                 // The tick's clock, free to read: at most a tick old (100 ms) against a second
                 // of `race_idle_ms`, and an older record only ever reads as idle.
                 if let Some(port) = port() {
@@ -207,14 +226,26 @@ impl HttpRole {
                 }
                 return (upstream, rescued);
             }
-            AppSaid::Refused => true,
+            AppSaid::Refused => {
+                self.shared.unconfirmed_reset.set(None);
+                true
+            }
             AppSaid::Failed => {
                 let now = host::now_ms();
                 let busy = !rescued
                     && port().is_some_and(|port| vm::UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
-                let in_a_row = self.shared.streak.borrow_mut().failed(now, failure.window_ms);
+                let in_a_row = self.shared.streak.borrow_mut().failed(now, failure.window_ms, pod::answers());
                 debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}, connection in use: {busy}): {in_a_row} in a row");
-                busy || in_a_row >= failure.in_a_row
+                if in_a_row >= failure.in_a_row {
+                    self.shared.unconfirmed_reset.set(None);
+                    true
+                } else if busy && config.drain.enabled && failure.enabled && pod::single_reset_allowed(now) {
+                    // The number of the last request begun before the reset: this one or a later.
+                    self.shared.unconfirmed_reset.set(Some(vm::REQUESTS_BEGUN.get()));
+                    true
+                } else {
+                    false
+                }
             }
         };
         if config.drain.enabled && failure.enabled && evidence {
@@ -355,6 +386,8 @@ impl HttpContext for HttpRole {
             std::process::abort();
         }
         self.request = request_facts_on_request();
+        self.number = vm::REQUESTS_BEGUN.get().saturating_add(1);
+        vm::REQUESTS_BEGUN.set(self.number);
         // Read now (whether an earlier response told this connection to close is what the
         // network role published before this request was dispatched), and counted whether or
         // not the pod's drain is watched: a connection told to close is only closed once no

@@ -27,6 +27,12 @@ pub const READINESS_FAILURES: &str = "close_relay.readiness.failures";
 
 /// Set once a lean network role has seen rescue's attempt count on a response: the pod's
 /// inbound route is rescue's (one u64 word, 1).
+/// When the next single reset may drain the pod at once (ms since the epoch, little-endian u64):
+/// one such drain a minute, pod-wide ([`crate::pod::single_reset_allowed`]).
+pub const SINGLE_RESET_AFTER: &str = "close_relay.single_reset_after";
+/// The app's answers, pod-wide, as each VM adds its own every tick (little-endian u64): a streak
+/// of failures in one VM ends when the app answered anyone ([`crate::drain::Streak`]).
+pub const ANSWERS: &str = "close_relay.answers";
 pub const RESCUE_SEEN: &str = "close_relay.rescue_seen";
 
 /// Each network root's wake queue is this prefix and a nonce ([`crate::link::Note`] items).

@@ -84,12 +84,16 @@ pub enum Note {
     /// different `vm_id`s the two VMs keep separate shared data, so the network VM would not
     /// see it otherwise.
     Enter { source: Source, until: u64 },
+    /// A drain source the HTTP role's VM turned off: a single reset the app then disproved by
+    /// answering ([`crate::pod::single_reset_allowed`]).
+    Clear(Source),
 }
 
 const WAKE: u8 = b'w';
 const BEGIN: u8 = b'b';
 const END: u8 = b'e';
 const ENTER: u8 = b'd';
+const CLEAR: u8 = b'c';
 const BEGUN: u8 = 1;
 
 impl Note {
@@ -110,6 +114,10 @@ impl Note {
                 out.push(ENTER);
                 out.push(source.index() as u8);
                 out.extend_from_slice(&until.to_le_bytes());
+            }
+            Note::Clear(source) => {
+                out.push(CLEAR);
+                out.push(source.index() as u8);
             }
         }
         out
@@ -133,6 +141,10 @@ impl Note {
                 let until = u64::from_le_bytes(until.try_into().ok()?);
                 Some(Note::Enter { source, until })
             }
+            CLEAR => match rest {
+                [index] => Source::ALL.get(usize::from(*index)).map(|s| Note::Clear(*s)),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -170,6 +182,7 @@ mod tests {
             Note::End { conn, begun: false },
             Note::Enter { source: Source::AppFailure, until: u64::MAX },
             Note::Enter { source: Source::AppReadiness, until: 1_700_000_000_123 },
+            Note::Clear(Source::AppFailure),
         ];
         for note in notes {
             assert_eq!(Note::decode(&note.encode()), Some(note));

@@ -354,10 +354,11 @@ fn watch_app(shared: &Shared, head: HeadSeen, local: Option<bool>) {
     let refused_here = local == Some(true);
     if !(head.rescued || head.refused || local.is_some()) {
         shared.streak.borrow_mut().answered();
+        pod::count_answer();
         return;
     }
     let now = host::now_ms();
-    let in_a_row = shared.streak.borrow_mut().failed(now, failure.window_ms);
+    let in_a_row = shared.streak.borrow_mut().failed(now, failure.window_ms, pod::answers());
     debug!(
         "lean: the app failed a request (rescued: {}, refused: {}, Envoy's reply: {local:?}): {in_a_row} in a row",
         head.rescued, head.refused

@@ -82,6 +82,49 @@ pub fn active_until(source: Source) -> u64 {
     if state.is_active(source, now) { state.until(source) } else { 0 }
 }
 
+/// How often a single reset may drain the pod at once, pod-wide. Tomcat's shutdown begins by
+/// resetting connections it is serving, and waiting for a second reset costs requests
+/// (`docs/rollout.md`); but a client whose request makes a healthy app reset its connection can
+/// send it again and again, and each drain closes every client connection. So one a minute,
+/// and the app's next answer to a request begun after the reset ends it.
+pub const SINGLE_RESET_EVERY_MS: u64 = 60_000;
+
+/// Whether a single reset may drain the pod now; if so, the next one may only after
+/// [`SINGLE_RESET_EVERY_MS`].
+pub fn single_reset_allowed(now_ms: u64) -> bool {
+    host::shared_update(keys::SINGLE_RESET_AFTER, |current| {
+        let after = if current.len() == 8 { drain::decode_u64s::<1>(current)[0] } else { 0 };
+        (now_ms >= after).then(|| (drain::encode_u64s(&[now_ms.saturating_add(SINGLE_RESET_EVERY_MS)]), true))
+    }) == Some(true)
+}
+
+/// The app answered a request here: counted in the VM, free on the data path.
+pub fn count_answer() {
+    vm::ANSWERS_UNPUBLISHED.set(vm::ANSWERS_UNPUBLISHED.get().saturating_add(1));
+}
+
+/// Adds this VM's answers since the last tick to the pod's ([`keys::ANSWERS`]): one write a
+/// tick, and only when there were any.
+pub fn publish_answers() {
+    let mine = vm::ANSWERS_UNPUBLISHED.replace(0);
+    if mine == 0 {
+        return;
+    }
+    let added = host::shared_update(keys::ANSWERS, |current| {
+        let total = if current.len() == 8 { drain::decode_u64s::<1>(current)[0] } else { 0 };
+        Some((drain::encode_u64s(&[total.saturating_add(mine)]), ()))
+    });
+    if added.is_none() {
+        vm::ANSWERS_UNPUBLISHED.set(mine);
+    }
+}
+
+/// The pod's answers published so far (read on a failure only).
+pub fn answers() -> u64 {
+    let (current, _) = host::shared_get(keys::ANSWERS);
+    if current.len() == 8 { drain::decode_u64s::<1>(&current)[0] } else { 0 }
+}
+
 /// Turns `source` off, when its cause has cleared (e.g. `healthcheck/ok`).
 pub fn clear(source: Source, metrics: &Metrics) {
     let now = host::now_ms();
@@ -96,6 +139,8 @@ pub fn clear(source: Source, metrics: &Metrics) {
     if cleared.is_some() {
         info!("close-relay: drain source {} cleared", source.as_str());
         refresh(metrics);
+        // Every worker stops closing within a dispatcher turn, not a tick later.
+        wake_all();
     }
 }
 

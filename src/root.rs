@@ -176,6 +176,7 @@ impl Root {
             match Note::decode(&item) {
                 Some(Note::Wake) => woken = true,
                 Some(Note::Enter { source, until }) => pod::enter_forwarded(source, until),
+                Some(Note::Clear(source)) => pod::clear(source, &self.shared.metrics),
                 Some(note) => conn::hear(&note),
                 None => debug!("ignored a queue item this version did not write"),
             }
@@ -258,6 +259,7 @@ impl RootContext for Root {
         host::follow_host_log_level();
         let Some(config) = self.shared.active() else { return };
         self.shared.metrics.flush();
+        pod::publish_answers();
         if self.role == Role::Network {
             vm::PROBE_READS.set(network::PROBE_READS_PER_TICK);
             if !config.lean {

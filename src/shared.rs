@@ -19,11 +19,15 @@ pub struct Shared {
     pub streak: RefCell<Streak>,
     /// This VM recorded in shared data that rescue is on ([`crate::keys::RESCUE_SEEN`]).
     pub rescue_recorded: Cell<bool>,
+    /// A single reset drained the pod at once ([`crate::pod::single_reset_allowed`]), with no
+    /// failure since to confirm it: the number of the last request begun before it. The app's
+    /// answer to a later request disproves it.
+    pub unconfirmed_reset: Cell<Option<u64>>,
 }
 
 impl Shared {
     pub fn new(config: Option<Config>, metrics: Metrics) -> Shared {
-        Shared { config, metrics, streak: RefCell::default(), rescue_recorded: Cell::new(false) }
+        Shared { config, metrics, streak: RefCell::default(), rescue_recorded: Cell::new(false), unconfirmed_reset: Cell::new(None) }
     }
 
     /// The configuration if the plugin is active.

@@ -51,6 +51,10 @@ thread_local! {
     pub(crate) static LEARNER: RefCell<UnframedLearner> = RefCell::default();
     /// http.rs: this VM's upstream connections' last answers (the app's pool is per worker too).
     pub(crate) static UPSTREAM_USE: RefCell<UpstreamUse> = RefCell::default();
+    /// pod.rs: the app's answers this VM saw since its last tick published them.
+    pub(crate) static ANSWERS_UNPUBLISHED: Cell<u64> = const { Cell::new(0) };
+    /// http.rs: requests begun in this VM, numbering them (which began after a reset).
+    pub(crate) static REQUESTS_BEGUN: Cell<u64> = const { Cell::new(0) };
     /// http.rs: the missing network role was logged once.
     pub(crate) static WARNED_NO_NETWORK_ROLE: Cell<bool> = const { Cell::new(false) };
     /// network.rs: the host's missing random value was logged once.

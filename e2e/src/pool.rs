@@ -106,7 +106,7 @@ pub fn report(source: &str, setup: &str, took: Duration) {
 
 /// Traffic that goes on, as an ALB's does: one client sending `GET /keep` every 20 ms on a
 /// keep-alive connection, opening a new one whenever it is told to close or the connection
-/// ends, until stopped (20 s at most).
+/// ends, until stopped (20 s at most, or the time given to [`Traffic::start_for`]).
 pub struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: std::thread::JoinHandle<(u64, u64)>,
@@ -114,12 +114,16 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn start(port: u16) -> Traffic {
+        Traffic::start_for(port, Duration::from_secs(20))
+    }
+
+    pub fn start_for(port: u16, at_most: Duration) -> Traffic {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = stop.clone();
         let handle = std::thread::spawn(move || {
             let (mut answered, mut connections) = (0u64, 0u64);
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let deadline = Instant::now() + at_most;
             let mut conn: Option<Client> = None;
             while !stopping.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if conn.is_none() {

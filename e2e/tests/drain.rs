@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::pool::{all_closed, pool, report, BUSY, IDLE, WITHIN};
+use e2e::pool::{all_closed, pool, report, Traffic, BUSY, IDLE, WITHIN};
 use e2e::{App, Client, Envoy, EnvoySpec, Filter, Layout};
 
 fn start(name: &str, spec: EnvoySpec) -> Envoy {
@@ -216,6 +216,47 @@ fn one_reset_of_a_connection_the_app_is_serving_drains_the_pod_at_once() {
     let (took, _) = all_closed(&envoy, pool, trigger, "/keep");
     assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total"), 1);
     report("app_failure (one reset of a connection in use, 503 UC)", "race_idle_ms 1000", took);
+}
+
+/// A client whose request makes a healthy app reset its connection (a request that crashes a
+/// worker, an upload the server refuses with a reset) sends it once a second for 30 s, while
+/// the ALB's traffic goes on. The first may drain the pod, as Tomcat's shutdown begins the same
+/// way, but the app's answer to the next request ends that drain, and no later one drains it
+/// again: close-relay closes at most twice as many client connections as the pod had open.
+#[test]
+fn a_request_that_makes_a_healthy_app_reset_its_connection_cannot_keep_the_pod_draining() {
+    let app = App::start();
+    let envoy = start("poison-reset", spec(&app));
+    let mut idle: Vec<Client> = (0..IDLE)
+        .map(|_| {
+            let mut c = envoy.connect();
+            assert!(!c.get("/keep").says_close());
+            c
+        })
+        .collect();
+    let traffic: Vec<Traffic> = (0..BUSY).map(|_| Traffic::start_for(envoy.port, Duration::from_secs(45))).collect();
+    let open = idle.len() + traffic.len();
+    let mut resets = 0;
+    for _ in 0..30 {
+        let mut c = envoy.connect();
+        resets += usize::from(c.get("/reset").status == 503);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (answered, opened): (u64, u64) =
+        traffic.into_iter().map(Traffic::stop).fold((0, 0), |(a, o), (answered, opened)| (a + answered, o + opened));
+    let idle_closed = idle.iter_mut().map(|c| usize::from(!c.open_now())).sum::<usize>();
+    let closed = (opened as usize).saturating_sub(BUSY) + idle_closed;
+    let drains = envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total");
+    eprintln!(
+        "[envoy {}] a reset every second for 30 s ({}): {resets} resets, {drains} drains, {closed} client connections \
+         closed of {open} open; traffic {answered} answered",
+        e2e::envoy_version(),
+        e2e::layout().as_str()
+    );
+    assert_eq!(resets, 30, "the app did not reset every poison request: the test shows nothing");
+    assert!(answered > 1_000, "the traffic did not go on ({answered} answered)");
+    assert!(closed <= 2 * open, "{closed} client connections closed, {open} open\n{}", envoy.wasm_log());
+    assert!(drains <= 1, "drained {drains} times\n{}", envoy.wasm_log());
 }
 
 #[test]
