@@ -142,9 +142,45 @@ pub const REFUSED_HEADER: &str = "x-close-relay-refused";
 /// Envoy sets `x-envoy-attempt-count` on the response (`include_attempt_count_in_response`):
 /// 2 or more means a retry answered, unless the answer is a refusal too ([`REFUSED_HEADER`]:
 /// every pod tried refused, or there was none). Without the count, or with one that is not a
-/// number, nothing is known: not rescued.
+/// number, nothing is known: not rescued. Only where rescue's route set the count: elsewhere
+/// it is the app's own header ([`rescue_marks`]).
 pub fn rescued(attempt_count: Option<&str>, refused: bool) -> bool {
-    !refused && attempt_count.and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|n| n >= 2)
+    !refused && attempts(attempt_count) >= 2
+}
+
+fn attempts(attempt_count: Option<&str>) -> u32 {
+    attempt_count.and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(0)
+}
+
+/// The names rescue's routes carry (`envoyfilter/rescue`): only on them does Envoy write
+/// `x-envoy-attempt-count` and the refusal marker itself.
+pub const RESCUE_ROUTE_PREFIX: &str = "close-relay-rescue";
+
+/// Rescue's marks on one response, as far as this sidecar can prove them its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Marks {
+    /// A refusal: this Envoy's own reply when its app did not take the request, or the reply
+    /// of the pod it handed the request to.
+    pub refused: bool,
+    /// Another pod answered after the local app refused.
+    pub rescued: bool,
+    /// A [`REFUSED_HEADER`] that is neither: the app's (or something behind it), passed on. It
+    /// counts for nothing and is taken off before the client sees it.
+    pub copy: bool,
+}
+
+/// Which of rescue's marks on a response are this sidecar's. `on_rescue_route`: the response
+/// came by one of rescue's routes, where Envoy overwrites `x-envoy-attempt-count`. A marker is
+/// a refusal only on a 5xx that is either Envoy's own reply to a connection its app refused or
+/// reset (response flags UF, UC, UR: a local reply carries none of the app's headers), or the
+/// answer of another pod, which only a retry reaches (attempts 2 or more), and whose sidecar
+/// takes its own app's copies off. Anything else is the app's: a gateway passing on a
+/// dependency's refusal must not drain its own pod.
+pub fn rescue_marks(marker: bool, attempt_count: Option<&str>, status: u16, flags: u64, on_rescue_route: bool) -> Marks {
+    let tries = if on_rescue_route { attempts(attempt_count) } else { 0 };
+    let envoys_reply = flags & (FLAG_UPSTREAM_CONNECTION_FAILURE | FLAG_UPSTREAM_REMOTE_RESET | FLAG_UPSTREAM_CONNECTION_TERMINATION) != 0;
+    let refused = marker && on_rescue_route && status >= 500 && (envoys_reply || tries >= 2);
+    Marks { refused, rescued: !marker && tries >= 2, copy: marker && !refused }
 }
 
 /// Full decision for one response. `request` is only consulted when something asks for a
@@ -313,6 +349,21 @@ mod tests {
         assert_eq!(app_said(Upstream::Reset, false, false), AppSaid::Answered, "resets not counted");
         assert_eq!(app_said(Upstream::Fine, true, false), AppSaid::Failed, "rescued: the app failed it");
         assert_eq!(app_said(Upstream::Fine, false, true), AppSaid::Answered);
+    }
+
+    #[test]
+    fn rescue_marks_count_only_where_this_sidecar_wrote_them() {
+        let uf = FLAG_UPSTREAM_CONNECTION_FAILURE;
+        let marks = |marker, count, status, flags, route| rescue_marks(marker, count, status, flags, route);
+        assert_eq!(marks(true, Some("1"), 503, uf, true), Marks { refused: true, ..Marks::default() }, "this Envoy's own refusal");
+        assert_eq!(marks(true, Some("3"), 503, 0, true), Marks { refused: true, ..Marks::default() }, "the last pod tried refused too");
+        assert_eq!(marks(false, Some("2"), 200, 0, true), Marks { rescued: true, ..Marks::default() });
+        let copy = Marks { copy: true, ..Marks::default() };
+        assert_eq!(marks(true, Some("1"), 503, 0, true), copy, "the local app passed a dependency's refusal on");
+        assert_eq!(marks(true, None, 503, uf, false), copy, "no rescue route: nobody here writes it");
+        assert_eq!(marks(true, Some("2"), 200, 0, true), copy, "never on an answer");
+        assert_eq!(marks(false, Some("3"), 200, 0, false), Marks::default(), "the app's own attempt count, rescue not installed");
+        assert_eq!(marks(false, Some("1"), 200, 0, true), Marks::default());
     }
 
     #[test]

@@ -182,6 +182,13 @@ unsafe extern "C" fn proxy_add_header_map_value(map: u32, key: *const u8, key_si
 }
 
 #[no_mangle]
+unsafe extern "C" fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32 {
+    let key = String::from_utf8_lossy(slice(key, key_size)).into_owned();
+    with(|f| f.maps.entry(map).or_default().retain(|(k, _)| *k != key));
+    OK
+}
+
+#[no_mangle]
 unsafe extern "C" fn proxy_get_property(path: *const u8, path_size: usize, value: *mut *mut u8, value_size: *mut usize) -> u32 {
     let path = slice(path, path_size).to_vec();
     match with(|f| f.properties.get(&path).cloned()) {
@@ -390,7 +397,6 @@ never_called!(
     proxy_grpc_close,
     proxy_grpc_send,
     proxy_grpc_stream,
-    proxy_remove_header_map_value,
     proxy_replace_header_map_value,
     proxy_resolve_shared_queue,
     proxy_set_header_map_pairs,

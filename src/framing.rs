@@ -237,14 +237,17 @@ impl Messages {
         if self.side == Side::Response && h.is_final && self.owed.pop_front() == Some(true) {
             next = State::Between;
         }
+        // A marker is this pod's only on Envoy's own reply (no `x-envoy-upstream-service-time`)
+        // or on the answer of a pod a retry reached; on the app's answer it is passed on.
+        let refused = h.refused && (!h.from_upstream || decision::rescued(h.attempt_count, false));
         let seen = HeadSeen {
             len: end,
             whole_here: held == 0,
             says_close: h.says_close,
             is_final: h.is_final,
             status: h.status,
-            rescued: decision::rescued(h.attempt_count, h.refused),
-            refused: h.refused,
+            rescued: decision::rescued(h.attempt_count, refused),
+            refused,
             attempt_counted: h.attempt_count.is_some(),
             from_upstream: h.from_upstream,
             head_method: h.head_method,
@@ -563,6 +566,12 @@ mod tests {
         ]);
         let marks: Vec<_> = heads.iter().map(|h| (h.rescued, h.refused, h.attempt_counted)).collect();
         assert_eq!(marks, [(true, false, true), (false, true, true), (false, false, true)]);
+        let (heads, _) = follow(&mut r, &[
+            b"HTTP/1.1 503 x\r\nx-envoy-attempt-count: 1\r\nx-close-relay-refused: orders\r\nx-envoy-upstream-service-time: 3\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 503 x\r\nx-envoy-attempt-count: 2\r\nx-close-relay-refused: checkout\r\nx-envoy-upstream-service-time: 3\r\ncontent-length: 0\r\n\r\n",
+        ]);
+        let marks: Vec<_> = heads.iter().map(|h| (h.rescued, h.refused)).collect();
+        assert_eq!(marks, [(false, false), (false, true)], "the app's copy counts for nothing; another pod's refusal does");
     }
 
     #[test]

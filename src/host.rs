@@ -35,6 +35,7 @@ extern "C" {
     ) -> u32;
     fn proxy_add_header_map_value(map: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize)
         -> u32;
+    fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32;
     fn proxy_get_property(path: *const u8, path_size: usize, value: *mut *mut u8, value_size: *mut usize) -> u32;
     fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, size: usize) -> u32;
     fn proxy_get_shared_data(
@@ -98,6 +99,7 @@ pub enum Call {
     GetHeaderMapPairs,
     GetHeaderMapValue,
     AddHeaderMapValue,
+    RemoveHeaderMapValue,
     GetProperty,
     SetProperty,
     GetSharedData,
@@ -116,7 +118,7 @@ pub enum Call {
 }
 
 impl Call {
-    pub const ALL: [Call; 24] = [
+    pub const ALL: [Call; 25] = [
         Call::Log,
         Call::GetLogLevel,
         Call::GetCurrentTime,
@@ -126,6 +128,7 @@ impl Call {
         Call::GetHeaderMapPairs,
         Call::GetHeaderMapValue,
         Call::AddHeaderMapValue,
+        Call::RemoveHeaderMapValue,
         Call::GetProperty,
         Call::SetProperty,
         Call::GetSharedData,
@@ -154,6 +157,7 @@ impl Call {
             Call::GetHeaderMapPairs => "proxy_get_header_map_pairs",
             Call::GetHeaderMapValue => "proxy_get_header_map_value",
             Call::AddHeaderMapValue => "proxy_add_header_map_value",
+            Call::RemoveHeaderMapValue => "proxy_remove_header_map_value",
             Call::GetProperty => "proxy_get_property",
             Call::SetProperty => "proxy_set_property",
             Call::GetSharedData => "proxy_get_shared_data",
@@ -311,6 +315,11 @@ pub fn add_header(map: MapType, name: &str, value: &str) -> Result<(), HostError
     invoke(Call::AddHeaderMapValue, || unsafe {
         proxy_add_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len())
     })
+}
+
+pub fn remove_header(map: MapType, name: &str) -> Result<(), HostError> {
+    // SAFETY: as above.
+    invoke(Call::RemoveHeaderMapValue, || unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
 }
 
 /// One header's value; `None` when absent or when the map is not readable in this phase

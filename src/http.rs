@@ -12,7 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
-use crate::decision::{self, decide, AppSaid, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
+use crate::decision::{self, decide, AppSaid, Decision, Marks, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
 use crate::drain::{self, Source, UNTIL_CLEARED};
 use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
@@ -201,8 +201,9 @@ impl HttpRole {
     /// (`drain::Streak`). Rescued requests are counted. Returns whether Envoy could not connect.
     fn watch_app(&mut self, config: &Config, headers: &ResponseHeaders, status: u16) -> (Upstream, bool) {
         let flags = if status >= 500 { response_flags() } else { 0 };
-        let upstream = decision::upstream(status, flags, headers.refused);
-        let rescued = decision::rescued(headers.attempt_count.as_deref(), headers.refused);
+        let marks = rescue_marks(headers, status, flags);
+        let upstream = decision::upstream(status, flags, marks.refused);
+        let rescued = marks.rescued;
         if rescued {
             self.shared.metrics.rescued.inc();
         }
@@ -251,7 +252,7 @@ impl HttpRole {
         if config.drain.enabled && failure.enabled && evidence {
             // A rescue: the next request on an idle connection would be rescued too, so the
             // sidecar's idle grace, not the app's at-once close (`Source::AppRescued`).
-            let source = if rescued { Source::AppRescued } else { Source::for_app_failure(headers.refused) };
+            let source = if rescued { Source::AppRescued } else { Source::for_app_failure(marks.refused) };
             debug!("app going away ({}): pod draining for {} ms", source.as_str(), failure.hold_ms);
             self.entered(source, host::now_ms().saturating_add(failure.hold_ms));
         }
@@ -271,6 +272,25 @@ fn request_facts_on_request() -> RequestFacts {
         upgrade: read("upgrade"),
         connection: read("connection"),
     }
+}
+
+/// Rescue's marks on this response that this sidecar wrote ([`decision::rescue_marks`]); a
+/// refusal marker it did not write is taken off. The route's name is read only when a mark is
+/// there at all: with rescue, every response carries an attempt count, few one of 2 or more.
+fn rescue_marks(headers: &ResponseHeaders, status: u16, flags: u64) -> Marks {
+    if !headers.refused && !decision::rescued(headers.attempt_count.as_deref(), false) {
+        return Marks::default();
+    }
+    let route = host::get_property(&["xds", "route_name"]);
+    let on_rescue_route = route.is_some_and(|r| r.starts_with(decision::RESCUE_ROUTE_PREFIX.as_bytes()));
+    let marks = decision::rescue_marks(headers.refused, headers.attempt_count.as_deref(), status, flags, on_rescue_route);
+    if marks.copy {
+        debug!("{} on a response this sidecar did not refuse: the app's, taken off", decision::REFUSED_HEADER);
+        if let Err(e) = host::remove_header(MapType::HttpResponseHeaders, decision::REFUSED_HEADER) {
+            warn!("close-relay: cannot take the app's {} off its response: {e:?}", decision::REFUSED_HEADER);
+        }
+    }
+    marks
 }
 
 /// The local port of the upstream connection this response came on.

@@ -45,6 +45,13 @@ use serde_json::{json, Value};
 /// The header each retry carries (request) and the count that answered (response).
 pub const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
 pub use close_relay::decision::REFUSED_HEADER;
+/// The refusal marker's value: this service's own (`<service>.<namespace>`), as the example
+/// overlay's settings give it. The router retries only on it exactly, so a dependency's refusal
+/// that the app passes on (another service, another value) is never retried.
+pub const MARKER: &str = "checkout.shop";
+/// The name rescue gives istiod's default inbound route (the plugin trusts Envoy's attempt
+/// count and marker only on rescue's routes: `close_relay::decision::RESCUE_ROUTE_PREFIX`).
+pub const ROUTE: &str = "close-relay-rescue";
 /// The service whose other pods the rig's sidecars rescue to, as Istio names its cluster.
 pub const SERVICE: &str = "checkout.shop.svc.cluster.local";
 /// The service port the rig's sidecars name their clusters after (each pod's app has its own).
@@ -86,7 +93,7 @@ pub fn retry_policy(idempotent: bool) -> Value {
     let on = if idempotent { "connect-failure,reset,retriable-headers" } else { "connect-failure,reset-before-request,retriable-headers" };
     json!({
         "retry_on": on,
-        "retriable_headers": [{"name": REFUSED_HEADER, "present_match": true}],
+        "retriable_headers": [{"name": REFUSED_HEADER, "string_match": {"exact": MARKER}}],
         "num_retries": 2,
         "retry_priority": {
             "name": "envoy.retry_priorities.previous_priorities",
@@ -159,7 +166,7 @@ fn aggregate_cluster(names: &Names) -> Value {
 /// under the request (UC, UR), which a rescue landing on a stopping app meets too (Tomcat's
 /// paused connector: 3 such 503s in a held restart at 1200 requests/s).
 pub fn refused_reply_mappers() -> Value {
-    let mark = json!([{"header": {"key": REFUSED_HEADER, "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]);
+    let mark = json!([{"header": {"key": REFUSED_HEADER, "value": MARKER}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]);
     json!([
         {"filter": {"response_flag_filter": {"flags": ["UF"]}}, "headers_to_add": mark},
         {
@@ -206,6 +213,7 @@ fn rescue_hcm(hcm: &mut Value, inbound_cluster: &str, names: &Names) {
                 idempotent["route"]["retry_policy"] = retry_policy(true);
                 rescued.push(idempotent);
                 route["route"]["retry_policy"] = retry_policy(false);
+                route["name"] = json!(ROUTE);
             }
             rescued.push(route);
         }

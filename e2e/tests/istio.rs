@@ -141,9 +141,9 @@ fn the_rescue_envoy_filter_on_istiods_inbound_keeps_requests_local_and_rescues_w
     let hcm = &config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][1]["typed_config"];
     let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
     let names: Vec<&str> = routes.iter().filter_map(|r| r["name"].as_str()).collect();
-    assert_eq!(names, ["close-relay-rescue-guard", "close-relay-rescue-idempotent", "default"]);
+    assert_eq!(names, ["close-relay-rescue-guard", "close-relay-rescue-idempotent", rescue::ROUTE]);
     assert_eq!(rescue_route(routes, "close-relay-rescue-idempotent")["route"]["retry_policy"], rescue::retry_policy(true));
-    assert_eq!(rescue_route(routes, "default")["route"]["retry_policy"], rescue::retry_policy(false));
+    assert_eq!(rescue_route(routes, rescue::ROUTE)["route"]["retry_policy"], rescue::retry_policy(false));
     assert_eq!(hcm["local_reply_config"]["mappers"], rescue::refused_reply_mappers());
 
     a.sees(&[&b]);

@@ -55,6 +55,35 @@ fn a_request_the_app_refuses_is_answered_by_another_pod_and_its_connection_close
     assert_eq!(a.envoy.counter("wasmcustom.close_relay_drain_entered_app_failure_total"), 0, "no request failed");
 }
 
+/// A gateway app passes a dependency's response on, headers and all: its dependency, another
+/// service with close-relay and rescue, refused, so the 503 carries that service's refusal
+/// marker and an attempt count. Pod A's sidecar must not send the POST again (the app ran it),
+/// must not drain its pod, and must not pass the marker to the ALB.
+#[test]
+fn a_dependencys_refusal_the_app_passes_on_runs_once_keeps_the_pod_serving_and_stays_inside() {
+    let (a, b) = (Pod::start("rescue-chain-a", Filter::CloseRelay), Pod::start("rescue-chain-b", Filter::CloseRelay));
+    a.sees(&[&b]);
+    let mut idle = a.envoy.connect();
+    assert!(!idle.get("/keep").says_close());
+    let before = a.sent().0;
+    let mut c = a.envoy.connect();
+    for (method, rest) in [("POST", "content-length: 5\r\n\r\nhello"), ("GET", ""), ("POST", "content-length: 5\r\n\r\nhello")] {
+        let r = c.request(method, "/passed-on", rest);
+        assert_eq!(r.status, 503, "{}", r.raw_head);
+        assert_eq!(r.header(REFUSED_HEADER), None, "{method}: the app's marker reached the client:\n{}", r.raw_head);
+        assert!(!r.says_close(), "{method}: the app's answer closed its connection:\n{}", r.raw_head);
+    }
+    assert_eq!(a.sent(), (before + 3, 0), "(to the local app, to other pods): each ran once, on pod A");
+    assert_eq!(b.sent(), (0, 0));
+    assert_eq!(a.rescued(), 0);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(idle.open_now(), "pod A drained on its app's answers\n{}", a.envoy.wasm_log());
+    assert!(!c.get("/keep").says_close(), "pod A drained on its app's answers");
+    for source in ["app_failure", "app_rescued"] {
+        assert_eq!(a.envoy.counter(&format!("wasmcustom.close_relay_drain_entered_{source}_total")), 0, "{source}");
+    }
+}
+
 #[test]
 fn a_rescue_never_goes_further_than_one_pod_even_when_every_app_refuses() {
     let (mut a, mut b) = (Pod::start("rescue-loop-a", Filter::CloseRelay), Pod::start("rescue-loop-b", Filter::CloseRelay));
@@ -67,7 +96,7 @@ fn a_rescue_never_goes_further_than_one_pod_even_when_every_app_refuses() {
         let mut c = a.envoy.connect();
         let r = c.get("/keep");
         assert_eq!(r.status, 503, "one answer, the refusal:\n{}", r.raw_head);
-        assert_eq!(r.header(REFUSED_HEADER), Some("1"));
+        assert_eq!(r.header(REFUSED_HEADER), Some(rescue::MARKER));
         assert!(r.says_close(), "a refusal keeps the client on this pod:\n{}", r.raw_head);
     }
     let (a_sent, b_sent) = (a.sent(), b.sent());
@@ -146,7 +175,7 @@ fn the_shipped_standalone_rescue_bootstrap_answers_from_another_pod_while_the_ap
     let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
     let policy = |name: &str| routes.iter().find(|r| r["name"] == name).map(|r| r["route"]["retry_policy"].clone());
     assert_eq!(policy("close-relay-rescue-idempotent"), Some(rescue::retry_policy(true)));
-    assert_eq!(policy("default"), Some(rescue::retry_policy(false)));
+    assert_eq!(policy(rescue::ROUTE), Some(rescue::retry_policy(false)));
     assert_eq!(hcm["local_reply_config"]["mappers"], rescue::refused_reply_mappers());
 
     let mut app = App::start();

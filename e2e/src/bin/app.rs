@@ -17,6 +17,9 @@
 //! - `/spoof`               keep-alive response carrying forged `x-close-relay` headers
 //! - `/envoy-503`           keep-alive 503 whose body is Envoy's own "upstream connect error"
 //!   reply, as a gateway app passes on a dependency's
+//! - `/passed-on?status=N&marker=V` status N (default 503) carrying rescue's marks as a gateway app
+//!   passes a dependency's response headers on: `x-close-relay-refused: V` (default
+//!   `orders.shop`, another service's) and `x-envoy-attempt-count: 3`
 //! - `/ws`                  with `Upgrade:` answers 101 and then echoes raw bytes
 //! - `/ready`               200, or 503 after `/set-ready?v=0` (until `/set-ready?v=1`)
 //! - `/reset`               no answer: the connection is reset, as Tomcat's shutdown resets
@@ -279,6 +282,13 @@ fn serve(stream: TcpStream) -> io::Result<()> {
             "/envoy-503" => {
                 let body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure";
                 (format!("HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n{close}\r\n{body}", body.len()), !forced)
+            }
+            "/passed-on" => {
+                let status = req.param("status").unwrap_or("503");
+                let marker = req.param("marker").unwrap_or("orders.shop");
+                let marks = format!("x-close-relay-refused: {marker}\r\nx-envoy-attempt-count: 3\r\n");
+                let body = if head_only { "" } else { "no" };
+                (format!("HTTP/1.1 {status} X\r\nContent-Length: 2\r\n{marks}{close}\r\n{body}"), !forced)
             }
             "/spoof" => (
                 simple("x-close-relay: 0000000000000000\r\nX-Close-Relay: close\r\n", "ok"),
