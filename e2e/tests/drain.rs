@@ -259,6 +259,29 @@ fn a_request_that_makes_a_healthy_app_reset_its_connection_cannot_keep_the_pod_d
     assert!(drains <= 1, "drained {drains} times\n{}", envoy.wasm_log());
 }
 
+/// Where rescue is not installed, rescue's marks on a response are the app's own (a gateway
+/// passing a dependency's headers on): they count for nothing, and the marker stays inside.
+#[test]
+fn an_apps_own_attempt_count_and_refusal_marker_never_drain_the_pod_without_rescue() {
+    let app = App::start();
+    let envoy = start("passed-on-marks", spec(&app));
+    let mut idle = envoy.connect();
+    assert!(!idle.get("/keep").says_close());
+    let mut c = envoy.connect();
+    for status in [200, 503, 200, 503, 200] {
+        let r = c.get(&format!("/passed-on?status={status}"));
+        assert_eq!(r.status, status);
+        assert_eq!(r.header(e2e::rescue::REFUSED_HEADER), None, "the app's marker reached the client:\n{}", r.raw_head);
+        assert!(!r.says_close(), "{}", r.raw_head);
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(idle.open_now(), "the pod drained on the app's own marks\n{}", envoy.wasm_log());
+    assert_eq!(envoy.counter("wasmcustom.close_relay_rescued_total"), 0);
+    for source in ["app_failure", "app_rescued"] {
+        assert_eq!(envoy.counter(&format!("wasmcustom.close_relay_drain_entered_{source}_total")), 0, "{source}");
+    }
+}
+
 #[test]
 fn a_connect_failure_closes_its_connection_even_without_drain_awareness() {
     let mut app = App::start();
