@@ -116,6 +116,12 @@ pub struct Prestop {
     /// The secret the hook's header must carry; without one there is no trigger.
     #[cfg_attr(not(target_arch = "wasm32"), serde(skip_serializing_if = "Option::is_none"))]
     pub token: Option<Secret>,
+    /// Or the name of the VM's environment variable that holds it (`vmConfig.env` with
+    /// `valueFrom: HOST`, from the proxy's own environment): then the token is in neither the
+    /// plugin's resource nor Envoy's config dump, which the app container can read on the
+    /// admin port.
+    #[cfg_attr(not(target_arch = "wasm32"), serde(skip_serializing_if = "Option::is_none"))]
+    pub token_env: Option<String>,
     /// How long the answer waits for the connections to go. The kubelet waits for a hook at
     /// most the pod's grace period (30 s by default) and then sends SIGTERM with what is left.
     pub max_wait_ms: u64,
@@ -123,7 +129,7 @@ pub struct Prestop {
 
 impl Default for Prestop {
     fn default() -> Self {
-        Prestop { token: None, max_wait_ms: 20_000 }
+        Prestop { token: None, token_env: None, max_wait_ms: 20_000 }
     }
 }
 
@@ -316,6 +322,23 @@ impl Config {
         Ok(config)
     }
 
+    /// Takes what the configuration names from the VM's environment (`drain.prestop.token_env`).
+    pub fn with_env(mut self, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let field = || Some("drain.prestop.token_env".to_string());
+        let Some(name) = self.drain.prestop.token_env.clone() else { return Ok(self) };
+        if self.drain.prestop.token.is_some() {
+            return Err(ConfigError { field: field(), message: "give the token or the variable that holds it, not both".into() });
+        }
+        let value = env(&name).ok_or_else(|| ConfigError {
+            field: field(),
+            message: format!("the VM's environment has no {name:?} (vmConfig.env, valueFrom: HOST)"),
+        })?;
+        let token = Secret(value);
+        token.check("drain.prestop.token_env")?;
+        self.drain.prestop.token = Some(token);
+        Ok(self)
+    }
+
     /// What only one role may be given: `lean` is the network role alone.
     pub fn check_role(&self, role: Role) -> Result<(), ConfigError> {
         if self.lean && role == Role::Http {
@@ -358,7 +381,7 @@ impl Config {
             }
         }
         if self.lean {
-            let why = if d.prestop.token.is_some() {
+            let why = if d.prestop.token.is_some() || d.prestop.token_env.is_some() {
                 Some(("drain.prestop.token", "lean has no HTTP role to answer the preStop hook"))
             } else if !(d.enabled && d.sidecar.enabled) {
                 Some(("drain.sidecar", "lean reads every drain source from the sidecar's stats: needs drain and drain.sidecar enabled"))
@@ -537,6 +560,22 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("drain.tick_ms"));
         let e = Config::parse(br#"{"drain": {"app_closes": {"threshold": -1}}}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("drain.app_closes.threshold"));
+    }
+
+    #[test]
+    fn the_prestop_token_may_come_from_the_vms_environment() {
+        let named = |json: &str| Config::parse(json.as_bytes()).unwrap();
+        let c = named(r#"{"drain": {"prestop": {"token_env": "CLOSE_RELAY_PRESTOP_TOKEN"}}}"#);
+        let token = "from-the-proxy-env-0123456789";
+        let resolved = c.clone().with_env(|k| (k == "CLOSE_RELAY_PRESTOP_TOKEN").then(|| token.to_string())).unwrap();
+        assert!(resolved.drain.prestop.token.unwrap().matches(token.as_bytes()));
+        let e = c.clone().with_env(|_| None).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("drain.prestop.token_env"));
+        assert!(!e.to_string().contains(token));
+        assert!(c.with_env(|_| Some("short".into())).is_err(), "too short");
+        let both = named(r#"{"drain": {"prestop": {"token": "e2e-prestop-token-0123456789", "token_env": "X"}}}"#);
+        assert!(both.with_env(|_| Some(token.into())).is_err());
+        assert_eq!(named("{}").with_env(|_| None).unwrap(), Config::default());
     }
 
     #[test]

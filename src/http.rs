@@ -78,25 +78,29 @@ impl HttpRole {
         }
     }
 
-    /// The kubelet's preStop hook, when the network role saw its header on this connection:
-    /// with the configured token it drains the pod and is held for `prestop` to answer (the app
-    /// never sees it); otherwise the app serves it untouched, and it is counted.
+    /// The kubelet's preStop hook, when the network role saw its header first on this
+    /// connection (the kubelet opens one per hook): from the node's IP, with no proxy between,
+    /// with the configured token, it drains the pod and is held for `prestop` to answer;
+    /// anything else is refused with 403, counted. The header never reaches the app: where a
+    /// token is configured it is taken off every request.
     fn prestop_hook(&mut self) -> Option<Action> {
-        if !self.address.as_ref().is_some_and(|a| a.hook) {
-            return None;
-        }
         let shared = self.shared.clone();
         let config = shared.active()?;
-        let offered = host::header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER)?;
-        let token = config.drain.prestop.token.as_ref();
-        if !token.is_some_and(|t| t.matches(offered.as_bytes())) || !config.drain.enabled {
-            self.shared.metrics.prestop_refused.inc();
-            warn!(
-                "close-relay: a request carried {} without the configured token (or none is \
-                 configured, or drain awareness is off); served by the app, no drain",
-                keys::PRESTOP_HEADER
-            );
+        let prestop = &config.drain.prestop;
+        let hook = self.address.as_ref().is_some_and(|a| a.hook);
+        if !hook {
+            if prestop.token.is_some() && host::header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER).is_some() {
+                let _ = host::remove_header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER);
+                prestop::refuse(prestop::Refusal::NotFromNode, &shared.metrics);
+                return Some(Action::Pause);
+            }
             return None;
+        }
+        let offered = host::header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER)?;
+        let _ = host::remove_header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER);
+        if let Err(refusal) = prestop::judge(prestop.token.as_ref(), config.drain.enabled, &offered) {
+            prestop::refuse(refusal, &shared.metrics);
+            return Some(Action::Pause);
         }
         self.entered(Source::Prestop, UNTIL_CLEARED);
         prestop::hold(self.context_id);

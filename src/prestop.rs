@@ -9,10 +9,101 @@
 //! when `max_wait_ms` has passed, and the kubelet goes on to stop the app.
 
 use log::{info, warn};
+use proxy_wasm::types::MapType;
 
 use crate::metrics::Metrics;
 use crate::{host, keys};
 use crate::vm;
+
+/// The environment variable that holds the node's IP in the VM: istio-proxy has `HOST_IP`
+/// (`status.hostIP`), and the plugin gets it with `vmConfig.env: [{name: HOST_IP, valueFrom: HOST}]`.
+pub const HOST_IP_ENV: &str = "HOST_IP";
+
+/// How often a refused hook is logged at most: outsiders can send as many as they like.
+const WARN_EVERY_MS: u64 = 60_000;
+
+/// Why a hook is refused (it is answered 403 by close-relay, and never reaches the app).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No token configured, or drain awareness off.
+    Off,
+    WrongToken,
+    /// The VM does not know the node's IP: nothing tells the kubelet from anyone else.
+    NoHostIp,
+    /// Not from the node's IP: another pod, or a client through the load balancer.
+    NotFromNode,
+    /// A proxy forwarded it: the kubelet sends none of these headers, an ALB adds them.
+    Forwarded,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Off => "no token configured, or drain awareness off",
+            Refusal::WrongToken => "wrong token",
+            Refusal::NoHostIp => "the VM's environment has no HOST_IP (vmConfig.env, valueFrom: HOST)",
+            Refusal::NotFromNode => "not from the node's IP",
+            Refusal::Forwarded => "forwarded by a proxy (X-Forwarded-For, Forwarded)",
+        }
+    }
+}
+
+/// What a hook must be to drain the pod. The kubelet runs `preStop.httpGet` from the node, on a
+/// connection of its own, straight to the pod's IP: Istio rewrites only probes to its agent,
+/// and the sidecar's redirect keeps the source address, so the node's IP is the connection's
+/// source. Another pod connects from its own IP; the ALB from its own (IP targets), or, through
+/// a NodePort that masquerades, from a node's, with `X-Forwarded-For` in its default mode.
+pub fn admit(armed: bool, token_matches: bool, source: Option<&str>, host_ip: Option<&str>, forwarded: bool) -> Result<(), Refusal> {
+    if !armed {
+        return Err(Refusal::Off);
+    }
+    let host_ip = host_ip.map(str::trim).filter(|ip| !ip.is_empty()).ok_or(Refusal::NoHostIp)?;
+    if source.map(ip_of) != Some(host_ip) {
+        return Err(Refusal::NotFromNode);
+    }
+    if forwarded {
+        return Err(Refusal::Forwarded);
+    }
+    if !token_matches {
+        return Err(Refusal::WrongToken);
+    }
+    Ok(())
+}
+
+/// The IP of an address as Envoy gives it (`10.0.1.7:43122`, `[fd00::7]:43122`).
+fn ip_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Refuses a hook: counted, logged at most once a minute, answered 403 here.
+pub fn refuse(refusal: Refusal, metrics: &Metrics) {
+    metrics.prestop_refused.inc();
+    let now = host::now_ms();
+    if vm::PRESTOP_WARNED_MS.get().is_none_or(|at| now.saturating_sub(at) >= WARN_EVERY_MS) {
+        vm::PRESTOP_WARNED_MS.set(Some(now));
+        warn!(
+            "close-relay: refused a request carrying {} ({}); answered 403, no drain (logged once a minute, counted in \
+             close_relay_prestop_refused_total)",
+            keys::PRESTOP_HEADER,
+            refusal.as_str()
+        );
+    }
+    let body = format!("close-relay prestop: refused: {}\n", refusal.as_str());
+    if let Err(e) = host::send_local_response(403, "close_relay_prestop_refused", body.as_bytes()) {
+        info!("close-relay: cannot answer a refused preStop hook ({e:?}); its header was taken off");
+    }
+}
+
+/// The request's facts a hook is judged by, read from the host (the hook's path only).
+pub fn judge(token: Option<&crate::config::Secret>, drain_enabled: bool, offered: &str) -> Result<(), Refusal> {
+    let header = |name| host::header(MapType::HttpRequestHeaders, name);
+    let forwarded = header("x-forwarded-for").is_some() || header("forwarded").is_some();
+    let source = host::get_property(&["source", "address"]).map(|a| String::from_utf8_lossy(&a).into_owned());
+    let host_ip = std::env::var(HOST_IP_ENV).ok();
+    let matches = token.is_some_and(|t| t.matches(offered.as_bytes()));
+    admit(token.is_some() && drain_enabled, matches, source.as_deref(), host_ip.as_deref(), forwarded)
+}
 
 /// One held hook: the HTTP context to answer and when the hold began.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +196,22 @@ pub fn tick(max_wait_ms: u64, metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_node_with_the_token_and_no_proxy_between_drains_the_pod() {
+        let node = Some("10.0.1.7");
+        let from = |source| admit(true, true, Some(source), node, false);
+        assert_eq!(from("10.0.1.7:43122"), Ok(()), "the kubelet");
+        assert_eq!(from("10.0.3.9:43122"), Err(Refusal::NotFromNode), "another pod");
+        assert_eq!(from("10.0.1.70:43122"), Err(Refusal::NotFromNode), "a prefix is not the address");
+        assert_eq!(admit(true, true, Some("10.0.1.7:1"), node, true), Err(Refusal::Forwarded), "through a proxy that forwards");
+        assert_eq!(admit(true, false, Some("10.0.1.7:1"), node, false), Err(Refusal::WrongToken));
+        assert_eq!(admit(true, true, Some("10.0.1.7:1"), None, false), Err(Refusal::NoHostIp));
+        assert_eq!(admit(true, true, Some("10.0.1.7:1"), Some(" "), false), Err(Refusal::NoHostIp));
+        assert_eq!(admit(true, true, None, node, false), Err(Refusal::NotFromNode));
+        assert_eq!(admit(false, true, Some("10.0.1.7:1"), node, false), Err(Refusal::Off));
+        assert_eq!(admit(true, true, Some("[fd00::7]:5"), Some("fd00::7"), false), Ok(()), "IPv6");
+    }
 
     #[test]
     fn a_hold_ends_when_a_later_read_counts_only_the_hooks_or_at_max_wait() {

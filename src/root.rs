@@ -215,7 +215,10 @@ impl RootContext for Root {
         self.role = config::role_hint(&raw).unwrap_or_else(|| config::role_from_root_id(&root_id));
         let metrics = Metrics::define();
         let role = self.role;
-        let config = match Config::parse(&raw).and_then(|c| c.check_role(role).map(|()| c)) {
+        let config = match Config::parse(&raw)
+            .and_then(|c| c.check_role(role).map(|()| c))
+            .and_then(|c| c.with_env(|name| std::env::var(name).ok()))
+        {
             Ok(config) => {
                 info!("close-relay {:?} role ready (root id {root_id:?}): {config:?}", self.role);
                 Some(config)

@@ -60,6 +60,8 @@ thread_local! {
     /// network.rs: the host's missing random value was logged once.
     pub(crate) static WARNED_NO_NONCE: Cell<bool> = const { Cell::new(false) };
 
+    /// prestop.rs: when a refused hook was last logged.
+    pub(crate) static PRESTOP_WARNED_MS: Cell<Option<u64>> = const { Cell::new(None) };
     /// prestop.rs: this VM's held preStop hooks (a pod normally has one).
     pub(crate) static HOLDS: RefCell<Vec<Hold>> = const { RefCell::new(Vec::new()) };
 }

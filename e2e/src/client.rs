@@ -41,6 +41,21 @@ impl Client {
         Client::try_open(port).unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"))
     }
 
+    /// A connection to 127.0.0.1:`port` from the loopback address `source` (another pod, or the
+    /// kubelet at [`crate::KUBELET_IP`]), as the sidecar sees a client's address.
+    pub fn open_from(port: u16, source: std::net::Ipv4Addr) -> Client {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let connect = || -> io::Result<TcpStream> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.bind(&SockAddr::from(std::net::SocketAddrV4::new(source, 0)))?;
+            socket.connect(&SockAddr::from(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port)))?;
+            Ok(socket.into())
+        };
+        let stream = connect().unwrap_or_else(|e| panic!("connect 127.0.0.1:{port} from {source}: {e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+        Client { stream, buf: Vec::new() }
+    }
+
     pub fn try_open(port: u16) -> io::Result<Client> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;

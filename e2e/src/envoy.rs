@@ -171,7 +171,9 @@ pub struct EnvoySpec {
     pub wasm: PathBuf,
     /// What Envoy does when the module traps: FAIL_OPEN (ours), FAIL_CLOSED, FAIL_RELOAD.
     pub failure_policy: &'static str,
-    /// The VMs' environment (`vm_config.environment_variables`), as istiod sets it.
+    /// The VMs' environment (`vm_config.environment_variables`), as istiod sets it: the
+    /// shipped manifests give the plugin the node's IP (`HOST_IP`, the kubelet's source
+    /// address; on the rig the kubelet is 127.0.0.1 and other pods are 127.0.0.2 and up).
     pub vm_env: Vec<(String, String)>,
     /// Rescue (`crate::rescue`): the file the service's other pods are read from over EDS.
     pub rescue: Option<PathBuf>,
@@ -193,7 +195,7 @@ impl EnvoySpec {
             drain_type: "DEFAULT",
             wasm: wasm_path(),
             failure_policy: "FAIL_OPEN",
-            vm_env: Vec::new(),
+            vm_env: vec![("HOST_IP".into(), crate::KUBELET_IP.into())],
             rescue: None,
             lanes: Vec::new(),
         }

@@ -56,6 +56,11 @@ pub fn repo_root() -> PathBuf {
 }
 
 pub use ports::Port;
+
+/// The kubelet's address on the rig: the node's IP (`HOST_IP`) every Envoy's VMs are given.
+/// Other pods connect from other loopback addresses ([`NEIGHBOUR_IP`]).
+pub const KUBELET_IP: &str = "127.0.0.1";
+pub const NEIGHBOUR_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
 pub use app::*;
 pub use client::*;
 pub use envoy::*;

@@ -56,7 +56,7 @@ fn check(call: Call) -> String {
     spec.concurrency = 1;
     spec.http_config = r#"{"role": "http"}"#.into();
     spec.network_config = r#"{"role": "network"}"#.into();
-    spec.vm_env = vec![("CLOSE_RELAY_HOST_FAULT".into(), call.abi_name().into())];
+    spec.vm_env.push(("CLOSE_RELAY_HOST_FAULT".into(), call.abi_name().into()));
     let mut envoy = Envoy::start(&format!("hosterr-{}", call.abi_name()), &spec);
     let first = keep_then_close(&envoy, call);
     let second = keep_then_close(&envoy, call);

@@ -2,7 +2,8 @@
 //! `x-close-relay-prestop: <token>` reaches the sidecar's inbound listener like any request.
 //! close-relay answers it itself, and only once the ALB's connections are gone: idle ones
 //! closed, a busy one after its response. Then the kubelet stops the app, and nothing is left
-//! to meet it. A wrong token, or none configured, changes nothing: the app serves the request.
+//! to meet it. Only the kubelet can pull this lever: a hook from anywhere else, or with the wrong
+//! token, is refused by close-relay and never reaches the app.
 
 use std::time::{Duration, Instant};
 
@@ -12,9 +13,14 @@ const TOKEN: &str = "e2e-prestop-token-0123456789";
 
 /// What the kubelet sends for `preStop: httpGet` (Go's client, `kube-lifecycle` agent).
 fn hook(path: &str, token: &str) -> String {
+    hook_with(path, token, "")
+}
+
+/// The same with more header lines, each ending in CRLF (what a proxy on the way adds).
+fn hook_with(path: &str, token: &str, extra: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: kube-lifecycle/1.33\r\n\
-         X-Close-Relay-Prestop: {token}\r\nAccept-Encoding: gzip\r\n\r\n"
+         X-Close-Relay-Prestop: {token}\r\n{extra}Accept-Encoding: gzip\r\n\r\n"
     )
 }
 
@@ -124,25 +130,54 @@ fn a_hook_still_waiting_at_max_wait_is_answered_with_what_was_left() {
     report(&format!("answered \"{}\"", body.trim_end()), took);
 }
 
+/// Whatever can drain the pod is a lever over its traffic, and only the kubelet may pull this
+/// one. A hook from another pod, one a proxy forwarded (the ALB adds `X-Forwarded-For` in its
+/// default mode), one with the wrong token, or one on a connection that carried a request
+/// before (the kubelet opens one per hook): close-relay answers 403 itself, counts it, drains
+/// nothing, and the header never reaches the app; a minute of refusals logs one line.
 #[test]
-fn a_wrong_token_or_none_configured_is_served_by_the_app_and_drains_nothing() {
+fn a_hook_not_from_the_kubelet_is_refused_drains_nothing_and_never_reaches_the_app() {
     let app = App::start();
-    for (name, prestop, offered) in [
-        ("prestop-wrong-token", format!(r#"{{"token": "{TOKEN}"}}"#), "not-the-token-0123456789"),
-        ("prestop-no-token", "{}".to_string(), TOKEN),
-    ] {
-        let envoy = start(name, &app, &prestop);
-        let mut c = envoy.connect();
-        c.send(&hook("/keep", offered)).expect("send");
+    let envoy = start("prestop-refused", &app, &format!(r#"{{"token": "{TOKEN}"}}"#));
+    let mut idle = kept(&envoy);
+    let kubelet: std::net::Ipv4Addr = e2e::KUBELET_IP.parse().unwrap();
+    let wrong = "not-the-token-0123456789";
+    let cases = [
+        ("from another pod", e2e::NEIGHBOUR_IP, hook("/keep", TOKEN), false),
+        ("forwarded by the ALB", kubelet, hook_with("/keep", TOKEN, "X-Forwarded-For: 203.0.113.9\r\n"), false),
+        ("forwarded by a proxy", kubelet, hook_with("/keep", TOKEN, "Forwarded: for=203.0.113.9\r\n"), false),
+        ("with the wrong token", kubelet, hook("/keep", wrong), false),
+        ("behind another request", kubelet, hook("/keep", TOKEN), true),
+    ];
+    for (i, (name, source, request, behind)) in cases.iter().enumerate() {
+        let mut c = Client::open_from(envoy.port, *source);
+        if *behind {
+            assert_eq!(c.get("/keep").status, 200);
+        }
+        c.send(request).expect("send");
         let r = c.try_response("GET").unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{name}: not the app's answer");
-        assert!(!r.says_close(), "{name}: told to close");
-        assert_eq!(envoy.counter("wasmcustom.close_relay_prestop_refused_total"), 1, "{name}: not counted");
-        assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_prestop_total"), 0, "{name}: drained");
-        std::thread::sleep(Duration::from_millis(400));
-        assert!(c.open_now(), "{name}: the connection was closed");
-        assert!(!kept(&envoy).get("/keep").says_close(), "{name}: the pod drains");
-        assert!(!envoy.wasm_log().contains(offered), "{name}: the offered token reached close-relay's log");
-        eprintln!("[envoy {}] prestop hook ({}): {name}: served by the app, counted, no drain", e2e::envoy_version(), e2e::layout().as_str());
+        assert_eq!(r.status, 403, "{name}: not refused:\n{}", r.raw_head);
+        assert_eq!(envoy.counter("wasmcustom.close_relay_prestop_refused_total"), i as u64 + 1, "{name}: not counted");
+        eprintln!("[envoy {}] prestop hook ({}): {name}: refused 403", e2e::envoy_version(), e2e::layout().as_str());
     }
+    let mut c = envoy.connect();
+    assert_eq!(c.get("/prestop-header-seen").body, b"0", "the header reached the app");
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_prestop_total"), 0, "drained");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(idle.open_now(), "an ALB connection was closed: the pod drained\n{}", envoy.wasm_log());
+    assert!(!idle.get("/keep").says_close(), "the pod drains");
+    std::thread::sleep(Duration::from_millis(1_100)); // Envoy flushes its log file every second
+    let log = envoy.wasm_log();
+    assert!(!log.contains(TOKEN) && !log.contains(wrong), "an offered token reached close-relay's log");
+    // Once a minute per worker: two workers here.
+    let lines = log.matches("refused a request carrying").count();
+    assert!((1..=2).contains(&lines), "{lines} lines for {} refusals:\n{log}", cases.len());
+
+    // No token configured: no hook at all, and nobody's header reaches the app either.
+    let envoy = start("prestop-no-token", &app, "{}");
+    let mut c = envoy.connect();
+    c.send(&hook("/keep", TOKEN)).expect("send");
+    assert_eq!(c.try_response("GET").expect("answer").status, 403);
+    assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_prestop_total"), 0);
+    assert_eq!(envoy.connect().get("/prestop-header-seen").body, b"0", "the header reached the app");
 }

@@ -20,6 +20,7 @@
 //! - `/passed-on?status=N&marker=V` status N (default 503) carrying rescue's marks as a gateway app
 //!   passes a dependency's response headers on: `x-close-relay-refused: V` (default
 //!   `orders.shop`, another service's) and `x-envoy-attempt-count: 3`
+//! - `/prestop-header-seen`  how many requests reached the app carrying `x-close-relay-prestop`
 //! - `/ws`                  with `Upgrade:` answers 101 and then echoes raw bytes
 //! - `/ready`               200, or 503 after `/set-ready?v=0` (until `/set-ready?v=1`)
 //! - `/reset`               no answer: the connection is reset, as Tomcat's shutdown resets
@@ -54,6 +55,7 @@ use std::time::{Duration, Instant};
 use e2e::pattern_byte;
 
 static READY: AtomicBool = AtomicBool::new(true);
+static PRESTOP_HEADER_SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Set once the app is shutting down: no new connections, every connection ends.
 static CLOSING: AtomicBool = AtomicBool::new(false);
 static CLOSE_IDLE: AtomicBool = AtomicBool::new(false);
@@ -240,6 +242,9 @@ fn serve(stream: TcpStream) -> io::Result<()> {
             reset(&out);
             return Ok(());
         }
+        if req.header("x-close-relay-prestop").is_some() {
+            PRESTOP_HEADER_SEEN.fetch_add(1, Ordering::SeqCst);
+        }
         let head_only = req.method == "HEAD";
         let forced = req.header("x-app-close") == Some("1") || CLOSING.load(Ordering::SeqCst);
         let close = if forced { "Connection: close\r\n" } else { "" };
@@ -274,6 +279,10 @@ fn serve(stream: TcpStream) -> io::Result<()> {
             "/ready" => {
                 let status = if READY.load(Ordering::Relaxed) { "200 OK" } else { "503 Unavailable" };
                 (format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n{close}\r\n"), !forced)
+            }
+            "/prestop-header-seen" => {
+                let seen = PRESTOP_HEADER_SEEN.load(Ordering::SeqCst).to_string();
+                (format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{close}\r\n{seen}", seen.len()), !forced)
             }
             "/set-ready" => {
                 READY.store(req.param("v") == Some("1"), Ordering::Relaxed);
