@@ -77,9 +77,10 @@ fn rescue_filter(dir: &Path, target_port: u16) -> Value {
     fs::create_dir_all(&overlay).unwrap();
     let settings = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: close-relay-rescue\n  annotations: {{config.kubernetes.io/local-config: \"true\"}}\n\
-         data:\n  service: {}\n  servicePort: \"{}\"\n  targetPort: \"{target_port}\"\n",
+         data:\n  service: {}\n  servicePort: \"{}\"\n  targetPort: \"{target_port}\"\n  marker: {}\n",
         rescue::SERVICE,
-        rescue::SERVICE_PORT
+        rescue::SERVICE_PORT,
+        rescue::MARKER
     );
     fs::write(overlay.join("settings.yaml"), settings).unwrap();
     fs::write(overlay.join("kustomization.yaml"), "resources: [settings.yaml]\ncomponents: [../../../../envoyfilter/rescue]\n").unwrap();
