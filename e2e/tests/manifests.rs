@@ -117,7 +117,7 @@ fn broken_manifests_fail_validation() {
         ),
         (
             "host env with a value",
-            ext.replacen("    pluginName: close_relay_network\n", "    pluginName: close_relay_network\n    vmConfig:\n      env:\n      - {name: A, valueFrom: HOST, value: x}\n", 1),
+            ext.replacen("- {name: HOST_IP, valueFrom: HOST}", "- {name: HOST_IP, valueFrom: HOST, value: x}", 1),
             "value may only be set when valueFrom is INLINE",
         ),
         ("TrafficExtension phase", ext.replacen("phase: UNSPECIFIED", "phase: UNSPECIFIED_PHASE", 1), "/spec/phase must be equal to one of the allowed values"),
