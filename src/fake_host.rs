@@ -578,6 +578,31 @@ mod tests {
         assert_eq!(metric("close_relay_requests_closed_total"), 0);
     }
 
+    /// Envoy answered bytes its filters never saw as a request (a 400 or 426 from its codec, or
+    /// no HTTP role on this chain): no finished request accounts for them, so the sweep leaves
+    /// the connection to Envoy, which closes it when the client does or after its delayed
+    /// close, instead of closing it under a client that may still be sending.
+    #[test]
+    fn a_draining_pod_never_sweeps_a_connection_whose_bytes_no_request_accounts_for() {
+        reset(START_MS);
+        let shared = shared(Config::default());
+        let mut net = NetworkRole::new(13, shared.clone());
+        net.on_new_connection();
+        let head = b"PUT /url HTTP/1.0\r\n\r\n";
+        set_buffer(BufferType::DownstreamData, head);
+        net.on_downstream_data(head.len(), false);
+        let answer = b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 16\r\nconnection: close\r\n\r\nUpgrade Required";
+        set_buffer(BufferType::UpstreamData, answer);
+        net.on_upstream_data(answer.len(), false);
+        pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
+        let grace = Grace::for_sweep(250, 0, 100, pod::app_going());
+        for _ in 0..5 {
+            advance(400);
+            conn::sweep(true, true, grace, &shared.metrics);
+        }
+        assert!(with(|f| f.closed.is_empty()), "closed under a client that may still be sending");
+    }
+
     #[test]
     fn a_draining_pod_sweeps_an_idle_connection_on_the_second_look_and_never_a_busy_one() {
         reset(START_MS);

@@ -218,6 +218,27 @@ fn one_reset_of_a_connection_the_app_is_serving_drains_the_pod_at_once() {
     report("app_failure (one reset of a connection in use, 503 UC)", "race_idle_ms 1000", took);
 }
 
+/// The sweep closes a connection only on evidence, for that very connection, that its requests
+/// are counted. With the HTTP plugin's configuration rejected (it passes traffic through and
+/// counts nothing) and the network plugin fine, a stream that pauses 700 ms between chunks
+/// when the pod starts draining is not closed between two writes: it arrives whole.
+#[test]
+fn with_the_http_plugin_refusing_its_configuration_a_paused_stream_arrives_whole_through_a_drain() {
+    let app = App::start();
+    let mut spec = spec(&app);
+    spec.http_config = r#"{"drain": {"tick_ms": "fast"}}"#.into();
+    spec.network_config = r#"{"role": "network", "drain": {"app_idle_grace_ms": 0}}"#.into();
+    let envoy = start("bad-http-config", spec);
+    assert!(envoy.counter("wasmcustom.close_relay_config_errors_total") > 0, "the HTTP plugin took its configuration");
+    let mut c = envoy.connect();
+    c.send("GET /slow?chunks=5&pause_ms=700 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
+    assert!(c.received(16, Duration::from_secs(3)), "no response started");
+    envoy.admin_post("/healthcheck/fail");
+    let slow = c.try_response("GET").unwrap_or_else(|e| panic!("the paused stream was cut: {e}\n{}", envoy.wasm_log()));
+    let expected: String = (0..5).map(|i| format!("chunk-{i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&slow.body), expected);
+}
+
 /// A client whose request makes a healthy app reset its connection (a request that crashes a
 /// worker, an upload the server refuses with a reset) sends it once a second for 30 s, while
 /// the ALB's traffic goes on. The first may drain the pod, as Tomcat's shutdown begins the same
