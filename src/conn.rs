@@ -9,7 +9,7 @@ use std::rc::Rc;
 use log::debug;
 
 use crate::drain::{self, Activity, Grace};
-use crate::framing::{HeadSeen, Messages};
+use crate::framing::{HeadSeen, Responses};
 use crate::host;
 use crate::link::Note;
 use crate::metrics::Metrics;
@@ -44,10 +44,9 @@ pub struct Conn {
     pub head_pending: bool,
     /// Bytes of that head held back until the rest of it is written.
     pub carry: Vec<u8>,
-    /// `lean`: the network role follows the requests and the responses itself, and its count
-    /// of requests in flight is whether one is read and not yet answered ([`crate::framing`]).
-    pub responses: Option<Messages>,
-    pub requests: Option<Messages>,
+    /// `lean`: the network role follows the responses itself, and its count of requests in
+    /// flight is whether one is under way or read and not yet answered ([`crate::framing`]).
+    pub responses: Option<Responses>,
     /// `lean`: this connection was counted as lost (`close_relay_lean_lost_total`).
     pub lost_counted: bool,
     /// An HTTP role in another VM reported a request on this connection (a note).

@@ -1,17 +1,18 @@
-//! Where each request the client sends and each response written to it end, told from the bytes
-//! themselves: what the network role knows when it works alone (`lean`), with no HTTP role to
-//! count the requests in flight. Pure: the role reads only the bytes [`Messages::wants`] asks
-//! for, at the current position, and passes over bodies by their length without reading them.
+//! Where each response written to the client ends, told from the bytes themselves: what the
+//! network role knows when it works alone (`lean`), with no HTTP role to count the requests in
+//! flight. Pure: the role reads only the bytes [`Responses::wants`] asks for, at the write's
+//! current position, and passes over bodies by their length without reading them. Header
+//! values are bytes: obs-text (bytes past ASCII) says nothing about framing.
 //!
 //! Envoy writes every response to an HTTP/1.1 client itself, so the framing is its own: a
-//! `content-length`, `chunked` with its own chunk lines, no body (1xx, 204, 304, an answer to
-//! HEAD), or, for an HTTP/1.0 client, the connection's end. A request is framed by its own
-//! `content-length` or `chunked`. Each request head read is owed a final response
-//! ([`Messages::asked`]), so a request read and not yet answered is in flight too. Anything this
-//! reader cannot follow makes the connection [`Messages::lost`]: in flight for good, never closed
-//! as idle, as a plain Envoy would keep it.
-
-use std::collections::VecDeque;
+//! `content-length`, `chunked` with its own chunk lines, no body (1xx, 204, 304), or, for an
+//! HTTP/1.0 client, the connection's end. Anything this reader cannot follow makes the connection
+//! [`Responses::lost`]: in flight for good, never closed as idle, as a plain Envoy would keep it.
+//!
+//! Requests are not read: Envoy's HTTP/1 codec takes one at a time, and presents the bytes of
+//! one the client pipelined behind another to the network filters again once the answer before
+//! it is written, so a request read after the last answer is one waiting for its own
+//! (`network.rs`, `lean_in_flight`).
 
 use crate::decision::{self, has_token};
 
@@ -22,17 +23,6 @@ const HEAD_MORE: usize = 16 * 1024;
 /// Envoy's chunk lines are a hex length and CRLF; a trailer line may be longer.
 const LINE_READ: usize = 32;
 const LINE_MAX: usize = 8 * 1024;
-/// Requests read and not yet answered that one connection may pipeline before it is lost.
-const PIPELINE_MAX: usize = 64;
-
-/// Which way the bytes go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Envoy's responses to the client.
-    Response,
-    /// The client's requests.
-    Request,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -77,11 +67,9 @@ pub struct HeadSeen {
     /// came from the app and never on its own local reply: whatever its body says, it is the
     /// app's (or something behind it).
     pub from_upstream: bool,
-    /// A request head whose method is HEAD: its answer has no body.
-    pub head_method: bool,
 }
 
-/// What one [`Messages::feed`] did.
+/// What one [`Responses::feed`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fed {
     /// Bytes of the input consumed; the rest is fed again from the new position.
@@ -89,51 +77,45 @@ pub struct Fed {
     pub head: Option<HeadSeen>,
 }
 
-/// The requests or the responses on one client connection, as they go by.
+/// The responses on one client connection, as Envoy writes them.
 #[derive(Debug, Clone)]
-pub struct Messages {
-    side: Side,
+pub struct Responses {
     state: State,
     /// A head or line that spans reads.
     carry: Vec<u8>,
+    /// Some of the current response's body went out (a HEAD's answer never has any).
+    body_started: bool,
     max_head: usize,
-    /// Responses: the requests read and owed a final answer, oldest first (`true`: HEAD).
-    owed: VecDeque<bool>,
 }
 
-impl Messages {
-    pub fn responses(max_head: usize) -> Messages {
-        Messages { side: Side::Response, state: State::Between, carry: Vec::new(), max_head, owed: VecDeque::new() }
+impl Responses {
+    pub fn new(max_head: usize) -> Responses {
+        Responses { state: State::Between, carry: Vec::new(), body_started: false, max_head }
     }
 
-    pub fn requests(max_head: usize) -> Messages {
-        Messages { side: Side::Request, ..Messages::responses(max_head) }
-    }
-
-    /// A message is under way, a request read is still owed its answer, or the connection
-    /// cannot be followed: it must not be closed.
+    /// A response is under way (or the connection cannot be followed): it must not be closed.
     pub fn in_flight(&self) -> bool {
-        self.state != State::Between || !self.owed.is_empty()
+        self.state != State::Between
     }
 
     pub fn lost(&self) -> bool {
         self.state == State::Lost
     }
 
-    /// Responses: the client sent a whole request head (`head_method`: HEAD, answered with no
-    /// body), owed a final answer. Returns false when more are owed than one connection may
-    /// pipeline: the connection is then lost.
-    pub fn asked(&mut self, head_method: bool) -> bool {
-        if self.owed.len() >= PIPELINE_MAX {
-            self.lose();
-            return false;
+    /// The client sent bytes. An answer whose head announced a body, none of which went out
+    /// yet, was an answer to HEAD: its exchange is over. (Were it a pipelined request instead,
+    /// the body that follows would not start a head, and the connection is [`lost`]: kept, and
+    /// counted.)
+    ///
+    /// [`lost`]: Responses::lost
+    pub fn request_read(&mut self) {
+        if !self.body_started && matches!(self.state, State::Body(_) | State::ChunkLine) {
+            self.state = State::Between;
         }
-        self.owed.push_back(head_method);
-        true
     }
 
     /// How many bytes at the current position must be read to go on, or `None` when the next
-    /// ones can be passed over unread ([`Messages::skip`]).
+    /// ones can be passed over unread ([`Responses::skip`]).
     pub fn wants(&self) -> Option<usize> {
         match self.state {
             State::Between => Some(HEAD_READ),
@@ -149,6 +131,7 @@ impl Messages {
         match self.state {
             State::Body(left) | State::ChunkData(left) => {
                 let take = left.min(n64);
+                self.body_started = true;
                 let rest = left.saturating_sub(take);
                 self.state = match (self.state, rest) {
                     (State::Body(_), 0) => State::Between,
@@ -164,7 +147,7 @@ impl Messages {
         }
     }
 
-    /// Feeds the bytes read at the current position (at most what [`Messages::wants`] asked).
+    /// Feeds the bytes read at the current position (at most what [`Responses::wants`] asked).
     pub fn feed(&mut self, bytes: &[u8]) -> Fed {
         let held = self.carry.len();
         match self.state {
@@ -201,16 +184,11 @@ impl Messages {
     pub fn lose(&mut self) {
         self.state = State::Lost;
         self.carry = Vec::new();
-        self.owed = VecDeque::new();
     }
 
     fn feed_head(&mut self, bytes: &[u8], held: usize) -> Fed {
         if held == 0 {
-            let starts = match self.side {
-                Side::Response => STATUS_START.starts_with(&bytes[..bytes.len().min(STATUS_START.len())]),
-                Side::Request => bytes.first().is_some_and(u8::is_ascii_uppercase),
-            };
-            if !starts {
+            if !STATUS_START.starts_with(&bytes[..bytes.len().min(STATUS_START.len())]) {
                 self.lose();
                 return Fed { used: bytes.len(), head: None };
             }
@@ -225,18 +203,10 @@ impl Messages {
             }
             return Fed { used: bytes.len(), head: None };
         };
-        let head = match self.side {
-            Side::Response => parse_head(&self.carry[..end]),
-            Side::Request => parse_request_head(&self.carry[..end]),
-        };
-        let Some(h) = head else {
+        let Some(h) = parse_head(&self.carry[..end]) else {
             self.lose();
             return Fed { used: end.saturating_sub(held), head: None };
         };
-        let mut next = h.next;
-        if self.side == Side::Response && h.is_final && self.owed.pop_front() == Some(true) {
-            next = State::Between;
-        }
         // A marker is this pod's only on Envoy's own reply (no `x-envoy-upstream-service-time`)
         // or on the answer of a pod a retry reached; on the app's answer it is passed on.
         let refused = h.refused && (!h.from_upstream || decision::rescued(h.attempt_count, false));
@@ -250,9 +220,10 @@ impl Messages {
             refused,
             attempt_counted: h.attempt_count.is_some(),
             from_upstream: h.from_upstream,
-            head_method: h.head_method,
         };
+        let next = h.next;
         self.carry.clear();
+        self.body_started = false;
         self.state = next;
         Fed { used: end.saturating_sub(held), head: Some(seen) }
     }
@@ -294,7 +265,7 @@ impl Messages {
 /// The response head whole at the start of `buf`, if there is one (the network role's probes
 /// read one head, apart from any connection's responses).
 pub fn head_at_start(buf: &[u8]) -> Option<HeadSeen> {
-    Messages::responses(buf.len().max(1)).feed(buf).head
+    Responses::new(buf.len().max(1)).feed(buf).head
 }
 
 const STATUS_START: &[u8] = b"HTTP/1.";
@@ -308,7 +279,6 @@ struct Head<'a> {
     attempt_count: Option<&'a str>,
     refused: bool,
     from_upstream: bool,
-    head_method: bool,
 }
 
 /// A header field: its name and its value, trimmed.
@@ -373,36 +343,7 @@ fn parse_head(head: &[u8]) -> Option<Head<'_>> {
             None => State::Open,
         },
     };
-    Some(Head { next, says_close, is_final: status >= 200, status, attempt_count, refused, from_upstream, head_method: false })
-}
-
-/// A whole request head: what follows it (its body, or the next request). An upgrade or a
-/// CONNECT leaves HTTP/1 behind: never followed further.
-fn parse_request_head(head: &[u8]) -> Option<Head<'_>> {
-    let (first, fields) = split_head(head)?;
-    let method = first.split(|b| *b == b' ').next()?;
-    let (length, chunked) = framing_fields(&fields)?;
-    let upgrade = fields.iter().any(|(name, _)| name.eq_ignore_ascii_case(b"upgrade"));
-    let next = match chunked {
-        _ if upgrade || method == b"CONNECT" => State::Open,
-        Some(true) => State::ChunkLine,
-        // A request coding other than chunked cannot be framed (Envoy answers 501).
-        Some(false) => State::Lost,
-        None => match length {
-            Some(n) if n > 0 => State::Body(n),
-            _ => State::Between,
-        },
-    };
-    Some(Head {
-        next,
-        says_close: false,
-        is_final: true,
-        status: 0,
-        attempt_count: None,
-        refused: false,
-        from_upstream: false,
-        head_method: method == b"HEAD",
-    })
+    Some(Head { next, says_close, is_final: status >= 200, status, attempt_count, refused, from_upstream })
 }
 
 fn chunk_size(line: &[u8]) -> Option<u64> {
@@ -435,7 +376,7 @@ mod tests {
     use super::*;
 
     /// Follows `writes`; returns the heads seen and whether a response is under way after each.
-    fn follow(r: &mut Messages, writes: &[&[u8]]) -> (Vec<HeadSeen>, Vec<bool>) {
+    fn follow(r: &mut Responses, writes: &[&[u8]]) -> (Vec<HeadSeen>, Vec<bool>) {
         let (mut heads, mut busy) = (Vec::new(), Vec::new());
         for write in writes {
             heads.extend(r.follow(write));
@@ -446,7 +387,7 @@ mod tests {
 
     #[test]
     fn a_response_with_a_length_ends_after_its_body_even_across_writes() {
-        let mut r = Messages::responses(96 * 1024);
+        let mut r = Responses::new(96 * 1024);
         let (heads, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello", b"world"]);
         assert_eq!(heads.len(), 1);
         assert!(heads[0].whole_here && !heads[0].says_close && heads[0].is_final);
@@ -455,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_slow_stream_stays_in_flight_until_its_last_chunk() {
-        let mut r = Messages::responses(96 * 1024);
+        let mut r = Responses::new(96 * 1024);
         let (_, busy) = follow(
             &mut r,
             &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", b"5\r\nhello\r\n", b"1", b"0\r\n0123456789abcdef\r\n", b"0\r\n\r\n"],
@@ -465,21 +406,21 @@ mod tests {
 
     #[test]
     fn chunk_data_that_looks_like_the_last_chunk_does_not_end_the_response() {
-        let mut r = Messages::responses(96 * 1024);
+        let mut r = Responses::new(96 * 1024);
         let (_, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n0\r\n\r\n\r\n", b"0\r\n\r\n"]);
         assert_eq!(busy, [true, false]);
     }
 
     #[test]
     fn trailers_end_with_their_blank_line() {
-        let mut r = Messages::responses(96 * 1024);
+        let mut r = Responses::new(96 * 1024);
         let (_, busy) = follow(&mut r, &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-t: 1\r\n", b"\r\n"]);
         assert_eq!(busy, [true, false]);
     }
 
     #[test]
     fn two_responses_in_one_write_and_a_head_split_over_writes() {
-        let mut r = Messages::responses(96 * 1024);
+        let mut r = Responses::new(96 * 1024);
         let (heads, busy) = follow(
             &mut r,
             &[b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\ncontent-le", b"ngth: 2\r\n\r\nok"],
@@ -492,51 +433,30 @@ mod tests {
     #[test]
     fn interim_and_bodiless_answers_leave_nothing_in_flight() {
         for head in [&b"HTTP/1.1 100 Continue\r\n\r\n"[..], b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"] {
-            let mut r = Messages::responses(96 * 1024);
+            let mut r = Responses::new(96 * 1024);
             assert_eq!(follow(&mut r, &[head]).1, [false], "{}", String::from_utf8_lossy(head));
         }
     }
 
     #[test]
-    fn a_request_read_is_in_flight_until_its_final_answer_and_a_head_request_gets_no_body() {
-        let (mut q, mut r) = (Messages::requests(96 * 1024), Messages::responses(96 * 1024));
-        let asked = q.follow(b"HEAD /a HTTP/1.1\r\nhost: x\r\n\r\nGET /slow HTTP/1.1\r\nhost: x\r\n\r\n");
-        assert_eq!(asked.iter().map(|h| h.head_method).collect::<Vec<_>>(), [true, false]);
-        for h in &asked {
-            assert!(r.asked(h.head_method));
-        }
-        assert!(!q.in_flight() && r.in_flight(), "both read, none answered");
-        follow(&mut r, &[b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"]);
-        assert!(r.in_flight(), "the answer to HEAD has no body, but the pipelined GET is owed one");
-        assert_eq!(follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]).1, [false]);
+    fn the_answer_to_head_ends_when_the_client_sends_again() {
+        let mut r = Responses::new(96 * 1024);
+        follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"]);
+        assert!(r.in_flight());
+        r.request_read();
+        assert!(!r.in_flight());
+        // Body bytes already out: a client's bytes now are a pipelined request, not the end.
+        follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc"]);
+        r.request_read();
+        assert!(r.in_flight());
     }
 
     #[test]
-    fn a_request_body_is_followed_by_its_length_or_chunks_and_obs_text_is_no_loss() {
-        let mut q = Messages::requests(96 * 1024);
-        let heads = q.follow(b"POST / HTTP/1.1\r\ncontent-length: 5\r\nx-name: caf\xe9\r\n\r\nhelloPUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n");
-        assert_eq!(heads.len(), 2);
-        assert!(q.in_flight(), "the chunked body is still coming");
-        q.follow(b"0\r\n\r\n");
-        assert!(!q.in_flight() && !q.lost());
-        let mut r = Messages::responses(96 * 1024);
-        assert_eq!(follow(&mut r, &[b"HTTP/1.1 200 OK\r\nx-name: caf\xe9\r\ncontent-length: 0\r\n\r\n"]).1, [false], "obs-text in a response");
-        for lost in [&b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n"[..], b"\x16\x03\x01", b"GET / HTTP/1.1\r\nno colon\r\n\r\n"] {
-            let mut q = Messages::requests(96 * 1024);
-            q.follow(lost);
-            assert!(q.lost(), "{}", String::from_utf8_lossy(lost));
-        }
-        let mut q = Messages::requests(96 * 1024);
-        q.follow(b"GET /ws HTTP/1.1\r\nupgrade: websocket\r\n\r\n\x81\x00");
-        assert!(q.in_flight(), "an upgrade is never followed further");
-    }
-
-    #[test]
-    fn a_connection_that_pipelines_too_many_requests_is_lost() {
-        let mut r = Messages::responses(96 * 1024);
-        assert!((0..PIPELINE_MAX).all(|_| r.asked(false)));
-        assert!(!r.asked(false));
-        assert!(r.lost());
+    fn obs_text_in_a_header_value_is_no_loss() {
+        let mut r = Responses::new(96 * 1024);
+        let write = b"HTTP/1.1 200 OK\r\nx-name: caf\xe9\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(follow(&mut r, &[write]).1, [false]);
+        assert!(!r.lost());
     }
 
     #[test]
@@ -548,17 +468,17 @@ mod tests {
             &[b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"],
             &[b"HTTP/1.0 200 OK\r\n\r\nbody until close"],
         ] {
-            let mut r = Messages::responses(96 * 1024);
+            let mut r = Responses::new(96 * 1024);
             assert_eq!(follow(&mut r, writes).1.last(), Some(&true), "{writes:?}");
         }
-        let mut r = Messages::responses(64);
+        let mut r = Responses::new(64);
         follow(&mut r, &[b"HTTP/1.1 200 OK\r\nx-long: 0123456789012345678901234567890123456789012345678901234567890123\r\n"]);
         assert!(r.lost());
     }
 
     #[test]
     fn rescue_marks_are_read_from_the_head() {
-        let mut r = Messages::responses(96 * 1024);
+        let mut r = Responses::new(96 * 1024);
         let (heads, _) = follow(&mut r, &[
             b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 2\r\ncontent-length: 0\r\n\r\n",
             b"HTTP/1.1 503 x\r\nx-envoy-attempt-count: 3\r\nx-close-relay-refused: 1\r\ncontent-length: 0\r\n\r\n",
@@ -576,7 +496,7 @@ mod tests {
 
     #[test]
     fn a_head_that_says_close_is_seen_and_close_is_added_before_the_blank_line() {
-        let mut r = Messages::responses(96 * 1024);
+        let mut r = Responses::new(96 * 1024);
         let (heads, _) = follow(&mut r, &[b"HTTP/1.1 503 x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"]);
         assert!(heads[0].says_close && !heads[0].rescued && !heads[0].refused);
         assert_eq!(with_close(b"HTTP/1.1 200 OK\r\na: b\r\n\r\n"), b"HTTP/1.1 200 OK\r\na: b\r\nconnection: close\r\n\r\n");

@@ -17,7 +17,7 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
 use crate::drain::{self, DrainStats, Probed, Source, UNTIL_CLEARED};
-use crate::framing::{self, HeadSeen, Messages};
+use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
 use crate::keys;
 use crate::link::Address;
@@ -34,7 +34,7 @@ pub const PROBE_READS_PER_TICK: u32 = 4;
 /// Enough of Envoy's local reply body to read its reset reason ([`wire::local_reply_refused`]).
 const LOCAL_REPLY_READ: usize = wire::LOCAL_REPLY_START.len() + 48;
 /// Reads of one write while following responses (`lean`): a head, or a chunk line each. A
-/// write with more chunks than this is not followed further ([`Messages::lost`]).
+/// write with more chunks than this is not followed further ([`Responses::lost`]).
 const MAX_STEPS: usize = 256;
 
 fn apply(buffer: BufferType, edit: &Edit) -> bool {
@@ -215,44 +215,16 @@ impl NetworkRole {
         }
     }
 
-    /// `lean`: follows the client's requests in this read, reading only heads and chunk lines:
-    /// each whole request head is owed a final answer ([`Messages::asked`]).
-    fn follow_requests(&self, size: usize) {
-        let mut c = self.conn.borrow_mut();
-        let Conn { requests: Some(requests), responses: Some(responses), .. } = &mut *c else { return };
-        let mut pos = 0;
-        for _ in 0..MAX_STEPS {
-            if pos >= size {
-                break;
-            }
-            let Some(want) = requests.wants() else {
-                pos = pos.saturating_add(requests.skip(size.saturating_sub(pos)));
-                continue;
-            };
-            let Some(bytes) = host::get_buffer_at(BufferType::DownstreamData, pos, want.min(size.saturating_sub(pos))).filter(|b| !b.is_empty()) else {
-                break;
-            };
-            let fed = requests.feed(&bytes);
-            pos = pos.saturating_add(fed.used);
-            if let Some(head) = fed.head {
-                responses.asked(head.head_method);
-            }
-        }
-        if pos < size {
-            requests.lose();
-        }
-        drop(c);
-        self.lean_in_flight();
-    }
-
-    /// `lean`: what the sweep reads, from both followers. A request read and not yet answered,
-    /// or one still arriving, is in flight. Bytes either side cannot follow make the connection
-    /// Envoy's alone (never closed as idle), counted once.
+    /// `lean`: what the sweep reads. A response under way is in flight, and so is a request read
+    /// since the last answer was written: Envoy presents a request pipelined behind another to
+    /// the filters again once the answer before it is out, so its bytes come after that answer.
+    /// A connection whose responses cannot be followed is Envoy's alone (never closed as idle),
+    /// counted once.
     fn lean_in_flight(&self) {
         let mut c = self.conn.borrow_mut();
-        let (Some(requests), Some(responses)) = (c.requests.as_ref(), c.responses.as_ref()) else { return };
-        let lost = requests.lost() || responses.lost();
-        let busy = requests.in_flight() || responses.in_flight();
+        let Some(responses) = c.responses.as_ref() else { return };
+        let lost = responses.lost();
+        let busy = responses.in_flight() || (c.activity.saw_request && !c.activity.last_was_response);
         c.activity.in_flight = u32::from(busy);
         c.activity.unaccounted = busy;
         if lost && !std::mem::replace(&mut c.lost_counted, true) {
@@ -421,8 +393,7 @@ impl NetworkRole {
         {
             let mut c = self.conn.borrow_mut();
             c.activity.last_ms = host::coarse_now();
-            c.responses = Some(Messages::responses(max_head));
-            c.requests = Some(Messages::requests(max_head));
+            c.responses = Some(Responses::new(max_head));
         }
         conn::register(&address.text, &self.conn);
         self.address = Some(address);
@@ -488,10 +459,13 @@ impl StreamContext for NetworkRole {
             // longer tells anything.
             c.probe = false;
             c.activity.read(host::coarse_now());
+            if let Some(responses) = c.responses.as_mut() {
+                responses.request_read();
+            }
             (c.close_pending, c.activity.http1.is_none(), starts_request)
         };
         if config.lean {
-            self.follow_requests(size);
+            self.lean_in_flight();
         }
         let mut first = None;
         if undecided && size > 0 {

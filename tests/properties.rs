@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use close_relay::config::Config;
 use close_relay::decision::has_token;
 use close_relay::drain::{self, DrainState, Window};
-use close_relay::framing::Messages;
+use close_relay::framing::Responses;
 use close_relay::wire::{self, HeadStep, MARKER};
 use proptest::prelude::*;
 
@@ -327,7 +327,7 @@ fn response() -> impl Strategy<Value = Vec<u8>> {
 /// Feeds `stream` cut at `cuts` as the lean network role does (bounded steps per write);
 /// returns the heads seen and whether a response is under way at the end.
 fn follow(stream: &[u8], cuts: &[usize]) -> (usize, bool) {
-    let mut r = Messages::responses(96 * 1024);
+    let mut r = Responses::new(96 * 1024);
     let mut heads = 0;
     let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
     bounds.extend([0, stream.len()]);

@@ -49,6 +49,65 @@ fn a_response_still_streaming_when_the_pod_drains_arrives_whole_then_the_connect
 
 /// The same with pauses far past every grace (1 s against 250 ms and a second look): only the
 /// framing says the stream is not over; the connection's quiet alone would close it.
+/// A request read and not yet answered is in flight. While the pod drains, lean tells the
+/// client to close on an answer; a request the client sends after it all the same (it had it
+/// on the way, or it pipelined it), which the app takes a second to answer, is answered before
+/// the connection closes, as a plain Envoy answers it (here 1.5 s: longer than Envoy's delayed
+/// close, after which lean closes a connection Envoy itself said close on).
+#[test]
+fn a_request_sent_after_a_told_answer_is_answered_though_it_takes_a_second() {
+    let app = App::start();
+    let told_then_slow = |envoy: &Envoy, pipelined: bool| {
+        let mut c = envoy.connect();
+        let told = if pipelined {
+            c.send("GET /keep HTTP/1.1\r\nhost: app\r\n\r\nGET /delay?ms=1500 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
+            c.response("GET").says_close()
+        } else {
+            let told = c.get("/keep").says_close();
+            c.send("GET /delay?ms=1500 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
+            told
+        };
+        let late = c.try_response("GET").unwrap_or_else(|e| panic!("pipelined {pipelined}: the request was cut: {e}\n{}", envoy.wasm_log()));
+        assert_eq!((late.status, late.body.as_slice()), (200, &b"ok"[..]));
+        (told, c)
+    };
+    let plain = Envoy::start("lean-told-then-slow-plain", &EnvoySpec::new(Filter::None, app.port));
+    plain.admin_post("/healthcheck/fail");
+    std::thread::sleep(Duration::from_millis(300));
+    for pipelined in [false, true] {
+        told_then_slow(&plain, pipelined);
+    }
+    let envoy = Envoy::start("lean-told-then-slow", &lean(&app));
+    envoy.admin_post("/healthcheck/fail");
+    wait_for("the drain", &envoy, Duration::from_secs(4), || envoy.counter("wasmcustom.close_relay_drain_entered_sidecar_health_total") > 0);
+    for pipelined in [false, true] {
+        let (told, mut c) = told_then_slow(&envoy, pipelined);
+        assert!(told, "the drain did not reach lean");
+        assert!(c.closed_by_server(Duration::from_secs(3)), "left open after its last answer\n{}", envoy.wasm_log());
+    }
+}
+
+/// A connection lean cannot follow is left to Envoy, and counted: never quietly. Here the client
+/// pipelines a request after an answer's head and before its body, which lean takes for the end
+/// of an answer to HEAD; the body that follows starts no head.
+#[test]
+fn a_connection_lean_cannot_follow_is_counted_and_left_to_envoy() {
+    let app = App::start();
+    let envoy = Envoy::start("lean-lost", &lean(&app));
+    let mut c = envoy.connect();
+    c.send("GET /late-body?ms=400 HTTP/1.1\r\nhost: app\r\n\r\n").expect("send");
+    assert!(c.received(16, Duration::from_secs(3)), "no response started");
+    c.send("GET /keep HTTP/1.1\r\nhost: app\r\n\r\n").expect("send the pipelined request");
+    let late = c.try_response("GET").unwrap_or_else(|e| panic!("the answer was cut: {e}"));
+    assert_eq!(late.body, b"ok");
+    let next = c.try_response("GET").unwrap_or_else(|e| panic!("the pipelined request was lost: {e}"));
+    assert_eq!((next.status, next.body.as_slice()), (200, &b"ok"[..]));
+    assert_eq!(envoy.counter_reaching("wasmcustom.close_relay_lean_lost_total", 1, Duration::from_secs(2)), 1);
+    envoy.admin_post("/healthcheck/fail");
+    std::thread::sleep(Duration::from_millis(1_800));
+    assert!(c.open_now(), "closed though lean could not follow it");
+}
+
 #[test]
 fn a_stream_pausing_longer_than_any_grace_is_never_taken_for_idle() {
     let app = App::start();

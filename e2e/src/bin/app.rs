@@ -20,6 +20,8 @@
 //! - `/passed-on?status=N&marker=V` status N (default 503) carrying rescue's marks as a gateway app
 //!   passes a dependency's response headers on: `x-close-relay-refused: V` (default
 //!   `orders.shop`, another service's) and `x-envoy-attempt-count: 3`
+//! - `/delay?ms=N`          keep-alive `ok`, its head only after N ms (default 1000)
+//! - `/late-body?ms=N`      keep-alive `ok`: its head at once, its body N ms later (default 300)
 //! - `/prestop-header-seen`  how many requests reached the app carrying `x-close-relay-prestop`
 //! - `/ws`                  with `Upgrade:` answers 101 and then echoes raw bytes
 //! - `/ready`               200, or 503 after `/set-ready?v=0` (until `/set-ready?v=1`)
@@ -279,6 +281,22 @@ fn serve(stream: TcpStream) -> io::Result<()> {
             "/ready" => {
                 let status = if READY.load(Ordering::Relaxed) { "200 OK" } else { "503 Unavailable" };
                 (format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n{close}\r\n"), !forced)
+            }
+            "/late-body" => {
+                let ms = req.param("ms").and_then(|m| m.parse().ok()).unwrap_or(300);
+                out.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{close}\r\n").as_bytes())?;
+                out.flush()?;
+                std::thread::sleep(Duration::from_millis(ms));
+                out.write_all(b"ok")?;
+                if forced {
+                    return Ok(());
+                }
+                continue;
+            }
+            "/delay" => {
+                let ms = req.param("ms").and_then(|m| m.parse().ok()).unwrap_or(1_000);
+                std::thread::sleep(Duration::from_millis(ms));
+                (simple("", "ok"), !forced)
             }
             "/prestop-header-seen" => {
                 let seen = PRESTOP_HEADER_SEEN.load(Ordering::SeqCst).to_string();
