@@ -187,11 +187,9 @@ impl Responses {
     }
 
     fn feed_head(&mut self, bytes: &[u8], held: usize) -> Fed {
-        if held == 0 {
-            if !STATUS_START.starts_with(&bytes[..bytes.len().min(STATUS_START.len())]) {
-                self.lose();
-                return Fed { used: bytes.len(), head: None };
-            }
+        if held == 0 && !STATUS_START.starts_with(&bytes[..bytes.len().min(STATUS_START.len())]) {
+            self.lose();
+            return Fed { used: bytes.len(), head: None };
         }
         self.carry.extend_from_slice(bytes);
         let from = held.saturating_sub(3);
