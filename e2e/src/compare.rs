@@ -244,14 +244,15 @@ pub fn compare(plain: &Outcome, relay: &Outcome, head_only: bool) -> Result<Allo
         }
     }
     // Where plain Envoy's last response said close, Envoy closed the connection itself, with its
-    // delayed close: a reset there depends on when the client's last bytes came against it,
-    // and close-relay may end up with a FIN where plain Envoy reset. Never the other way: a
-    // close from close-relay while the client still sends resets what plain Envoy closed
-    // cleanly (close-relay leaves such a close to Envoy).
+    // delayed close; whether that close is a FIN or a reset depends only on when the client's
+    // last bytes came against it, in either Envoy (close-relay leaves such a close to Envoy).
+    // Counting a reset here as a difference (plain Envoy's FIN, close-relay's reset) found one
+    // or two in 3,336 comparisons on some runs and none on others, with the module before and
+    // after issue 34 alike (Envoy 1.37.0, two runs each, 2026-12-05): timing, not a rule.
     let envoy_closed = p.last().is_some_and(|r| r.headers.iter().any(|l| says_close(l)));
     match (plain.client.end, relay.client.end) {
         (a, b) if a == b => {}
-        (End::Reset, End::Closed) if envoy_closed => {}
+        (End::Closed | End::Reset, End::Closed | End::Reset) if envoy_closed => {}
         (End::Open, End::Closed) => allowed.closed_after_last = true,
         (a, b) => return Err(format!("the connection ended {a:?} with plain Envoy, {b:?} through close-relay")),
     }
@@ -369,9 +370,7 @@ mod tests {
         assert!(compare(&plain, &outcome(OK_CLOSE, End::Closed), false).is_err());
         assert!(compare(&plain, &outcome(&[OK, OK].concat(), End::Reset), false).is_err());
         let told = outcome(&[OK, OK_CLOSE].concat(), End::Closed);
-        assert!(compare(&told, &outcome(&[OK, OK_CLOSE].concat(), End::Reset), false).is_err(), "plain Envoy closed cleanly: a reset is ours");
-        let reset = outcome(&[OK, OK_CLOSE].concat(), End::Reset);
-        assert!(compare(&reset, &told, false).is_ok(), "Envoy's own close came against the client's bytes: timing");
+        assert!(compare(&told, &outcome(&[OK, OK_CLOSE].concat(), End::Reset), false).is_ok(), "Envoy's own close, either way");
         assert!(compare(&plain, &outcome(&[OK, &OK[..OK.len() - 1]].concat(), End::Closed), false).is_err());
         let mut other_origin = outcome(&[OK, OK].concat(), End::Open);
         other_origin.origin.clear();
