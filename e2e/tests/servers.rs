@@ -86,7 +86,17 @@ mod rollout {
     fn restart(spec: RunSpec, min_requests: u64) -> RunResult {
         let spec = RunSpec { restart_at_ms: 1_500, ..spec };
         let name = format!("real-{}-{:?}-{:?}-{}-{}", spec.app.as_str(), spec.row, spec.sidecar, spec.prestop_hook_ms, spec.concurrency);
-        let r = run(&name, &spec);
+        // The load is the precondition, not the result: on two cores shared with other suites
+        // the client may fall short of it (1956 and 979 requests against 3297 alone, 2026-12-05),
+        // and then the run measured nothing; it is run again, three times at most.
+        let mut r = run(&name, &spec);
+        for _ in 0..2 {
+            if r.requests > min_requests {
+                break;
+            }
+            eprintln!("[envoy {}] rollout {}: load too small ({} requests), run again", e2e::envoy_version(), spec.label(), r.requests);
+            r = run(&name, &spec);
+        }
         eprintln!(
             "[envoy {}] rollout {} ({}): {} requests, {} 5xx, {} connection errors, statuses {:?}, rescued {}{}",
             e2e::envoy_version(),
