@@ -91,7 +91,7 @@ impl HttpRole {
         if !hook {
             if prestop.token.is_some() && host::header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER).is_some() {
                 let _ = host::remove_header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER);
-                prestop::refuse(prestop::Refusal::NotFromNode, &shared.metrics);
+                prestop::refuse(prestop::Refusal::NotFirst, &shared.metrics);
                 return Some(Action::Pause);
             }
             return None;

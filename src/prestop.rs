@@ -34,6 +34,8 @@ pub enum Refusal {
     NotFromNode,
     /// A proxy forwarded it: the kubelet sends none of these headers, an ALB adds them.
     Forwarded,
+    /// Behind another request on its connection: the kubelet opens a connection per hook.
+    NotFirst,
 }
 
 impl Refusal {
@@ -44,6 +46,7 @@ impl Refusal {
             Refusal::NoHostIp => "the VM's environment has no HOST_IP (vmConfig.env, valueFrom: HOST)",
             Refusal::NotFromNode => "not from the node's IP",
             Refusal::Forwarded => "forwarded by a proxy (X-Forwarded-For, Forwarded)",
+            Refusal::NotFirst => "not first on its connection",
         }
     }
 }
