@@ -25,6 +25,7 @@ pub mod conn;
 pub mod decision;
 pub mod drain;
 pub mod framing;
+pub mod h2;
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod fake_host;
 pub mod host;
