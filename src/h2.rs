@@ -31,6 +31,18 @@ const MAX_FRAME: u32 = (1 << 24) - 1;
 /// Streams followed at most; a connection with more open at once is lost (kept, never told).
 const MAX_STREAMS: usize = 1024;
 
+/// What a client with prior knowledge sends first (RFC 9113 §3.4), before its SETTINGS.
+pub const CLIENT_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which way the frames go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's: the preface, then frames; its HEADERS open streams.
+    Client,
+    /// Envoy's to the client: its END_STREAM or RST_STREAM ends a stream.
+    Server,
+}
+
 /// A graceful GOAWAY: last-stream-id 2^31-1, NO_ERROR, no debug data.
 pub const GRACEFUL_GOAWAY: [u8; 17] = [0, 0, 8, GOAWAY, 0, 0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0];
 
@@ -46,9 +58,13 @@ enum State {
     Lost,
 }
 
-/// The frames Envoy writes on one client connection.
+/// The frames one side writes on a client connection, and the streams under way on it (a stream
+/// the client opened whose response has not ended); the two sides share the stream set.
 #[derive(Debug, Clone)]
 pub struct Frames {
+    side: Side,
+    /// Client side: bytes of the preface still to come.
+    preface_left: usize,
     state: State,
     head: Vec<u8>,
     /// Inside a header block: HEADERS or PUSH_PROMISE without END_HEADERS, until the
@@ -56,20 +72,86 @@ pub struct Frames {
     in_header_block: bool,
     /// Envoy sent a GOAWAY of its own (or we did): none is added again.
     goaway_sent: bool,
-    /// Streams whose response has not ended, as the server's frames show them (a stream the
-    /// client opened and Envoy has not answered yet is not here: see [`Frames::quiet`]).
+}
+
+/// One connection's HTTP/2: both sides' frames and the streams under way.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub client: Frames,
+    pub server: Frames,
+    /// Streams the client opened whose response has not ended.
     open: Vec<u32>,
 }
 
-impl Default for Frames {
+impl Default for Connection {
     fn default() -> Self {
-        Frames::new()
+        Connection::new()
     }
 }
 
+impl Connection {
+    pub fn new() -> Connection {
+        Connection { client: Frames::new(Side::Client), server: Frames::new(Side::Server), open: Vec::new() }
+    }
+
+    /// Follows what the client sent.
+    pub fn read(&mut self, bytes: &[u8]) {
+        let events = self.client.follow(bytes);
+        self.apply(&events);
+    }
+
+    /// Follows what Envoy wrote.
+    pub fn wrote(&mut self, bytes: &[u8]) {
+        let events = self.server.follow(bytes);
+        self.apply(&events);
+    }
+
+    pub fn lost(&self) -> bool {
+        self.client.lost() || self.server.lost()
+    }
+
+    /// No stream under way, both sides between frames: the connection may be closed as idle.
+    pub fn quiet(&self) -> bool {
+        !self.lost() && self.open.is_empty() && self.client.at_boundary() && self.server.at_boundary()
+    }
+
+    /// A graceful GOAWAY may be added after what Envoy wrote so far, and none was sent yet.
+    pub fn may_tell(&self) -> bool {
+        !self.lost() && self.server.at_boundary() && !self.server.goaway_sent()
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.open.len()
+    }
+
+    pub(crate) fn apply(&mut self, events: &[Event]) {
+        for event in events {
+            match *event {
+                Event::Opened(id) if !self.open.contains(&id) => {
+                    if self.open.len() >= MAX_STREAMS {
+                        self.client.lose();
+                        return;
+                    }
+                    self.open.push(id);
+                }
+                Event::Ended(id) => self.open.retain(|s| *s != id),
+                Event::Opened(_) => {}
+            }
+        }
+    }
+}
+
+/// What one frame says about the streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Opened(u32),
+    Ended(u32),
+}
+
 impl Frames {
-    pub fn new() -> Frames {
-        Frames { state: State::Between, head: Vec::with_capacity(FRAME_HEADER), in_header_block: false, goaway_sent: false, open: Vec::new() }
+    pub fn new(side: Side) -> Frames {
+        let preface_left = if side == Side::Client { CLIENT_PREFACE.len() } else { 0 };
+        Frames { side, preface_left, state: State::Between, head: Vec::with_capacity(FRAME_HEADER), in_header_block: false, goaway_sent: false }
     }
 
     pub fn lost(&self) -> bool {
@@ -85,14 +167,12 @@ impl Frames {
         self.goaway_sent
     }
 
-    /// No response under way on any stream, as far as Envoy's frames show.
-    pub fn quiet(&self) -> bool {
-        self.at_boundary() && self.open.is_empty()
-    }
-
     /// How many bytes at the current position must be read to go on: a frame header's rest, or
     /// `None` when the next ones are payload and can be passed over unread ([`Frames::skip`]).
     pub fn wants(&self) -> Option<usize> {
+        if self.preface_left > 0 && self.state != State::Lost {
+            return Some(self.preface_left);
+        }
         match self.state {
             State::Between => Some(FRAME_HEADER),
             State::Header => Some(FRAME_HEADER.saturating_sub(self.head.len())),
@@ -114,46 +194,58 @@ impl Frames {
         }
     }
 
-    /// Feeds header bytes read at the current position (at most what [`Frames::wants`] asked);
-    /// returns how many were used.
-    pub fn feed(&mut self, bytes: &[u8]) -> usize {
+    /// Feeds bytes read at the current position (at most what [`Frames::wants`] asked): the
+    /// preface's, or a frame header's. Returns how many were used, and what the frame said.
+    pub fn feed(&mut self, bytes: &[u8]) -> (usize, Option<Event>) {
         let want = match self.wants() {
             Some(want) => want.min(bytes.len()),
-            None => return 0,
+            None => return (0, None),
         };
+        if self.preface_left > 0 {
+            let at = CLIENT_PREFACE.len().saturating_sub(self.preface_left);
+            if CLIENT_PREFACE.get(at..at.saturating_add(want)) != Some(&bytes[..want]) {
+                self.lose();
+                return (want, None);
+            }
+            self.preface_left = self.preface_left.saturating_sub(want);
+            return (want, None);
+        }
         self.head.extend_from_slice(&bytes[..want]);
         if self.head.len() < FRAME_HEADER {
             self.state = State::Header;
-            return want;
+            return (want, None);
         }
         let mut h = [0u8; FRAME_HEADER];
         h.copy_from_slice(&self.head[..FRAME_HEADER]);
         self.head.clear();
-        self.frame(h);
-        want
+        (want, self.frame(h))
     }
 
-    /// Follows bytes held whole in memory, as the network role does with buffer reads. For tests
-    /// and fuzzing.
-    pub fn follow(&mut self, write: &[u8]) {
-        let mut pos = 0;
+    /// Follows bytes held whole in memory, as the network role does with buffer reads; returns
+    /// what their frames said about the streams. For tests and fuzzing.
+    pub fn follow(&mut self, write: &[u8]) -> Vec<Event> {
+        let (mut pos, mut events) = (0, Vec::new());
         while pos < write.len() {
             let step = match self.wants() {
                 None => self.skip(write.len().saturating_sub(pos)),
-                Some(_) => self.feed(&write[pos..]),
+                Some(_) => {
+                    let (used, event) = self.feed(&write[pos..]);
+                    events.extend(event);
+                    used
+                }
             };
             if step == 0 {
                 self.lose();
-                return;
+                break;
             }
             pos = pos.saturating_add(step);
         }
+        events
     }
 
     pub fn lose(&mut self) {
         self.state = State::Lost;
         self.head = Vec::new();
-        self.open = Vec::new();
     }
 
     /// Records that a GOAWAY was added after the bytes followed so far.
@@ -161,37 +253,28 @@ impl Frames {
         self.goaway_sent = true;
     }
 
-    fn frame(&mut self, h: [u8; FRAME_HEADER]) {
+    fn frame(&mut self, h: [u8; FRAME_HEADER]) -> Option<Event> {
         let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
         let (kind, flags) = (h[3], h[4]);
         let stream = u32::from_be_bytes([h[5] & 0x7f, h[6], h[7], h[8]]);
-        if len > MAX_FRAME {
-            self.lose();
-            return;
-        }
         // Inside a header block only its CONTINUATIONs may come.
-        if self.in_header_block != (kind == CONTINUATION) {
+        if len > MAX_FRAME || self.in_header_block != (kind == CONTINUATION) {
             self.lose();
-            return;
+            return None;
         }
         match kind {
             HEADERS | PUSH_PROMISE | CONTINUATION => self.in_header_block = flags & END_HEADERS == 0,
             GOAWAY => self.goaway_sent = true,
             _ => {}
         }
-        let opens = kind == HEADERS || (kind == DATA && stream != 0);
-        if opens && !self.open.contains(&stream) && flags & END_STREAM == 0 {
-            if self.open.len() >= MAX_STREAMS {
-                self.lose();
-                return;
-            }
-            self.open.push(stream);
-        }
-        let ends = (matches!(kind, HEADERS | DATA) && flags & END_STREAM != 0) || kind == RST_STREAM;
-        if ends {
-            self.open.retain(|s| *s != stream);
-        }
         self.state = if len == 0 { State::Between } else { State::Payload(len) };
+        let server_ends = matches!(kind, HEADERS | DATA) && flags & END_STREAM != 0;
+        match (self.side, kind) {
+            (Side::Client, HEADERS) if stream != 0 => Some(Event::Opened(stream)),
+            (_, RST_STREAM) => Some(Event::Ended(stream)),
+            (Side::Server, _) if server_ends => Some(Event::Ended(stream)),
+            _ => None,
+        }
     }
 }
 
@@ -207,55 +290,79 @@ mod tests {
         out
     }
 
+    const SETTINGS: u8 = 0x4;
+
+    fn opened() -> Connection {
+        let mut c = Connection::new();
+        c.read(&[CLIENT_PREFACE, &frame(SETTINGS, 0, 0, &[])].concat());
+        c.wrote(&frame(SETTINGS, 0, 0, &[0; 6]));
+        c
+    }
+
     #[test]
-    fn a_response_stream_is_open_until_its_end_and_a_goaway_fits_only_between_frames() {
-        let mut f = Frames::new();
-        f.follow(&frame(0x4, 0, 0, &[0; 6])); // SETTINGS
-        assert!(f.quiet());
-        f.follow(&frame(HEADERS, END_HEADERS, 1, b"hpack"));
-        assert!(!f.quiet() && f.at_boundary(), "stream 1's response under way");
+    fn a_stream_is_under_way_from_the_clients_headers_to_the_end_of_its_response() {
+        let mut c = opened();
+        assert!(c.quiet());
+        c.read(&frame(HEADERS, END_HEADERS | END_STREAM, 1, b"hpack"));
+        assert!(!c.quiet(), "asked, not yet answered");
+        c.wrote(&frame(HEADERS, END_HEADERS, 1, b"hpack"));
         let data = frame(DATA, 0, 1, &[7; 100]);
-        f.follow(&data[..50]);
-        assert!(!f.at_boundary(), "mid-frame: nothing may be added here");
-        f.follow(&data[50..]);
-        assert!(f.at_boundary());
-        f.follow(&frame(DATA, END_STREAM, 1, b"end"));
-        assert!(f.quiet());
+        c.wrote(&data[..50]);
+        assert!(!c.may_tell(), "mid-frame: nothing may be added here");
+        c.wrote(&data[50..]);
+        assert!(c.may_tell() && !c.quiet());
+        c.wrote(&frame(DATA, END_STREAM, 1, b"end"));
+        assert!(c.quiet());
     }
 
     #[test]
     fn nothing_is_added_inside_a_header_block() {
-        let mut f = Frames::new();
-        f.follow(&frame(HEADERS, 0, 3, b"part"));
-        assert!(!f.at_boundary(), "HEADERS without END_HEADERS: its CONTINUATION must come next");
-        f.follow(&frame(CONTINUATION, END_HEADERS | END_STREAM, 3, b"rest"));
-        assert!(f.at_boundary());
-        let mut f = Frames::new();
-        f.follow(&frame(HEADERS, 0, 3, b"part"));
-        f.follow(&frame(DATA, 0, 3, b"x"));
-        assert!(f.lost(), "a frame inside a header block cannot be followed");
+        let mut c = opened();
+        c.read(&frame(HEADERS, END_HEADERS | END_STREAM, 3, b"h"));
+        c.wrote(&frame(HEADERS, END_STREAM, 3, b"part"));
+        assert!(!c.may_tell() && !c.quiet(), "HEADERS without END_HEADERS: its CONTINUATION must come next");
+        c.wrote(&frame(CONTINUATION, END_HEADERS, 3, b"rest"));
+        assert!(c.may_tell() && c.quiet());
+        let mut c = opened();
+        c.wrote(&frame(HEADERS, 0, 3, b"part"));
+        c.wrote(&frame(DATA, 0, 3, b"x"));
+        assert!(c.lost(), "a frame inside a header block cannot be followed");
     }
 
     #[test]
-    fn envoys_own_goaway_and_resets_are_seen() {
-        let mut f = Frames::new();
-        f.follow(&frame(HEADERS, END_HEADERS, 5, b"h"));
-        f.follow(&frame(RST_STREAM, 0, 5, &[0, 0, 0, 8]));
-        assert!(f.quiet());
-        f.follow(&frame(GOAWAY, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0]));
-        assert!(f.goaway_sent());
-        let mut g = Frames::new();
-        g.follow(&GRACEFUL_GOAWAY);
-        assert!(g.goaway_sent() && g.quiet(), "our own GOAWAY is a well-formed frame");
+    fn resets_end_a_stream_and_envoys_own_goaway_is_seen() {
+        let mut c = opened();
+        c.read(&frame(HEADERS, END_HEADERS, 5, b"h"));
+        c.read(&frame(RST_STREAM, 0, 5, &[0, 0, 0, 8]));
+        assert!(c.quiet(), "the client cancelled it");
+        c.read(&frame(HEADERS, END_HEADERS, 7, b"h"));
+        c.wrote(&frame(RST_STREAM, 0, 7, &[0, 0, 0, 2]));
+        assert!(c.quiet(), "Envoy reset it");
+        c.wrote(&frame(GOAWAY, 0, 0, &[0, 0, 0, 7, 0, 0, 0, 0]));
+        assert!(!c.may_tell(), "Envoy told the client itself");
+        let mut g = opened();
+        g.wrote(&GRACEFUL_GOAWAY);
+        assert!(g.server.goaway_sent() && g.quiet(), "our own GOAWAY is a well-formed frame");
     }
 
     #[test]
-    fn headers_split_across_writes_are_followed() {
-        let mut f = Frames::new();
-        let h = frame(HEADERS, END_HEADERS | END_STREAM, 7, b"hpack");
-        for byte in &h {
-            f.follow(std::slice::from_ref(byte));
+    fn frames_split_anywhere_are_followed() {
+        let mut c = Connection::new();
+        let client = [CLIENT_PREFACE, &frame(SETTINGS, 0, 0, &[]), &frame(HEADERS, END_HEADERS | END_STREAM, 1, b"hpack")].concat();
+        for byte in &client {
+            c.read(std::slice::from_ref(byte));
         }
-        assert!(f.quiet());
+        assert_eq!(c.open_streams(), 1);
+        for byte in &frame(HEADERS, END_HEADERS | END_STREAM, 1, b"hpack") {
+            c.wrote(std::slice::from_ref(byte));
+        }
+        assert!(c.quiet());
+    }
+
+    #[test]
+    fn what_is_not_http2_is_lost() {
+        let mut c = Connection::new();
+        c.read(b"GET / HTTP/1.1\r\n\r\n");
+        assert!(c.lost());
     }
 }
