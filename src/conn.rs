@@ -59,6 +59,8 @@ pub struct Conn {
     /// `lean`: a 503 head went out and its body, which may be Envoy's own reply naming why it
     /// could not reach the app, comes in the next write (Envoy writes a head and its body apart).
     pub head_503: Option<HeadSeen>,
+    /// HTTP/2 with prior knowledge: both sides' frames, followed from their headers.
+    pub h2: Option<crate::h2::Connection>,
     /// A probe of Envoy's drain waits for the answer to this connection's request
     /// ([`crate::drain::Probed`]).
     pub probe: bool,

@@ -231,6 +231,13 @@ pub fn replace_prefix(buffer: BufferType, len: usize, with: &[u8]) -> Result<(),
     })
 }
 
+/// Adds `bytes` at the end of a buffer of `len` bytes (Envoy's `Buffer::copyFrom` appends for a
+/// start at or past the buffer's length).
+pub fn append(buffer: BufferType, len: usize, bytes: &[u8]) -> Result<(), HostError> {
+    // SAFETY: as above.
+    invoke(Call::SetBufferBytes, || unsafe { proxy_set_buffer_bytes(buffer as u32, len, 0, bytes.as_ptr(), bytes.len()) })
+}
+
 /// Up to `max` bytes from the start of a buffer; `None` when absent, empty or unreadable.
 pub fn get_buffer(buffer: BufferType, max: usize) -> Option<Bytes> {
     get_buffer_at(buffer, 0, max)

@@ -234,6 +234,42 @@ impl NetworkRole {
         }
     }
 
+    /// HTTP/2: follows the frames in this read or write from their headers, passing payloads over
+    /// unread. While the pod drains, a write that ends at a frame boundary outside a header block
+    /// gets a graceful GOAWAY after it, once ([`crate::h2`]).
+    fn follow_h2(&self, buffer: BufferType, size: usize) {
+        let mut c = self.conn.borrow_mut();
+        let Some(h2) = c.h2.as_mut() else { return };
+        let frames = if buffer == BufferType::DownstreamData { &mut h2.client } else { &mut h2.server };
+        let (mut pos, mut events) = (0, Vec::new());
+        for _ in 0..MAX_STEPS {
+            if pos >= size {
+                break;
+            }
+            let Some(want) = frames.wants() else {
+                pos = pos.saturating_add(frames.skip(size.saturating_sub(pos)));
+                continue;
+            };
+            let Some(bytes) = host::get_buffer_at(buffer, pos, want.min(size.saturating_sub(pos))).filter(|b| !b.is_empty()) else {
+                break;
+            };
+            let (used, event) = frames.feed(&bytes);
+            events.extend(event);
+            pos = pos.saturating_add(used);
+        }
+        if pos < size {
+            frames.lose();
+        }
+        h2.apply(&events);
+        let tell = buffer == BufferType::UpstreamData && pod::draining() && h2.may_tell();
+        if tell && host::append(buffer, size, &crate::h2::GRACEFUL_GOAWAY).is_ok() {
+            h2.server.goaway_added();
+            drop(c);
+            self.shared.metrics.closed_while_draining.inc();
+            debug!("h2: graceful GOAWAY added after Envoy's write");
+        }
+    }
+
     /// Probes Envoy's drain on this request, once a tick per VM: a request Envoy would keep
     /// the connection open for ([`wire::keep_alive_request`]), whose answer then says whether
     /// Envoy's listener drains. A default sidecar keeps no stat of Envoy's drain closes.
@@ -477,10 +513,18 @@ impl StreamContext for NetworkRole {
                 std::process::abort();
             }
             let http1 = wire::starts_http1_request(first);
-            self.conn.borrow_mut().activity.http1 = http1;
+            let mut c = self.conn.borrow_mut();
+            c.activity.http1 = http1;
+            if http1 == Some(false) && first.starts_with(&crate::h2::CLIENT_PREFACE[..first.len().min(crate::h2::CLIENT_PREFACE.len())]) {
+                c.h2 = Some(crate::h2::Connection::new());
+            }
+            drop(c);
             if http1 == Some(true) && !config.lean && wire::head_has_header(first, keys::PRESTOP_HEADER.as_bytes()) {
                 announce_hook(self.address.as_mut(), &self.conn);
             }
+        }
+        if self.conn.borrow().h2.is_some() {
+            self.follow_h2(BufferType::DownstreamData, size);
         }
         if starts_request && size <= FIRST_READ && self.conn.borrow().activity.http1 == Some(true) {
             self.arm_probe(config, size, first);
@@ -502,6 +546,10 @@ impl StreamContext for NetworkRole {
         };
         if probe && !config.lean {
             self.answer_probe(size);
+        }
+        if self.conn.borrow().h2.is_some() {
+            self.follow_h2(BufferType::UpstreamData, size);
+            return Action::Continue;
         }
         if config.lean {
             self.follow_responses(size);

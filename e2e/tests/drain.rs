@@ -218,6 +218,52 @@ fn one_reset_of_a_connection_the_app_is_serving_drains_the_pod_at_once() {
     report("app_failure (one reset of a connection in use, 503 UC)", "race_idle_ms 1000", took);
 }
 
+/// HTTP/2 from the load balancer (issue 35, work in progress): an h2c client connection with a
+/// stream in flight when the pod starts draining is told to go with a graceful GOAWAY at
+/// Envoy's next write, and the stream arrives whole.
+#[test]
+fn an_h2c_stream_in_flight_gets_a_graceful_goaway_and_arrives_whole() {
+    let app = App::start();
+    let envoy = start("h2-goaway", spec(&app));
+    let admin = envoy.admin;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let port = envoy.port;
+    let (body, told, took) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::get("http://app/slow?chunks=6&pause_ms=300").body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        let trigger = Instant::now();
+        std::thread::spawn(move || {
+            let mut c = Client::open(admin);
+            c.send("POST /healthcheck/fail HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n").expect("admin post");
+            c.response("POST");
+        });
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        let took = trigger.elapsed();
+        // A new stream after the server's GOAWAY is refused by the client library itself.
+        let told = match client.ready().await {
+            Err(e) => e.is_go_away() || e.to_string().contains("go away") || e.to_string().contains("closed"),
+            Ok(mut c) => c.send_request(http::Request::get("http://app/keep").body(()).unwrap(), true).is_err(),
+        };
+        driver.abort();
+        (got, told, took)
+    });
+    let expected: String = (0..6).map(|i| format!("chunk-{i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&body), expected, "the stream was cut");
+    assert!(told, "no GOAWAY reached the client\n{}", envoy.wasm_log());
+    eprintln!("[envoy {}] h2c stream in flight ({}): GOAWAY seen, stream whole in {} ms", e2e::envoy_version(), e2e::layout().as_str(), took.as_millis());
+}
+
 /// The sweep closes a connection only on evidence, for that very connection, that its requests
 /// are counted. With the HTTP plugin's configuration rejected (it passes traffic through and
 /// counts nothing) and the network plugin fine, a stream that pauses 700 ms between chunks
