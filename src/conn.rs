@@ -213,7 +213,14 @@ pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) 
                     (false, true) => grace.told_ms,
                     (false, false) => grace.idle_ms,
                 };
-                let wanted = (draining || told) && !c.closing && !c.close_failed && drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told);
+                // HTTP/2: idle when no stream is under way either way and nothing moved for the
+                // grace (a client told with a GOAWAY, or one that never wrote again, is closed
+                // with no stream open).
+                let is_idle = match &c.h2 {
+                    Some(h2) => h2.quiet() && now >= c.activity.last_ms.saturating_add(idle_ms),
+                    None => drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told),
+                };
+                let wanted = (draining || told) && !c.closing && !c.close_failed && is_idle;
                 let close = wanted && (told || drain::second_look(&mut c.activity, now, idle_ms, grace.tick_ms));
                 close.then(|| (conn.clone(), told, c.activity))
             })

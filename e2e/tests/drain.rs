@@ -264,6 +264,34 @@ fn an_h2c_stream_in_flight_gets_a_graceful_goaway_and_arrives_whole() {
     eprintln!("[envoy {}] h2c stream in flight ({}): GOAWAY seen, stream whole in {} ms", e2e::envoy_version(), e2e::layout().as_str(), took.as_millis());
 }
 
+/// An idle h2c client connection (its last stream answered) gets no write to carry a GOAWAY:
+/// once the pod drains it is closed with no stream open, within the sidecar's grace and a second.
+#[test]
+fn an_idle_h2c_connection_is_closed_with_no_stream_open_when_the_pod_drains() {
+    let app = App::start();
+    let envoy = start("h2-idle", spec(&app));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let port = envoy.port;
+    let (closed, took) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let mut driver = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let (resp, _) = client.send_request(http::Request::get("http://app/keep").body(()).unwrap(), true).unwrap();
+        let mut body = resp.await.unwrap().into_body();
+        while body.data().await.is_some() {}
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!driver.is_finished(), "closed before any drain");
+        envoy.admin_post("/healthcheck/fail");
+        let trigger = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(3), &mut driver).await;
+        (ended.is_ok(), trigger.elapsed())
+    });
+    assert!(closed, "the idle h2c connection outlived the drain\n{}", envoy.wasm_log());
+    assert!(took < Duration::from_millis(2_300), "closed only after {took:?}");
+    eprintln!("[envoy {}] idle h2c connection ({}): closed {} ms after healthcheck/fail", e2e::envoy_version(), e2e::layout().as_str(), took.as_millis());
+}
+
 /// The sweep closes a connection only on evidence, for that very connection, that its requests
 /// are counted. With the HTTP plugin's configuration rejected (it passes traffic through and
 /// counts nothing) and the network plugin fine, a stream that pauses 700 ms between chunks
