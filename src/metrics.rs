@@ -29,6 +29,10 @@ pub struct Metrics {
     pub rescued: Counter,
     /// `lean`: connections whose bytes it could no longer follow, left to Envoy to close.
     pub lean_lost: Counter,
+    /// HTTP/2 connections told to go with a graceful GOAWAY while the pod drains.
+    pub h2_goaway: Counter,
+    /// HTTP/2 connections whose frames could no longer be followed: nothing added, left to Envoy.
+    pub h2_lost: Counter,
     /// Requests that carried the preStop hook's header without the configured token (or with
     /// none configured): served by the app untouched.
     pub prestop_refused: Counter,
@@ -60,6 +64,8 @@ impl Metrics {
             closed_connect_failure: Counter::define("close_relay_closed_connect_failure_total"),
             rescued: Counter::define("close_relay_rescued_total"),
             lean_lost: Counter::define("close_relay_lean_lost_total"),
+            h2_goaway: Counter::define("close_relay_h2_goaway_total"),
+            h2_lost: Counter::define("close_relay_h2_lost_total"),
             prestop_refused: Counter::define("close_relay_prestop_refused_total"),
             prestop_answered: Counter::define("close_relay_prestop_answered_total"),
             draining: Gauge::define("close_relay_draining"),

@@ -239,7 +239,7 @@ impl NetworkRole {
     /// gets a graceful GOAWAY after it, once ([`crate::h2`]).
     fn follow_h2(&self, buffer: BufferType, size: usize) {
         let mut c = self.conn.borrow_mut();
-        let Some(h2) = c.h2.as_mut() else { return };
+        let Conn { h2: Some(h2), lost_counted, .. } = &mut *c else { return };
         let frames = if buffer == BufferType::DownstreamData { &mut h2.client } else { &mut h2.server };
         let (mut pos, mut events) = (0, Vec::new());
         for _ in 0..MAX_STEPS {
@@ -261,11 +261,17 @@ impl NetworkRole {
             frames.lose();
         }
         h2.apply(&events);
+        if h2.lost() && !std::mem::replace(lost_counted, true) {
+            drop(c);
+            self.shared.metrics.h2_lost.inc();
+            debug!("h2: lost frame sync on this connection; nothing is added, Envoy closes it");
+            return;
+        }
         let tell = buffer == BufferType::UpstreamData && pod::draining() && h2.may_tell();
         if tell && host::append(buffer, size, &crate::h2::GRACEFUL_GOAWAY).is_ok() {
             h2.server.goaway_added();
             drop(c);
-            self.shared.metrics.closed_while_draining.inc();
+            self.shared.metrics.h2_goaway.inc();
             debug!("h2: graceful GOAWAY added after Envoy's write");
         }
     }

@@ -261,6 +261,8 @@ fn an_h2c_stream_in_flight_gets_a_graceful_goaway_and_arrives_whole() {
     let expected: String = (0..6).map(|i| format!("chunk-{i}\n")).collect();
     assert_eq!(String::from_utf8_lossy(&body), expected, "the stream was cut");
     assert!(told, "no GOAWAY reached the client\n{}", envoy.wasm_log());
+    assert_eq!(envoy.counter("wasmcustom.close_relay_h2_goaway_total"), 1);
+    assert_eq!(envoy.counter("wasmcustom.close_relay_h2_lost_total"), 0);
     eprintln!("[envoy {}] h2c stream in flight ({}): GOAWAY seen, stream whole in {} ms", e2e::envoy_version(), e2e::layout().as_str(), took.as_millis());
 }
 
