@@ -176,10 +176,10 @@ pub struct Marks {
 /// answer of another pod, which only a retry reaches (attempts 2 or more), and whose sidecar
 /// takes its own app's copies off. Anything else is the app's: a gateway passing on a
 /// dependency's refusal must not drain its own pod.
-pub fn rescue_marks(marker: bool, attempt_count: Option<&str>, status: u16, flags: u64, on_rescue_route: bool) -> Marks {
+pub fn rescue_marks(marker: bool, attempt_count: Option<&str>, failed: bool, flags: u64, on_rescue_route: bool) -> Marks {
     let tries = if on_rescue_route { attempts(attempt_count) } else { 0 };
     let envoys_reply = flags & (FLAG_UPSTREAM_CONNECTION_FAILURE | FLAG_UPSTREAM_REMOTE_RESET | FLAG_UPSTREAM_CONNECTION_TERMINATION) != 0;
-    let refused = marker && on_rescue_route && status >= 500 && (envoys_reply || tries >= 2);
+    let refused = marker && on_rescue_route && failed && (envoys_reply || tries >= 2);
     Marks { refused, rescued: !marker && tries >= 2, copy: marker && !refused }
 }
 
@@ -286,10 +286,18 @@ pub enum Upstream {
     Reset,
 }
 
-/// `refused` is [`REFUSED_HEADER`] on the response: with rescue, a refusal can come back from the
-/// pod the request was handed to, as that pod's reply rather than this Envoy's, so without UF.
-pub fn upstream(status: u16, flags: u64, refused: bool) -> Upstream {
-    if status < 500 {
+/// Whether a response is a failure at all: a 5xx, or, for gRPC, any status with a `grpc-status`
+/// other than 0 (Envoy answers a gRPC request it could not take to the app with HTTP 200 and
+/// `grpc-status: 14`, a trailers-only response whose status is in its headers).
+pub fn failed(status: u16, grpc_status: Option<&str>) -> bool {
+    status >= 500 || grpc_status.is_some_and(|s| s.trim() != "0")
+}
+
+/// `failed`: [`failed`]. `refused` is [`REFUSED_HEADER`] on the response: with rescue, a refusal
+/// can come back from the pod the request was handed to, as that pod's reply rather than this
+/// Envoy's, so without UF.
+pub fn upstream(failed: bool, flags: u64, refused: bool) -> Upstream {
+    if !failed {
         Upstream::Fine
     } else if refused || flags & FLAG_UPSTREAM_CONNECTION_FAILURE != 0 {
         Upstream::Refused
@@ -352,9 +360,19 @@ mod tests {
     }
 
     #[test]
+    fn a_grpc_failure_is_a_failure_whatever_its_http_status() {
+        assert!(failed(503, None));
+        assert!(failed(200, Some("14")), "Envoy's UNAVAILABLE for a gRPC request it could not take to the app");
+        assert!(!failed(200, Some("0")));
+        assert!(!failed(200, None));
+        assert_eq!(upstream(failed(200, Some("14")), FLAG_UPSTREAM_CONNECTION_FAILURE, false), Upstream::Refused);
+        assert_eq!(upstream(failed(200, Some("14")), 0, false), Upstream::Fine, "the app's own UNAVAILABLE, after running the call");
+    }
+
+    #[test]
     fn rescue_marks_count_only_where_this_sidecar_wrote_them() {
         let uf = FLAG_UPSTREAM_CONNECTION_FAILURE;
-        let marks = |marker, count, status, flags, route| rescue_marks(marker, count, status, flags, route);
+        let marks = |marker, count, status: u16, flags, route| rescue_marks(marker, count, status >= 500, flags, route);
         assert_eq!(marks(true, Some("1"), 503, uf, true), Marks { refused: true, ..Marks::default() }, "this Envoy's own refusal");
         assert_eq!(marks(true, Some("3"), 503, 0, true), Marks { refused: true, ..Marks::default() }, "the last pod tried refused too");
         assert_eq!(marks(false, Some("2"), 200, 0, true), Marks { rescued: true, ..Marks::default() });
@@ -390,14 +408,14 @@ mod tests {
 
     #[test]
     fn response_flags_say_refused_or_reset_only_on_a_5xx() {
-        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_FAILURE, false), Upstream::Refused);
-        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_FAILURE | FLAG_UPSTREAM_REMOTE_RESET, false), Upstream::Refused);
-        assert_eq!(upstream(503, FLAG_UPSTREAM_REMOTE_RESET, false), Upstream::Reset);
-        assert_eq!(upstream(503, FLAG_UPSTREAM_CONNECTION_TERMINATION, false), Upstream::Reset);
-        assert_eq!(upstream(503, 0, false), Upstream::Fine, "the app's own 503");
-        assert_eq!(upstream(200, FLAG_UPSTREAM_CONNECTION_FAILURE, false), Upstream::Fine);
-        assert_eq!(upstream(503, 0, true), Upstream::Refused, "the pod it was handed to refused too");
-        assert_eq!(upstream(200, 0, true), Upstream::Fine, "only a 5xx is a refusal");
+        assert_eq!(upstream(503 >= 500, FLAG_UPSTREAM_CONNECTION_FAILURE, false), Upstream::Refused);
+        assert_eq!(upstream(503 >= 500, FLAG_UPSTREAM_CONNECTION_FAILURE | FLAG_UPSTREAM_REMOTE_RESET, false), Upstream::Refused);
+        assert_eq!(upstream(503 >= 500, FLAG_UPSTREAM_REMOTE_RESET, false), Upstream::Reset);
+        assert_eq!(upstream(503 >= 500, FLAG_UPSTREAM_CONNECTION_TERMINATION, false), Upstream::Reset);
+        assert_eq!(upstream(503 >= 500, 0, false), Upstream::Fine, "the app's own 503");
+        assert_eq!(upstream(200 >= 500, FLAG_UPSTREAM_CONNECTION_FAILURE, false), Upstream::Fine);
+        assert_eq!(upstream(503 >= 500, 0, true), Upstream::Refused, "the pod it was handed to refused too");
+        assert_eq!(upstream(200 >= 500, 0, true), Upstream::Fine, "only a 5xx is a refusal");
     }
 
     #[test]

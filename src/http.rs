@@ -204,9 +204,10 @@ impl HttpRole {
     /// drains the pod at once; a reset or a rescue only when another came before any answer
     /// (`drain::Streak`). Rescued requests are counted. Returns whether Envoy could not connect.
     fn watch_app(&mut self, config: &Config, headers: &ResponseHeaders, status: u16) -> (Upstream, bool) {
-        let flags = if status >= 500 { response_flags() } else { 0 };
-        let marks = rescue_marks(headers, status, flags);
-        let upstream = decision::upstream(status, flags, marks.refused);
+        let failed = decision::failed(status, headers.grpc_status.as_deref());
+        let flags = if failed { response_flags() } else { 0 };
+        let marks = rescue_marks(headers, failed, flags);
+        let upstream = decision::upstream(failed, flags, marks.refused);
         let rescued = marks.rescued;
         if rescued {
             self.shared.metrics.rescued.inc();
@@ -281,13 +282,13 @@ fn request_facts_on_request() -> RequestFacts {
 /// Rescue's marks on this response that this sidecar wrote ([`decision::rescue_marks`]); a
 /// refusal marker it did not write is taken off. The route's name is read only when a mark is
 /// there at all: with rescue, every response carries an attempt count, few one of 2 or more.
-fn rescue_marks(headers: &ResponseHeaders, status: u16, flags: u64) -> Marks {
+fn rescue_marks(headers: &ResponseHeaders, failed: bool, flags: u64) -> Marks {
     if !headers.refused && !decision::rescued(headers.attempt_count.as_deref(), false) {
         return Marks::default();
     }
     let route = host::get_property(&["xds", "route_name"]);
     let on_rescue_route = route.is_some_and(|r| r.starts_with(decision::RESCUE_ROUTE_PREFIX.as_bytes()));
-    let marks = decision::rescue_marks(headers.refused, headers.attempt_count.as_deref(), status, flags, on_rescue_route);
+    let marks = decision::rescue_marks(headers.refused, headers.attempt_count.as_deref(), failed, flags, on_rescue_route);
     if marks.copy {
         debug!("{} on a response this sidecar did not refuse: the app's, taken off", decision::REFUSED_HEADER);
         if let Err(e) = host::remove_header(MapType::HttpResponseHeaders, decision::REFUSED_HEADER) {
@@ -330,6 +331,8 @@ struct ResponseHeaders {
     attempt_count: Option<String>,
     /// [`decision::REFUSED_HEADER`]: the pod that made this reply could not reach its app.
     refused: bool,
+    /// gRPC's status when the response is trailers-only (Envoy's own reply to a gRPC request).
+    grpc_status: Option<String>,
 }
 
 impl ResponseHeaders {
@@ -350,6 +353,7 @@ impl ResponseHeaders {
                 b"content-length" => h.content_length = true,
                 b"transfer-encoding" => h.transfer_encoding = value(),
                 b"x-envoy-attempt-count" => h.attempt_count = value(),
+                b"grpc-status" => h.grpc_status = value(),
                 _ if name == decision::REFUSED_HEADER.as_bytes() => h.refused = true,
                 _ => {}
             }

@@ -278,6 +278,36 @@ fn an_h2c_stream_in_flight_gets_a_graceful_goaway_and_arrives_whole() {
     eprintln!("[envoy {}] h2c streams in flight ({}): GOAWAY seen, streams whole in {} ms, connection: {driver_end}", e2e::envoy_version(), e2e::layout().as_str(), took.as_millis());
 }
 
+/// gRPC's failures are failures: Envoy answers a gRPC call it could not take to the app with
+/// HTTP 200 and `grpc-status: 14`, and close-relay reads the response flags, not the status.
+#[test]
+fn a_grpc_call_the_app_refuses_drains_the_pod_though_its_status_is_200() {
+    let mut app = App::start();
+    let envoy = start("grpc-refused", spec(&app));
+    app.kill();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let port = envoy.port;
+    let (status, grpc_status) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::post("http://app/shop.Checkout/Pay")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+        let resp = resp.await.unwrap();
+        let grpc = resp.headers().get("grpc-status").map(|v| v.to_str().unwrap_or("").to_string());
+        driver.abort();
+        (resp.status().as_u16(), grpc)
+    });
+    assert_eq!((status, grpc_status.as_deref()), (200, Some("14")), "not Envoy's UNAVAILABLE");
+    assert_eq!(envoy.counter_reaching("wasmcustom.close_relay_drain_entered_app_failure_total", 1, Duration::from_secs(2)), 1, "{}", envoy.wasm_log());
+}
+
 /// An idle h2c client connection (its last stream answered) gets no write to carry a GOAWAY:
 /// once the pod drains it is closed with no stream open, within the sidecar's grace and a second.
 #[test]
