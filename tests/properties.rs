@@ -396,3 +396,70 @@ fn json() -> impl Strategy<Value = serde_json::Value> {
         ]
     })
 }
+
+/// One HTTP/2 frame of `kind` with `flags` on `stream`, carrying `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Envoy's side of an h2 connection: SETTINGS, then for each stream HEADERS (in one frame, or
+/// split into a CONTINUATION), DATA frames, the last ending the stream.
+fn h2_server_stream() -> impl Strategy<Value = (Vec<u8>, usize)> {
+    proptest::collection::vec((any::<bool>(), proptest::collection::vec(0usize..300, 0..4)), 1..6).prop_map(|streams| {
+        let mut out = h2_frame(0x4, 0, 0, &[0; 6]);
+        for (i, (split, datas)) in streams.iter().enumerate() {
+            let id = (i as u32) * 2 + 1;
+            let end_now = if datas.is_empty() { 0x1 } else { 0 };
+            if *split {
+                out.extend(h2_frame(0x1, end_now, id, b"hpa"));
+                out.extend(h2_frame(0x9, 0x4, id, b"ck"));
+            } else {
+                out.extend(h2_frame(0x1, 0x4 | end_now, id, b"hpack"));
+            }
+            for (j, len) in datas.iter().enumerate() {
+                let last = if j + 1 == datas.len() { 0x1 } else { 0 };
+                out.extend(h2_frame(0x0, last, id, &vec![7u8; *len]));
+            }
+        }
+        (out, streams.len())
+    })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// However Envoy's writes cut its frames, the follower ends where the whole stream ends:
+    /// every stream the client opened answered, at a frame boundary, nothing lost.
+    #[test]
+    fn h2_frames_cut_anywhere_are_followed_to_their_end((stream, n) in h2_server_stream(), cuts in proptest::collection::vec(any::<usize>(), 0..12)) {
+        let mut c = close_relay::h2::Connection::new();
+        let mut client = close_relay::h2::CLIENT_PREFACE.to_vec();
+        client.extend(h2_frame(0x4, 0, 0, &[]));
+        for i in 0..n {
+            client.extend(h2_frame(0x1, 0x4 | 0x1, (i as u32) * 2 + 1, b"h"));
+        }
+        c.read(&client);
+        prop_assert_eq!(c.open_streams(), n);
+        let mut bounds: Vec<usize> = cuts.iter().map(|x| x % (stream.len() + 1)).collect();
+        bounds.extend([0, stream.len()]);
+        bounds.sort_unstable();
+        bounds.dedup();
+        for w in bounds.windows(2) {
+            c.wrote(&stream[w[0]..w[1]]);
+        }
+        prop_assert!(c.quiet() && c.may_tell() && !c.lost());
+    }
+
+    /// Bytes of any kind never make the follower panic.
+    #[test]
+    fn h2_any_bytes_are_followed_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let mut c = close_relay::h2::Connection::new();
+        c.read(&bytes);
+        c.wrote(&bytes);
+        let _ = (c.quiet(), c.may_tell(), c.lost());
+    }
+}
