@@ -213,11 +213,15 @@ pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) 
                     (false, true) => grace.told_ms,
                     (false, false) => grace.idle_ms,
                 };
-                // HTTP/2: idle when no stream is under way either way and nothing moved for the
-                // grace (a client told with a GOAWAY, or one that never wrote again, is closed
-                // with no stream open).
+                // HTTP/2: idle when no stream is under way either way. A client told with a
+                // GOAWAY opens no stream again: closed once quiet for a tick. One never told
+                // (its connection had no write to carry a GOAWAY) gets the sidecar's grace
+                // even while the app goes away, as a stream it sends may be on the wire.
                 let is_idle = match &c.h2 {
-                    Some(h2) => h2.quiet() && now >= c.activity.last_ms.saturating_add(idle_ms),
+                    Some(h2) => {
+                        let quiet_ms = if h2.server.goaway_sent() { grace.tick_ms } else { idle_ms.max(grace.told_ms) };
+                        h2.quiet() && now >= c.activity.last_ms.saturating_add(quiet_ms)
+                    }
                     None => drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told),
                 };
                 let wanted = (draining || told) && !c.closing && !c.close_failed && is_idle;
