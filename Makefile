@@ -48,11 +48,18 @@ deps:
 
 # Real app servers for the rolling-restart rig (e2e/src/servers.rs), pinned: Debian's Go 1.19
 # (golang-go, building e2e/apps/go) and Tomcat 10 (tomcat10; the JSP app needs no javac),
-# uvicorn and h11 from PyPI into .apps/python; Node.js and nginx come with `deps`.
+# uvicorn and h11 from PyPI into .apps/python, @grpc/grpc-js from npm (e2e/apps/grpc's lock
+# file), and Debian's HAProxy 2.6 (the gRPC rows' ALB, `proto h2`); Node.js and nginx come
+# with `deps`.
 UVICORN_PINS := uvicorn==0.54.0 h11==0.16.0 click==8.5.1
-app-servers: deps target/apps/go-app .apps/python/.installed
+app-servers: deps target/apps/go-app .apps/python/.installed e2e/apps/grpc/node_modules/.installed
 	@[ -x /usr/share/tomcat10/bin/catalina.sh ] || { echo "installing Debian package: tomcat10"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tomcat10 >/dev/null; }
+	@{ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || { echo "installing Debian package: haproxy"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }
+e2e/apps/grpc/node_modules/.installed: e2e/apps/grpc/package.json e2e/apps/grpc/package-lock.json
+	cd e2e/apps/grpc && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
 target/apps/go-app: e2e/apps/go/main.go
 	@command -v go >/dev/null 2>&1 || { echo "installing Debian package: golang-go"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go >/dev/null; }

@@ -261,7 +261,7 @@ fn access_log(listen: u16) -> Value {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": path.to_string_lossy(),
             "log_format": {"text_format_source": {"inline_string":
-                "%START_TIME(%s.%3f)% %CONNECTION_ID% %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_LOCAL_ADDRESS% %DURATION%\n"}}
+                "%START_TIME(%s.%3f)% %CONNECTION_ID% %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_LOCAL_ADDRESS% %DURATION% %RESPONSE_CODE_DETAILS% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %RESP(GRPC-STATUS)%%TRAILER(GRPC-STATUS)%\n"}}
         }
     }])
 }

@@ -11,6 +11,8 @@ pub mod client;
 pub mod compare;
 pub mod corpus;
 pub mod envoy;
+pub mod grpc;
+pub mod haproxy;
 pub mod istio;
 pub mod oci;
 pub mod origin;

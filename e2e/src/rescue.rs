@@ -11,8 +11,10 @@
 //!   nothing leaves the pod. The first member cannot be istiod's ORIGINAL_DST `inbound|<port>||`:
 //!   its host set is empty until a request has gone through it, so the aggregate would send every
 //!   request to the other pods.
-//! - **Only what the app never saw**: `retry_on: connect-failure,reset-before-request` (the app
-//!   refused the connection, or Envoy's connection was reset before one byte of the request was
+//! - **Only what the app never saw**: `retry_on: connect-failure,refused-stream,reset-before-request`
+//!   (the app refused the connection; on HTTP/2 its GOAWAY or REFUSED_STREAM said it did not
+//!   process the stream, RFC 9113 §8.7, as a gRPC server's graceful stop does to the streams
+//!   already on their way; or Envoy's connection was reset before one byte of the request was
 //!   written). Idempotent methods may also be sent again after a connection failure the app may
 //!   have seen (RFC 9110 §9.2.2), and must be: an app closing its idle connections at shutdown
 //!   races Envoy's reuse of them (503 UC 0 to 8 ms after Go's signal at 1200 requests/s, with the
@@ -90,7 +92,7 @@ const IDEMPOTENT: &str = "GET|HEAD|OPTIONS|TRACE|PUT|DELETE";
 /// flags UC, UR): the keep-alive race with an app closing its idle connections at shutdown,
 /// which Envoy cannot tell from a request the app read.
 pub fn retry_policy(idempotent: bool) -> Value {
-    let on = if idempotent { "connect-failure,reset,retriable-headers" } else { "connect-failure,reset-before-request,retriable-headers" };
+    let on = if idempotent { "connect-failure,refused-stream,reset,retriable-headers" } else { "connect-failure,refused-stream,reset-before-request,retriable-headers" };
     json!({
         "retry_on": on,
         "retriable_headers": [{"name": REFUSED_HEADER, "string_match": {"exact": MARKER}}],
@@ -188,7 +190,11 @@ pub fn apply(bootstrap: &mut Value, inbound_cluster: &str, port: u16, eds: &Path
     let mut local = clusters.iter().find(|c| c["name"] == inbound_cluster).cloned().expect("the inbound cluster");
     local["name"] = json!(names.local);
     local["load_assignment"]["cluster_name"] = json!(names.local);
-    clusters.extend([local, peers_cluster(&names.peers, eds), aggregate_cluster(&names)]);
+    // The service's cluster speaks what the service's port speaks (istiod: h2 for a grpc or
+    // http2 port), as the inbound cluster does here.
+    let mut peers = peers_cluster(&names.peers, eds);
+    peers["typed_extension_protocol_options"] = local["typed_extension_protocol_options"].clone();
+    clusters.extend([local, peers, aggregate_cluster(&names)]);
     for (_, hcm) in crate::istio::inbound_hcms(bootstrap) {
         rescue_hcm(&mut hcm["typed_config"], inbound_cluster, &names);
     }

@@ -21,6 +21,8 @@ pub enum Server {
     Node,
     Uvicorn,
     Tomcat,
+    /// A gRPC service on @grpc/grpc-js (HTTP/2 only; the rig's gRPC rows, not [`Server::ALL`]).
+    Grpc,
 }
 
 impl Server {
@@ -33,6 +35,7 @@ impl Server {
             Server::Node => "node",
             Server::Uvicorn => "uvicorn",
             Server::Tomcat => "tomcat",
+            Server::Grpc => "grpc-js",
         }
     }
 
@@ -50,6 +53,10 @@ impl Server {
                  the signal after its response, without `Connection: close`"
             }
             Server::Tomcat => "Tomcat pauses its connector and closes idle connections 30 to 60 ms after SIGTERM",
+            Server::Grpc => {
+                "grpc-js's tryShutdown() stops accepting and sends GOAWAY on each connection at once, finishing the \
+                 calls under way"
+            }
         }
     }
 
@@ -58,7 +65,7 @@ impl Server {
         match self {
             Server::Tomcat => Some("maxKeepAliveRequests, every 100th request"),
             Server::Nginx => Some("keepalive_requests, every 1000th request here"),
-            Server::Go | Server::Node | Server::Uvicorn => None,
+            Server::Go | Server::Node | Server::Uvicorn | Server::Grpc => None,
         }
     }
 
@@ -121,9 +128,18 @@ impl RealApp {
                 c
             }
             Server::Tomcat => tomcat(dir, port),
+            Server::Grpc => {
+                let app = repo_root().join("e2e/apps/grpc");
+                installed(app.join("node_modules/@grpc/grpc-js"));
+                let mut c = Command::new("node");
+                c.arg(app.join("server.js"));
+                c.args(["--port", &port.to_string()]);
+                c
+            }
             Server::Nginx => unreachable!("started above"),
         };
         let mut proc = Proc::spawn("app server", cmd.stdout(out.try_clone().expect("log")).stderr(out));
+        let answers = |port| if server == Server::Grpc { answers_grpc(port) } else { answers(port) };
         proc.wait_ready(Duration::from_secs(60), &log, || connectable(port) && answers(port));
         RealApp { server, port, proc, _lease: Some(lease) }
     }
@@ -175,6 +191,11 @@ fn tomcat(dir: &Path, port: u16) -> Command {
     // `run` execs the JVM in the foreground: the PID we hold is Tomcat's.
     c.arg("run").env("CATALINA_HOME", &home).env("CATALINA_BASE", &base).stdin(Stdio::null());
     c
+}
+
+/// A gRPC call answered with OK.
+fn answers_grpc(port: u16) -> bool {
+    crate::grpc::Caller::new(Duration::from_secs(2)).and_then(|mut c| c.call(port)).is_ok_and(|e| e.ok())
 }
 
 /// A GET answered with 200 (Tomcat listens before its app is deployed).

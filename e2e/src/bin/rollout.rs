@@ -3,7 +3,9 @@
 //! recommended setting, close-relay with rescue; columns: sidecar held or drained by istio-agent, without and with a
 //! preStop hook (real servers). Prints the table and writes `target/rollout/report.json` and
 //! `target/rollout/5xx.svg`.
-//! `ROLLOUT_APPS=rig|real` runs one group only (real: `make app-servers`);
+//! The gRPC group (a @grpc/grpc-js service, HAProxy as the ALB speaking h2 to the pods, gRPC
+//! calls as the load) has no lean row: lean follows HTTP/1.1 only.
+//! `ROLLOUT_APPS=rig|real|grpc` runs one group only (real and grpc: `make app-servers`);
 //! `ROLLOUT_ONLY=go` (a substring of the run label) runs a subset;
 //! `ROLLOUT_REPEAT=N` runs each N times (the table shows the last, the JSON all);
 //! `ROLLOUT_PRESTOP_HOOK_MS=N` sets the preStop columns' hook (3000);
@@ -33,7 +35,8 @@ fn matrix(prestop_hook_ms: u64) -> Vec<RunSpec> {
     let apps: Vec<AppMode> = match std::env::var("ROLLOUT_APPS").as_deref() {
         Ok("rig") => AppMode::ALL.to_vec(),
         Ok("real") => AppMode::REAL.to_vec(),
-        _ => AppMode::ALL.into_iter().chain(AppMode::REAL).collect(),
+        Ok("grpc") => AppMode::GRPC.to_vec(),
+        _ => AppMode::ALL.into_iter().chain(AppMode::REAL).chain(AppMode::GRPC).collect(),
     };
     let mut cells = Vec::new();
     for app in apps {
@@ -42,6 +45,10 @@ fn matrix(prestop_hook_ms: u64) -> Vec<RunSpec> {
                 continue;
             }
             for row in Row::ALL {
+                // Lean follows HTTP/1.1 only (docs/lean.md): no gRPC row.
+                if row == Row::Lean && app.grpc() {
+                    continue;
+                }
                 let hook_ms = if column.prestop { prestop_hook_ms } else { 0 };
                 let spec = RunSpec { kubelet_hook: column.kubelet_hook, ..RunSpec::cell(row, app, column.sidecar, hook_ms) }.heavy();
                 if !spec.is_redundant() {

@@ -204,6 +204,7 @@ impl Pod {
             _ => Filter::CloseRelay,
         };
         let mut envoy_spec = EnvoySpec::new(filter, app.port());
+        envoy_spec.app_h2c = spec.app.grpc();
         if spec.rescue() {
             let eds = scratch(&format!("{name}-eds")).join("service.json");
             rescue::write_eds(&eds, rescue::SERVICE_PORT, &[]);

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::infra::{kubelet_prestop, Istiod, KubeProxy, Pod, KUBELET_GRACE_MS};
-use super::load::{load, Reply, Sample};
+use super::load::{load, Reply, Sample, Speech};
 use super::spec::{RunSpec, SidecarMode};
+use crate::haproxy::Haproxy;
 use crate::nginx::Nginx;
 use crate::scratch;
 
@@ -73,12 +74,16 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
     let mut istiod = Istiod::new([&a, &b], spec.eds_push_lag_ms);
     istiod.endpoints(vec![a.envoy.port, b.envoy.port], true);
     let kube = KubeProxy::start(vec![a.envoy.port]);
-    let nginx = Nginx::start(&dir, kube.port);
+    let (alb, speech) = if spec.app.grpc() {
+        (Alb::Haproxy(Haproxy::start(&dir, kube.port)), Speech::Grpc)
+    } else {
+        (Alb::Nginx(Nginx::start(&dir, kube.port)), Speech::Http1)
+    };
     let start = Instant::now();
     let done = Arc::new(AtomicBool::new(false));
     let (port, rate, conc, duration, until) =
-        (nginx.port, spec.rate_per_s, spec.concurrency, Duration::from_millis(spec.duration_ms), done.clone());
-    let load = thread::spawn(move || load(port, rate, conc, duration, start, until));
+        (alb.port(), spec.rate_per_s, spec.concurrency, Duration::from_millis(spec.duration_ms), done.clone());
+    let load = thread::spawn(move || load(speech, port, rate, conc, duration, start, until));
     let mut events = Vec::new();
     let mut note = |what: &str| events.push((start.elapsed().as_millis() as u64, what.to_string()));
     thread::sleep(Duration::from_millis(spec.restart_at_ms).saturating_sub(start.elapsed()));
@@ -173,6 +178,21 @@ pub fn run(name: &str, spec: &RunSpec) -> RunResult {
     note("load done");
     drop(envoy_a);
     RunResult { app_signal_at, counters, ..summarize(spec, samples, events) }
+}
+
+/// The ALB stand-in: nginx for HTTP/1.1, HAProxy for gRPC (HTTP/2 to the pods).
+enum Alb {
+    Nginx(Nginx),
+    Haproxy(Haproxy),
+}
+
+impl Alb {
+    fn port(&self) -> u16 {
+        match self {
+            Alb::Nginx(n) => n.port,
+            Alb::Haproxy(h) => h.port,
+        }
+    }
 }
 
 fn summarize(spec: &RunSpec, samples: Vec<Sample>, events: Vec<(u64, String)>) -> RunResult {

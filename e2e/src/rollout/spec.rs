@@ -26,6 +26,14 @@ impl AppMode {
         AppMode::Real(Server::Uvicorn),
         AppMode::Real(Server::Tomcat),
     ];
+    /// The gRPC rows: a gRPC service behind an ALB speaking HTTP/2 to the pods.
+    pub const GRPC: [AppMode; 1] = [AppMode::Real(Server::Grpc)];
+
+    /// Whether the pod speaks gRPC (HTTP/2): the ALB is then HAProxy with `proto h2`
+    /// ([`crate::haproxy`]), the load gRPC calls, and the sidecar talks h2c to the app.
+    pub fn grpc(self) -> bool {
+        self == AppMode::Real(Server::Grpc)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
