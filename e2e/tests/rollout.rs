@@ -7,6 +7,7 @@
 //! `make rollout`.
 
 use e2e::rollout::{describe, explain, run, AppMode, Row, RunResult, RunSpec, SidecarMode};
+use e2e::servers::Server;
 
 /// The recommended close-relay setting for this app under a held sidecar: its first close drains.
 fn short(row: Row) -> RunSpec {
@@ -86,4 +87,44 @@ fn rolling_restart_with_the_kubelets_prestop_hook_leaves_no_request_for_the_stop
     if let Some((_, e)) = answered {
         eprintln!("[envoy {}] {e}; {raced} idle-close races", e2e::envoy_version());
     }
+}
+
+/// A gRPC service behind an ALB that speaks HTTP/2 to the pods (HAProxy, `proto h2`), calls
+/// from a real HTTP/2 client, and a real gRPC server's graceful stop (@grpc/grpc-js,
+/// `tryShutdown`: it stops accepting and sends GOAWAY on each connection). Held sidecar.
+fn grpc(row: Row) -> RunSpec {
+    RunSpec::cell(row, AppMode::Real(Server::Grpc), SidecarMode::Held, 0)
+}
+
+#[test]
+fn a_grpc_rolling_restart_without_the_filter_fails_calls() {
+    let r = run("grpc-nofilter", &grpc(Row::NoFilter));
+    say(&r);
+    assert!(r.requests > 500, "load too small: {}", r.requests);
+    assert!(r.five_xx > 0, "the rig did not reproduce the bug for gRPC: {:?}", r.statuses);
+}
+
+#[test]
+fn a_grpc_rolling_restart_with_rescue_loses_no_call_at_the_heavy_load() {
+    // The app's GOAWAY refuses the streams already on their way (Envoy: UR,
+    // remote_refused_stream_reset) and its closed listener refuses new connections (UF): rescue
+    // hands both to pod B, and close-relay's GOAWAY moves the ALB's connection there.
+    let r = run("grpc-rescue", &grpc(Row::Rescue).heavy());
+    say(&r);
+    assert!(r.requests > 1_000, "load too small: {}", r.requests);
+    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
+}
+
+#[test]
+fn a_grpc_rolling_restart_with_the_kubelets_prestop_hook_loses_no_call() {
+    // The hook drains the pod: the ALB's busy h2 connection gets close-relay's GOAWAY at Envoy's
+    // next write and is closed once its streams are done; the hook is answered when no client
+    // connection is left, and only then is the app stopped.
+    let r = run("grpc-kubelet-hook", &RunSpec { kubelet_hook: true, ..grpc(Row::CloseRelay) });
+    say(&r);
+    assert!(r.requests > 500, "load too small: {}", r.requests);
+    let answered = r.events.iter().find(|(_, e)| e.contains("kubelet preStop answered"));
+    assert!(answered.is_some_and(|(_, e)| e.contains("no client connection left")), "{:?}", r.events);
+    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
+    assert!(r.counters.iter().any(|(k, v)| k.ends_with("close_relay_h2_goaway_total") && *v > 0), "no GOAWAY: {:?}", r.counters);
 }
