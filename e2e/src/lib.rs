@@ -12,6 +12,7 @@ pub mod compare;
 pub mod corpus;
 pub mod envoy;
 pub mod grpc;
+pub mod h2c;
 pub mod haproxy;
 pub mod istio;
 pub mod oci;

@@ -261,3 +261,19 @@ fn the_shipped_standalone_lean_bootstrap_rescues_and_drains() {
     assert!(c.closed_by_server(Duration::from_secs(3)), "the drained pod kept the connection\n{}", envoy.wasm_log());
     assert_eq!(envoy.counter("wasmcustom.close_relay_drain_entered_app_rescued_total"), 1);
 }
+
+/// Lean follows HTTP/1.1 only, and refuses nothing on HTTP/2: an h2c connection passes
+/// through untouched, and while the pod drains the network role still tells it with a graceful
+/// GOAWAY at Envoy's next write; both streams arrive whole.
+#[test]
+fn an_h2c_connection_passes_through_lean_and_is_told_to_go_when_the_pod_drains() {
+    let app = App::start();
+    let envoy = Envoy::start("lean-h2", &lean(&app));
+    let d = e2e::h2c::streams_through_a_drain(&envoy);
+    assert_eq!(String::from_utf8_lossy(&d.slow), e2e::h2c::slow_body(), "the stream was cut");
+    assert_eq!((d.late.0, d.late.1.as_slice()), (200, &b"ok"[..]));
+    assert!(d.told, "no GOAWAY reached the client\n{}", envoy.wasm_log());
+    assert!(d.driver_end.starts_with("Ok(Ok("), "the connection ended with an error: {}", d.driver_end);
+    assert_eq!(envoy.counter("wasmcustom.close_relay_h2_goaway_total"), 1);
+    assert_eq!(envoy.counter("wasmcustom.close_relay_lean_lost_total"), 0, "lean counted an h2 connection as lost");
+}
