@@ -230,6 +230,7 @@ soak: build envoy
 # Run it on a quiet machine: it pins Envoy to one core and the load to the other.
 bench: build envoy
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	@command -v h2load >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
 	$(CARGO) build --release --target wasm32-wasip1 -p floor
 	$(CARGO) build -p e2e --bins
 	ENVOY=$${ENVOY:-$(CURDIR)/$(call envoy_bin,$(ENVOY_DEMO))} target/debug/bench

@@ -196,7 +196,7 @@ impl Frames {
 
     /// Feeds bytes read at the current position (at most what [`Frames::wants`] asked): the
     /// preface's, or a frame header's. Returns how many were used, and what the frame said.
-    pub fn feed(&mut self, bytes: &[u8]) -> (usize, Option<Event>) {
+    fn feed(&mut self, bytes: &[u8]) -> (usize, Option<Event>) {
         let want = match self.wants() {
             Some(want) => want.min(bytes.len()),
             None => return (0, None),
@@ -221,8 +221,8 @@ impl Frames {
         (want, self.frame(h))
     }
 
-    /// Follows bytes held whole in memory, as the network role does with buffer reads; returns
-    /// what their frames said about the streams. For tests and fuzzing.
+    /// Follows bytes held in memory (a buffer read, at the position followed so far); returns
+    /// what their frames said about the streams.
     pub fn follow(&mut self, write: &[u8]) -> Vec<Event> {
         let (mut pos, mut events) = (0, Vec::new());
         while pos < write.len() {

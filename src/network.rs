@@ -36,6 +36,8 @@ const LOCAL_REPLY_READ: usize = wire::LOCAL_REPLY_START.len() + 48;
 /// Reads of one write while following responses (`lean`): a head, or a chunk line each. A
 /// write with more chunks than this is not followed further ([`Responses::lost`]).
 const MAX_STEPS: usize = 256;
+/// How much of an HTTP/2 read or write one buffer read takes, from where its frames are followed.
+const H2_READ_AHEAD: usize = 1024;
 
 fn apply(buffer: BufferType, edit: &Edit) -> bool {
     let applied = host::replace_prefix(buffer, edit.len, &edit.with);
@@ -246,16 +248,17 @@ impl NetworkRole {
             if pos >= size {
                 break;
             }
-            let Some(want) = frames.wants() else {
+            if frames.wants().is_none() {
                 pos = pos.saturating_add(frames.skip(size.saturating_sub(pos)));
                 continue;
-            };
-            let Some(bytes) = host::get_buffer_at(buffer, pos, want.min(size.saturating_sub(pos))).filter(|b| !b.is_empty()) else {
+            }
+            // One read covers the small frames of a whole exchange (a request's HEADERS, an
+            // answer's HEADERS and DATA); a long payload past it is passed over unread.
+            let Some(bytes) = host::get_buffer_at(buffer, pos, H2_READ_AHEAD.min(size.saturating_sub(pos))).filter(|b| !b.is_empty()) else {
                 break;
             };
-            let (used, event) = frames.feed(&bytes);
-            events.extend(event);
-            pos = pos.saturating_add(used);
+            events.extend(frames.follow(&bytes));
+            pos = pos.saturating_add(bytes.len());
         }
         if pos < size {
             frames.lose();

@@ -5,7 +5,8 @@
 //! close-relay as shipped; the wasm ones loaded the way the shipped WasmPlugins load them (one
 //! VM, their pluginConfig); and close-relay with the roles in split VMs, as Envoy >= 1.39 builds
 //! the same pair from a `file://` module (the layouts in docs/how-it-works.md). Traffic shapes: a tiny GET, ALB-like request headers with a 64 KiB
-//! response, a 1 MiB response, a 16 KiB POST.
+//! response, a 1 MiB response, a 16 KiB POST (wrk, HTTP/1.1), and a tiny GET over HTTP/2 (h2load,
+//! h2c with prior knowledge, as an ALB's HTTP2 and GRPC target groups speak to the pods).
 //!
 //! CPU: one Envoy worker pinned to its own core, wrk and the app on the other; rounds
 //! interleaved, each configuration's CPU per request divided by the baseline's of the same round
@@ -31,11 +32,15 @@ use serde_json::{json, Value};
 const ENVOY_CPU: &str = "1";
 const LOAD_CPU: &str = "0";
 
-/// A traffic shape: what wrk sends (a wrk Lua script) and what the app answers.
+/// A traffic shape: what the client sends (a wrk Lua script, or h2load's path) and what the
+/// app answers.
 struct Shape {
     key: &'static str,
     title: &'static str,
     script: String,
+    /// h2load over h2c (prior knowledge) instead of wrk over HTTP/1.1: the ALB's HTTP/2 and
+    /// gRPC target groups; Envoy speaks HTTP/1.1 to the app either way.
+    h2: bool,
 }
 
 /// What an ALB puts on every request it forwards, about 900 bytes of headers in all.
@@ -61,13 +66,14 @@ fn shapes() -> Vec<Shape> {
     let alb: String = ALB_HEADERS.iter().map(|(k, v)| format!("wrk.headers[\"{k}\"] = \"{v}\"\n")).collect();
     let post_body = "x".repeat(16 * 1024);
     let all = vec![
-        Shape { key: "tiny", title: "tiny GET, 2 B body", script: "wrk.path = \"/\"\n".into() },
+        Shape { key: "tiny", title: "tiny GET, 2 B body", script: "wrk.path = \"/\"\n".into(), h2: false },
         Shape {
             key: "alb",
             title: "ALB-like: 10 request headers (~900 B), 64 KiB body",
             script: format!("wrk.path = \"/64k\"\n{alb}"),
+            h2: false,
         },
-        Shape { key: "1m", title: "1 MiB response", script: "wrk.path = \"/1m\"\n".into() },
+        Shape { key: "1m", title: "1 MiB response", script: "wrk.path = \"/1m\"\n".into(), h2: false },
         Shape {
             key: "post",
             title: "16 KiB POST, 2 B body",
@@ -75,6 +81,13 @@ fn shapes() -> Vec<Shape> {
                 "wrk.method = \"POST\"\nwrk.path = \"/post\"\nwrk.headers[\"content-type\"] = \"application/octet-stream\"\n\
                  wrk.body = \"{post_body}\"\n"
             ),
+            h2: false,
+        },
+        Shape {
+            key: "h2",
+            title: "HTTP/2 (h2c): tiny GET, 2 B body, 10 streams at once per connection",
+            script: "/".into(),
+            h2: true,
         },
     ];
     let wanted = std::env::var("BENCH_SHAPES").unwrap_or_default();
@@ -198,14 +211,57 @@ struct Sample {
 /// with socket errors is run again, twice at most: a stall of the whole machine (wrk's own
 /// clock stopped for seconds, every configuration alike) times requests out, and the figure
 /// would measure the stall, not Envoy. Errors every time are Envoy's: the bench stops.
-fn measure(envoy: &Envoy, script: &Path, conns: u32, seconds: u32) -> Sample {
+fn measure(envoy: &Envoy, load: &Load, conns: u32, seconds: u32) -> Sample {
+    let run = || match load {
+        Load::Wrk(script) => try_measure(envoy, script, conns, seconds),
+        Load::H2load(path) => try_h2load(envoy, path, conns, seconds),
+    };
     for attempt in 1..3 {
-        match try_measure(envoy, script, conns, seconds) {
+        match run() {
             Ok(sample) => return sample,
-            Err(text) => eprintln!("bench: wrk against {} saw errors (attempt {attempt}), measuring again:\n{text}", envoy.port),
+            Err(text) => eprintln!("bench: the load against {} saw errors (attempt {attempt}), measuring again:\n{text}", envoy.port),
         }
     }
-    try_measure(envoy, script, conns, seconds).unwrap_or_else(|text| panic!("wrk against {}, three times:\n{text}", envoy.port))
+    run().unwrap_or_else(|text| panic!("the load against {}, three times:\n{text}", envoy.port))
+}
+
+/// What drives a shape: wrk with its script, or h2load with a path.
+enum Load {
+    Wrk(PathBuf),
+    H2load(String),
+}
+
+/// Streams h2load keeps open on each connection at once.
+const H2_STREAMS: u32 = 10;
+
+/// One h2load run over h2c (prior knowledge), `conns` connections with [`H2_STREAMS`] streams
+/// each, one thread, on the load core; like [`try_measure`], any failed request is an error.
+fn try_h2load(envoy: &Envoy, path: &str, conns: u32, seconds: u32) -> Result<Sample, String> {
+    let cpu0 = cpu_seconds(envoy.pid());
+    let out = Command::new("taskset")
+        .args(["-c", LOAD_CPU, "h2load", "-t1", &format!("-c{conns}"), &format!("-m{H2_STREAMS}"), &format!("-D{seconds}")])
+        .arg(format!("http://127.0.0.1:{}{path}", envoy.port))
+        .output()
+        .expect("run h2load (make bench installs it)");
+    let cpu = cpu_seconds(envoy.pid()) - cpu0;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "requests: 1000 total, 1000 started, 1000 done, 1000 succeeded, 0 failed, 0 errored, 0 timeout"
+    let field = |line: &str, name: &str| -> Option<f64> {
+        let words: Vec<&str> = line.split(|c: char| c == ',' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
+        words.windows(2).find(|w| w[1] == name).and_then(|w| w[0].parse().ok())
+    };
+    let requests = text.lines().find(|l| l.starts_with("requests:"));
+    let succeeded = requests.and_then(|l| field(l, "succeeded")).unwrap_or(0.0);
+    let failed = requests.and_then(|l| Some(field(l, "failed")? + field(l, "errored")? + field(l, "timeout")?));
+    let non_2xx = text.lines().find(|l| l.starts_with("status codes:")).and_then(|l| {
+        Some(field(l, "3xx")? + field(l, "4xx")? + field(l, "5xx")?)
+    });
+    if succeeded == 0.0 || failed != Some(0.0) || non_2xx != Some(0.0) {
+        return Err(text.into_owned());
+    }
+    // "finished in 3.00s, 12345.67 req/s, 1.23MB/s"
+    let rps = text.lines().find(|l| l.starts_with("finished in")).and_then(|l| field(l, "req/s")).unwrap_or(0.0);
+    Ok(Sample { rps, cpu_us_per_req: cpu * 1e6 / succeeded })
 }
 
 fn try_measure(envoy: &Envoy, script: &Path, conns: u32, seconds: u32) -> Result<Sample, String> {
@@ -265,12 +321,15 @@ fn main() {
     let app = Nginx::bench_app(&dir);
     pin(app.pid(), LOAD_CPU);
     let shapes = shapes();
-    let scripts: Vec<PathBuf> = shapes
+    let scripts: Vec<Load> = shapes
         .iter()
         .map(|s| {
+            if s.h2 {
+                return Load::H2load(s.script.clone());
+            }
             let path = dir.join(format!("{}.lua", s.key));
             fs::write(&path, &s.script).expect("write wrk script");
-            path
+            Load::Wrk(path)
         })
         .collect();
     let configs = configs();
@@ -343,8 +402,8 @@ fn render(
     let (base, lua, floor, relay, lean) =
         (index("baseline"), index("lua peer"), index("floor"), index("close-relay"), index("lean"));
     let mut t = format!(
-        "Envoy {} (one worker pinned to its own core), app nginx, wrk -c{conns} keep-alive, {rounds} interleaved \
-         rounds x {seconds} s\n\
+        "Envoy {} (one worker pinned to its own core), app nginx, wrk -c{conns} keep-alive (HTTP/2: h2load -c{conns} \
+         -m{H2_STREAMS}), {rounds} interleaved rounds x {seconds} s\n\
          CPU per request: ratio to the baseline of the same round, median (min-max); us per request, median\n",
         e2e::envoy_version(),
     );
