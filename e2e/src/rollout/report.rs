@@ -10,6 +10,10 @@ use super::spec::{recommended, AppMode, Column, Row, Setting, SidecarMode};
 /// was still on its way when the app stopped.
 const SENT_BEFORE_SIGNAL_MS: i64 = 20;
 
+/// gRPC: calls sent this long after the app's stop signal may still have gone out before the
+/// ALB's connection got close-relay's GOAWAY (at Envoy's next write to it).
+const GRPC_UNTOLD_MS: i64 = 100;
+
 /// Why a run lost requests, read from its numbers: what the 5xx were, when their requests were
 /// sent against the app's stop signal, and whether each ALB connection met at most one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +82,13 @@ pub fn explain(r: &RunResult) -> Option<Explanation> {
         }
         AppMode::Real(_) if first_ms < 0 && r.spec.setting.first_close_drains => Cause::RoutineCloseDrained,
         AppMode::Real(_) if only_502_503 && at_most_one_each && first_ms >= -SENT_BEFORE_SIGNAL_MS && !told_early => Cause::OnTheWire,
+        // HTTP/2 multiplexes every call onto the one or two connections the ALB keeps to the pod,
+        // so "one per connection" says nothing; the calls sent before close-relay's GOAWAY could
+        // reach the ALB are: a GOAWAY rides on Envoy's next write to that connection, and while
+        // every call fails on a refused connect, that write can be 20-30 ms away.
+        AppMode::Real(_) if r.spec.app.grpc() && only_502_503 && first_ms >= -SENT_BEFORE_SIGNAL_MS && last_ms <= GRPC_UNTOLD_MS && !told_early => {
+            Cause::OnTheWire
+        }
         AppMode::Real(_) => Cause::Unexplained,
         AppMode::CloseIdle => Cause::ClosedIdleAtSignal,
         AppMode::CloseHeader | AppMode::LateClose if !r.spec.setting.first_close_drains => Cause::NoSignalBeforeFirst503,
@@ -96,6 +107,11 @@ pub fn describe(r: &RunResult, e: &Explanation) -> String {
         Cause::Bug => format!(
             "{head}: the bug. Nothing closes the ALB's connections to pod A, so each request on \
              them met a 503 from the app's signal until the sidecar stopped."
+        ),
+        Cause::EnvoyDrainLeavesIdle if r.spec.app.grpc() => format!(
+            "{head}: Envoy's own drain sends a GOAWAY on a busy ALB connection with the next response \
+             headers it encodes, but calls already sent to pod A when the app stopped accepting had no \
+             app to reach, and an idle connection is never told (envoy#14350)."
         ),
         Cause::EnvoyDrainLeavesIdle => format!(
             "{head}: Envoy's own drain adds `connection: close` to each response on a busy ALB \
@@ -117,6 +133,16 @@ pub fn describe(r: &RunResult, e: &Explanation) -> String {
                 server.routine_close().unwrap_or("its own limit")
             )
         }
+        Cause::OnTheWire if r.spec.app.grpc() => format!(
+            "{head}, at the physical limit: {shutdown}. The calls already on their way met it: the streams its \
+             GOAWAY refused (Envoy: UR, remote_refused_stream_reset) and the new ones it no longer accepted \
+             (UF), each UNAVAILABLE. A filter cannot see the app's GOAWAY itself (docs/http2.md): close-relay \
+             drained the pod on the first of these and told each ALB connection to go with a GOAWAY at \
+             Envoy's next write to it, and the ALB, multiplexing every call onto one or two connections, \
+             sent calls on them until then. Zero needs rescue (it retries refused streams and connections \
+             on pod B) or the kubelet's preStop hook.",
+            shutdown = crate::servers::Server::Grpc.shutdown(),
+        ),
         Cause::OnTheWire => {
             let AppMode::Real(server) = r.spec.app else { return head };
             format!(
@@ -370,6 +396,20 @@ mod tests {
         assert_eq!(explain(&lost(go(Row::NoFilter, SidecarMode::Held), &[(503, 3)])).unwrap().cause, Cause::Bug);
         let drained = explain(&lost(go(Row::NoFilter, SidecarMode::IstioAgent), &[(503, 3)])).unwrap();
         assert_eq!(drained.cause, Cause::EnvoyDrainLeavesIdle);
+    }
+
+    #[test]
+    fn grpc_calls_the_apps_goaway_refused_are_physics_without_rescue_and_a_defect_with_it() {
+        let grpc = |row| RunSpec::cell(row, AppMode::Real(Server::Grpc), SidecarMode::Held, 0).heavy();
+        let e = explain(&lost(grpc(Row::CloseRelay), &[(503, 1), (503, 9)])).unwrap();
+        assert_eq!(e.cause, Cause::OnTheWire);
+        // More calls than ALB connections: HTTP/2 multiplexes them; but not long after the signal.
+        let many: Vec<(u16, i64)> = (0..37).map(|i| (503, 6 + i)).collect();
+        assert_eq!(explain(&lost(grpc(Row::CloseRelay), &many)).unwrap().cause, Cause::OnTheWire);
+        let late: Vec<(u16, i64)> = (0..37).map(|i| (503, 6 + i * 10)).collect();
+        assert_eq!(explain(&lost(grpc(Row::CloseRelay), &late)).unwrap().cause, Cause::Unexplained);
+        assert!(describe(&lost(grpc(Row::CloseRelay), &[(503, 1)]), &e).contains("GOAWAY"));
+        assert_eq!(explain(&lost(grpc(Row::Rescue), &[(503, 1)])).unwrap().cause, Cause::Unexplained);
     }
 
     #[test]
