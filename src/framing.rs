@@ -15,6 +15,7 @@
 //! (`network.rs`, `lean_in_flight`).
 
 use crate::decision::{self, has_token};
+use crate::follow::Follower;
 
 /// The first read of a head: most heads fit, so most responses cost one read.
 pub const HEAD_READ: usize = 1024;
@@ -114,40 +115,7 @@ impl Responses {
         }
     }
 
-    /// How many bytes at the current position must be read to go on, or `None` when the next
-    /// ones can be passed over unread ([`Responses::skip`]).
-    pub fn wants(&self) -> Option<usize> {
-        match self.state {
-            State::Between => Some(HEAD_READ),
-            State::Head => Some(HEAD_MORE.min(self.max_head.saturating_sub(self.carry.len())).max(1)),
-            State::ChunkLine | State::Trailers => Some(LINE_READ),
-            State::Body(_) | State::ChunkData(_) | State::Open | State::Lost => None,
-        }
-    }
-
-    /// Passes over up to `n` bytes unread; returns how many (0 when they must be read).
-    pub fn skip(&mut self, n: usize) -> usize {
-        let n64 = n as u64;
-        match self.state {
-            State::Body(left) | State::ChunkData(left) => {
-                let take = left.min(n64);
-                self.body_started = true;
-                let rest = left.saturating_sub(take);
-                self.state = match (self.state, rest) {
-                    (State::Body(_), 0) => State::Between,
-                    (State::Body(_), _) => State::Body(rest),
-                    (_, 0) => State::ChunkLine,
-                    (_, _) => State::ChunkData(rest),
-                };
-                // `take` <= `n`, which is a usize.
-                usize::try_from(take).unwrap_or(n)
-            }
-            State::Open | State::Lost => n,
-            _ => 0,
-        }
-    }
-
-    /// Feeds the bytes read at the current position (at most what [`Responses::wants`] asked).
+    /// Feeds the bytes read at the current position (at most what [`Follower::wants`] asked).
     pub fn feed(&mut self, bytes: &[u8]) -> Fed {
         let held = self.carry.len();
         match self.state {
@@ -156,34 +124,6 @@ impl Responses {
             State::Trailers => self.feed_trailers(bytes, held),
             _ => Fed { used: 0, head: None },
         }
-    }
-
-    /// Follows bytes held whole in memory, as the network role does through buffer reads at
-    /// each position; returns the heads that ended in them. For tests and fuzzing.
-    pub fn follow(&mut self, write: &[u8]) -> Vec<HeadSeen> {
-        let (mut pos, mut heads) = (0, Vec::new());
-        while pos < write.len() {
-            let step = match self.wants() {
-                None => self.skip(write.len().saturating_sub(pos)),
-                Some(max) => {
-                    let fed = self.feed(&write[pos..pos.saturating_add(max).min(write.len())]);
-                    heads.extend(fed.head);
-                    fed.used
-                }
-            };
-            if step == 0 {
-                self.lose();
-                break;
-            }
-            pos = pos.saturating_add(step);
-        }
-        heads
-    }
-
-    /// The connection's bytes can no longer be followed.
-    pub fn lose(&mut self) {
-        self.state = State::Lost;
-        self.carry = Vec::new();
     }
 
     fn feed_head(&mut self, bytes: &[u8], held: usize) -> Fed {
@@ -259,6 +199,56 @@ impl Responses {
         Fed { used: end.saturating_sub(held), head: None }
     }
 }
+
+impl Follower for Responses {
+    type Found = HeadSeen;
+
+    /// How many bytes at the current position must be read to go on, or `None` when the next
+    /// ones can be passed over unread ([`Follower::skip`]).
+    fn wants(&self) -> Option<usize> {
+        match self.state {
+            State::Between => Some(HEAD_READ),
+            State::Head => Some(HEAD_MORE.min(self.max_head.saturating_sub(self.carry.len())).max(1)),
+            State::ChunkLine | State::Trailers => Some(LINE_READ),
+            State::Body(_) | State::ChunkData(_) | State::Open | State::Lost => None,
+        }
+    }
+
+    /// Passes over up to `n` bytes unread; returns how many (0 when they must be read).
+    fn skip(&mut self, n: usize) -> usize {
+        let n64 = n as u64;
+        match self.state {
+            State::Body(left) | State::ChunkData(left) => {
+                let take = left.min(n64);
+                self.body_started = true;
+                let rest = left.saturating_sub(take);
+                self.state = match (self.state, rest) {
+                    (State::Body(_), 0) => State::Between,
+                    (State::Body(_), _) => State::Body(rest),
+                    (_, 0) => State::ChunkLine,
+                    (_, _) => State::ChunkData(rest),
+                };
+                // `take` <= `n`, which is a usize.
+                usize::try_from(take).unwrap_or(n)
+            }
+            State::Open | State::Lost => n,
+            _ => 0,
+        }
+    }
+
+    /// [`Responses::feed`], as a follower: the head that ended in these bytes, if one did.
+    fn look(&mut self, bytes: &[u8]) -> (usize, Option<HeadSeen>) {
+        let fed = self.feed(bytes);
+        (fed.used, fed.head)
+    }
+
+    /// The connection's bytes can no longer be followed.
+    fn lose(&mut self) {
+        self.state = State::Lost;
+        self.carry = Vec::new();
+    }
+}
+
 
 /// The response head whole at the start of `buf`, if there is one (the network role's probes
 /// read one head, apart from any connection's responses).

@@ -11,6 +11,8 @@
 //! first step of a graceful shutdown; a lower id would make the client retry elsewhere streams
 //! that Envoy is still running, and Envoy's own later GOAWAY may only lower it, which it does.
 
+use crate::follow::Follower;
+
 /// The frame header's length.
 pub const FRAME_HEADER: usize = 9;
 
@@ -167,87 +169,6 @@ impl Frames {
         self.goaway_sent
     }
 
-    /// How many bytes at the current position must be read to go on: a frame header's rest, or
-    /// `None` when the next ones are payload and can be passed over unread ([`Frames::skip`]).
-    pub fn wants(&self) -> Option<usize> {
-        if self.preface_left > 0 && self.state != State::Lost {
-            return Some(self.preface_left);
-        }
-        match self.state {
-            State::Between => Some(FRAME_HEADER),
-            State::Header => Some(FRAME_HEADER.saturating_sub(self.head.len())),
-            State::Payload(_) | State::Lost => None,
-        }
-    }
-
-    /// Passes over up to `n` payload bytes; returns how many.
-    pub fn skip(&mut self, n: usize) -> usize {
-        match self.state {
-            State::Payload(left) => {
-                let take = u32::try_from(n).unwrap_or(u32::MAX).min(left);
-                let rest = left.saturating_sub(take);
-                self.state = if rest == 0 { State::Between } else { State::Payload(rest) };
-                usize::try_from(take).unwrap_or(n)
-            }
-            State::Lost => n,
-            _ => 0,
-        }
-    }
-
-    /// Feeds bytes read at the current position (at most what [`Frames::wants`] asked): the
-    /// preface's, or a frame header's. Returns how many were used, and what the frame said.
-    fn feed(&mut self, bytes: &[u8]) -> (usize, Option<Event>) {
-        let want = match self.wants() {
-            Some(want) => want.min(bytes.len()),
-            None => return (0, None),
-        };
-        if self.preface_left > 0 {
-            let at = CLIENT_PREFACE.len().saturating_sub(self.preface_left);
-            if CLIENT_PREFACE.get(at..at.saturating_add(want)) != Some(&bytes[..want]) {
-                self.lose();
-                return (want, None);
-            }
-            self.preface_left = self.preface_left.saturating_sub(want);
-            return (want, None);
-        }
-        self.head.extend_from_slice(&bytes[..want]);
-        if self.head.len() < FRAME_HEADER {
-            self.state = State::Header;
-            return (want, None);
-        }
-        let mut h = [0u8; FRAME_HEADER];
-        h.copy_from_slice(&self.head[..FRAME_HEADER]);
-        self.head.clear();
-        (want, self.frame(h))
-    }
-
-    /// Follows bytes held in memory (a buffer read, at the position followed so far); returns
-    /// what their frames said about the streams.
-    pub fn follow(&mut self, write: &[u8]) -> Vec<Event> {
-        let (mut pos, mut events) = (0, Vec::new());
-        while pos < write.len() {
-            let step = match self.wants() {
-                None => self.skip(write.len().saturating_sub(pos)),
-                Some(_) => {
-                    let (used, event) = self.feed(&write[pos..]);
-                    events.extend(event);
-                    used
-                }
-            };
-            if step == 0 {
-                self.lose();
-                break;
-            }
-            pos = pos.saturating_add(step);
-        }
-        events
-    }
-
-    pub fn lose(&mut self) {
-        self.state = State::Lost;
-        self.head = Vec::new();
-    }
-
     /// Records that a GOAWAY was added after the bytes followed so far.
     pub fn goaway_added(&mut self) {
         self.goaway_sent = true;
@@ -275,6 +196,69 @@ impl Frames {
             (Side::Server, _) if server_ends => Some(Event::Ended(stream)),
             _ => None,
         }
+    }
+}
+
+impl Follower for Frames {
+    type Found = Event;
+
+    /// How many bytes at the current position must be read to go on: a frame header's rest, or
+    /// `None` when the next ones are payload and can be passed over unread ([`Follower::skip`]).
+    fn wants(&self) -> Option<usize> {
+        if self.preface_left > 0 && self.state != State::Lost {
+            return Some(self.preface_left);
+        }
+        match self.state {
+            State::Between => Some(FRAME_HEADER),
+            State::Header => Some(FRAME_HEADER.saturating_sub(self.head.len())),
+            State::Payload(_) | State::Lost => None,
+        }
+    }
+
+    /// Passes over up to `n` payload bytes; returns how many.
+    fn skip(&mut self, n: usize) -> usize {
+        match self.state {
+            State::Payload(left) => {
+                let take = u32::try_from(n).unwrap_or(u32::MAX).min(left);
+                let rest = left.saturating_sub(take);
+                self.state = if rest == 0 { State::Between } else { State::Payload(rest) };
+                usize::try_from(take).unwrap_or(n)
+            }
+            State::Lost => n,
+            _ => 0,
+        }
+    }
+
+    /// Feeds bytes read at the current position (at most what [`Follower::wants`] asked): the
+    /// preface's, or a frame header's. Returns how many were used, and what the frame said.
+    fn look(&mut self, bytes: &[u8]) -> (usize, Option<Event>) {
+        let want = match self.wants() {
+            Some(want) => want.min(bytes.len()),
+            None => return (0, None),
+        };
+        if self.preface_left > 0 {
+            let at = CLIENT_PREFACE.len().saturating_sub(self.preface_left);
+            if CLIENT_PREFACE.get(at..at.saturating_add(want)) != Some(&bytes[..want]) {
+                self.lose();
+                return (want, None);
+            }
+            self.preface_left = self.preface_left.saturating_sub(want);
+            return (want, None);
+        }
+        self.head.extend_from_slice(&bytes[..want]);
+        if self.head.len() < FRAME_HEADER {
+            self.state = State::Header;
+            return (want, None);
+        }
+        let mut h = [0u8; FRAME_HEADER];
+        h.copy_from_slice(&self.head[..FRAME_HEADER]);
+        self.head.clear();
+        (want, self.frame(h))
+    }
+
+    fn lose(&mut self) {
+        self.state = State::Lost;
+        self.head = Vec::new();
     }
 }
 

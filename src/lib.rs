@@ -24,6 +24,7 @@ pub mod config;
 pub mod conn;
 pub mod decision;
 pub mod drain;
+pub mod follow;
 pub mod framing;
 pub mod h2;
 #[cfg(all(test, not(target_arch = "wasm32")))]

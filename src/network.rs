@@ -17,6 +17,7 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
 use crate::drain::{self, DrainStats, Probed, Source, UNTIL_CLEARED};
+use crate::follow::Follower;
 use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
 use crate::keys;

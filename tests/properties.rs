@@ -10,6 +10,7 @@ use std::sync::LazyLock;
 use close_relay::config::Config;
 use close_relay::decision::has_token;
 use close_relay::drain::{self, DrainState, Window};
+use close_relay::follow::Follower;
 use close_relay::framing::Responses;
 use close_relay::wire::{self, HeadStep, MARKER};
 use proptest::prelude::*;

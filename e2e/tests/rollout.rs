@@ -30,12 +30,17 @@ fn say(r: &RunResult) {
     );
 }
 
-#[test]
-fn rolling_restart_without_the_filter_gives_the_alb_503s() {
-    let r = run("short-nofilter", &short(Row::NoFilter));
+/// A plain sidecar's restart under load: the rig reproduces the bug.
+fn reproduces_the_bug(name: &str, spec: &RunSpec) {
+    let r = run(name, spec);
     say(&r);
     assert!(r.requests > 500, "load too small: {}", r.requests);
     assert!(r.five_xx > 0, "the rig did not reproduce the bug: {:?}", r.statuses);
+}
+
+#[test]
+fn rolling_restart_without_the_filter_gives_the_alb_503s() {
+    reproduces_the_bug("short-nofilter", &short(Row::NoFilter));
 }
 
 #[test]
@@ -62,6 +67,17 @@ fn rolling_restart_with_close_relay_gives_each_alb_connection_at_most_one_error(
     }
 }
 
+/// A restart whose preStop hook is the kubelet's `httpGet`: close-relay answered it once no
+/// client connection was left. Returns the run and the hook's event.
+fn hook_answered(name: &str, spec: &RunSpec) -> (RunResult, Option<(u64, String)>) {
+    let r = run(name, spec);
+    say(&r);
+    assert!(r.requests > 500, "load too small: {}", r.requests);
+    let answered = r.events.iter().find(|(_, e)| e.contains("kubelet preStop answered")).cloned();
+    assert!(answered.as_ref().is_some_and(|(_, e)| e.contains("no client connection left")), "{:?}", r.events);
+    (r, answered)
+}
+
 #[test]
 fn rolling_restart_with_the_kubelets_prestop_hook_leaves_no_request_for_the_stopped_app() {
     // The kubelet's preStop httpGet with close-relay's header: the sidecar drains the pod and
@@ -69,11 +85,7 @@ fn rolling_restart_with_the_kubelets_prestop_hook_leaves_no_request_for_the_stop
     // left to meet it: no 503. Closing an idle ALB connection can still cross a request the
     // ALB put on it that moment (a 502: the idle-close race, docs/rollout.md): once in ten CI units, at
     // most one per connection, and only in the drain's first second.
-    let r = run("short-kubelet-hook", &RunSpec { kubelet_hook: true, ..short(Row::CloseRelay) });
-    say(&r);
-    assert!(r.requests > 500, "load too small: {}", r.requests);
-    let answered = r.events.iter().find(|(_, e)| e.contains("kubelet preStop answered"));
-    assert!(answered.is_some_and(|(_, e)| e.contains("no client connection left")), "{:?}", r.events);
+    let (r, answered) = hook_answered("short-kubelet-hook", &RunSpec { kubelet_hook: true, ..short(Row::CloseRelay) });
     let raced = r.statuses.get(&502).copied().unwrap_or(0);
     assert_eq!(r.five_xx - raced, 0, "a request met the stopped app: {:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
     assert_eq!(r.conn_errors, 0, "{:?}", r.events);
@@ -98,10 +110,7 @@ fn grpc(row: Row) -> RunSpec {
 
 #[test]
 fn a_grpc_rolling_restart_without_the_filter_fails_calls() {
-    let r = run("grpc-nofilter", &grpc(Row::NoFilter));
-    say(&r);
-    assert!(r.requests > 500, "load too small: {}", r.requests);
-    assert!(r.five_xx > 0, "the rig did not reproduce the bug for gRPC: {:?}", r.statuses);
+    reproduces_the_bug("grpc-nofilter", &grpc(Row::NoFilter));
 }
 
 #[test]
@@ -121,11 +130,7 @@ fn a_grpc_rolling_restart_with_the_kubelets_prestop_hook_loses_no_call() {
     // The hook drains the pod: the ALB's busy h2 connection gets close-relay's GOAWAY at Envoy's
     // next write and is closed once its streams are done; the hook is answered when no client
     // connection is left, and only then is the app stopped.
-    let r = run("grpc-kubelet-hook", &RunSpec { kubelet_hook: true, ..grpc(Row::CloseRelay) });
-    say(&r);
-    assert!(r.requests > 500, "load too small: {}", r.requests);
-    let answered = r.events.iter().find(|(_, e)| e.contains("kubelet preStop answered"));
-    assert!(answered.is_some_and(|(_, e)| e.contains("no client connection left")), "{:?}", r.events);
+    let (r, _) = hook_answered("grpc-kubelet-hook", &RunSpec { kubelet_hook: true, ..grpc(Row::CloseRelay) });
     assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
     assert!(r.counters.iter().any(|(k, v)| k.ends_with("close_relay_h2_goaway_total") && *v > 0), "no GOAWAY: {:?}", r.counters);
 }
