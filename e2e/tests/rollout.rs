@@ -6,6 +6,8 @@
 //! close on the wire has nowhere to go (`rollout::explain` says why each, from the numbers). The full matrix is
 //! `make rollout`.
 
+use std::sync::Mutex;
+
 use e2e::rollout::{describe, explain, run, AppMode, Row, RunResult, RunSpec, SidecarMode};
 use e2e::servers::Server;
 
@@ -108,21 +110,48 @@ fn grpc(row: Row) -> RunSpec {
     RunSpec::cell(row, AppMode::Real(Server::Grpc), SidecarMode::Held, 0)
 }
 
+/// One gRPC restart at a time in this binary: each runs two Node.js servers, two Envoys and
+/// HAProxy beside the load's clients.
+static GRPC_RESTARTS: Mutex<()> = Mutex::new(());
+
+/// A gRPC restart, run again (three times at most) until it exercised what the test is about
+/// (`exercised`): `make test`'s units share two cores, and a starved client sent as few as 224
+/// calls where it sends 2,600 alone. `never` is checked on every run: a loss in a run that falls
+/// short fails the test all the same.
+fn grpc_restart(name: &str, spec: &RunSpec, never: impl Fn(&RunResult), exercised: impl Fn(&RunResult) -> bool) -> RunResult {
+    let _one = GRPC_RESTARTS.lock().unwrap_or_else(|e| e.into_inner());
+    for attempt in 1..=3 {
+        let r = run(&format!("{name}-{attempt}"), spec);
+        say(&r);
+        never(&r);
+        if exercised(&r) {
+            return r;
+        }
+        eprintln!("[envoy {}] {name}: the run did not exercise the test (attempt {attempt} of 3)", e2e::envoy_version());
+    }
+    panic!("{name}: three runs, none exercised the test");
+}
+
+fn counter(r: &RunResult, suffix: &str) -> u64 {
+    r.counters.iter().filter(|(k, _)| k.ends_with(suffix)).map(|(_, v)| *v).sum()
+}
+
+fn nothing_lost(r: &RunResult) {
+    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
+}
+
 #[test]
 fn a_grpc_rolling_restart_without_the_filter_fails_calls() {
-    reproduces_the_bug("grpc-nofilter", &grpc(Row::NoFilter));
+    grpc_restart("grpc-nofilter", &grpc(Row::NoFilter), |_| {}, |r| r.five_xx > 0);
 }
 
 #[test]
 fn a_grpc_rolling_restart_with_rescue_loses_no_call_at_the_heavy_load() {
     // The app's GOAWAY refuses the streams already on their way (Envoy: UR,
     // remote_refused_stream_reset) and its closed listener refuses new connections (UF): rescue
-    // hands both to pod B, and close-relay's GOAWAY moves the ALB's connection there.
-    let r = run("grpc-rescue", &grpc(Row::Rescue).heavy());
-    say(&r);
-    // 1250 to 1800 calls alone; the units of `make test` share two cores.
-    assert!(r.requests > 600, "load too small: {}", r.requests);
-    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
+    // hands both to pod B, and close-relay's GOAWAY moves the ALB's connection there. The run
+    // counts only if some calls met the stopping app and were rescued.
+    grpc_restart("grpc-rescue", &grpc(Row::Rescue).heavy(), nothing_lost, |r| counter(r, "close_relay_rescued_total") > 0);
 }
 
 #[test]
@@ -130,7 +159,11 @@ fn a_grpc_rolling_restart_with_the_kubelets_prestop_hook_loses_no_call() {
     // The hook drains the pod: the ALB's busy h2 connection gets close-relay's GOAWAY at Envoy's
     // next write and is closed once its streams are done; the hook is answered when no client
     // connection is left, and only then is the app stopped.
-    let (r, _) = hook_answered("grpc-kubelet-hook", &RunSpec { kubelet_hook: true, ..grpc(Row::CloseRelay) });
-    assert_eq!((r.five_xx, r.conn_errors), (0, 0), "{:?} at {:?} ms\n{:?}", r.statuses, r.five_xx_at, r.events);
-    assert!(r.counters.iter().any(|(k, v)| k.ends_with("close_relay_h2_goaway_total") && *v > 0), "no GOAWAY: {:?}", r.counters);
+    let spec = RunSpec { kubelet_hook: true, ..grpc(Row::CloseRelay) };
+    let hook_waited = |r: &RunResult| {
+        nothing_lost(r);
+        let answered = r.events.iter().find(|(_, e)| e.contains("kubelet preStop answered"));
+        assert!(answered.is_some_and(|(_, e)| e.contains("no client connection left")), "{:?}", r.events);
+    };
+    grpc_restart("grpc-kubelet-hook", &spec, hook_waited, |r| r.requests > 300 && counter(r, "close_relay_h2_goaway_total") > 0);
 }
