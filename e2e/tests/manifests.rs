@@ -66,6 +66,7 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
         ("envoyfilter/lean/wasmplugin", 1),
         ("envoyfilter/examples/checkout", 2),
         ("envoyfilter/examples/prestop-token", 2),
+        ("envoyfilter/examples/prestop-token-trafficextension", 2),
         // The settings ConfigMap is kustomize's only (local-config): just the EnvoyFilter comes out.
         ("envoyfilter/examples/checkout-rescue", 1),
     ];
@@ -214,18 +215,26 @@ fn example_overlays_select_one_workload_in_its_namespace() {
 }
 
 #[test]
-fn the_prestop_token_overlay_sets_a_token_both_plugins_accept() {
-    let (built, yaml) = kustomize(&root().join("envoyfilter/examples/prestop-token"));
-    assert!(built, "{yaml}");
-    let resources = istio::docs(&yaml);
-    assert_eq!(resources.len(), 2, "{yaml}");
-    for r in &resources {
-        assert_eq!(r["spec"]["selector"]["matchLabels"], json!({"app": "checkout"}));
-        let config = Config::parse(r["spec"]["pluginConfig"].to_string().as_bytes())
-            .unwrap_or_else(|e| panic!("{}: {e}", r["metadata"]["name"]));
-        let token = config.drain.prestop.token.unwrap_or_else(|| panic!("{}: no token", r["metadata"]["name"]));
-        assert!(token.matches(b"replace-me-with-your-own-token"));
+fn the_prestop_token_overlays_set_a_token_both_plugins_accept() {
+    for (dir, kind) in [("prestop-token", "WasmPlugin"), ("prestop-token-trafficextension", "TrafficExtension")] {
+        let (built, yaml) = kustomize(&root().join("envoyfilter/examples").join(dir));
+        assert!(built, "{yaml}");
+        let resources = istio::docs(&yaml);
+        assert_eq!(resources.len(), 2, "{yaml}");
+        for r in &resources {
+            assert_eq!(r["kind"], kind);
+            token_set(r, if kind == "WasmPlugin" { &r["spec"]["pluginConfig"] } else { &r["spec"]["wasm"]["pluginConfig"] });
+        }
     }
+}
+
+/// `r`'s plugin configuration has the overlay's token, and both roles accept it.
+fn token_set(r: &Value, plugin_config: &Value) {
+    assert_eq!(r["spec"]["selector"]["matchLabels"], json!({"app": "checkout"}));
+    let config =
+        Config::parse(plugin_config.to_string().as_bytes()).unwrap_or_else(|e| panic!("{}: {e}", r["metadata"]["name"]));
+    let token = config.drain.prestop.token.unwrap_or_else(|| panic!("{}: no token", r["metadata"]["name"]));
+    assert!(token.matches(b"replace-me-with-your-own-token"));
 }
 
 /// Every key path of a JSON object ("drain.sidecar.interval_ms").
