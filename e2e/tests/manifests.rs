@@ -308,3 +308,17 @@ fn the_lean_plugin_is_the_network_role_alone_at_the_defaults() {
         assert!(parsed.check_role(Role::Network).is_ok());
     }
 }
+
+/// `make push` writes every manifest a user applies with the pushed image: the pair and the
+/// lean plugin, each API (`oci render`).
+#[test]
+fn make_push_renders_every_manifest_that_names_the_image() {
+    let out = e2e::scratch("oci-render");
+    let image = format!("oci://registry.example.org/shop/close-relay@sha256:{}", "ab".repeat(32));
+    let status = Command::new(env!("CARGO_BIN_EXE_oci")).args(["render", &image]).arg(&out).status();
+    assert!(status.is_ok_and(|s| s.success()), "oci render failed");
+    for name in ["trafficextension.yaml", "wasmplugin.yaml", "envoyfilter.yaml", "lean-trafficextension.yaml", "lean-wasmplugin.yaml"] {
+        let text = fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(text.contains(&image) && !text.contains(istio::EXAMPLE_IMAGE), "{name} does not name the pushed image");
+    }
+}

@@ -34,12 +34,19 @@ fn render(image: &str, out: &str) {
     }
     let root = e2e::repo_root().join("envoyfilter");
     fs::create_dir_all(out).unwrap_or_else(|e| fail(format!("{out}: {e}")));
-    for file in ["trafficextension/trafficextension.yaml", "wasmplugin/wasmplugin.yaml", "envoyfilter.yaml"] {
+    // Every manifest that names the image, as `OUT_DIR/<name>`.
+    let manifests = [
+        ("trafficextension/trafficextension.yaml", "trafficextension.yaml"),
+        ("wasmplugin/wasmplugin.yaml", "wasmplugin.yaml"),
+        ("envoyfilter.yaml", "envoyfilter.yaml"),
+        ("lean/trafficextension/trafficextension.yaml", "lean-trafficextension.yaml"),
+        ("lean/wasmplugin/wasmplugin.yaml", "lean-wasmplugin.yaml"),
+    ];
+    for (file, name) in manifests {
         let text = fs::read_to_string(root.join(file)).unwrap_or_else(|e| fail(format!("{file}: {e}")));
         if !text.contains(EXAMPLE_IMAGE) {
             fail(format!("{file} does not mention {EXAMPLE_IMAGE}"));
         }
-        let name = Path::new(file).file_name().unwrap_or_default();
         let dest = Path::new(out).join(name);
         fs::write(&dest, text.replace(EXAMPLE_IMAGE, image)).unwrap_or_else(|e| fail(format!("{}: {e}", dest.display())));
         eprintln!("oci: wrote {} with {image}", dest.display());
