@@ -171,12 +171,12 @@ fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
 }
 
 #[test]
-fn alerting_rules_pass_promtool_and_fire_on_a_trap_a_reload_and_a_bad_config() {
+fn alerting_rules_pass_promtool_and_fire_on_a_trap_a_reload_a_bad_config_and_a_failed_pull() {
     let dir = e2e::scratch("prometheus-rules");
     let rule = fs::read_to_string(root().join("envoyfilter/monitoring/prometheusrule.yaml")).unwrap();
     rules_for_promtool(&rule, &dir);
     let (ok, out) = promtool(&["check", "rules", "rules.yaml"], &dir);
-    assert!(ok && out.contains("SUCCESS: 4 rules found"), "{out}");
+    assert!(ok && out.contains("SUCCESS: 5 rules found"), "{out}");
     let (ok, out) = promtool(&["test", "rules", "prometheusrule.test.yaml"], &dir);
     assert!(ok && out.contains("SUCCESS"), "{out}");
 
@@ -194,7 +194,7 @@ fn alerting_rules_pass_promtool_and_fire_on_a_trap_a_reload_and_a_bad_config() {
     rules_for_promtool(&rule.replacen("envoy_server_envoy_bug_failures[5m]", "envoy_server_envoy_bug_failure[5m]", 1), &broken);
     let (ok, out) = promtool(&["test", "rules", "prometheusrule.test.yaml"], &broken);
     assert!(!ok && out.contains("CloseRelayModuleTrapped"), "alert tests passed on a misspelt metric:\n{out}");
-    say("PrometheusRule: Operator schema, promtool check rules, and promtool alert tests (trap, reload, bad config, not running)");
+    say("PrometheusRule: Operator schema, promtool check rules, and promtool alert tests (trap, reload, bad config, not running, failed pull)");
 }
 
 #[test]
