@@ -322,3 +322,87 @@ fn make_push_renders_every_manifest_that_names_the_image() {
         assert!(text.contains(&image) && !text.contains(istio::EXAMPLE_IMAGE), "{name} does not name the pushed image");
     }
 }
+
+/// The YAML the guide shows a user, fenced (```yaml) or inline (`key: value` with an annotation
+/// or label key), from the README and every page of docs/.
+fn guide_yaml() -> Vec<(String, String)> {
+    let mut pages = vec![root().join("README.md")];
+    let mut docs: Vec<PathBuf> = fs::read_dir(root().join("docs")).unwrap().filter_map(|e| e.ok().map(|e| e.path())).collect();
+    docs.sort();
+    pages.extend(docs.into_iter().filter(|p| p.extension().is_some_and(|x| x == "md")));
+    let mut out = Vec::new();
+    for page in pages {
+        let text = fs::read_to_string(&page).unwrap();
+        let name = page.file_name().unwrap().to_string_lossy().into_owned();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("```yaml\n") {
+            let body = &rest[at + 8..];
+            let end = body.find("```").unwrap_or(body.len());
+            // Fenced blocks inside a list item are indented: dedent by the first line's indent.
+            let indent = body.len() - body.trim_start_matches(' ').len();
+            let block: String = body[..end].lines().map(|l| l.get(indent..).unwrap_or(l.trim_start())).collect::<Vec<_>>().join("\n");
+            out.push((format!("{name}, fenced"), block));
+            rest = &body[end..];
+        }
+        // Inline: `a.b/c: value` — an annotation or a label, as a user pastes it.
+        for (i, span) in text.split('`').enumerate().filter(|(i, _)| i % 2 == 1) {
+            let Some((key, _)) = span.split_once(": ") else { continue };
+            if key.contains('/') && !key.contains(' ') && !key.starts_with('/') && !span.contains('\n') && !key.contains("://") {
+                out.push((format!("{name}, inline #{i}"), span.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// A snippet as part of the whole object a user puts it in: a Deployment's pod template (its
+/// annotations, labels, or the app container's `lifecycle`).
+fn in_a_deployment(snippet: &Value) -> Value {
+    let mut deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "checkout", "namespace": "shop"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "checkout"}},
+            "template": {
+                "metadata": {"labels": {"app": "checkout"}, "annotations": {}},
+                "spec": {"containers": [{"name": "app", "image": "checkout:1"}]}
+            }
+        }
+    });
+    let Value::Object(fields) = snippet else { panic!("not a mapping: {snippet}") };
+    for (key, value) in fields {
+        let template = &mut deployment["spec"]["template"];
+        match key.as_str() {
+            "lifecycle" => template["spec"]["containers"][0]["lifecycle"] = value.clone(),
+            k if k.starts_with("close-relay/") || k == "app" => template["metadata"]["labels"][k] = value.clone(),
+            k if k.contains('/') => template["metadata"]["annotations"][k] = value.clone(),
+            k => panic!("no place for `{k}` in a Deployment: teach this test where it goes"),
+        }
+    }
+    deployment
+}
+
+#[test]
+fn every_yaml_the_guide_shows_validates_in_the_object_it_goes_in() {
+    let dir = e2e::scratch("guide-yaml");
+    let snippets = guide_yaml();
+    assert!(snippets.len() >= 5, "found only {snippets:?}");
+    let mut files = Vec::new();
+    for (i, (place, yaml)) in snippets.iter().enumerate() {
+        let parsed = istio::docs(yaml);
+        assert_eq!(parsed.len(), 1, "{place}: {yaml}");
+        let object = if parsed[0].get("apiVersion").is_some() { parsed[0].clone() } else { in_a_deployment(&parsed[0]) };
+        let file = dir.join(format!("snippet-{i}.yaml"));
+        fs::write(&file, object.to_string()).unwrap();
+        files.push(file);
+    }
+    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (ok, out) = validate(&paths);
+    assert!(ok, "{out}\n{snippets:#?}");
+    // The mistake the guide once showed: an annotation given a map is refused.
+    let wrong = dir.join("wrong.yaml");
+    fs::write(&wrong, in_a_deployment(&istio::docs("proxy.istio.io/config: {terminationDrainDuration: 40s}")[0]).to_string()).unwrap();
+    let (ok, out) = validate(&[&wrong]);
+    assert!(!ok, "an annotation given a map was accepted:\n{out}");
+    say(&format!("{} YAML snippets from the README and docs/, each in its whole object", snippets.len()));
+}
