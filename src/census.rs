@@ -29,7 +29,7 @@ pub fn decode(bytes: &[u8]) -> Vec<Record> {
     bytes
         .chunks_exact(8 * WORDS)
         .map(|chunk| {
-            let [vm, open, at_ms] = crate::drain::decode_u64s::<WORDS>(chunk);
+            let [vm, open, at_ms] = crate::codec::decode_u64s::<WORDS>(chunk);
             Record { vm, open, at_ms }
         })
         .collect()
@@ -37,7 +37,7 @@ pub fn decode(bytes: &[u8]) -> Vec<Record> {
 
 pub fn encode(records: &[Record]) -> Vec<u8> {
     let words: Vec<u64> = records.iter().flat_map(|r| [r.vm, r.open, r.at_ms]).collect();
-    crate::drain::encode_u64s(&words)
+    crate::codec::encode_u64s(&words)
 }
 
 /// The records with `mine` put in place of this VM's old one, stale ones dropped, the newest

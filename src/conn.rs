@@ -8,12 +8,13 @@ use std::rc::Rc;
 
 use log::debug;
 
-use crate::drain::{self, Activity, Grace};
+use crate::idle::{Activity, Grace};
 use crate::framing::{HeadSeen, Responses};
 use crate::host;
 use crate::link::Note;
 use crate::metrics::Metrics;
 use crate::vm;
+use crate::idle;
 
 /// One client connection as this VM knows it; shared with a same-VM HTTP role.
 #[derive(Debug, Default)]
@@ -62,7 +63,7 @@ pub struct Conn {
     /// HTTP/2 with prior knowledge: both sides' frames, followed from their headers.
     pub h2: Option<crate::h2::Connection>,
     /// A probe of Envoy's drain waits for the answer to this connection's request
-    /// ([`crate::drain::Probed`]).
+    /// ([`crate::sidecar::Probed`]).
     pub probe: bool,
 }
 
@@ -127,7 +128,7 @@ pub fn conn_for(address: &str) -> Option<ConnRef> {
 ///
 /// The host's close is Envoy's `FlushWrite`, without its HCM's delayed close: a socket closed
 /// with input it has not read makes the kernel reset the connection and drop whatever it had
-/// not sent yet. So it is only used on a connection that is quiet ([`drain::idle`]), where
+/// not sent yet. So it is only used on a connection that is quiet ([`idle::idle`]), where
 /// Envoy has read everything the client sent.
 pub fn close(conn: &ConnRef) -> bool {
     let id = {
@@ -197,7 +198,7 @@ pub fn hear(note: &Note) {
 
 /// On each tick of the network root: closes connections that are idle and either told to
 /// close already (`close_told`: `close_connection`), after the sidecar's grace like Envoy's own
-/// delayed close, or on a pod that is draining (those on a second look, [`drain::second_look`]).
+/// delayed close, or on a pod that is draining (those on a second look, [`idle::second_look`]).
 pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) {
     let now = host::coarse_now();
     let due: Vec<(ConnRef, bool, Activity)> = vm::CONNS.with(|c| {
@@ -222,10 +223,10 @@ pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) 
                         let quiet_ms = if h2.server.goaway_sent() { grace.tick_ms } else { idle_ms.max(grace.told_ms) };
                         h2.quiet() && now >= c.activity.last_ms.saturating_add(quiet_ms)
                     }
-                    None => drain::idle(&c.activity, now, idle_ms, grace.fresh_ms, told),
+                    None => idle::idle(&c.activity, now, idle_ms, grace.fresh_ms, told),
                 };
                 let wanted = (draining || told) && !c.closing && !c.close_failed && is_idle;
-                let close = wanted && (told || drain::second_look(&mut c.activity, now, idle_ms, grace.tick_ms));
+                let close = wanted && (told || idle::second_look(&mut c.activity, now, idle_ms, grace.tick_ms));
                 close.then(|| (conn.clone(), told, c.activity))
             })
             .collect()

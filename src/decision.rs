@@ -1,5 +1,6 @@
 //! Should this response close the client's connection, and why. Pure functions: no host calls.
 
+
 /// Why a response closes the client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -318,7 +319,7 @@ pub enum AppSaid {
     Refused,
     /// A reset (UC/UR, when `resets` counts), or a request another pod answered (rescue, after
     /// a refusal or a reset): evidence only when it comes again before the app answers
-    /// (`drain::Streak`), as a keep-alive race happens to a healthy app.
+    /// (`evidence::Streak`), as a keep-alive race happens to a healthy app.
     Failed,
 }
 

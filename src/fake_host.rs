@@ -411,7 +411,8 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::drain::{Grace, Source, UNTIL_CLEARED};
+    use crate::drain::{Source, UNTIL_CLEARED};
+use crate::idle::Grace;
     use crate::http::HttpRole;
     use crate::metrics::Metrics;
     use crate::network::NetworkRole;
@@ -831,7 +832,7 @@ mod tests {
         write(&mut net, closed);
         assert!(!pod::draining(), "only one probe counted since the kept-alive answer");
         // A listener update (LDS) makes Envoy close too: not a shutdown.
-        with(|f| f.shared.insert(keys::SIDECAR_READ.as_bytes().to_vec(), (crate::drain::DrainStats { update_draining: 1 }.encode_read(START_MS), 1)));
+        with(|f| f.shared.insert(keys::SIDECAR_READ.as_bytes().to_vec(), (crate::sidecar::DrainStats { update_draining: 1 }.encode_read(START_MS), 1)));
         probed(67, &shared, closed);
         assert!(!pod::draining(), "closes during a listener update");
     }

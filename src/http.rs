@@ -13,12 +13,13 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
 use crate::decision::{self, decide, AppSaid, Decision, Marks, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
-use crate::drain::{self, Source, UNTIL_CLEARED};
+use crate::drain::{Source, UNTIL_CLEARED};
 use crate::link::{Address, Note};
 use crate::conn::{self, ConnRef};
 use crate::shared::Shared;
 use crate::{host, keys, pod, prestop, wire};
 use crate::vm;
+use crate::evidence;
 
 pub struct HttpRole {
     context_id: u32,
@@ -202,7 +203,7 @@ impl HttpRole {
 
     /// What this response says about the app: an answer ends a streak of failures; a refusal
     /// drains the pod at once; a reset or a rescue only when another came before any answer
-    /// (`drain::Streak`). Rescued requests are counted. Returns whether Envoy could not connect.
+    /// (`evidence::Streak`). Rescued requests are counted. Returns whether Envoy could not connect.
     fn watch_app(&mut self, config: &Config, headers: &ResponseHeaders, status: u16) -> (Upstream, bool) {
         let failed = decision::failed(status, headers.grpc_status.as_deref());
         let flags = if failed { response_flags() } else { 0 };
@@ -300,7 +301,7 @@ fn rescue_marks(headers: &ResponseHeaders, failed: bool, flags: u64) -> Marks {
 
 /// The local port of the upstream connection this response came on.
 fn upstream_port() -> Option<u16> {
-    drain::port_of(&host::get_property(&["upstream", "local_address"])?)
+    evidence::port_of(&host::get_property(&["upstream", "local_address"])?)
 }
 
 fn downstream_protocol() -> String {

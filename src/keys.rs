@@ -9,15 +9,15 @@ pub const APP_CLOSES: &str = "close_relay.app_closes";
 /// Each network VM's count of its client connections ([`crate::census`]).
 pub const CENSUS: &str = "close_relay.census";
 /// Envoy's own `connection: close` seen in a row by the network role's probes (one u64 word,
-/// [`crate::drain::next_in_a_row`]).
+/// [`crate::sidecar::next_in_a_row`]).
 pub const ENVOY_CLOSES: &str = "close_relay.envoy_closes";
 /// Wake-queue tokens of every network root, woken when a drain begins (u64 words,
-/// [`crate::drain::encode_u64s`]).
+/// [`crate::codec::encode_u64s`]).
 pub const WAKE_TOKENS: &str = "close_relay.wake";
 /// When the next sidecar poll is due; the worker whose CAS moves it polls (one u64 word).
 pub const SIDECAR_POLL: &str = "close_relay.poll.sidecar";
 /// The last sidecar `/stats` read and when it was taken
-/// ([`crate::drain::DrainStats::encode_read`]). `close_relay.sidecar.stats` held an earlier
+/// ([`crate::sidecar::DrainStats::encode_read`]). `close_relay.sidecar.stats` held an earlier
 /// version's record, with stats a default sidecar does not keep.
 pub const SIDECAR_READ: &str = "close_relay.sidecar.read";
 /// When the next app readiness probe is due (one u64 word).
@@ -31,7 +31,7 @@ pub const READINESS_FAILURES: &str = "close_relay.readiness.failures";
 /// one such drain a minute, pod-wide ([`crate::pod::single_reset_allowed`]).
 pub const SINGLE_RESET_AFTER: &str = "close_relay.single_reset_after";
 /// The app's answers, pod-wide, as each VM adds its own every tick (little-endian u64): a streak
-/// of failures in one VM ends when the app answered anyone ([`crate::drain::Streak`]).
+/// of failures in one VM ends when the app answered anyone ([`crate::evidence::Streak`]).
 pub const ANSWERS: &str = "close_relay.answers";
 pub const RESCUE_SEEN: &str = "close_relay.rescue_seen";
 

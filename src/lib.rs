@@ -20,10 +20,12 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::arithmetic_side_effects))]
 
 pub mod census;
+pub mod codec;
 pub mod config;
 pub mod conn;
 pub mod decision;
 pub mod drain;
+pub mod evidence;
 pub mod follow;
 pub mod framing;
 pub mod h2;
@@ -31,6 +33,7 @@ pub mod h2;
 mod fake_host;
 pub mod host;
 pub mod http;
+pub mod idle;
 pub mod keys;
 pub mod link;
 pub mod metrics;
@@ -39,6 +42,7 @@ pub mod pod;
 pub mod prestop;
 pub mod root;
 pub mod shared;
+pub mod sidecar;
 pub mod vm;
 pub mod wire;
 

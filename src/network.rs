@@ -16,7 +16,8 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
-use crate::drain::{self, DrainStats, Probed, Source, UNTIL_CLEARED};
+use crate::drain::{Source, UNTIL_CLEARED};
+use crate::sidecar::{DrainStats, Probed};
 use crate::follow::Follower;
 use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
@@ -26,6 +27,8 @@ use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
 use crate::pod;
 use crate::shared::Shared;
 use crate::vm;
+use crate::codec;
+use crate::sidecar;
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;
@@ -364,7 +367,7 @@ fn watch_app(shared: &Shared, head: HeadSeen, local: Option<bool>) {
     let Some(config) = shared.active() else { return };
     let failure = &config.drain.app_failure;
     if head.attempt_counted && !shared.rescue_recorded.replace(true) {
-        host::shared_update(keys::RESCUE_SEEN, |_| Some((drain::encode_u64s(&[1]), ())));
+        host::shared_update(keys::RESCUE_SEEN, |_| Some((codec::encode_u64s(&[1]), ())));
     }
     if head.rescued {
         shared.metrics.rescued.inc();
@@ -412,9 +415,9 @@ fn probed(shared: &Shared, probed: Probed) {
         return;
     }
     let in_a_row = host::shared_update(keys::ENVOY_CLOSES, |current| {
-        let [n] = drain::decode_u64s(current);
-        let next = drain::next_in_a_row(n, probed);
-        Some((drain::encode_u64s(&[next]), next))
+        let [n] = codec::decode_u64s(current);
+        let next = sidecar::next_in_a_row(n, probed);
+        Some((codec::encode_u64s(&[next]), next))
     })
     .unwrap_or(0);
     debug!("probe of Envoy's drain: {probed:?} ({in_a_row} of Envoy's closes in a row)");
@@ -424,7 +427,7 @@ fn probed(shared: &Shared, probed: Probed) {
             let updating = DrainStats::decode_read(&host::shared_get(keys::SIDECAR_READ).0)
                 .is_some_and(|(_, stats)| stats.update_draining > 0);
             let health = pod::active_until(Source::SidecarHealth) > 0;
-            if drain::listeners_draining(in_a_row, updating, health) {
+            if sidecar::listeners_draining(in_a_row, updating, health) {
                 pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &shared.metrics);
             }
         }

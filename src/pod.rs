@@ -3,12 +3,13 @@
 
 use log::info;
 
-use crate::drain::{self, DrainState, Source, Window, UNTIL_CLEARED};
+use crate::drain::{DrainState, Source, Window, UNTIL_CLEARED};
 use crate::host;
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::link::Note;
 use crate::vm;
+use crate::codec;
 
 /// Tokens kept at most; older ones belong to VMs long replaced by config updates.
 const WAKE_CAPACITY: usize = 64;
@@ -93,8 +94,8 @@ pub const SINGLE_RESET_EVERY_MS: u64 = 60_000;
 /// [`SINGLE_RESET_EVERY_MS`].
 pub fn single_reset_allowed(now_ms: u64) -> bool {
     host::shared_update(keys::SINGLE_RESET_AFTER, |current| {
-        let after = if current.len() == 8 { drain::decode_u64s::<1>(current)[0] } else { 0 };
-        (now_ms >= after).then(|| (drain::encode_u64s(&[now_ms.saturating_add(SINGLE_RESET_EVERY_MS)]), true))
+        let after = if current.len() == 8 { codec::decode_u64s::<1>(current)[0] } else { 0 };
+        (now_ms >= after).then(|| (codec::encode_u64s(&[now_ms.saturating_add(SINGLE_RESET_EVERY_MS)]), true))
     }) == Some(true)
 }
 
@@ -111,8 +112,8 @@ pub fn publish_answers() {
         return;
     }
     let added = host::shared_update(keys::ANSWERS, |current| {
-        let total = if current.len() == 8 { drain::decode_u64s::<1>(current)[0] } else { 0 };
-        Some((drain::encode_u64s(&[total.saturating_add(mine)]), ()))
+        let total = if current.len() == 8 { codec::decode_u64s::<1>(current)[0] } else { 0 };
+        Some((codec::encode_u64s(&[total.saturating_add(mine)]), ()))
     });
     if added.is_none() {
         vm::ANSWERS_UNPUBLISHED.set(mine);
@@ -122,7 +123,7 @@ pub fn publish_answers() {
 /// The pod's answers published so far (read on a failure only).
 pub fn answers() -> u64 {
     let (current, _) = host::shared_get(keys::ANSWERS);
-    if current.len() == 8 { drain::decode_u64s::<1>(&current)[0] } else { 0 }
+    if current.len() == 8 { codec::decode_u64s::<1>(&current)[0] } else { 0 }
 }
 
 /// Turns `source` off, when its cause has cleared (e.g. `healthcheck/ok`).
@@ -163,10 +164,10 @@ pub fn register_wake() -> Option<u32> {
     let token = host::register_queue(&name)?;
     vm::OWN_WAKE.set(Some(token));
     host::shared_update(keys::WAKE_TOKENS, |current| {
-        let mut tokens: Vec<u64> = current.chunks_exact(8).map(|c| drain::decode_u64s::<1>(c)[0]).collect();
+        let mut tokens: Vec<u64> = current.chunks_exact(8).map(|c| codec::decode_u64s::<1>(c)[0]).collect();
         tokens.push(u64::from(token));
         let excess = tokens.len().saturating_sub(WAKE_CAPACITY);
-        Some((drain::encode_u64s(&tokens[excess..]), ()))
+        Some((codec::encode_u64s(&tokens[excess..]), ()))
     });
     Some(token)
 }
@@ -185,7 +186,7 @@ pub fn send(token: u32, note: &Note) -> bool {
 fn wake_all() {
     let (tokens, _) = host::shared_get(keys::WAKE_TOKENS);
     for chunk in tokens.chunks_exact(8) {
-        let [token] = drain::decode_u64s::<1>(chunk);
+        let [token] = codec::decode_u64s::<1>(chunk);
         // A token of a VM that is gone fails; nothing to do about it.
         if let Ok(token) = u32::try_from(token) {
             send(token, &Note::Wake);

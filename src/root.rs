@@ -11,15 +11,18 @@ use proxy_wasm::types::{BufferType, ContextType};
 
 use crate::config::{self, Config, Role, Target};
 use crate::census::{self, Record};
-use crate::drain::{self, Grace, Source, UNTIL_CLEARED};
+use crate::drain::{Source, UNTIL_CLEARED};
+use crate::idle::Grace;
 use crate::host;
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::link::Note;
 use crate::shared::Shared;
 use crate::{conn, http, network, pod, prestop, vm};
+use crate::codec;
+use crate::sidecar;
 
-/// Only the stats `drain::parse_drain_stats` reads, all kept by a default sidecar's inclusion
+/// Only the stats `sidecar::parse_drain_stats` reads, all kept by a default sidecar's inclusion
 /// list (`listener_manager`), percent-encoded for the query string.
 const STATS_PATH: &str = "/stats?filter=%5Elistener_manager%5C.total_%28listeners%7Cfilter_chains%29_draining%24";
 
@@ -62,8 +65,8 @@ impl Default for Root {
 fn claim(key: &str, interval_ms: u64) -> bool {
     let now = host::now_ms();
     host::shared_update(key, |current| {
-        let [due] = drain::decode_u64s(current);
-        (now >= due).then(|| (drain::encode_u64s(&[now.saturating_add(interval_ms)]), ()))
+        let [due] = codec::decode_u64s(current);
+        (now >= due).then(|| (codec::encode_u64s(&[now.saturating_add(interval_ms)]), ()))
     })
     .is_some()
 }
@@ -122,7 +125,7 @@ impl Root {
     pub(crate) fn on_ready(&mut self, status: u16, body: &[u8]) {
         let Some(config) = self.shared.active() else { return };
         let metrics = &self.shared.metrics;
-        if drain::ready_says_draining(status, body) {
+        if sidecar::ready_says_draining(status, body) {
             pod::enter(Source::SidecarHealth, UNTIL_CLEARED, metrics);
             // The closes the probes saw are its own; `healthcheck/ok` must end the drain.
             pod::clear(Source::SidecarDrain, metrics);
@@ -139,7 +142,7 @@ impl Root {
         if status != 200 || self.shared.active().is_none() {
             return;
         }
-        let now = drain::parse_drain_stats(&String::from_utf8_lossy(body));
+        let now = sidecar::parse_drain_stats(&String::from_utf8_lossy(body));
         host::shared_update(keys::SIDECAR_READ, |_| Some((now.encode_read(sent_at), ())));
         if now.update_draining > 0 {
             // Envoy's closes on a listener update are no shutdown: the probes' entry was early.
@@ -151,13 +154,13 @@ impl Root {
         let Some(config) = self.shared.active() else { return };
         let metrics = &self.shared.metrics;
         if (200..300).contains(&status) {
-            host::shared_update(keys::READINESS_FAILURES, |_| Some((drain::encode_u64s(&[0]), ())));
+            host::shared_update(keys::READINESS_FAILURES, |_| Some((codec::encode_u64s(&[0]), ())));
             pod::clear(Source::AppReadiness, metrics);
             return;
         }
         let failures = host::shared_update(keys::READINESS_FAILURES, |current| {
-            let [n] = drain::decode_u64s(current);
-            Some((drain::encode_u64s(&[n.saturating_add(1)]), n.saturating_add(1)))
+            let [n] = codec::decode_u64s(current);
+            Some((codec::encode_u64s(&[n.saturating_add(1)]), n.saturating_add(1)))
         })
         .unwrap_or(0);
         debug!("app readiness probe failed ({status}), {failures} in a row");

@@ -4,7 +4,7 @@
 use std::cell::{Cell, RefCell};
 
 use crate::config::Config;
-use crate::drain::Streak;
+use crate::evidence::Streak;
 use crate::metrics::Metrics;
 
 /// What every context of one plugin instance shares. `config` is `None` when the plugin

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use crate::conn::ConnRef;
 use crate::decision::UnframedLearner;
-use crate::drain::UpstreamUse;
+use crate::evidence::UpstreamUse;
 use crate::prestop::Hold;
 
 thread_local! {

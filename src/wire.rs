@@ -194,7 +194,7 @@ pub fn head_has_header(buf: &[u8], name: &[u8]) -> bool {
 /// keeping the connection open? A target in origin form, one `host`, well-formed fields, no
 /// body (`content-length: 0` at most, no `transfer-encoding`), no field that names
 /// `connection`, `upgrade` or `expect`, and nothing behind it. Envoy then says `connection:
-/// close` on its own only when its listener drains (`drain::Probed`): what a client asks for,
+/// close` on its own only when its listener drains (`sidecar::Probed`): what a client asks for,
 /// a malformed head and an answer before the request is whole are all left out here.
 pub fn keep_alive_request(buf: &[u8]) -> bool {
     let Some(end) = find(buf, b"\r\n\r\n") else { return false };

@@ -9,10 +9,11 @@ use std::sync::LazyLock;
 
 use close_relay::config::Config;
 use close_relay::decision::has_token;
-use close_relay::drain::{self, DrainState, Window};
+use close_relay::drain::{DrainState, Window};
 use close_relay::follow::Follower;
 use close_relay::framing::Responses;
 use close_relay::wire::{self, HeadStep, MARKER};
+use close_relay::sidecar;
 use proptest::prelude::*;
 
 mod common;
@@ -284,9 +285,9 @@ proptest! {
         let s = DrainState::decode(&bytes);
         prop_assert_eq!(DrainState::decode(&s.encode()), s);
         let _ = Window::decode(&bytes);
-        let _ = drain::ready_says_draining(503, &bytes);
-        let stats = drain::parse_drain_stats(&text);
-        prop_assert_eq!(drain::DrainStats::decode_read(&stats.encode_read(1)), Some((1, stats)));
+        let _ = sidecar::ready_says_draining(503, &bytes);
+        let stats = sidecar::parse_drain_stats(&text);
+        prop_assert_eq!(sidecar::DrainStats::decode_read(&stats.encode_read(1)), Some((1, stats)));
         let _ = close_relay::census::pod_wide(&close_relay::census::decode(&bytes), 5, 10, 3);
     }
 
