@@ -8,13 +8,12 @@ use std::rc::Rc;
 
 use log::debug;
 
-use crate::idle::{Activity, Grace};
 use crate::framing::{HeadSeen, Responses};
 use crate::host;
+use crate::idle::{self, Activity, Grace};
 use crate::link::Note;
 use crate::metrics::Metrics;
 use crate::vm;
-use crate::idle;
 
 /// One client connection as this VM knows it; shared with a same-VM HTTP role.
 #[derive(Debug, Default)]

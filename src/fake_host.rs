@@ -751,6 +751,20 @@ use crate::idle::Grace;
         assert_eq!(metric("close_relay_rescued_total"), 3);
     }
 
+    #[test]
+    fn two_rescued_answers_drain_the_pod_though_the_tick_between_them_publishes_the_answer_before() {
+        reset(START_MS);
+        let shared = shared(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(42, &shared);
+        let rescued = b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 2\r\ncontent-length: 0\r\n\r\n";
+        write(&mut net, b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 1\r\ncontent-length: 0\r\n\r\n");
+        write(&mut net, rescued);
+        // The tick publishes this VM's answer, given before the first rescue.
+        pod::publish_answers();
+        write(&mut net, rescued);
+        assert!(pod::draining(), "an answer published late read as one between the rescues");
+    }
+
     /// A 503 as Envoy writes it, with `headers` (whole lines) and `body`.
     fn reply_503(headers: &str, body: &str) -> String {
         format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\n{headers}\r\n{body}", body.len())

@@ -12,14 +12,14 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
+use crate::conn::{self, ConnRef};
 use crate::decision::{self, decide, AppSaid, Decision, Marks, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
 use crate::drain::{Source, UNTIL_CLEARED};
-use crate::link::{Address, Note};
-use crate::conn::{self, ConnRef};
-use crate::shared::Shared;
-use crate::{host, keys, pod, prestop, wire};
-use crate::vm;
 use crate::evidence;
+use crate::link::{Address, Note};
+use crate::shared::Shared;
+use crate::vm;
+use crate::{host, keys, pod, prestop, wire};
 
 pub struct HttpRole {
     context_id: u32,

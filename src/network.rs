@@ -14,21 +14,21 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType, PeerType};
 
+use crate::codec;
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
 use crate::drain::{Source, UNTIL_CLEARED};
-use crate::sidecar::{DrainStats, Probed};
 use crate::follow::Follower;
 use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
 use crate::keys;
 use crate::link::Address;
-use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
 use crate::pod;
 use crate::shared::Shared;
-use crate::vm;
-use crate::codec;
+use crate::sidecar::{DrainStats, Probed};
 use crate::sidecar;
+use crate::vm;
+use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;

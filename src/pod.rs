@@ -3,13 +3,13 @@
 
 use log::info;
 
+use crate::codec;
 use crate::drain::{DrainState, Source, Window, UNTIL_CLEARED};
 use crate::host;
 use crate::keys;
-use crate::metrics::Metrics;
 use crate::link::Note;
+use crate::metrics::Metrics;
 use crate::vm;
-use crate::codec;
 
 /// Tokens kept at most; older ones belong to VMs long replaced by config updates.
 const WAKE_CAPACITY: usize = 64;
@@ -120,10 +120,14 @@ pub fn publish_answers() {
     }
 }
 
-/// The pod's answers published so far (read on a failure only).
+/// The pod's answers: those published so far, and this VM's not yet published (read on a
+/// failure only). This VM's own count at once: an answer it gave just before a failure, published
+/// at the next tick, must not read as an answer after it (a streak of two rescues straddling a
+/// tick then never drained the pod).
 pub fn answers() -> u64 {
     let (current, _) = host::shared_get(keys::ANSWERS);
-    if current.len() == 8 { codec::decode_u64s::<1>(&current)[0] } else { 0 }
+    let published = if current.len() == 8 { codec::decode_u64s::<1>(&current)[0] } else { 0 };
+    published.saturating_add(vm::ANSWERS_UNPUBLISHED.get())
 }
 
 /// Turns `source` off, when its cause has cleared (e.g. `healthcheck/ok`).

@@ -12,8 +12,8 @@ use log::{info, warn};
 use proxy_wasm::types::MapType;
 
 use crate::metrics::Metrics;
-use crate::{host, keys};
 use crate::vm;
+use crate::{host, keys};
 
 /// The environment variable that holds the node's IP in the VM: istio-proxy has `HOST_IP`
 /// (`status.hostIP`), and the plugin gets it with `vmConfig.env: [{name: HOST_IP, valueFrom: HOST}]`.

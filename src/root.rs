@@ -9,18 +9,18 @@ use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType};
 
-use crate::config::{self, Config, Role, Target};
 use crate::census::{self, Record};
-use crate::drain::{Source, UNTIL_CLEARED};
-use crate::idle::Grace;
-use crate::host;
-use crate::keys;
-use crate::metrics::Metrics;
-use crate::link::Note;
-use crate::shared::Shared;
-use crate::{conn, http, network, pod, prestop, vm};
 use crate::codec;
+use crate::config::{self, Config, Role, Target};
+use crate::drain::{Source, UNTIL_CLEARED};
+use crate::host;
+use crate::idle::Grace;
+use crate::keys;
+use crate::link::Note;
+use crate::metrics::Metrics;
+use crate::shared::Shared;
 use crate::sidecar;
+use crate::{conn, http, network, pod, prestop, vm};
 
 /// Only the stats `sidecar::parse_drain_stats` reads, all kept by a default sidecar's inclusion
 /// list (`listener_manager`), percent-encoded for the query string.
