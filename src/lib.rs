@@ -10,9 +10,12 @@
 //!   client and turns the HTTP role's private marker into `connection: close`.
 //!
 //! Both roles also watch for the pod going away ([`drain`], [`pod`], [`root`]): then every
-//! client connection is closed, busy ones after their response, idle ones after a short grace.
+//! client connection is closed, busy ones after their response, idle ones after a short grace;
+//! an HTTP/2 one is told first with a graceful GOAWAY ([`h2`]).
 //!
-//! Decisions live in [`decision`], [`drain`] and [`wire`] as pure functions. Only [`host`]
+//! Decisions live in [`decision`], [`drain`], [`sidecar`], [`evidence`], [`idle`], [`wire`],
+//! [`framing`] (lean's view of the responses written) and [`h2`] as pure functions; [`follow`]
+//! is the loop the last two share, [`codec`] shared data's records. Only [`host`]
 //! talks to the host, and none of its calls can panic (`clippy.toml` refuses the SDK's);
 //! [`pod`], [`root`] and the two context types act through it. [`metrics`] holds what the
 //! module exports, [`shared::Shared`] what one plugin instance's contexts share.

@@ -466,7 +466,7 @@ impl Drop for NetworkRole {
 
 impl StreamContext for NetworkRole {
     /// The connection is closing (either side, or Envoy): mark it done, so that nothing closes
-    /// it again (why that matters: [`conn::close_soon`]).
+    /// it again (why that matters: [`conn::close`]).
     fn on_downstream_close(&mut self, _peer: PeerType) {
         self.conn.borrow_mut().closing = true;
     }
