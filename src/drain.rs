@@ -11,7 +11,7 @@ pub enum Source {
     SidecarHealth,
     /// Envoy drains its listeners (`drain_listeners?inboundonly&graceful`, as istio-agent
     /// sends on SIGTERM): the network role's probes see Envoy's own `connection: close` on
-    /// answers it would keep alive ([`Probed`]), with no listener update under way. Ends on a
+    /// answers it would keep alive ([`crate::sidecar::Probed`]), with no listener update under way. Ends on a
     /// kept-alive answer.
     SidecarDrain,
     /// The app refuses connections or resets them (Envoy answers 503 UF/UC/UR).
