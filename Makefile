@@ -134,7 +134,7 @@ build-fault: deps trim
 unit: deps
 	$(CARGO) test -p close-relay --lib
 	$(CARGO) test -p e2e --lib
-	$(CARGO) test -p close-relay --test properties --test reference --test figures
+	$(CARGO) test -p close-relay --test properties --test reference --test figures --test structure
 
 # The property fuzzers of tests/properties.rs at length: FUZZ_CASES generated inputs per
 # property (the default run in `make test` is 256), optimised build, with the time it took.

@@ -13,7 +13,14 @@ use crate::host;
 use crate::idle::{self, Activity, Grace};
 use crate::link::Note;
 use crate::metrics::Metrics;
-use crate::vm;
+
+thread_local! {
+    /// Connections of this VM by address (`link::Address::text`). A connection stays
+    /// on its worker, so an HTTP role that finds its address here shares the VM.
+    static CONNS: std::cell::RefCell<std::collections::BTreeMap<String, ConnRef>> = const { std::cell::RefCell::new(std::collections::BTreeMap::new()) };
+    /// This VM's network root sweeps idle connections (set once it is configured).
+    static SWEEPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// One client connection as this VM knows it; shared with a same-VM HTTP role.
 #[derive(Debug, Default)]
@@ -88,7 +95,7 @@ impl Conn {
     /// plugin may have refused its configuration, trapped, or be missing from this chain.
     /// Otherwise a connection told to close ends on the client's next request.
     pub fn sweepable(&self) -> bool {
-        vm::SWEEPING.get() && !self.close_failed && (self.http_role_here || self.heard || self.responses.is_some())
+        SWEEPING.get() && !self.close_failed && (self.http_role_here || self.heard || self.responses.is_some())
     }
 
     /// A same-VM HTTP role marked the next response head: the network role rewrites that one
@@ -101,22 +108,22 @@ impl Conn {
 
 /// Registers the connection at `address` with this VM.
 pub fn register(address: &str, conn: &ConnRef) {
-    vm::CONNS.with(|c| c.borrow_mut().insert(address.to_string(), conn.clone()));
+    CONNS.with(|c| c.borrow_mut().insert(address.to_string(), conn.clone()));
 }
 
 /// The connection is gone. `try_with`: this runs from a context's drop, also at VM teardown.
 pub fn unregister(address: &str) {
-    let _ = vm::CONNS.try_with(|c| c.borrow_mut().remove(address));
+    let _ = CONNS.try_with(|c| c.borrow_mut().remove(address));
 }
 
 /// Whether this VM's network root sweeps: set once it is configured.
 pub fn set_sweeping(sweeping: bool) {
-    vm::SWEEPING.set(sweeping);
+    SWEEPING.set(sweeping);
 }
 
 /// The connection at `address`, if its network role lives in this VM.
 pub fn conn_for(address: &str) -> Option<ConnRef> {
-    vm::CONNS.with(|c| c.borrow().get(address).cloned())
+    CONNS.with(|c| c.borrow().get(address).cloned())
 }
 
 /// Closes a client connection after what was written to it is flushed, acting as its network
@@ -152,7 +159,7 @@ pub fn close(conn: &ConnRef) -> bool {
 /// This VM's client connections still open, the preStop hooks' own left out, and the hooks'
 /// connections with when each hook came.
 pub fn census() -> (u64, Vec<(ConnRef, u64)>) {
-    vm::CONNS.with(|c| {
+    CONNS.with(|c| {
         let conns = c.borrow();
         let mut open = 0u64;
         let mut hooks = Vec::new();
@@ -200,7 +207,7 @@ pub fn hear(note: &Note) {
 /// delayed close, or on a pod that is draining (those on a second look, [`idle::second_look`]).
 pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) {
     let now = host::coarse_now();
-    let due: Vec<(ConnRef, bool, Activity)> = vm::CONNS.with(|c| {
+    let due: Vec<(ConnRef, bool, Activity)> = CONNS.with(|c| {
         c.borrow()
             .values()
             .filter_map(|conn| {

@@ -816,7 +816,7 @@ use crate::idle::Grace;
 
     /// A connection of this VM whose request is probed, answered with `head`.
     fn probed(id: u32, shared: &Rc<Shared>, head: &[u8]) {
-        crate::vm::PROBE_READS.set(crate::network::PROBE_READS_PER_TICK);
+        crate::network::refill_probe_reads();
         let (mut net, _http) = connection(id, shared);
         write(&mut net, head);
     }
@@ -835,7 +835,7 @@ use crate::idle::Grace;
         probed(63, &shared, kept);
         assert!(!pod::draining(), "Envoy kept a connection open: it is not draining");
         // A request that asked to close is never probed; nor is a second one the same tick.
-        crate::vm::PROBE_READS.set(crate::network::PROBE_READS_PER_TICK);
+        crate::network::refill_probe_reads();
         let mut net = NetworkRole::new(64, shared.clone());
         net.on_new_connection();
         set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\nconnection: close\r\n\r\n");
@@ -856,7 +856,7 @@ use crate::idle::Grace;
         reset(START_MS);
         let shared = shared(Config::default());
         let (mut net, _http) = connection(81, &shared);
-        crate::vm::PROBE_READS.set(crate::network::PROBE_READS_PER_TICK);
+        crate::network::refill_probe_reads();
         let post = b"POST / HTTP/1.1\r\nhost: alb\r\ncontent-length: 2\r\n\r\nok";
         let reads = || with(|f| f.buffer_reads.get(&(BufferType::DownstreamData as u32)).copied().unwrap_or(0));
         let before = reads();

@@ -11,10 +11,15 @@
 //! host would (`CLOSE_RELAY_HOST_FAULT=<abi name>` in the VM's environment), so the e2e tests show
 //! each failure handled.
 
-use crate::vm;
 use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, Bytes, LogLevel, MapType, MetricType, StreamType};
+
+thread_local! {
+    /// Milliseconds since the epoch as of the last tick, free to read on the data
+    /// path (idle graces, drain holds).
+    static COARSE_NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 #[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]
@@ -432,15 +437,21 @@ fn now_ns() -> u64 {
     }
 }
 
-/// The host's clock in ms since the epoch; also refreshes [`coarse_now`].
+/// The host's clock in ms since the epoch. Every read also moves [`coarse_now`] forward, so the
+/// data path's cheap reads are never older than the last real one.
 pub fn now_ms() -> u64 {
+    refresh_coarse_now()
+}
+
+/// Reads the host's clock into [`coarse_now`] (a tick does, before its sweep); returns it.
+pub fn refresh_coarse_now() -> u64 {
     let now = now_ns() / 1_000_000;
-    vm::COARSE_NOW.set(now);
+    COARSE_NOW.set(now);
     now
 }
 
 pub fn coarse_now() -> u64 {
-    vm::COARSE_NOW.get()
+    COARSE_NOW.get()
 }
 
 /// False when the host would not tick this root.

@@ -18,8 +18,19 @@ use crate::drain::{Source, UNTIL_CLEARED};
 use crate::evidence;
 use crate::link::{Address, Note};
 use crate::shared::Shared;
-use crate::vm;
 use crate::{host, keys, pod, prestop, wire};
+
+thread_local! {
+    /// Which upstream connections answered close-delimited responses, to tell an
+    /// HTTP/2 app from one that ends its connections.
+    static LEARNER: std::cell::RefCell<crate::decision::UnframedLearner> = std::cell::RefCell::default();
+    /// This VM's upstream connections' last answers (the app's pool is per worker too).
+    static UPSTREAM_USE: std::cell::RefCell<crate::evidence::UpstreamUse> = std::cell::RefCell::default();
+    /// Requests begun in this VM, numbering them (which began after a reset).
+    static REQUESTS_BEGUN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The missing network role was logged once.
+    static WARNED_NO_NETWORK_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 pub struct HttpRole {
     context_id: u32,
@@ -32,7 +43,7 @@ pub struct HttpRole {
     conn: Option<ConnRef>,
     /// The network role is in another VM and was told this request began.
     begun_there: bool,
-    /// This request's number in the VM ([`vm::REQUESTS_BEGUN`]).
+    /// This request's number in the VM ([`REQUESTS_BEGUN`]).
     number: u64,
 }
 
@@ -166,7 +177,7 @@ impl HttpRole {
         let metrics = self.shared.metrics;
         let Some(address) = self.address().map(|a| a.text.clone()) else {
             metrics.skipped(SkipReason::NoNetworkRole).inc();
-            if !vm::WARNED_NO_NETWORK_ROLE.replace(true) {
+            if !WARNED_NO_NETWORK_ROLE.replace(true) {
                 warn!(
                     "close-relay: no network role on this listener, cannot relay the app's \
                      connection close; add the NETWORK filter before the HTTP connection manager"
@@ -229,7 +240,7 @@ impl HttpRole {
                 // The tick's clock, free to read: at most a tick old (100 ms) against a second
                 // of `race_idle_ms`, and an older record only ever reads as idle.
                 if let Some(port) = port() {
-                    vm::UPSTREAM_USE.with(|u| u.borrow_mut().answered(port, host::coarse_now(), failure.race_idle_ms));
+                    UPSTREAM_USE.with(|u| u.borrow_mut().answered(port, host::coarse_now(), failure.race_idle_ms));
                 }
                 return (upstream, rescued);
             }
@@ -240,7 +251,7 @@ impl HttpRole {
             AppSaid::Failed => {
                 let now = host::now_ms();
                 let busy = !rescued
-                    && port().is_some_and(|port| vm::UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
+                    && port().is_some_and(|port| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
                 let in_a_row = self.shared.streak.borrow_mut().failed(now, failure.window_ms, pod::answers());
                 debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}, connection in use: {busy}): {in_a_row} in a row");
                 if in_a_row >= failure.in_a_row {
@@ -248,7 +259,7 @@ impl HttpRole {
                     true
                 } else if busy && config.drain.enabled && failure.enabled && pod::single_reset_allowed(now) {
                     // The number of the last request begun before the reset: this one or a later.
-                    self.shared.unconfirmed_reset.set(Some(vm::REQUESTS_BEGUN.get()));
+                    self.shared.unconfirmed_reset.set(Some(REQUESTS_BEGUN.get()));
                     true
                 } else {
                     false
@@ -381,7 +392,7 @@ fn unframed_ends_connection() -> bool {
         // No upstream connection (a local reply): nothing to learn, and nothing to relay.
         return false;
     };
-    vm::LEARNER.with(|l| {
+    LEARNER.with(|l| {
         l.borrow_mut()
             .ends_connection(&String::from_utf8_lossy(&host), &String::from_utf8_lossy(&local))
     })
@@ -415,8 +426,8 @@ impl HttpContext for HttpRole {
             std::process::abort();
         }
         self.request = request_facts_on_request();
-        self.number = vm::REQUESTS_BEGUN.get().saturating_add(1);
-        vm::REQUESTS_BEGUN.set(self.number);
+        self.number = REQUESTS_BEGUN.get().saturating_add(1);
+        REQUESTS_BEGUN.set(self.number);
         // Read now (whether an earlier response told this connection to close is what the
         // network role published before this request was dispatched), and counted whether or
         // not the pod's drain is watched: a connection told to close is only closed once no

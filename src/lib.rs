@@ -46,7 +46,6 @@ pub mod prestop;
 pub mod root;
 pub mod shared;
 pub mod sidecar;
-pub mod vm;
 pub mod wire;
 
 /// The module's exports after `make build`: the ABI marker, the allocator, and the callbacks the

@@ -27,14 +27,26 @@ use crate::pod;
 use crate::shared::Shared;
 use crate::sidecar::{DrainStats, Probed};
 use crate::sidecar;
-use crate::vm;
 use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
+
+thread_local! {
+    /// Request heads a probe of Envoy's drain may still read this tick (the network
+    /// root refills it each tick; arming a probe empties it).
+    static PROBE_READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// The host's missing random value was logged once.
+    static WARNED_NO_NONCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// Most heads fit in one small read; only a larger head costs a second, bounded one.
 const FIRST_READ: usize = 1024;
 /// Request heads read per tick and VM looking for one to probe: a probe takes the first that
 /// qualifies, and traffic where none does (all POSTs, say) costs at most this many reads a tick.
 pub const PROBE_READS_PER_TICK: u32 = 4;
+
+/// The network root's tick: this tick's probes of Envoy's drain may read again.
+pub fn refill_probe_reads() {
+    PROBE_READS.set(PROBE_READS_PER_TICK);
+}
 /// Enough of Envoy's local reply body to read its reset reason ([`wire::local_reply_refused`]).
 const LOCAL_REPLY_READ: usize = wire::LOCAL_REPLY_START.len() + 48;
 /// Reads of one write while following responses (`lean`): a head, or a chunk line each. A
@@ -288,20 +300,20 @@ impl NetworkRole {
     /// Envoy's listener drains. A default sidecar keeps no stat of Envoy's drain closes.
     /// `first`: the head already read for this connection's first request, free to look at.
     fn arm_probe(&self, config: &Config, size: usize, first: Option<Vec<u8>>) {
-        let reads = vm::PROBE_READS.get();
+        let reads = PROBE_READS.get();
         if !(config.drain.enabled && config.drain.sidecar.enabled && reads > 0) {
             return;
         }
         let head = match first {
             Some(head) => head,
             None => {
-                vm::PROBE_READS.set(reads.saturating_sub(1));
+                PROBE_READS.set(reads.saturating_sub(1));
                 let Some(head) = host::get_buffer(BufferType::DownstreamData, size) else { return };
                 head
             }
         };
         if wire::keep_alive_request(&head) {
-            vm::PROBE_READS.set(0);
+            PROBE_READS.set(0);
             self.conn.borrow_mut().probe = true;
         }
     }
@@ -483,7 +495,7 @@ impl StreamContext for NetworkRole {
             return self.start_alone(max_head);
         }
         let Some(nonce) = host::nonce() else {
-            if !vm::WARNED_NO_NONCE.replace(true) {
+            if !WARNED_NO_NONCE.replace(true) {
                 warn!("close-relay: the host gives no random value for this connection's marker; not relayed");
             }
             return Action::Continue;

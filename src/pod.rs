@@ -9,19 +9,28 @@ use crate::host;
 use crate::keys;
 use crate::link::Note;
 use crate::metrics::Metrics;
-use crate::vm;
+
+thread_local! {
+    /// The shared drain state as of the last refresh, for the data path.
+    static DRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static APP_GOING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This VM's own wake queue, once its network root registered one.
+    static OWN_WAKE: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+    /// The app's answers this VM saw since its last tick published them.
+    static ANSWERS_UNPUBLISHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 /// Tokens kept at most; older ones belong to VMs long replaced by config updates.
 const WAKE_CAPACITY: usize = 64;
 
 /// Is the app itself going away (see [`DrainState::app_going`])? As of the last refresh.
 pub fn app_going() -> bool {
-    vm::APP_GOING.get()
+    APP_GOING.get()
 }
 
 /// Is the pod going away? As of the last tick or local entry.
 pub fn draining() -> bool {
-    vm::DRAINING.get()
+    DRAINING.get()
 }
 
 /// Re-reads the shared record (held sources expire here); returns whether draining.
@@ -29,8 +38,8 @@ pub fn refresh(metrics: &Metrics) -> bool {
     let now = host::now_ms();
     let state = DrainState::decode(&host::shared_get(keys::DRAIN_STATE).0);
     let draining = state.draining(now);
-    vm::APP_GOING.set(state.app_going(now));
-    if draining != vm::DRAINING.replace(draining) {
+    APP_GOING.set(state.app_going(now));
+    if draining != DRAINING.replace(draining) {
         let sources: Vec<_> = state.active_sources(now).iter().map(|s| s.as_str()).collect();
         info!("close-relay: pod draining: {draining} (sources: {sources:?})");
     }
@@ -67,9 +76,9 @@ fn record(source: Source, until: u64) -> bool {
         info!("close-relay: pod draining, source {} (until {until})", source.as_str());
     }
     if until > now {
-        vm::DRAINING.set(true);
+        DRAINING.set(true);
         if matches!(source, Source::AppFailure | Source::AppCloses) {
-            vm::APP_GOING.set(true);
+            APP_GOING.set(true);
         }
     }
     entered
@@ -101,13 +110,13 @@ pub fn single_reset_allowed(now_ms: u64) -> bool {
 
 /// The app answered a request here: counted in the VM, free on the data path.
 pub fn count_answer() {
-    vm::ANSWERS_UNPUBLISHED.set(vm::ANSWERS_UNPUBLISHED.get().saturating_add(1));
+    ANSWERS_UNPUBLISHED.set(ANSWERS_UNPUBLISHED.get().saturating_add(1));
 }
 
 /// Adds this VM's answers since the last tick to the pod's ([`keys::ANSWERS`]): one write a
 /// tick, and only when there were any.
 pub fn publish_answers() {
-    let mine = vm::ANSWERS_UNPUBLISHED.replace(0);
+    let mine = ANSWERS_UNPUBLISHED.replace(0);
     if mine == 0 {
         return;
     }
@@ -116,7 +125,7 @@ pub fn publish_answers() {
         Some((codec::encode_u64s(&[total.saturating_add(mine)]), ()))
     });
     if added.is_none() {
-        vm::ANSWERS_UNPUBLISHED.set(mine);
+        ANSWERS_UNPUBLISHED.set(mine);
     }
 }
 
@@ -127,7 +136,7 @@ pub fn publish_answers() {
 pub fn answers() -> u64 {
     let (current, _) = host::shared_get(keys::ANSWERS);
     let published = if current.len() == 8 { codec::decode_u64s::<1>(&current)[0] } else { 0 };
-    published.saturating_add(vm::ANSWERS_UNPUBLISHED.get())
+    published.saturating_add(ANSWERS_UNPUBLISHED.get())
 }
 
 /// Turns `source` off, when its cause has cleared (e.g. `healthcheck/ok`).
@@ -166,7 +175,7 @@ pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
 pub fn register_wake() -> Option<u32> {
     let name = format!("{}{}", keys::WAKE_QUEUE_PREFIX, host::unique());
     let token = host::register_queue(&name)?;
-    vm::OWN_WAKE.set(Some(token));
+    OWN_WAKE.set(Some(token));
     host::shared_update(keys::WAKE_TOKENS, |current| {
         let mut tokens: Vec<u64> = current.chunks_exact(8).map(|c| codec::decode_u64s::<1>(c)[0]).collect();
         tokens.push(u64::from(token));
@@ -179,7 +188,7 @@ pub fn register_wake() -> Option<u32> {
 /// This VM's queue, once its network root registered one: published in each connection's
 /// [`crate::link::Address`].
 pub fn own_queue() -> Option<u32> {
-    vm::OWN_WAKE.get()
+    OWN_WAKE.get()
 }
 
 /// Sends `note` to the network root that owns `token`; false if it cannot (the queue is gone).

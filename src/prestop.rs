@@ -12,8 +12,14 @@ use log::{info, warn};
 use proxy_wasm::types::MapType;
 
 use crate::metrics::Metrics;
-use crate::vm;
 use crate::{host, keys};
+
+thread_local! {
+    /// When a refused hook was last logged.
+    static PRESTOP_WARNED_MS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// This VM's held preStop hooks (a pod normally has one).
+    static HOLDS: std::cell::RefCell<Vec<Hold>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// The environment variable that holds the node's IP in the VM: istio-proxy has `HOST_IP`
 /// (`status.hostIP`), and the plugin gets it with `vmConfig.env: [{name: HOST_IP, valueFrom: HOST}]`.
@@ -83,8 +89,8 @@ fn ip_of(address: &str) -> &str {
 pub fn refuse(refusal: Refusal, metrics: &Metrics) {
     metrics.prestop_refused.inc();
     let now = host::now_ms();
-    if vm::PRESTOP_WARNED_MS.get().is_none_or(|at| now.saturating_sub(at) >= WARN_EVERY_MS) {
-        vm::PRESTOP_WARNED_MS.set(Some(now));
+    if PRESTOP_WARNED_MS.get().is_none_or(|at| now.saturating_sub(at) >= WARN_EVERY_MS) {
+        PRESTOP_WARNED_MS.set(Some(now));
         warn!(
             "close-relay: refused a request carrying {} ({}); answered 403, no drain (logged once a minute, counted in \
              close_relay_prestop_refused_total)",
@@ -154,13 +160,13 @@ pub fn body(outcome: Outcome) -> String {
 /// Holds the hook of HTTP context `context_id` until [`tick`] answers it.
 pub fn hold(context_id: u32) {
     let since_ms = host::now_ms();
-    vm::HOLDS.with(|h| h.borrow_mut().push(Hold { context_id, since_ms }));
+    HOLDS.with(|h| h.borrow_mut().push(Hold { context_id, since_ms }));
     info!("close-relay: kubelet preStop hook held until the pod's client connections are gone");
 }
 
 /// The hook's context ended before its answer (the kubelet gave up): forget it.
 pub fn forget(context_id: u32) {
-    vm::HOLDS.with(|h| h.borrow_mut().retain(|hold| hold.context_id != context_id));
+    HOLDS.with(|h| h.borrow_mut().retain(|hold| hold.context_id != context_id));
 }
 
 /// What the hook's network role last published on its connection, read as the held context.
@@ -172,11 +178,11 @@ fn left_on(context_id: u32) -> Option<u64> {
 
 /// Answers every hold whose outcome is in.
 pub fn tick(max_wait_ms: u64, metrics: &Metrics) {
-    if vm::HOLDS.with(|h| h.borrow().is_empty()) {
+    if HOLDS.with(|h| h.borrow().is_empty()) {
         return;
     }
     let now = host::now_ms();
-    let holds: Vec<Hold> = vm::HOLDS.with(|h| h.borrow().clone());
+    let holds: Vec<Hold> = HOLDS.with(|h| h.borrow().clone());
     let due: Vec<(Hold, Outcome)> = holds
         .into_iter()
         .filter_map(|hold| outcome(hold.since_ms, now, max_wait_ms, left_on(hold.context_id)).map(|o| (hold, o)))

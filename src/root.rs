@@ -20,7 +20,12 @@ use crate::link::Note;
 use crate::metrics::Metrics;
 use crate::shared::Shared;
 use crate::sidecar;
-use crate::{conn, http, network, pod, prestop, vm};
+use crate::{conn, http, network, pod, prestop};
+
+thread_local! {
+    /// This VM's name in the census of client connections (`census::Record::vm`).
+    static CENSUS_ID: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 /// Only the stats `sidecar::parse_drain_stats` reads, all kept by a default sidecar's inclusion
 /// list (`listener_manager`), percent-encoded for the query string.
@@ -75,12 +80,12 @@ fn claim(key: &str, interval_ms: u64) -> bool {
 /// connection here, the pod's other connections as counted since the hook came.
 fn count_connections(tick_ms: u64) {
     let now = host::now_ms();
-    if vm::CENSUS_ID.get() == 0 {
-        vm::CENSUS_ID.set(u64::from_str_radix(&host::unique(), 16).unwrap_or(1).max(1));
+    if CENSUS_ID.get() == 0 {
+        CENSUS_ID.set(u64::from_str_radix(&host::unique(), 16).unwrap_or(1).max(1));
     }
     let (open, hooks) = conn::census();
     let stale_ms = census::STALE_TICKS.saturating_mul(tick_ms);
-    let mine = Record { vm: vm::CENSUS_ID.get(), open, at_ms: now };
+    let mine = Record { vm: CENSUS_ID.get(), open, at_ms: now };
     let records = host::shared_update(keys::CENSUS, |current| {
         let records = census::publish(&census::decode(current), mine, stale_ms);
         Some((census::encode(&records), records))
@@ -267,7 +272,7 @@ impl RootContext for Root {
         self.shared.metrics.flush();
         pod::publish_answers();
         if self.role == Role::Network {
-            vm::PROBE_READS.set(network::PROBE_READS_PER_TICK);
+            network::refill_probe_reads();
             if !config.lean {
                 // Only the preStop hook reads the count, and lean has no HTTP role to hold one.
                 count_connections(config.drain.tick_ms);
@@ -280,7 +285,7 @@ impl RootContext for Root {
         }
         if !config.drain.enabled {
             // The tick clock the sweep reads; with drain awareness the refresh below sets it.
-            host::now_ms();
+            host::refresh_coarse_now();
             self.sweep(false);
             return;
         }
