@@ -128,8 +128,8 @@ pub fn conn_for(address: &str) -> Option<ConnRef> {
 
 /// Closes a client connection after what was written to it is flushed, acting as its network
 /// context. Only from a root's turn, never from inside a stream: a stream can end while Envoy
-/// is itself closing the connection, and closing it again from there crashes Envoy (a segfault,
-/// seen in the soak on 1.40.0). Never called with `CONNS` borrowed: Envoy may call back into
+/// is itself closing the connection, and closing it again from there crashes Envoy (a segfault on
+/// 1.40.0). Never called with `CONNS` borrowed: Envoy may call back into
 /// this VM while closing.
 ///
 /// The host's close is Envoy's `FlushWrite`, without its HCM's delayed close: a socket closed

@@ -1,4 +1,4 @@
-//! HTTP/2 as the network role sees it (issue 35, work in progress): the frames Envoy writes to a
+//! HTTP/2 as the network role sees it: the frames Envoy writes to a
 //! client connection, followed from their 9-byte headers alone (payloads are passed over unread,
 //! HPACK never touched), so that a graceful GOAWAY can be added at a frame boundary at the end of
 //! a write, and a connection with no stream open can be told from a busy one.

@@ -63,13 +63,13 @@ impl Activity {
 /// May this connection be closed as idle now? Never with a request in flight, never within
 /// `grace_ms` of the last byte (a request may be on the wire), and only when the last bytes were
 /// a response: request bytes the HTTP role has not reported (a head still arriving, or no HTTP
-/// role that reports at all) may be a request waiting for its answer. Only HTTP/1 connections
-/// are ours: a TCP chain (a server-first protocol, TLS passed through, h2 with prior knowledge)
-/// is never closed.
+/// role that reports at all) may be a request waiting for its answer. This judges HTTP/1
+/// connections; an h2c one is judged by its frames (`conn::sweep`), and any other TCP chain (a
+/// server-first protocol, TLS passed through) is never closed.
 pub fn idle(a: &Activity, now_ms: u64, grace_ms: u64, fresh_grace_ms: u64, told: bool) -> bool {
     // With a grace, the quiet counts from when a slow client could have read the last response
-    // (the soak's slow reader was still reading 1 MiB 400 ms after Envoy wrote it, then sent its
-    // next request into the close). Without one the app refuses connections: the next request
+    // (a client reading 1 MiB slowly can still be reading it hundreds of ms after Envoy wrote
+    // it, and then send its next request into the close). Without one the app refuses connections: the next request
     // fails either way, and the kernel still delivers what it holds. A client told to close
     // (`told`) has no next request to send: the grace alone stands for Envoy's delayed close,
     // and the kernel delivers what it holds, as nothing the client sent is left unread.
