@@ -197,15 +197,20 @@ fn alerting_rules_pass_promtool_and_fire_on_a_trap_a_reload_a_bad_config_and_a_f
     say("PrometheusRule: Operator schema, promtool check rules, and promtool alert tests (trap, reload, bad config, not running, failed pull)");
 }
 
+/// An example overlay's build: the two plugins, both of `kind`.
+fn overlay_pair(dir: &str, kind: &str) -> Vec<Value> {
+    let (built, yaml) = kustomize(&root().join("envoyfilter/examples").join(dir));
+    assert!(built, "{yaml}");
+    let resources = istio::docs(&yaml);
+    assert_eq!(resources.len(), 2, "{yaml}");
+    assert!(resources.iter().all(|r| r["kind"] == kind), "{yaml}");
+    resources
+}
+
 #[test]
 fn example_overlays_select_one_workload_in_its_namespace() {
     for (dir, kind) in [("checkout", "WasmPlugin"), ("checkout-trafficextension", "TrafficExtension")] {
-        let (built, yaml) = kustomize(&root().join("envoyfilter/examples").join(dir));
-        assert!(built, "{yaml}");
-        let resources = istio::docs(&yaml);
-        assert_eq!(resources.len(), 2, "{yaml}");
-        for r in &resources {
-            assert_eq!(r["kind"], kind);
+        for r in &overlay_pair(dir, kind) {
             assert_eq!(r["metadata"]["namespace"], "shop");
             assert_eq!(r["spec"]["selector"]["matchLabels"], json!({"app": "checkout"}));
             let url = if kind == "WasmPlugin" { &r["spec"]["url"] } else { &r["spec"]["wasm"]["url"] };
@@ -217,12 +222,7 @@ fn example_overlays_select_one_workload_in_its_namespace() {
 #[test]
 fn the_prestop_token_overlays_set_a_token_both_plugins_accept() {
     for (dir, kind) in [("prestop-token", "WasmPlugin"), ("prestop-token-trafficextension", "TrafficExtension")] {
-        let (built, yaml) = kustomize(&root().join("envoyfilter/examples").join(dir));
-        assert!(built, "{yaml}");
-        let resources = istio::docs(&yaml);
-        assert_eq!(resources.len(), 2, "{yaml}");
-        for r in &resources {
-            assert_eq!(r["kind"], kind);
+        for r in &overlay_pair(dir, kind) {
             token_set(r, if kind == "WasmPlugin" { &r["spec"]["pluginConfig"] } else { &r["spec"]["wasm"]["pluginConfig"] });
         }
     }
