@@ -36,6 +36,13 @@ const MAX_STREAMS: usize = 1024;
 /// What a client with prior knowledge sends first (RFC 9113 §3.4), before its SETTINGS.
 pub const CLIENT_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Whether a connection's first bytes may be an h2c client's: they agree with the preface as
+/// far as either goes (a first read may hold less than the whole preface).
+pub fn may_be_preface(first: &[u8]) -> bool {
+    let n = first.len().min(CLIENT_PREFACE.len());
+    first.get(..n) == CLIENT_PREFACE.get(..n)
+}
+
 /// Which way the frames go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {

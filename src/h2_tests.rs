@@ -85,3 +85,12 @@ fn what_is_not_http2_is_lost() {
     c.read(b"GET / HTTP/1.1\r\n\r\n");
     assert!(c.lost());
 }
+
+#[test]
+fn a_first_read_may_hold_the_preface_or_only_its_start() {
+    assert!(may_be_preface(CLIENT_PREFACE) && may_be_preface(b"PRI * HTTP/2"));
+    let mut more = CLIENT_PREFACE.to_vec();
+    more.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    assert!(may_be_preface(&more), "the preface and the client's SETTINGS in one read");
+    assert!(!may_be_preface(b"GET / HTTP/1.1\r\n") && !may_be_preface(b"PRI * HTTP/1.1"));
+}

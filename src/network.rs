@@ -25,8 +25,7 @@ use crate::keys;
 use crate::link::Address;
 use crate::pod;
 use crate::shared::Shared;
-use crate::sidecar::{DrainStats, Probed};
-use crate::sidecar;
+use crate::sidecar::{self, DrainStats, Probed};
 use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
 
 thread_local! {
@@ -540,7 +539,7 @@ impl StreamContext for NetworkRole {
             let http1 = wire::starts_http1_request(first);
             let mut c = self.conn.borrow_mut();
             c.activity.http1 = http1;
-            if http1 == Some(false) && first.starts_with(&crate::h2::CLIENT_PREFACE[..first.len().min(crate::h2::CLIENT_PREFACE.len())]) {
+            if http1 == Some(false) && crate::h2::may_be_preface(first) {
                 c.h2 = Some(crate::h2::Connection::new());
             }
             drop(c);

@@ -257,26 +257,8 @@ fn a_grpc_call_the_app_refuses_drains_the_pod_though_its_status_is_200() {
     let mut app = App::start();
     let envoy = start("grpc-refused", spec(&app));
     app.kill();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let port = envoy.port;
-    let (status, grpc_status) = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        let driver = tokio::spawn(conn);
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::post("http://app/shop.Checkout/Pay")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let (resp, mut send) = client.send_request(req, false).unwrap();
-        send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
-        let resp = resp.await.unwrap();
-        let grpc = resp.headers().get("grpc-status").map(|v| v.to_str().unwrap_or("").to_string());
-        driver.abort();
-        (resp.status().as_u16(), grpc)
-    });
-    assert_eq!((status, grpc_status.as_deref()), (200, Some("14")), "not Envoy's UNAVAILABLE");
+    let ended = e2e::grpc::Caller::new(Duration::from_secs(5)).and_then(|mut c| c.call(envoy.port)).expect("a gRPC call");
+    assert_eq!((ended.http, ended.grpc), (200, Some(14)), "not Envoy's UNAVAILABLE");
     assert_eq!(envoy.counter_reaching("wasmcustom.close_relay_drain_entered_app_failure_total", 1, Duration::from_secs(2)), 1, "{}", envoy.wasm_log());
 }
 
