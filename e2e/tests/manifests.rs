@@ -72,9 +72,10 @@ fn every_manifest_and_kustomize_build_validates_against_istio_crd_schemas() {
     ];
     // One validator run for everything: it compiles the schemas once (a second per run).
     let scratch = e2e::scratch("istio-valid");
+    let pushed = with_pushed_url();
     let mut built_files = Vec::new();
     for (i, (dir, objects)) in builds.iter().enumerate() {
-        let (built, yaml) = kustomize(&root().join(dir));
+        let (built, yaml) = kustomize(&pushed.join(dir));
         assert!(built, "kustomize build {dir}: {yaml}");
         let file = scratch.join(format!("build-{i}.yaml"));
         fs::write(&file, yaml).unwrap();
@@ -197,9 +198,57 @@ fn alerting_rules_pass_promtool_and_fire_on_a_trap_a_reload_a_bad_config_and_a_f
     say("PrometheusRule: Operator schema, promtool check rules, and promtool alert tests (trap, reload, bad config, not running, failed pull)");
 }
 
-/// An example overlay's build: the two plugins, both of `kind`.
+/// The URL the example overlays carry until the user puts in the one `make push` printed.
+const PLACEHOLDER: &str = "<the oci://...@sha256:... URL that make push printed>";
+/// What `make push` prints, in the form it prints it.
+const PUSHED: &str = "oci://123456789012.dkr.ecr.eu-west-1.amazonaws.com/close-relay@sha256:\
+                      9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+/// A copy of the repository's envoyfilter/ with the example overlays' placeholder replaced by a
+/// pushed image's URL, as a user's copy is once they follow the overlay's comment.
+fn with_pushed_url() -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let p = entry.unwrap().path();
+            let dest = to.join(p.file_name().unwrap());
+            if p.is_dir() {
+                copy(&p, &dest);
+            } else {
+                fs::write(&dest, fs::read_to_string(&p).unwrap().replace(PLACEHOLDER, PUSHED)).unwrap();
+            }
+        }
+    }
+    // Once per test binary: the tests run in parallel, and a scratch dir is emptied when named.
+    static COPIED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPIED
+        .get_or_init(|| {
+            let copied = e2e::scratch("pushed-url");
+            copy(&root().join("envoyfilter"), &copied.join("envoyfilter"));
+            copied
+        })
+        .clone()
+}
+
+#[test]
+fn the_example_overlays_as_shipped_are_refused_until_the_pushed_url_is_put_in() {
+    let scratch = e2e::scratch("placeholder-url");
+    for dir in ["checkout", "checkout-trafficextension", "prestop-token", "prestop-token-trafficextension"] {
+        let raw = fs::read_to_string(root().join("envoyfilter/examples").join(dir).join("kustomization.yaml")).unwrap();
+        assert!(!raw.contains("sha256:0000"), "{dir} carries a digest that would pass the API server and fail the pull");
+        let (built, yaml) = kustomize(&root().join("envoyfilter/examples").join(dir));
+        assert!(built && yaml.contains(PLACEHOLDER), "{dir}: {yaml}");
+        let file = scratch.join(format!("{dir}.yaml"));
+        fs::write(&file, yaml).unwrap();
+        let (ok, out) = validate(&[file.as_path()]);
+        assert!(!ok && out.contains("url must have schema one of [http, https, file, oci]"), "{dir} was not refused:\n{out}");
+    }
+    say("the example overlays, as shipped, are refused by the API server's CEL rule on the url");
+}
+
+/// An example overlay's build, with the pushed URL put in: the two plugins, both of `kind`.
 fn overlay_pair(dir: &str, kind: &str) -> Vec<Value> {
-    let (built, yaml) = kustomize(&root().join("envoyfilter/examples").join(dir));
+    let (built, yaml) = kustomize(&with_pushed_url().join("envoyfilter/examples").join(dir));
     assert!(built, "{yaml}");
     let resources = istio::docs(&yaml);
     assert_eq!(resources.len(), 2, "{yaml}");
@@ -214,7 +263,7 @@ fn example_overlays_select_one_workload_in_its_namespace() {
             assert_eq!(r["metadata"]["namespace"], "shop");
             assert_eq!(r["spec"]["selector"]["matchLabels"], json!({"app": "checkout"}));
             let url = if kind == "WasmPlugin" { &r["spec"]["url"] } else { &r["spec"]["wasm"]["url"] };
-            assert!(url.as_str().unwrap().contains("/close-relay@sha256:"), "{url}");
+            assert_eq!(url.as_str(), Some(PUSHED), "{url}");
         }
     }
 }
