@@ -80,23 +80,6 @@ unsafe fn slice<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
     }
 }
 
-/// The ABI's serialized header map (see `host::pairs`).
-fn serialize(pairs: &[(String, String)]) -> Vec<u8> {
-    let word = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-    let mut out = word(pairs.len()).to_vec();
-    for (k, v) in pairs {
-        out.extend_from_slice(&word(k.len()));
-        out.extend_from_slice(&word(v.len()));
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
-}
-
 #[no_mangle]
 extern "C" fn proxy_log(_level: u32, _message: *const u8, _size: usize) -> u32 {
     OK
@@ -151,7 +134,7 @@ unsafe extern "C" fn proxy_set_buffer_bytes(buffer: u32, start: usize, size: usi
 #[no_mangle]
 unsafe extern "C" fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32 {
     let pairs = with(|f| f.maps.get(&map).cloned().unwrap_or_default());
-    hand_over(&serialize(&pairs), data, size);
+    hand_over(&crate::codec::encode_pairs(&pairs), data, size);
     OK
 }
 
@@ -816,7 +799,7 @@ use crate::idle::Grace;
 
     /// A connection of this VM whose request is probed, answered with `head`.
     fn probed(id: u32, shared: &Rc<Shared>, head: &[u8]) {
-        crate::network::refill_probe_reads();
+        crate::probe::refill_reads();
         let (mut net, _http) = connection(id, shared);
         write(&mut net, head);
     }
@@ -835,7 +818,7 @@ use crate::idle::Grace;
         probed(63, &shared, kept);
         assert!(!pod::draining(), "Envoy kept a connection open: it is not draining");
         // A request that asked to close is never probed; nor is a second one the same tick.
-        crate::network::refill_probe_reads();
+        crate::probe::refill_reads();
         let mut net = NetworkRole::new(64, shared.clone());
         net.on_new_connection();
         set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\nconnection: close\r\n\r\n");
@@ -856,7 +839,7 @@ use crate::idle::Grace;
         reset(START_MS);
         let shared = shared(Config::default());
         let (mut net, _http) = connection(81, &shared);
-        crate::network::refill_probe_reads();
+        crate::probe::refill_reads();
         let post = b"POST / HTTP/1.1\r\nhost: alb\r\ncontent-length: 2\r\n\r\nok";
         let reads = || with(|f| f.buffer_reads.get(&(BufferType::DownstreamData as u32)).copied().unwrap_or(0));
         let before = reads();
@@ -865,7 +848,7 @@ use crate::idle::Grace;
             set_buffer(BufferType::DownstreamData, post);
             net.on_downstream_data(post.len(), false);
         }
-        assert_eq!(reads() - before, crate::network::PROBE_READS_PER_TICK, "20 POSTs in one tick");
+        assert_eq!(reads() - before, crate::probe::READS_PER_TICK, "20 POSTs in one tick");
     }
 
     #[test]

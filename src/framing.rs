@@ -12,13 +12,11 @@
 //! Requests are not read: Envoy's HTTP/1 codec takes one at a time, and presents the bytes of
 //! one the client pipelined behind another to the network filters again once the answer before
 //! it is written, so a request read after the last answer is one waiting for its own
-//! (`network.rs`, `lean_in_flight`).
+//! (`lean.rs`, `in_flight`).
 
 use crate::decision::{self, has_token};
 use crate::follow::Follower;
 
-/// The first read of a head: most heads fit, so most responses cost one read.
-pub const HEAD_READ: usize = 1024;
 /// Later reads of a head larger than the first.
 const HEAD_MORE: usize = 16 * 1024;
 /// Envoy's chunk lines are a hex length and CRLF; a trailer line may be longer.
@@ -207,7 +205,7 @@ impl Follower for Responses {
     /// ones can be passed over unread ([`Follower::skip`]).
     fn wants(&self) -> Option<usize> {
         match self.state {
-            State::Between => Some(HEAD_READ),
+            State::Between => Some(crate::wire::FIRST_READ),
             State::Head => Some(HEAD_MORE.min(self.max_head.saturating_sub(self.carry.len())).max(1)),
             State::ChunkLine | State::Trailers => Some(LINE_READ),
             State::Body(_) | State::ChunkData(_) | State::Open | State::Lost => None,

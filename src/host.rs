@@ -43,6 +43,16 @@ pub fn replace_prefix(buffer: BufferType, len: usize, with: &[u8]) -> Result<(),
     })
 }
 
+/// Applies `edit` to the start of a connection buffer; a failure is logged and leaves the
+/// bytes as they were.
+pub fn edit(buffer: BufferType, edit: &crate::wire::Edit) -> bool {
+    let applied = replace_prefix(buffer, edit.len, &edit.with);
+    if let Err(e) = applied {
+        log::warn!("close-relay: could not edit {buffer:?}: {e:?}");
+    }
+    applied.is_ok()
+}
+
 /// Adds `bytes` at the end of a buffer of `len` bytes (Envoy's `Buffer::copyFrom` appends for a
 /// start at or past the buffer's length).
 pub fn append(buffer: BufferType, len: usize, bytes: &[u8]) -> Result<(), HostError> {
@@ -97,7 +107,7 @@ pub fn set_effective_context(id: u32) -> Result<(), HostError> {
 }
 
 /// A whole header map in one call and one copy into the VM, serialized as the ABI has it (see
-/// [`pairs`]): each call out of the VM, and each copy into it (the host calls back into the VM
+/// [`crate::codec::pairs`]): each call out of the VM, and each copy into it (the host calls back into the VM
 /// to allocate), costs about a microsecond in Envoy's V8 (`make bench`).
 pub fn header_map(map: MapType) -> Option<Bytes> {
     let (mut data, mut size) = (std::ptr::null_mut(), 0);
@@ -106,27 +116,6 @@ pub fn header_map(map: MapType) -> Option<Bytes> {
         .map_err(|e| log::debug!("header map {map:?} not readable: {e:?}"))
         .ok()?;
     owned(data, size)
-}
-
-/// The pairs of a serialized map, borrowed from it: a count, then each key's and value's length,
-/// then each key and value followed by a NUL. Garbage gives the pairs that were whole, never a
-/// panic.
-pub fn pairs(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
-    let word = |at: usize| -> Option<usize> {
-        let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        usize::try_from(u32::from_le_bytes(raw)).ok()
-    };
-    let count = word(0).unwrap_or(0);
-    let mut at = count.checked_mul(8).and_then(|n| n.checked_add(4)).unwrap_or(usize::MAX);
-    let mut take = move |len: usize| -> Option<&[u8]> {
-        let field = bytes.get(at..at.checked_add(len)?)?;
-        at = at.checked_add(len)?.checked_add(1)?;
-        Some(field)
-    };
-    (0..count).map_while(move |i| {
-        let (key_len, value_len) = (word(i.saturating_mul(8).saturating_add(4))?, word(i.saturating_mul(8).saturating_add(8))?);
-        Some((take(key_len)?, take(value_len)?))
-    })
 }
 
 pub fn add_header(map: MapType, name: &str, value: &str) -> Result<(), HostError> {
@@ -159,64 +148,18 @@ pub fn header(map: MapType, name: &str) -> Option<String> {
     }
 }
 
-/// Logs through the host. Installed once per VM by [`init_logging`]; a failed log call is
-/// dropped, never a panic.
-struct HostLogger;
-
-impl log::Log for HostLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
-        let level = match record.level() {
-            log::Level::Trace => LogLevel::Trace,
-            log::Level::Debug => LogLevel::Debug,
-            log::Level::Info => LogLevel::Info,
-            log::Level::Warn => LogLevel::Warn,
-            log::Level::Error => LogLevel::Error,
-        };
-        host_log(level, &record.args().to_string());
-    }
-
-    fn flush(&self) {}
-}
-
-fn host_log(level: LogLevel, message: &str) {
+/// Writes `message` to the host's log at `level`; a failed call is dropped (the `log` crate's
+/// plumbing: `logging.rs`).
+pub fn log(level: LogLevel, message: &str) {
     // SAFETY: pointer and length of a live string; the host copies it.
     let _ = invoke(Call::Log, || unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) });
 }
 
-static LOGGER: HostLogger = HostLogger;
-
-/// Routes `log` to the host and a panic's message to its log (the SDK's own logger unwraps the
-/// log call's status). Once per VM, at start.
-pub fn init_logging() {
-    if log::set_logger(&LOGGER).is_ok() {
-        std::panic::set_hook(Box::new(|info| host_log(LogLevel::Critical, &info.to_string())));
-    }
-    log::set_max_level(log::LevelFilter::Info);
-}
-
-/// Makes `log` calls below the host's level free: they are filtered before formatting.
-pub fn follow_host_log_level() {
+/// The host's log level (0 trace to 5 critical), or `None` when it does not say.
+pub fn log_level() -> Option<u32> {
     let mut raw = LogLevel::Info as u32;
     // SAFETY: out-pointer to a local.
-    if invoke(Call::GetLogLevel, || unsafe { proxy_get_log_level(&mut raw) }).is_err() {
-        return;
-    }
-    let filter = match raw {
-        0 => log::LevelFilter::Trace,
-        1 => log::LevelFilter::Debug,
-        2 => log::LevelFilter::Info,
-        3 => log::LevelFilter::Warn,
-        4 => log::LevelFilter::Error,
-        _ => log::LevelFilter::Off,
-    };
-    log::set_max_level(filter);
+    invoke(Call::GetLogLevel, || unsafe { proxy_get_log_level(&mut raw) }).ok().map(|()| raw)
 }
 
 /// A hard-to-guess 64-bit value as 16 hex digits, from WASI's `random_get` (Envoy fills it from
@@ -338,7 +281,7 @@ pub fn drain_queue(token: u32) -> Vec<Bytes> {
 /// the app never sees it. `details` names the answer in Envoy's access log
 /// (`%RESPONSE_CODE_DETAILS%`).
 pub fn send_local_response(status: u32, details: &str, body: &[u8]) -> Result<(), HostError> {
-    let headers = serialize_pairs(&[("content-type", "text/plain")]);
+    let headers = crate::codec::encode_pairs(&[("content-type", "text/plain")]);
     // SAFETY: pointers and lengths of live slices; the host copies them before returning.
     invoke(Call::SendLocalResponse, || unsafe {
         proxy_send_local_response(
@@ -352,24 +295,6 @@ pub fn send_local_response(status: u32, details: &str, body: &[u8]) -> Result<()
             -1,
         )
     })
-}
-
-/// A header map as the ABI passes one: the pair count, each name's and value's length (u32,
-/// little-endian), then each name and value followed by a NUL.
-fn serialize_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes();
-    let mut out = u32::try_from(pairs.len()).unwrap_or(0).to_le_bytes().to_vec();
-    for (name, value) in pairs {
-        out.extend(len(name));
-        out.extend(len(value));
-    }
-    for (name, value) in pairs {
-        for s in [name, value] {
-            out.extend_from_slice(s.as_bytes());
-            out.push(0);
-        }
-    }
-    out
 }
 
 /// GET `path` through Envoy `cluster`; the answer arrives in the root's
@@ -447,39 +372,6 @@ impl Gauge {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The ABI's serialized map, as a host writes it: the oracle for `pairs`.
-    fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
-        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes();
-        let mut out = Vec::new();
-        out.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_le_bytes());
-        for (k, v) in pairs {
-            out.extend_from_slice(&len(k));
-            out.extend_from_slice(&len(v));
-        }
-        for (k, v) in pairs {
-            for s in [k, v] {
-                out.extend_from_slice(s.as_bytes());
-                out.push(0);
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn pairs_round_trip_and_garbage_never_panics() {
-        let written = [(":status", "200"), ("connection", "close"), ("", "")];
-        let whole = encode_pairs(&written);
-        let read: Vec<(&[u8], &[u8])> = pairs(&whole).collect();
-        let expected: Vec<(&[u8], &[u8])> = written.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
-        assert_eq!(read, expected);
-        assert_eq!(pairs(&[]).count(), 0);
-        assert_eq!(pairs(&[0xff, 0xff, 0xff, 0xff]).count(), 0);
-        for cut in 0..whole.len() {
-            let some = pairs(&whole[..cut]).count();
-            assert!(some < written.len() || cut + 1 >= whole.len(), "cut {cut}: {some}");
-        }
-    }
 
     #[test]
     fn property_paths_join_segments_with_nul() {

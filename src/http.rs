@@ -13,17 +13,14 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::config::Config;
 use crate::conn::{self, ConnRef};
-use crate::decision::{self, decide, AppSaid, Decision, Marks, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
+use crate::decision::{self, decide, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
 use crate::drain::{Source, UNTIL_CLEARED};
-use crate::evidence;
 use crate::link::{Address, Note};
 use crate::shared::Shared;
-use crate::{host, keys, pod, prestop, wire};
+use crate::facts::{self, ResponseHeaders};
+use crate::{app, host, keys, pod, prestop, wire};
 
 thread_local! {
-    /// Which upstream connections answered close-delimited responses, to tell an
-    /// HTTP/2 app from one that ends its connections.
-    static LEARNER: std::cell::RefCell<crate::decision::UnframedLearner> = std::cell::RefCell::default();
     /// This VM's upstream connections' last answers (the app's pool is per worker too).
     static UPSTREAM_USE: std::cell::RefCell<crate::evidence::UpstreamUse> = std::cell::RefCell::default();
     /// Requests begun in this VM, numbering them (which began after a reset).
@@ -149,8 +146,8 @@ impl HttpRole {
         let decision = decide(
             facts,
             signals,
-            || RequestFacts { protocol: downstream_protocol(), ..std::mem::take(request) },
-            unframed_ends_connection,
+            || RequestFacts { protocol: facts::downstream_protocol(), ..std::mem::take(request) },
+            facts::unframed_ends_connection,
         );
         let ended = match decision {
             Decision::Keep => return None,
@@ -212,26 +209,22 @@ impl HttpRole {
         }
     }
 
-    /// What this response says about the app: an answer ends a streak of failures; a refusal
-    /// drains the pod at once; a reset or a rescue only when another came before any answer
-    /// (`evidence::Streak`). Rescued requests are counted. Returns whether Envoy could not connect.
+    /// What this response says about the app ([`app::judge`]), with what only this role knows:
+    /// which upstream connection a reset came on, and which requests began after a single
+    /// reset. Rescued requests are counted. Returns whether Envoy could not connect.
     fn watch_app(&mut self, config: &Config, headers: &ResponseHeaders, status: u16) -> (Upstream, bool) {
         let failed = decision::failed(status, headers.grpc_status.as_deref());
-        let flags = if failed { response_flags() } else { 0 };
-        let marks = rescue_marks(headers, failed, flags);
+        let flags = if failed { facts::response_flags() } else { 0 };
+        let marks = facts::rescue_marks(headers, failed, flags);
         let upstream = decision::upstream(failed, flags, marks.refused);
-        let rescued = marks.rescued;
-        if rescued {
-            self.shared.metrics.rescued.inc();
-        }
         let failure = &config.drain.app_failure;
         // Which upstream connection: only where a reset can drain the pod.
         let watched = config.drain.enabled && failure.enabled && failure.resets && failure.race_idle_ms > 0;
-        let port = || watched.then(upstream_port).flatten();
-        let evidence = match decision::app_said(upstream, rescued, failure.resets) {
-            AppSaid::Answered => {
-                self.shared.streak.borrow_mut().answered();
-                pod::count_answer();
+        let port = watched.then(facts::upstream_port).flatten();
+        let response = app::Response { upstream, rescued: marks.rescued, rescue_marked: marks.refused };
+        let busy = |now| port.is_some_and(|port| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
+        match app::judge(&self.shared, config, response, busy) {
+            app::Verdict::Answered => {
                 if self.shared.unconfirmed_reset.get().is_some_and(|before| self.number > before) {
                     self.shared.unconfirmed_reset.set(None);
                     debug!("the app answered a request begun after its single reset: not going away");
@@ -239,163 +232,19 @@ impl HttpRole {
                 }
                 // The tick's clock, free to read: at most a tick old (100 ms) against a second
                 // of `race_idle_ms`, and an older record only ever reads as idle.
-                if let Some(port) = port() {
+                if let Some(port) = port {
                     UPSTREAM_USE.with(|u| u.borrow_mut().answered(port, host::coarse_now(), failure.race_idle_ms));
                 }
-                return (upstream, rescued);
             }
-            AppSaid::Refused => {
-                self.shared.unconfirmed_reset.set(None);
-                true
-            }
-            AppSaid::Failed => {
-                let now = host::now_ms();
-                let busy = !rescued
-                    && port().is_some_and(|port| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
-                let in_a_row = self.shared.streak.borrow_mut().failed(now, failure.window_ms, pod::answers());
-                debug!("app failed a request (response flags {flags:#x}, rescued: {rescued}, connection in use: {busy}): {in_a_row} in a row");
-                if in_a_row >= failure.in_a_row {
-                    self.shared.unconfirmed_reset.set(None);
-                    true
-                } else if busy && config.drain.enabled && failure.enabled && pod::single_reset_allowed(now) {
-                    // The number of the last request begun before the reset: this one or a later.
-                    self.shared.unconfirmed_reset.set(Some(REQUESTS_BEGUN.get()));
-                    true
-                } else {
-                    false
-                }
-            }
-        };
-        if config.drain.enabled && failure.enabled && evidence {
-            // A rescue: the next request on an idle connection would be rescued too, so the
-            // sidecar's idle grace, not the app's at-once close (`Source::AppRescued`).
-            let source = if rescued { Source::AppRescued } else { Source::for_app_failure(marks.refused) };
-            debug!("app going away ({}): pod draining for {} ms", source.as_str(), failure.hold_ms);
-            self.entered(source, host::now_ms().saturating_add(failure.hold_ms));
-        }
-        (upstream, rescued)
-    }
-}
-
-/// Envoy lets go of the request headers once `on_http_request_headers` returns, so the few
-/// request facts the decision may need are taken on the way in: three single reads, of which
-/// only `:method` is usually there (an absent header costs no copy into the VM, where a whole-map
-/// read copies every header the ALB sent; `make bench`).
-fn request_facts_on_request() -> RequestFacts {
-    let read = |name| host::header(MapType::HttpRequestHeaders, name);
-    RequestFacts {
-        protocol: String::new(),
-        method: read(":method").unwrap_or_default(),
-        upgrade: read("upgrade"),
-        connection: read("connection"),
-    }
-}
-
-/// Rescue's marks on this response that this sidecar wrote ([`decision::rescue_marks`]); a
-/// refusal marker it did not write is taken off. The route's name is read only when a mark is
-/// there at all: with rescue, every response carries an attempt count, few one of 2 or more.
-fn rescue_marks(headers: &ResponseHeaders, failed: bool, flags: u64) -> Marks {
-    if !headers.refused && !decision::rescued(headers.attempt_count.as_deref(), false) {
-        return Marks::default();
-    }
-    let route = host::get_property(&["xds", "route_name"]);
-    let on_rescue_route = route.is_some_and(|r| r.starts_with(decision::RESCUE_ROUTE_PREFIX.as_bytes()));
-    let marks = decision::rescue_marks(headers.refused, headers.attempt_count.as_deref(), failed, flags, on_rescue_route);
-    if marks.copy {
-        debug!("{} on a response this sidecar did not refuse: the app's, taken off", decision::REFUSED_HEADER);
-        if let Err(e) = host::remove_header(MapType::HttpResponseHeaders, decision::REFUSED_HEADER) {
-            warn!("close-relay: cannot take the app's {} off its response: {e:?}", decision::REFUSED_HEADER);
-        }
-    }
-    marks
-}
-
-/// The local port of the upstream connection this response came on.
-fn upstream_port() -> Option<u16> {
-    evidence::port_of(&host::get_property(&["upstream", "local_address"])?)
-}
-
-fn downstream_protocol() -> String {
-    let protocol = host::get_property(&["request", "protocol"]).unwrap_or_default();
-    String::from_utf8_lossy(&protocol).into_owned()
-}
-
-fn response_flags() -> u64 {
-    let raw = host::get_property(&["response", "flags"]).unwrap_or_default();
-    let mut word = [0u8; 8];
-    for (slot, byte) in word.iter_mut().zip(raw) {
-        *slot = byte;
-    }
-    u64::from_le_bytes(word)
-}
-
-/// The response headers the decision reads, from one whole-map read: a response carries few
-/// headers, and one read (one call out of the VM, one copy into it) costs less than the four
-/// single reads it replaces (`make bench`).
-#[derive(Default)]
-struct ResponseHeaders {
-    status: Option<String>,
-    connection: Option<String>,
-    proxy_connection: Option<String>,
-    content_length: bool,
-    transfer_encoding: Option<String>,
-    /// `x-envoy-attempt-count`, present where the route includes it in the response (rescue).
-    attempt_count: Option<String>,
-    /// [`decision::REFUSED_HEADER`]: the pod that made this reply could not reach its app.
-    refused: bool,
-    /// gRPC's status when the response is trailers-only (Envoy's own reply to a gRPC request).
-    grpc_status: Option<String>,
-}
-
-impl ResponseHeaders {
-    fn read() -> ResponseHeaders {
-        let map = host::header_map(MapType::HttpResponseHeaders).unwrap_or_default();
-        ResponseHeaders::from_pairs(host::pairs(&map))
-    }
-
-    /// Only the names the decision reads are copied out; Envoy hands them lower-cased.
-    fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> ResponseHeaders {
-        let mut h = ResponseHeaders::default();
-        for (name, value) in pairs {
-            let value = || Some(String::from_utf8_lossy(value).into_owned());
-            match name {
-                b":status" => h.status = value(),
-                b"connection" => h.connection = value(),
-                b"proxy-connection" => h.proxy_connection = value(),
-                b"content-length" => h.content_length = true,
-                b"transfer-encoding" => h.transfer_encoding = value(),
-                b"x-envoy-attempt-count" => h.attempt_count = value(),
-                b"grpc-status" => h.grpc_status = value(),
-                _ if name == decision::REFUSED_HEADER.as_bytes() => h.refused = true,
-                _ => {}
+            app::Verdict::Failed => {}
+            app::Verdict::Going { source, until, single_reset } => {
+                // The number of the last request begun before the reset: this one or a later.
+                self.shared.unconfirmed_reset.set(single_reset.then(|| REQUESTS_BEGUN.get()));
+                self.entered(source, until);
             }
         }
-        h
+        (upstream, marks.rescued)
     }
-
-    fn facts(&self) -> ResponseFacts<'_> {
-        ResponseFacts {
-            status: self.status.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0),
-            connection: self.connection.as_deref(),
-            proxy_connection: self.proxy_connection.as_deref(),
-            content_length: self.content_length,
-            transfer_encoding: self.transfer_encoding.as_deref(),
-        }
-    }
-}
-
-/// Per VM: whether an unframed response really ends the app's connection (see the learner).
-fn unframed_ends_connection() -> bool {
-    let host = host::get_property(&["upstream", "address"]);
-    let local = host::get_property(&["upstream", "local_address"]);
-    let (Some(host), Some(local)) = (host, local) else {
-        // No upstream connection (a local reply): nothing to learn, and nothing to relay.
-        return false;
-    };
-    LEARNER.with(|l| {
-        l.borrow_mut()
-            .ends_connection(&String::from_utf8_lossy(&host), &String::from_utf8_lossy(&local))
-    })
 }
 
 impl Context for HttpRole {}
@@ -425,7 +274,7 @@ impl HttpContext for HttpRole {
         if host::header(MapType::HttpRequestHeaders, ":path").as_deref() == Some("/__close_relay_trap") {
             std::process::abort();
         }
-        self.request = request_facts_on_request();
+        self.request = facts::request_facts_on_request();
         self.number = REQUESTS_BEGUN.get().saturating_add(1);
         REQUESTS_BEGUN.set(self.number);
         // Read now (whether an earlier response told this connection to close is what the
@@ -453,27 +302,5 @@ impl HttpContext for HttpRole {
             self.mark(reason);
         }
         Action::Continue
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(list: &[(&'static str, &'static str)]) -> ResponseHeaders {
-        ResponseHeaders::from_pairs(list.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
-    }
-
-    #[test]
-    fn facts_from_envoy_header_map() {
-        let h = headers(&[(":status", "200"), ("content-length", "2"), ("connection", "close")]);
-        let f = h.facts();
-        assert_eq!((f.status, f.connection, f.content_length), (200, Some("close"), true));
-        let h = headers(&[(":status", "200"), ("x-envoy-upstream-service-time", "0")]);
-        assert_eq!(crate::decision::upstream_end(&h.facts()), Some(Reason::CloseDelimited));
-        let h = headers(&[(":status", "200"), ("transfer-encoding", "chunked"), ("proxy-connection", "Close")]);
-        assert_eq!(crate::decision::upstream_end(&h.facts()), Some(Reason::ProxyConnectionClose));
-        assert_eq!(headers(&[(":status", "nope")]).facts().status, 0);
-        assert_eq!(headers(&[]).facts().status, 0);
     }
 }

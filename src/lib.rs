@@ -15,14 +15,19 @@
 //!
 //! Decisions live in [`decision`], [`drain`], [`sidecar`], [`evidence`], [`idle`], [`wire`],
 //! [`framing`] (lean's view of the responses written) and [`h2`] as pure functions; [`follow`]
-//! is the loop the last two share, [`codec`] shared data's records. Only [`host`]
-//! talks to the host, and none of its calls can panic (`clippy.toml` refuses the SDK's);
-//! [`pod`], [`root`] and the two context types act through it. [`metrics`] holds what the
-//! module exports, [`shared::Shared`] what one plugin instance's contexts share.
+//! is the loop the last two share, [`codec`] the host's byte formats. Only [`host`] talks to
+//! the host, and none of its calls can panic (`clippy.toml` refuses the SDK's); [`logging`]
+//! routes the `log` crate through it. [`config`] is the configuration's type, [`validate`] how
+//! it is read. [`facts`] is what the HTTP role reads of a request and a response, [`app`] what
+//! a response says about the app (both roles), [`probe`] the network role's probes of Envoy's
+//! drain, [`lean`] the network role working alone. [`pod`], [`root`] and the two context types
+//! act through [`host`]. [`metrics`] holds what the module exports, [`shared::Shared`] what one
+//! plugin instance's contexts share.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::arithmetic_side_effects))]
 
 mod abi;
+pub mod app;
 pub mod census;
 pub mod codec;
 pub mod config;
@@ -30,6 +35,7 @@ pub mod conn;
 pub mod decision;
 pub mod drain;
 pub mod evidence;
+pub mod facts;
 pub mod follow;
 pub mod framing;
 pub mod h2;
@@ -39,14 +45,18 @@ pub mod host;
 pub mod http;
 pub mod idle;
 pub mod keys;
+pub mod lean;
 pub mod link;
+pub mod logging;
 pub mod metrics;
 pub mod network;
 pub mod pod;
 pub mod prestop;
+pub mod probe;
 pub mod root;
 pub mod shared;
 pub mod sidecar;
+pub mod validate;
 pub mod wire;
 
 /// The module's exports after `make build`: the ABI marker, the allocator, and the callbacks the
@@ -82,7 +92,7 @@ pub const EXPORTS: &[&str] = &[
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
-    host::init_logging();
+    logging::init();
     proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
         Box::new(root::Root::default())
     });

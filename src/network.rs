@@ -14,53 +14,23 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType, PeerType};
 
-use crate::codec;
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
-use crate::drain::{Source, UNTIL_CLEARED};
 use crate::follow::Follower;
-use crate::framing::{self, HeadSeen, Responses};
-use crate::host;
-use crate::keys;
 use crate::link::Address;
-use crate::pod;
 use crate::shared::Shared;
-use crate::sidecar::{self, DrainStats, Probed};
 use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
+use crate::{host, keys, lean, pod, probe};
 
 thread_local! {
-    /// Request heads a probe of Envoy's drain may still read this tick (the network
-    /// root refills it each tick; arming a probe empties it).
-    static PROBE_READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     /// The host's missing random value was logged once.
     static WARNED_NO_NONCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Most heads fit in one small read; only a larger head costs a second, bounded one.
-const FIRST_READ: usize = 1024;
-/// Request heads read per tick and VM looking for one to probe: a probe takes the first that
-/// qualifies, and traffic where none does (all POSTs, say) costs at most this many reads a tick.
-pub const PROBE_READS_PER_TICK: u32 = 4;
-
-/// The network root's tick: this tick's probes of Envoy's drain may read again.
-pub fn refill_probe_reads() {
-    PROBE_READS.set(PROBE_READS_PER_TICK);
-}
-/// Enough of Envoy's local reply body to read its reset reason ([`wire::local_reply_refused`]).
-const LOCAL_REPLY_READ: usize = wire::LOCAL_REPLY_START.len() + 48;
-/// Reads of one write while following responses (`lean`): a head, or a chunk line each. A
-/// write with more chunks than this is not followed further ([`Responses::lost`]).
+/// Frames followed per HTTP/2 read or write, one buffer read each.
 const MAX_STEPS: usize = 256;
 /// How much of an HTTP/2 read or write one buffer read takes, from where its frames are followed.
 const H2_READ_AHEAD: usize = 1024;
-
-fn apply(buffer: BufferType, edit: &Edit) -> bool {
-    let applied = host::replace_prefix(buffer, edit.len, &edit.with);
-    if let Err(e) = applied {
-        warn!("close-relay: could not edit {buffer:?}: {e:?}");
-    }
-    applied.is_ok()
-}
 
 pub struct NetworkRole {
     shared: Rc<Shared>,
@@ -89,12 +59,12 @@ impl NetworkRole {
         };
         match step {
             HeadStep::Hold => {
-                if !apply(BufferType::UpstreamData, &Edit { len: write.len(), with: Vec::new() }) {
+                if !host::edit(BufferType::UpstreamData, &Edit { len: write.len(), with: Vec::new() }) {
                     self.give_up_hold(write.len());
                 }
             }
             HeadStep::Done { edit: Some(edit), closer } => {
-                if apply(BufferType::UpstreamData, &edit) {
+                if host::edit(BufferType::UpstreamData, &edit) {
                     if let Some(closer) = closer {
                         self.rewritten(closer);
                     }
@@ -116,14 +86,14 @@ impl NetworkRole {
             std::mem::take(&mut c.carry)
         };
         if !earlier.is_empty() {
-            apply(BufferType::UpstreamData, &Edit { len: 0, with: earlier });
+            host::edit(BufferType::UpstreamData, &Edit { len: 0, with: earlier });
         }
     }
 
     /// Separate VMs: notes arrive a dispatcher turn late, so nobody says in time which writes
     /// carry a marked head; any that starts one is read, and the head must come whole in it.
     fn rewrite_head(&mut self, size: usize, max_head: usize) {
-        let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else {
+        let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(wire::FIRST_READ)) else {
             return;
         };
         if !buf.starts_with(wire::STATUS_LINE_START) {
@@ -139,7 +109,7 @@ impl NetworkRole {
         let HeadRewrite::Rewritten { edit, closer } = wire::rewrite_response_head(&buf, &address, max_head) else {
             return;
         };
-        if apply(BufferType::UpstreamData, &edit) {
+        if host::edit(BufferType::UpstreamData, &edit) {
             self.rewritten(closer);
         }
     }
@@ -166,88 +136,6 @@ impl NetworkRole {
             if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.published().as_bytes()) {
                 warn!("close-relay: cannot mark the connection closing: {e:?}");
             }
-        }
-    }
-
-    /// `lean`: follows the responses in this write, reading only heads and chunk lines. While
-    /// the pod drains, a head at the start of a write gets `connection: close`, and the sweep
-    /// closes the connection once its response is out and it is quiet.
-    fn follow_responses(&mut self, size: usize) {
-        let draining = pod::draining();
-        let (mut pos, mut end) = (0, size);
-        let mut c = self.conn.borrow_mut();
-        let Conn { responses: Some(responses), probe, head_503, .. } = &mut *c else { return };
-        if let Some(head) = head_503.take() {
-            watch_app(&self.shared, head, local_reply(0, end));
-        }
-        let mut told = None;
-        for _ in 0..MAX_STEPS {
-            if pos >= end {
-                break;
-            }
-            let Some(want) = responses.wants() else {
-                pos = pos.saturating_add(responses.skip(end.saturating_sub(pos)));
-                continue;
-            };
-            let Some(bytes) = host::get_buffer_at(BufferType::UpstreamData, pos, want.min(end.saturating_sub(pos))).filter(|b| !b.is_empty()) else {
-                break;
-            };
-            let fed = responses.feed(&bytes);
-            pos = pos.saturating_add(fed.used);
-            if let Some(head) = fed.head.filter(|h| h.is_final) {
-                if std::mem::take(probe) {
-                    probed(&self.shared, answered(&head));
-                }
-                // Envoy's own reply when it could not reach the app: a default sidecar keeps no
-                // stat of it, but its body names it (one read more, for a 503 of Envoy's own
-                // only: an app's 503 passing on a dependency's reply says the same words).
-                let envoys_503 = head.status == 503 && !head.from_upstream;
-                if envoys_503 && pos == end && responses.in_flight() {
-                    *head_503 = Some(head);
-                } else {
-                    let local = if envoys_503 { local_reply(pos, end) } else { None };
-                    watch_app(&self.shared, head, local);
-                }
-            }
-            let Some(head) = fed.head.filter(|h| draining && h.is_final && h.whole_here && pos == h.len) else { continue };
-            if head.says_close {
-                told = Some(Closer::Envoy);
-            } else if apply(BufferType::UpstreamData, &Edit { len: head.len, with: framing::with_close(&bytes[..head.len]) }) {
-                (pos, end) = (pos.saturating_add(framing::CLOSE_LINE.len()), end.saturating_add(framing::CLOSE_LINE.len()));
-                told = Some(Closer::Relay);
-            }
-        }
-        if pos < end {
-            responses.lose();
-        }
-        drop(c);
-        self.lean_in_flight();
-        if let Some(closer) = told {
-            let mut c = self.conn.borrow_mut();
-            c.close_pending = closer == Closer::Relay;
-            c.envoy_closes = closer == Closer::Envoy;
-            drop(c);
-            self.shared.metrics.headers_rewritten.inc();
-            self.shared.metrics.closed_while_draining.inc();
-        }
-    }
-
-    /// `lean`: what the sweep reads. A response under way is in flight, and so is a request read
-    /// since the last answer was written: Envoy presents a request pipelined behind another to
-    /// the filters again once the answer before it is out, so its bytes come after that answer.
-    /// A connection whose responses cannot be followed is Envoy's alone (never closed as idle),
-    /// counted once.
-    fn lean_in_flight(&self) {
-        let mut c = self.conn.borrow_mut();
-        let Some(responses) = c.responses.as_ref() else { return };
-        let lost = responses.lost();
-        let busy = responses.in_flight() || (c.activity.saw_request && !c.activity.last_was_response);
-        c.activity.in_flight = u32::from(busy);
-        c.activity.unaccounted = busy;
-        if lost && !std::mem::replace(&mut c.lost_counted, true) {
-            drop(c);
-            self.shared.metrics.lean_lost.inc();
-            debug!("lean: lost track of this connection's bytes; left to Envoy to close");
         }
     }
 
@@ -294,43 +182,6 @@ impl NetworkRole {
         }
     }
 
-    /// Probes Envoy's drain on this request, once a tick per VM: a request Envoy would keep
-    /// the connection open for ([`wire::keep_alive_request`]), whose answer then says whether
-    /// Envoy's listener drains. A default sidecar keeps no stat of Envoy's drain closes.
-    /// `first`: the head already read for this connection's first request, free to look at.
-    fn arm_probe(&self, config: &Config, size: usize, first: Option<Vec<u8>>) {
-        let reads = PROBE_READS.get();
-        if !(config.drain.enabled && config.drain.sidecar.enabled && reads > 0) {
-            return;
-        }
-        let head = match first {
-            Some(head) => head,
-            None => {
-                PROBE_READS.set(reads.saturating_sub(1));
-                let Some(head) = host::get_buffer(BufferType::DownstreamData, size) else { return };
-                head
-            }
-        };
-        if wire::keep_alive_request(&head) {
-            PROBE_READS.set(0);
-            self.conn.borrow_mut().probe = true;
-        }
-    }
-
-    /// The answer to a probed request starts in this write (not `lean`, which follows it).
-    fn answer_probe(&self, size: usize) {
-        let Some(bytes) = host::get_buffer(BufferType::UpstreamData, size.min(FIRST_READ)) else { return };
-        match framing::head_at_start(&bytes) {
-            Some(head) if head.is_final => {
-                self.conn.borrow_mut().probe = false;
-                probed(&self.shared, answered(&head));
-            }
-            // An interim 1xx: the final answer comes next.
-            Some(_) => {}
-            None => self.conn.borrow_mut().probe = false,
-        }
-    }
-
     /// Without anything that counts its requests in flight, the sweep cannot close a connection
     /// told to close: Envoy does, after answering the client's next request, when that request
     /// comes alone (Envoy presents what it has read but not yet handled again after each
@@ -345,7 +196,7 @@ impl NetworkRole {
         let Some(edit) = wire::inject_request_close(&buf) else {
             return;
         };
-        if apply(BufferType::DownstreamData, &edit) {
+        if host::edit(BufferType::DownstreamData, &edit) {
             let mut c = self.conn.borrow_mut();
             (c.close_pending, c.probe) = (false, false);
             drop(c);
@@ -367,97 +218,6 @@ fn announce_hook(address: Option<&mut Address>, conn: &ConnRef) {
         if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.published().as_bytes()) {
             warn!("close-relay: cannot mark the preStop hook's connection: {e:?}");
         }
-    }
-}
-
-/// `lean`: what a response says about the app, as the HTTP role's `watch_app` reads it from
-/// rescue's marks and Envoy's own replies (`local`: it could not reach the app, refused or
-/// reset): a refusal drains the pod at once; a rescue or a reset only when another came before
-/// any answer (one may be a keep-alive race).
-fn watch_app(shared: &Shared, head: HeadSeen, local: Option<bool>) {
-    let Some(config) = shared.active() else { return };
-    let failure = &config.drain.app_failure;
-    if head.attempt_counted && !shared.rescue_recorded.replace(true) {
-        host::shared_update(keys::RESCUE_SEEN, |_| Some((codec::encode_u64s(&[1]), ())));
-    }
-    if head.rescued {
-        shared.metrics.rescued.inc();
-    }
-    let refused_here = local == Some(true);
-    if !(head.rescued || head.refused || local.is_some()) {
-        shared.streak.borrow_mut().answered();
-        pod::count_answer();
-        return;
-    }
-    let now = host::now_ms();
-    let in_a_row = shared.streak.borrow_mut().failed(now, failure.window_ms, pod::answers());
-    debug!(
-        "lean: the app failed a request (rescued: {}, refused: {}, Envoy's reply: {local:?}): {in_a_row} in a row",
-        head.rescued, head.refused
-    );
-    if failure.enabled && (head.refused || refused_here || in_a_row >= failure.in_a_row) {
-        let source = match (head.refused, head.rescued) {
-            (true, _) => Source::for_app_failure(true),
-            (false, true) => Source::AppRescued,
-            (false, false) => Source::AppFailure,
-        };
-        pod::enter(source, now.saturating_add(failure.hold_ms), &shared.metrics);
-    }
-}
-
-/// What the final head answering a probed request says.
-fn answered(head: &HeadSeen) -> Probed {
-    if head.says_close { Probed::EnvoyClosed } else { Probed::KeptAlive }
-}
-
-/// Which failure Envoy's local reply starting at `pos` of this write names, if it is one.
-fn local_reply(pos: usize, end: usize) -> Option<bool> {
-    if pos >= end {
-        return None;
-    }
-    let body = host::get_buffer_at(BufferType::UpstreamData, pos, LOCAL_REPLY_READ.min(end.saturating_sub(pos)))?;
-    wire::local_reply_refused(&body)
-}
-
-/// What a probe saw, pod-wide: Envoy's own closes in a row drain the pod (`sidecar_drain`,
-/// istio-agent's `drain_listeners`), a kept-alive answer ends that source.
-fn probed(shared: &Shared, probed: Probed) {
-    if shared.active().filter(|c| c.drain.enabled && c.drain.sidecar.enabled).is_none() {
-        return;
-    }
-    let in_a_row = host::shared_update(keys::ENVOY_CLOSES, |current| {
-        let [n] = codec::decode_u64s(current);
-        let next = sidecar::next_in_a_row(n, probed);
-        Some((codec::encode_u64s(&[next]), next))
-    })
-    .unwrap_or(0);
-    debug!("probe of Envoy's drain: {probed:?} ({in_a_row} of Envoy's closes in a row)");
-    match probed {
-        Probed::KeptAlive => pod::clear(Source::SidecarDrain, &shared.metrics),
-        Probed::EnvoyClosed => {
-            let updating = DrainStats::decode_read(&host::shared_get(keys::SIDECAR_READ).0)
-                .is_some_and(|(_, stats)| stats.update_draining > 0);
-            let health = pod::active_until(Source::SidecarHealth) > 0;
-            if sidecar::listeners_draining(in_a_row, updating, health) {
-                pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &shared.metrics);
-            }
-        }
-    }
-}
-
-impl NetworkRole {
-    /// `lean`: no HTTP role reads an address, so none is published; the connection is
-    /// registered for the sweep under its context id.
-    fn start_alone(&mut self, max_head: usize) -> Action {
-        let address = Address::new(0, &self.conn.borrow().context_id.to_string());
-        {
-            let mut c = self.conn.borrow_mut();
-            c.activity.last_ms = host::coarse_now();
-            c.responses = Some(Responses::new(max_head));
-        }
-        conn::register(&address.text, &self.conn);
-        self.address = Some(address);
-        Action::Continue
     }
 }
 
@@ -491,7 +251,8 @@ impl StreamContext for NetworkRole {
             return Action::Continue;
         }
         if let Some(max_head) = self.shared.active().filter(|c| c.lean).map(Config::max_head) {
-            return self.start_alone(max_head);
+            self.address = Some(lean::start(&self.conn, max_head));
+            return Action::Continue;
         }
         let Some(nonce) = host::nonce() else {
             if !WARNED_NO_NONCE.replace(true) {
@@ -525,12 +286,12 @@ impl StreamContext for NetworkRole {
             (c.close_pending, c.activity.http1.is_none(), starts_request)
         };
         if config.lean {
-            self.lean_in_flight();
+            lean::in_flight(&self.conn, &self.shared);
         }
         let mut first = None;
         if undecided && size > 0 {
             // Once per connection: the sweep closes only connections that speak HTTP/1.
-            let read = host::get_buffer(BufferType::DownstreamData, size.min(FIRST_READ)).unwrap_or_default();
+            let read = host::get_buffer(BufferType::DownstreamData, size.min(wire::FIRST_READ)).unwrap_or_default();
             let first = first.insert(read);
             #[cfg(feature = "fault-injection")]
             if first.starts_with(b"TRAP ") {
@@ -550,8 +311,8 @@ impl StreamContext for NetworkRole {
         if self.conn.borrow().h2.is_some() {
             self.follow_h2(BufferType::DownstreamData, size);
         }
-        if starts_request && size <= FIRST_READ && self.conn.borrow().activity.http1 == Some(true) {
-            self.arm_probe(config, size, first);
+        if starts_request && size <= wire::FIRST_READ && self.conn.borrow().activity.http1 == Some(true) {
+            probe::arm(&self.conn, config, size, first);
         }
         if close_pending && size > 0 && config.close_connection && !self.conn.borrow().sweepable() {
             self.close_on_next_request(size);
@@ -569,14 +330,14 @@ impl StreamContext for NetworkRole {
             (c.head_pending, c.http_role_here, c.probe)
         };
         if probe && !config.lean {
-            self.answer_probe(size);
+            probe::answer(&self.conn, &self.shared, size);
         }
         if self.conn.borrow().h2.is_some() {
             self.follow_h2(BufferType::UpstreamData, size);
             return Action::Continue;
         }
         if config.lean {
-            self.follow_responses(size);
+            lean::follow_responses(&self.conn, &self.shared, size);
         } else if marked {
             self.rewrite_marked_head(size, config.max_head());
         } else if !http_role_here && size >= wire::STATUS_LINE_START.len() {

@@ -20,7 +20,7 @@ use crate::link::Note;
 use crate::metrics::Metrics;
 use crate::shared::Shared;
 use crate::sidecar;
-use crate::{conn, http, network, pod, prestop};
+use crate::{conn, http, logging, network, pod, prestop, probe};
 
 thread_local! {
     /// This VM's name in the census of client connections (`census::Record::vm`).
@@ -216,7 +216,7 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        host::follow_host_log_level();
+        logging::follow_host_level();
         let raw = host::get_buffer(BufferType::PluginConfiguration, usize::MAX).unwrap_or_default();
         let root_id = host::get_property(&["plugin_root_id"]).unwrap_or_default();
         let root_id = String::from_utf8_lossy(&root_id);
@@ -267,12 +267,12 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         // `/logging?wasm=debug` on the admin API takes effect within a tick.
-        host::follow_host_log_level();
+        logging::follow_host_level();
         let Some(config) = self.shared.active() else { return };
         self.shared.metrics.flush();
         pod::publish_answers();
         if self.role == Role::Network {
-            network::refill_probe_reads();
+            probe::refill_reads();
             if !config.lean {
                 // Only the preStop hook reads the count, and lean has no HTTP role to hold one.
                 count_connections(config.drain.tick_ms);

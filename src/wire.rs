@@ -37,6 +37,10 @@ pub enum HeadRewrite {
     Rewritten { edit: Edit, closer: Closer },
 }
 
+/// The first read of a head: most heads fit in it, so most cost one read; only a larger head
+/// costs a second, bounded one.
+pub const FIRST_READ: usize = 1024;
+
 /// How every HTTP/1.1 response head starts: the only heads the network role edits.
 pub const STATUS_LINE_START: &[u8] = b"HTTP/1.1 ";
 
