@@ -4,6 +4,10 @@
 
 use std::fmt;
 
+use serde::Deserialize;
+
+use serde_json::Value;
+
 use crate::config::{Config, ConfigError};
 
 const MAX_HEAD_BYTES_RANGE: (u64, u64) = (1024, 8 * 1024 * 1024);
@@ -14,14 +18,12 @@ impl Config {
         if raw.iter().all(u8::is_ascii_whitespace) {
             return Ok(Config::default());
         }
-        let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| ConfigError {
-            field: None,
-            message: format!("not valid JSON: {e}"),
-        })?;
+        let value: Value = serde_json::from_slice(raw)
+            .map_err(|e| ConfigError { field: None, message: format!("not valid JSON: {e}") })?;
         if !value.is_object() {
             return Err(ConfigError { field: None, message: "must be a JSON object".into() });
         }
-        let config: Config = serde_path_to_error::deserialize(&value).map_err(path_error)?;
+        let config = Config::deserialize(&value).map_err(|e| at_fault(&value, e))?;
         config.validate()?;
         Ok(config)
     }
@@ -106,11 +108,28 @@ fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, (lo, hi): (T, T
 }
 
 /// Names the field at fault by its dotted path (`drain.sidecar.interval_ms`), an unknown one
-/// too. A number too large for its field is refused here with its type (past 2^64 JSON
-/// parses it as a float).
-fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
-    let path = e.path().to_string();
-    let mut message = e.into_inner().to_string();
+/// too, with the deserializer's own message. Only a configuration already refused gets here:
+/// the object is narrowed level by level to the one key that still fails alone (`#[serde(default)]`
+/// fills the rest), which costs a few more deserializations and no code for every field's type.
+/// A number too large for its field is refused with its type (past 2^64 JSON parses it as a
+/// float).
+fn at_fault(value: &Value, error: serde_json::Error) -> ConfigError {
+    let (mut narrowed, mut path, mut error) = (value.clone(), Vec::<String>::new(), error);
+    // The configuration nests three objects deep; the bound only keeps the loop finite.
+    for _ in 0..8 {
+        let Some(object) = pointer(&narrowed, &path).and_then(Value::as_object) else { break };
+        let failing = object.iter().find_map(|(key, field)| {
+            let mut trial = narrowed.clone();
+            let at = pointer_mut(&mut trial, &path)?;
+            *at = Value::Object(serde_json::Map::from_iter([(key.clone(), field.clone())]));
+            Config::deserialize(&trial).err().map(|e| (key.clone(), trial, e))
+        });
+        let Some((key, trial, e)) = failing else { break };
+        (narrowed, error) = (trial, e);
+        path.push(key);
+    }
+    let path = path.join(".");
+    let mut message = error.to_string();
     // serde quotes a string it did not expect: under `drain.prestop` that may be the token.
     if path.starts_with("drain.prestop") {
         if let (Some(open), Some(close)) = (message.find('"'), message.rfind('"')) {
@@ -119,6 +138,13 @@ fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
             }
         }
     }
-    let field = (path != ".").then_some(path);
-    ConfigError { field, message }
+    ConfigError { field: (!path.is_empty()).then_some(path), message }
+}
+
+fn pointer<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |v, key| v.get(key))
+}
+
+fn pointer_mut<'a>(value: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
+    path.iter().try_fold(value, |v, key| v.get_mut(key))
 }
