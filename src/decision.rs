@@ -1,5 +1,6 @@
 //! Should this response close the client's connection, and why. Pure functions: no host calls.
 
+use crate::http1;
 
 /// Why a response closes the client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +101,8 @@ pub struct RequestFacts {
 }
 
 /// True when a comma-separated header value holds `token` (RFC 9110 §5.6.1, case-insensitive).
-pub fn has_token(list: &str, token: &str) -> bool {
-    list.split(',').any(|t| t.trim_matches([' ', '\t']).eq_ignore_ascii_case(token))
+fn has_token(list: &str, token: &str) -> bool {
+    http1::has_token(list.as_bytes(), token.as_bytes())
 }
 
 /// Does the app's response end the app's connection? `None` on the keep-alive fast path.
@@ -113,7 +114,7 @@ pub fn upstream_end(resp: &ResponseFacts) -> Option<Reason> {
         return Some(Reason::ProxyConnectionClose);
     }
     let bodyless = resp.status < 200 || resp.status == 204 || resp.status == 304;
-    let chunked = resp.transfer_encoding.is_some_and(|te| has_token(te, "chunked"));
+    let chunked = resp.transfer_encoding.is_some_and(|te| http1::chunked(te.as_bytes()));
     if !bodyless && !resp.content_length && !chunked {
         return Some(Reason::CloseDelimited);
     }

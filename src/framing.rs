@@ -14,7 +14,8 @@
 //! it is written, so a request read after the last answer is one waiting for its own
 //! (`lean.rs`, `in_flight`).
 
-use crate::decision::{self, has_token};
+use crate::decision;
+use crate::http1::{self, find, CLOSE_LINE, RESPONSE_START};
 use crate::follow::Follower;
 
 /// Later reads of a head larger than the first.
@@ -125,7 +126,7 @@ impl Responses {
     }
 
     fn feed_head(&mut self, bytes: &[u8], held: usize) -> Fed {
-        if held == 0 && !STATUS_START.starts_with(&bytes[..bytes.len().min(STATUS_START.len())]) {
+        if held == 0 && !RESPONSE_START.starts_with(&bytes[..bytes.len().min(RESPONSE_START.len())]) {
             self.lose();
             return Fed { used: bytes.len(), head: None };
         }
@@ -205,7 +206,7 @@ impl Follower for Responses {
     /// ones can be passed over unread ([`Follower::skip`]).
     fn wants(&self) -> Option<usize> {
         match self.state {
-            State::Between => Some(crate::wire::FIRST_READ),
+            State::Between => Some(http1::FIRST_READ),
             State::Head => Some(HEAD_MORE.min(self.max_head.saturating_sub(self.carry.len())).max(1)),
             State::ChunkLine | State::Trailers => Some(LINE_READ),
             State::Body(_) | State::ChunkData(_) | State::Open | State::Lost => None,
@@ -254,8 +255,6 @@ pub fn head_at_start(buf: &[u8]) -> Option<HeadSeen> {
     Responses::new(buf.len().max(1)).feed(buf).head
 }
 
-const STATUS_START: &[u8] = b"HTTP/1.";
-
 #[derive(Debug, Clone, Copy)]
 struct Head<'a> {
     next: State,
@@ -267,21 +266,7 @@ struct Head<'a> {
     from_upstream: bool,
 }
 
-/// A header field: its name and its value, trimmed.
-type Field<'a> = (&'a [u8], &'a [u8]);
-
-/// The first line and the header fields of a whole head, as bytes: a value may carry obs-text
-/// (bytes past ASCII), which says nothing about framing. `None` on a field line without a colon.
-fn split_head(head: &[u8]) -> Option<(&[u8], Vec<Field<'_>>)> {
-    let mut lines = head.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let first = lines.next()?;
-    let mut fields = Vec::new();
-    for line in lines.take_while(|l| !l.is_empty()) {
-        let colon = line.iter().position(|b| *b == b':')?;
-        fields.push((&line[..colon], line.get(colon.saturating_add(1)..)?.trim_ascii()));
-    }
-    Some((first, fields))
-}
+type Field<'a> = http1::Field<'a>;
 
 /// What a head's framing fields say: its length (`None`: none given, `Err`: two that differ) and
 /// whether its last transfer coding is chunked (`Some(false)`: a coding, not chunked).
@@ -295,8 +280,7 @@ fn framing_fields(fields: &[Field<'_>]) -> Option<(Option<u64>, Option<bool>)> {
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let last = value.rsplit(|b| *b == b',').next().map(<[u8]>::trim_ascii);
-            chunked = Some(last.is_some_and(|l| l.eq_ignore_ascii_case(b"chunked")));
+            chunked = Some(http1::chunked(value));
         }
     }
     Some((length, chunked))
@@ -304,13 +288,12 @@ fn framing_fields(fields: &[Field<'_>]) -> Option<(Option<u64>, Option<bool>)> {
 
 /// A whole response head: what follows it, and whether it says close.
 fn parse_head(head: &[u8]) -> Option<Head<'_>> {
-    let (first, fields) = split_head(head)?;
-    let status: u16 = std::str::from_utf8(first.get(9..12)?).ok()?.parse().ok()?;
+    let (status, fields) = http1::response_head(head)?;
     let (length, chunked) = framing_fields(&fields)?;
     let (mut attempt_count, mut refused, mut from_upstream, mut says_close) = (None, false, false, false);
     for (name, value) in &fields {
         if name.eq_ignore_ascii_case(b"connection") {
-            says_close |= std::str::from_utf8(value).is_ok_and(|v| has_token(v, "close"));
+            says_close |= http1::has_token(value, b"close");
         } else if name.eq_ignore_ascii_case(b"x-envoy-attempt-count") {
             attempt_count = std::str::from_utf8(value).ok();
         } else if name.eq_ignore_ascii_case(decision::REFUSED_HEADER.as_bytes()) {
@@ -341,10 +324,6 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     u64::from_str_radix(digits, 16).ok()
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// The same bytes with `connection: close` before the blank line that ends `head`.
 pub fn with_close(head: &[u8]) -> Vec<u8> {
     let fields_end = head.len().saturating_sub(2);
@@ -354,8 +333,6 @@ pub fn with_close(head: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&head[fields_end..]);
     out
 }
-
-pub const CLOSE_LINE: &[u8] = b"connection: close\r\n";
 
 #[cfg(test)]
 #[path = "framing_tests.rs"]

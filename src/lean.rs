@@ -14,6 +14,7 @@ use crate::decision::Upstream;
 use crate::follow::Follower;
 use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
+use crate::http1;
 use crate::keys;
 use crate::link::Address;
 use crate::pod;
@@ -84,7 +85,7 @@ pub fn follow_responses(conn: &ConnRef, shared: &Shared, size: usize) {
         if head.says_close {
             told = Some(Closer::Envoy);
         } else if host::edit(BufferType::UpstreamData, &Edit { len: head.len, with: framing::with_close(&bytes[..head.len]) }) {
-            (pos, end) = (pos.saturating_add(framing::CLOSE_LINE.len()), end.saturating_add(framing::CLOSE_LINE.len()));
+            (pos, end) = (pos.saturating_add(http1::CLOSE_LINE.len()), end.saturating_add(http1::CLOSE_LINE.len()));
             told = Some(Closer::Relay);
         }
     }

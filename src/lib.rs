@@ -43,6 +43,7 @@ pub mod h2;
 mod fake_host;
 pub mod host;
 pub mod http;
+pub mod http1;
 pub mod idle;
 pub mod keys;
 pub mod lean;

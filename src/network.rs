@@ -20,7 +20,7 @@ use crate::follow::Follower;
 use crate::link::Address;
 use crate::shared::Shared;
 use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
-use crate::{host, keys, lean, pod, probe};
+use crate::{host, http1, keys, lean, pod, probe};
 
 thread_local! {
     /// The host's missing random value was logged once.
@@ -93,13 +93,13 @@ impl NetworkRole {
     /// Separate VMs: notes arrive a dispatcher turn late, so nobody says in time which writes
     /// carry a marked head; any that starts one is read, and the head must come whole in it.
     fn rewrite_head(&mut self, size: usize, max_head: usize) {
-        let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(wire::FIRST_READ)) else {
+        let Some(mut buf) = host::get_buffer(BufferType::UpstreamData, size.min(http1::FIRST_READ)) else {
             return;
         };
-        if !buf.starts_with(wire::STATUS_LINE_START) {
+        if !buf.starts_with(http1::STATUS_LINE_START) {
             return;
         }
-        if size > buf.len() && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if size > buf.len() && http1::head_len(&buf).is_none() {
             match host::get_buffer(BufferType::UpstreamData, size.min(max_head)) {
                 Some(more) => buf = more,
                 None => return,
@@ -291,7 +291,7 @@ impl StreamContext for NetworkRole {
         let mut first = None;
         if undecided && size > 0 {
             // Once per connection: the sweep closes only connections that speak HTTP/1.
-            let read = host::get_buffer(BufferType::DownstreamData, size.min(wire::FIRST_READ)).unwrap_or_default();
+            let read = host::get_buffer(BufferType::DownstreamData, size.min(http1::FIRST_READ)).unwrap_or_default();
             let first = first.insert(read);
             #[cfg(feature = "fault-injection")]
             if first.starts_with(b"TRAP ") {
@@ -311,7 +311,7 @@ impl StreamContext for NetworkRole {
         if self.conn.borrow().h2.is_some() {
             self.follow_h2(BufferType::DownstreamData, size);
         }
-        if starts_request && size <= wire::FIRST_READ && self.conn.borrow().activity.http1 == Some(true) {
+        if starts_request && size <= http1::FIRST_READ && self.conn.borrow().activity.http1 == Some(true) {
             probe::arm(&self.conn, config, size, first);
         }
         if close_pending && size > 0 && config.close_connection && !self.conn.borrow().sweepable() {
@@ -340,7 +340,7 @@ impl StreamContext for NetworkRole {
             lean::follow_responses(&self.conn, &self.shared, size);
         } else if marked {
             self.rewrite_marked_head(size, config.max_head());
-        } else if !http_role_here && size >= wire::STATUS_LINE_START.len() {
+        } else if !http_role_here && size >= http1::STATUS_LINE_START.len() {
             self.rewrite_head(size, config.max_head());
         }
         Action::Continue

@@ -19,7 +19,7 @@ use crate::keys;
 use crate::pod;
 use crate::shared::Shared;
 use crate::sidecar::{self, DrainStats, Probed};
-use crate::wire;
+use crate::{http1, wire};
 
 thread_local! {
     /// Request heads a probe may still read this tick (the network root refills it each tick;
@@ -61,7 +61,7 @@ pub fn arm(conn: &ConnRef, config: &Config, size: usize, first: Option<Vec<u8>>)
 /// The answer to a probed request starts in this write of `size` bytes (not `lean`, which
 /// follows it).
 pub fn answer(conn: &ConnRef, shared: &Shared, size: usize) {
-    let Some(bytes) = host::get_buffer(BufferType::UpstreamData, size.min(wire::FIRST_READ)) else { return };
+    let Some(bytes) = host::get_buffer(BufferType::UpstreamData, size.min(http1::FIRST_READ)) else { return };
     match framing::head_at_start(&bytes) {
         Some(head) if head.is_final => {
             conn.borrow_mut().probe = false;

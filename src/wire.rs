@@ -3,13 +3,12 @@
 //! Envoy's proxy-wasm buffers only accept a replacement that starts at offset 0 (drain a
 //! prefix, prepend new bytes), so every edit is expressed as "replace the first `len` bytes".
 
-use crate::decision::has_token;
+use crate::http1::{self, find, CLOSE_LINE, STATUS_LINE_START};
 
 /// Name of the private response header the HTTP role adds and the network role rewrites.
 /// Its value is the connection's address ([`crate::link::Address`]: its VM's queue token and a secret
 /// per-connection nonce), so an app cannot forge it.
 pub const MARKER: &str = "x-close-relay";
-const CLOSE_LINE: &[u8] = b"connection: close\r\n";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Edit {
@@ -37,19 +36,8 @@ pub enum HeadRewrite {
     Rewritten { edit: Edit, closer: Closer },
 }
 
-/// The first read of a head: most heads fit in it, so most cost one read; only a larger head
-/// costs a second, bounded one.
-pub const FIRST_READ: usize = 1024;
-
-/// How every HTTP/1.1 response head starts: the only heads the network role edits.
-pub const STATUS_LINE_START: &[u8] = b"HTTP/1.1 ";
-
 /// A request line longer than this is not worth editing.
 pub const MAX_REQUEST_LINE: usize = 8192;
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
 
 /// Turns the marker line `x-close-relay: <address>` of an HTTP/1.1 response head at the start of
 /// `buf` into `connection: close` (or drops it when the head already says close). Looks at no
@@ -63,7 +51,7 @@ pub fn rewrite_response_head(buf: &[u8], address: &str, max_head: usize) -> Head
     let Some(status_end) = find(window, b"\r\n") else {
         return HeadRewrite::None;
     };
-    let head_end = find(window, b"\r\n\r\n").map(|i| i.saturating_add(4));
+    let head_end = http1::head_len(window);
     let fields_end = head_end.map_or(window.len(), |e| e.saturating_sub(2));
     let mut marker = None;
     let mut already_close = false;
@@ -71,12 +59,10 @@ pub fn rewrite_response_head(buf: &[u8], address: &str, max_head: usize) -> Head
     while pos < fields_end {
         let Some(len) = find(&window[pos..fields_end], b"\r\n") else { break };
         let line = &window[pos..pos.saturating_add(len)];
-        if let Some((name, value)) = split_field(line) {
+        if let Some((name, value)) = http1::field(line) {
             if name.eq_ignore_ascii_case(MARKER.as_bytes()) && value == address.as_bytes() {
                 marker = Some((pos, pos.saturating_add(len).saturating_add(2)));
-            } else if name.eq_ignore_ascii_case(b"connection")
-                && std::str::from_utf8(value).is_ok_and(|v| has_token(v, "close"))
-            {
+            } else if name.eq_ignore_ascii_case(b"connection") && http1::has_token(value, b"close") {
                 already_close = true;
             }
         }
@@ -117,7 +103,7 @@ pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], address: &str, max_he
     let data = &carry[..];
     let looks_like_head =
         data.len() < STATUS_LINE_START.len() && STATUS_LINE_START.starts_with(data) || data.starts_with(STATUS_LINE_START);
-    if looks_like_head && find(data, b"\r\n\r\n").is_none() && data.len() < max_head {
+    if looks_like_head && http1::head_len(data).is_none() && data.len() < max_head {
         return HeadStep::Hold;
     }
     let step = match rewrite_response_head(data, address, max_head) {
@@ -133,13 +119,6 @@ pub fn feed_marked_head(carry: &mut Vec<u8>, write: &[u8], address: &str, max_he
     step
 }
 
-fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
-    let colon = line.iter().position(|&b| b == b':')?;
-    let value = &line[colon.saturating_add(1)..];
-    let skip = value.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
-    Some((&line[..colon], &value[skip..]))
-}
-
 /// Adds `connection: close` to the HTTP/1.x request head that is all of `buf`, right after the
 /// request line, so Envoy's HCM answers it with `connection: close` and closes natively.
 /// Returns `None` unless `buf` is exactly one head with a well-formed request line: a body or
@@ -148,7 +127,7 @@ fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
 pub fn inject_request_close(buf: &[u8]) -> Option<Edit> {
     let line_end = find(&buf[..buf.len().min(MAX_REQUEST_LINE)], b"\r\n")?;
     let (method, _, _) = request_line(&buf[..line_end])?;
-    if method == b"PRI" || find(buf, b"\r\n\r\n").map(|i| i.saturating_add(4)) != Some(buf.len()) {
+    if method == b"PRI" || http1::head_len(buf) != Some(buf.len()) {
         return None;
     }
     let mut with = Vec::with_capacity(line_end.saturating_add(2).saturating_add(CLOSE_LINE.len()));
@@ -187,11 +166,7 @@ pub fn starts_http1_request(buf: &[u8]) -> Option<bool> {
 /// Does the request head at the start of `buf` carry header `name` (ASCII, any case)? Only
 /// what `buf` holds of the head is looked at.
 pub fn head_has_header(buf: &[u8], name: &[u8]) -> bool {
-    buf.split(|b| *b == b'\n')
-        .skip(1)
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        .take_while(|line| !line.is_empty())
-        .any(|line| line.len() > name.len() && line[name.len()] == b':' && line[..name.len()].eq_ignore_ascii_case(name))
+    http1::fields(buf).flatten().any(|(field, _)| field.eq_ignore_ascii_case(name))
 }
 
 /// Is `buf` exactly one whole HTTP/1.1 request head that Envoy has every reason to answer
@@ -201,16 +176,15 @@ pub fn head_has_header(buf: &[u8], name: &[u8]) -> bool {
 /// close` on its own only when its listener drains (`sidecar::Probed`): what a client asks for,
 /// a malformed head and an answer before the request is whole are all left out here.
 pub fn keep_alive_request(buf: &[u8]) -> bool {
-    let Some(end) = find(buf, b"\r\n\r\n") else { return false };
-    if end.saturating_add(4) != buf.len() {
+    if http1::head_len(buf) != Some(buf.len()) {
         return false;
     }
-    let mut lines = buf[..end].split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = http1::lines(buf);
     let Some((method, target, version)) = lines.next().and_then(request_line) else { return false };
     let line_ok = method != b"CONNECT" && target.first() == Some(&b'/') && version == b"HTTP/1.1";
     let mut hosts: usize = 0;
     for line in lines {
-        let Some((name, value)) = split_field(line) else { return false };
+        let Some((name, value)) = http1::field(line) else { return false };
         let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
         if name.is_empty() || !name.iter().all(token) || value.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
             return false;

@@ -8,7 +8,7 @@
 use std::sync::LazyLock;
 
 use close_relay::config::Config;
-use close_relay::decision::has_token;
+use close_relay::http1::has_token;
 use close_relay::drain::{DrainState, Window};
 use close_relay::follow::Follower;
 use close_relay::framing::Responses;
@@ -76,7 +76,7 @@ fn expected(head: &[u8]) -> Vec<u8> {
     let marker = format!("{MARKER}: {NONCE}\r\n");
     let already = text.split("\r\n").skip(1).any(|l| {
         l.split_once(':')
-            .is_some_and(|(n, v)| n.eq_ignore_ascii_case("connection") && has_token(v.trim_start(), "close"))
+            .is_some_and(|(n, v)| n.eq_ignore_ascii_case("connection") && has_token(v.trim_start().as_bytes(), b"close"))
     });
     text.replacen(&marker, if already { "" } else { "connection: close\r\n" }, 1).into_bytes()
 }
@@ -194,7 +194,7 @@ proptest! {
     fn token_lists_match_the_rfc_model(list in "[ -~\t]{0,60}", token in "[a-zA-Z-]{1,12}") {
         let lower = |s: &str| s.bytes().map(|b| b.to_ascii_lowercase()).collect::<Vec<u8>>();
         let model = list.split(',').any(|t| lower(t.trim_matches(|c| c == ' ' || c == '\t')) == lower(&token));
-        prop_assert_eq!(has_token(&list, &token), model);
+        prop_assert_eq!(has_token(list.as_bytes(), token.as_bytes()), model);
     }
 
     #[test]
@@ -463,5 +463,68 @@ proptest! {
         c.read(&bytes);
         c.wrote(&bytes);
         let _ = (c.quiet(), c.may_tell(), c.lost());
+    }
+}
+
+/// A field name Envoy could write: any token.
+fn token_name() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9!#$%&'*+.^_`|~-]{1,24}"
+}
+
+/// A field value Envoy could pass on: visible ASCII, spaces and tabs inside, obs-text (bytes
+/// past ASCII), or nothing.
+fn raw_value() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(prop_oneof![0x21u8..=0x7e, Just(b' '), Just(b'\t'), 0x80u8..=0xff], 0..40)
+}
+
+/// A response head as Envoy writes one: a status line, up to 100 fields (its `max_headers_count`).
+fn envoy_head() -> impl Strategy<Value = Vec<u8>> {
+    (100u16..=599, "[ -~]{0,20}", prop::collection::vec((token_name(), raw_value()), 0..100)).prop_map(|(code, reason, fields)| {
+        let mut head = format!("HTTP/1.1 {code} {}\r\n", reason.trim()).into_bytes();
+        for (name, value) in fields {
+            head.extend(name.into_bytes());
+            head.extend(b": ");
+            head.extend(value);
+            head.extend(b"\r\n");
+        }
+        head.extend(b"\r\n");
+        head
+    })
+}
+
+/// The `httparse` crate's reading of a whole response head: the oracle.
+fn httparse_head(head: &[u8]) -> Option<(u16, Vec<(Vec<u8>, Vec<u8>)>)> {
+    let mut fields = [httparse::EMPTY_HEADER; 101];
+    let mut response = httparse::Response::new(&mut fields);
+    let httparse::Status::Complete(_) = response.parse(head).ok()? else { return None };
+    Some((response.code?, response.headers.iter().map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec())).collect()))
+}
+
+fn our_head(head: &[u8]) -> Option<(u16, Vec<(Vec<u8>, Vec<u8>)>)> {
+    let (status, fields) = close_relay::http1::response_head(head)?;
+    Some((status, fields.into_iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()))
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Our reader and `httparse` read every head Envoy writes the same: status, names, values.
+    #[test]
+    fn the_http1_reader_reads_envoys_heads_as_httparse_does(head in envoy_head()) {
+        let ours = our_head(&head);
+        prop_assert!(ours.is_some(), "{:?}", String::from_utf8_lossy(&head));
+        prop_assert_eq!(ours, httparse_head(&head));
+    }
+
+    /// On any bytes after a status line, a head both read whole is read the same.
+    #[test]
+    fn where_both_readers_take_a_head_they_agree(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+        head.extend(bytes);
+        let Some(end) = close_relay::http1::head_len(&head) else { return Ok(()) };
+        let head = &head[..end];
+        if let (Some(ours), Some(theirs)) = (our_head(head), httparse_head(head)) {
+            prop_assert_eq!(ours, theirs);
+        }
     }
 }
