@@ -492,15 +492,18 @@ fn envoy_head() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// A head as read: its status and its fields' names and values.
+type Read = Option<(u16, Vec<(Vec<u8>, Vec<u8>)>)>;
+
 /// The `httparse` crate's reading of a whole response head: the oracle.
-fn httparse_head(head: &[u8]) -> Option<(u16, Vec<(Vec<u8>, Vec<u8>)>)> {
+fn httparse_head(head: &[u8]) -> Read {
     let mut fields = [httparse::EMPTY_HEADER; 101];
     let mut response = httparse::Response::new(&mut fields);
     let httparse::Status::Complete(_) = response.parse(head).ok()? else { return None };
     Some((response.code?, response.headers.iter().map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec())).collect()))
 }
 
-fn our_head(head: &[u8]) -> Option<(u16, Vec<(Vec<u8>, Vec<u8>)>)> {
+fn our_head(head: &[u8]) -> Read {
     let (status, fields) = close_relay::http1::response_head(head)?;
     Some((status, fields.into_iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()))
 }
