@@ -3,15 +3,15 @@
 //! from the response head and Envoy's local reply. An answer ends the streak; a refusal is
 //! evidence at once; a reset (when `resets` counts) or a rescue only when another came before
 //! any answer ([`crate::evidence::Streak`]), or, once a minute, a reset of a connection that
-//! was carrying answers ([`pod::single_reset_allowed`]).
+//! was carrying answers ([`podwide::single_reset_allowed`]).
 
 use log::debug;
 
 use crate::config::Config;
 use crate::decision::{self, AppSaid, Upstream};
 use crate::drain::Source;
-use crate::shared::Shared;
-use crate::{host, pod};
+use crate::plugin::Plugin;
+use crate::{host, podwide};
 
 /// One response, as the role that saw it read it.
 #[derive(Debug, Clone, Copy)]
@@ -37,28 +37,28 @@ pub enum Verdict {
 
 /// Judges `response`. `busy(now_ms)`: whether the upstream connection it failed on carried an
 /// answer within `race_idle_ms` (a role that cannot tell says `false`).
-pub fn judge(shared: &Shared, config: &Config, response: Response, busy: impl FnOnce(u64) -> bool) -> Verdict {
+pub fn judge(plugin: &Plugin, config: &Config, response: Response, busy: impl FnOnce(u64) -> bool) -> Verdict {
     let failure = &config.drain.app_failure;
     let Response { upstream, rescued, rescue_marked } = response;
     if rescued {
-        shared.metrics.rescued.inc();
+        plugin.metrics.rescued.inc();
     }
     let (evidence, single_reset) = match decision::app_said(upstream, rescued, failure.resets) {
         AppSaid::Answered => {
-            shared.streak.borrow_mut().answered();
-            pod::count_answer();
+            plugin.streak.borrow_mut().answered();
+            podwide::count_answer();
             return Verdict::Answered;
         }
         AppSaid::Refused => (true, false),
         AppSaid::Failed => {
             let now = host::now_ms();
-            let in_a_row = shared.streak.borrow_mut().failed(now, failure.window_ms, pod::answers());
+            let in_a_row = plugin.streak.borrow_mut().failed(now, failure.window_ms, podwide::answers());
             let busy = !rescued && upstream == Upstream::Reset && busy(now);
             debug!("app failed a request ({upstream:?}, rescued: {rescued}, connection in use: {busy}): {in_a_row} in a row");
             if in_a_row >= failure.in_a_row {
                 (true, false)
             } else {
-                let single = busy && config.drain.enabled && failure.enabled && pod::single_reset_allowed(now);
+                let single = busy && config.drain.enabled && failure.enabled && podwide::single_reset_allowed(now);
                 (single, single)
             }
         }

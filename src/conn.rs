@@ -15,7 +15,7 @@ use crate::link::Note;
 use crate::metrics::Metrics;
 
 thread_local! {
-    /// Connections of this VM by address (`link::Address::text`). A connection stays
+    /// Connections of this VM by address (`link::Handle::text`). A connection stays
     /// on its worker, so an HTTP role that finds its address here shares the VM.
     static CONNS: std::cell::RefCell<std::collections::BTreeMap<String, ConnRef>> = const { std::cell::RefCell::new(std::collections::BTreeMap::new()) };
     /// This VM's network root sweeps idle connections (set once it is configured).
@@ -178,9 +178,8 @@ pub fn census() -> (u64, Vec<(ConnRef, u64)>) {
 /// A note from an HTTP role in another VM about one of this VM's connections, as a same-VM HTTP
 /// role would have said it (`http.rs`).
 pub fn hear(note: &Note) {
-    let (conn, ended) = match note {
-        Note::Begin(conn) => (conn, false),
-        Note::End { conn, begun } => (conn, *begun),
+    let conn = match note {
+        Note::Begin(conn) | Note::End(conn) => conn,
         Note::Wake | Note::Enter { .. } | Note::Clear(_) => return,
     };
     // Gone already (closed, or a note from before a config update): nothing to do.
@@ -194,18 +193,17 @@ pub fn hear(note: &Note) {
         // Only the count, and what it accounts for: a note is read a dispatcher turn late, when
         // the client may already have sent its next request, and the bytes this role saw itself
         // say which came last (a request still arriving reads as not quiet either way).
-        _ if ended => {
+        _ => {
             c.activity.in_flight = c.activity.in_flight.saturating_sub(1);
             c.activity.unaccounted = false;
         }
-        _ => {}
     }
 }
 
 /// On each tick of the network root: closes connections that are idle and either told to
-/// close already (`close_told`: `close_connection`), after the sidecar's grace like Envoy's own
+/// close already (`close_connection`), after the sidecar's grace like Envoy's own
 /// delayed close, or on a pod that is draining (those on a second look, [`idle::second_look`]).
-pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) {
+pub fn sweep(draining: bool, close_connection: bool, grace: Grace, metrics: &Metrics) {
     let now = host::coarse_now();
     let due: Vec<(ConnRef, bool, Activity)> = CONNS.with(|c| {
         c.borrow()
@@ -214,7 +212,7 @@ pub fn sweep(draining: bool, close_told: bool, grace: Grace, metrics: &Metrics) 
                 let mut c = conn.borrow_mut();
                 // Without a count of the requests in flight, a connection told to close ends on
                 // the client's next request instead (`network.rs`).
-                let told = (c.close_pending || c.envoy_closes) && close_told && c.sweepable();
+                let told = (c.close_pending || c.envoy_closes) && close_connection && c.sweepable();
                 let idle_ms = match (c.envoy_closes, told) {
                     (true, _) => grace.envoy_told_ms,
                     (false, true) => grace.told_ms,

@@ -9,7 +9,7 @@
 ///
 /// One VM sees one worker's requests only, and a worker may carry little else than one
 /// client's: so a streak also ends when the app answered anyone in the pod since it began
-/// (`pod_answers`: the pod's answers as published each tick, [`crate::pod::answers`]). A
+/// (`pod_answers`: the pod's answers as published each tick, [`crate::podwide::answers`]). A
 /// client whose request makes a healthy app reset its connection cannot then drain the pod
 /// by sending it twice to a quiet worker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -20,7 +20,7 @@ const CAS_MISMATCH: u32 = 8;
 #[derive(Default)]
 pub struct Fake {
     pub now_ns: u64,
-    pub shared: HashMap<Vec<u8>, (Vec<u8>, u32)>,
+    pub shared_data: HashMap<Vec<u8>, (Vec<u8>, u32)>,
     pub queues: HashMap<u32, VecDeque<Vec<u8>>>,
     queue_names: HashMap<Vec<u8>, u32>,
     pub properties: HashMap<Vec<u8>, Vec<u8>>,
@@ -199,7 +199,7 @@ unsafe extern "C" fn proxy_get_shared_data(
     cas: *mut u32,
 ) -> u32 {
     let key = slice(key, key_size).to_vec();
-    match with(|f| f.shared.get(&key).cloned()) {
+    match with(|f| f.shared_data.get(&key).cloned()) {
         Some((v, c)) => {
             hand_over(&v, value, value_size);
             *cas = c;
@@ -213,11 +213,11 @@ unsafe extern "C" fn proxy_get_shared_data(
 unsafe extern "C" fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32 {
     let (key, value) = (slice(key, key_size).to_vec(), slice(value, value_size).to_vec());
     with(|f| {
-        let current = f.shared.get(&key).map_or(0, |(_, c)| *c);
+        let current = f.shared_data.get(&key).map_or(0, |(_, c)| *c);
         if cas != 0 && cas != current {
             return CAS_MISMATCH;
         }
-        f.shared.insert(key, (value, current + 1));
+        f.shared_data.insert(key, (value, current + 1));
         OK
     })
 }
@@ -399,15 +399,15 @@ use crate::idle::Grace;
     use crate::http::HttpRole;
     use crate::metrics::Metrics;
     use crate::network::NetworkRole;
-    use crate::shared::Shared;
-    use crate::{conn, keys, pod, root};
+    use crate::plugin::Plugin;
+    use crate::{conn, keys, podwide, root};
 
     const START_MS: u64 = 1_000_000;
 
     /// As a network root configured with a tick and a clock leaves the VM: sweeping.
-    fn shared(config: Config) -> Rc<Shared> {
+    fn plugin(config: Config) -> Rc<Plugin> {
         conn::set_sweeping(true);
-        Rc::new(Shared::new(Some(config), Metrics::define()))
+        Rc::new(Plugin::new(Some(config), Metrics::define()))
     }
 
     fn set_map(map: MapType, pairs: &[(&str, &str)]) {
@@ -428,47 +428,47 @@ use crate::idle::Grace;
     }
 
     /// A connection whose network role and HTTP role share this VM, one request in.
-    fn connection(id: u32, shared: &Rc<Shared>) -> (NetworkRole, HttpRole) {
-        let mut net = NetworkRole::new(id, shared.clone());
+    fn connection(id: u32, plugin: &Rc<Plugin>) -> (NetworkRole, HttpRole) {
+        let mut net = NetworkRole::new(id, plugin.clone());
         net.on_new_connection();
         set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n");
         net.on_downstream_data(30, false);
         with(|f| f.properties.insert(b"request\0protocol".to_vec(), b"HTTP/1.1".to_vec()));
         set_map(MapType::HttpRequestHeaders, &[(":method", "GET")]);
-        let mut http = HttpRole::new(2, shared.clone());
+        let mut http = HttpRole::new(2, plugin.clone());
         http.on_http_request_headers(0, true);
         (net, http)
     }
 
     /// What the network role published for the connection last made.
     fn published() -> String {
-        let address = with(|f| f.properties.get(keys::ADDRESS_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
-        String::from_utf8_lossy(&address).into_owned()
+        let handle = with(|f| f.properties.get(keys::ADDRESS_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        String::from_utf8_lossy(&handle).into_owned()
     }
 
-    fn marked_with(address: &str) -> bool {
-        with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().any(|(k, v)| k == crate::wire::MARKER && v == address))
+    fn marked_with(handle: &str) -> bool {
+        with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().any(|(k, v)| k == crate::wire::MARKER && v == handle))
     }
 
     /// A connection whose first response is the app's close, marked by the HTTP role and its
     /// head (as Envoy writes it, the app's `connection` dropped) rewritten by the network role:
     /// the roles, the marker's value and that head.
-    fn relayed_close(id: u32, shared: &Rc<Shared>) -> (NetworkRole, HttpRole, String, String) {
-        let (mut net, mut http) = connection(id, shared);
+    fn relayed_close(id: u32, plugin: &Rc<Plugin>) -> (NetworkRole, HttpRole, String, String) {
+        let (mut net, mut http) = connection(id, plugin);
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
         http.on_http_response_headers(0, false);
-        let address = published();
-        assert!(marked_with(&address), "the response carries the marker with this connection's address");
-        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {address}\r\n\r\nok", crate::wire::MARKER);
+        let handle = published();
+        assert!(marked_with(&handle), "the response carries the marker with this connection's address");
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {handle}\r\n\r\nok", crate::wire::MARKER);
         set_buffer(BufferType::UpstreamData, head.as_bytes());
         net.on_upstream_data(head.len(), false);
-        (net, http, address, head)
+        (net, http, handle, head)
     }
 
     /// The connections a sweep closes `ms` later, with the default graces, nothing draining.
-    fn swept_after(ms: u64, shared: &Rc<Shared>) -> Vec<u32> {
+    fn swept_after(ms: u64, plugin: &Rc<Plugin>) -> Vec<u32> {
         advance(ms);
-        conn::sweep(false, true, Grace::for_sweep(250, 0, 100, false), &shared.metrics);
+        conn::sweep(false, true, Grace::for_sweep(250, 0, 100, false), &plugin.metrics);
         with(|f| f.closed.clone())
     }
 
@@ -476,9 +476,9 @@ use crate::idle::Grace;
     fn without_a_random_value_a_connection_passes_through_unmarked_and_nothing_panics() {
         reset(START_MS);
         with(|f| f.no_random = true);
-        let shared = shared(Config::default());
-        let (mut net, mut http) = connection(9, &shared);
-        assert_eq!(published(), "", "no guessable address is published");
+        let plugin = plugin(Config::default());
+        let (mut net, mut http) = connection(9, &plugin);
+        assert_eq!(published(), "", "no guessable handle is published");
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
         http.on_http_response_headers(0, false);
         assert!(with(|f| f.maps[&(MapType::HttpResponseHeaders as u32)].iter().all(|(k, _)| k != crate::wire::MARKER)));
@@ -491,13 +491,13 @@ use crate::idle::Grace;
     #[test]
     fn the_apps_close_is_marked_rewritten_and_its_connection_closed_after_the_response() {
         reset(START_MS);
-        let shared = shared(Config::default());
-        let (_net, http, _, _) = relayed_close(7, &shared);
+        let plugin = plugin(Config::default());
+        let (_net, http, _, _) = relayed_close(7, &plugin);
         assert_eq!(buffer(BufferType::UpstreamData), b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
         drop(http); // the stream ends; the client was told, and may close first
         assert!(with(|f| f.closed.is_empty()), "never from inside the stream's end");
-        assert!(swept_after(300, &shared).is_empty(), "not before the sidecar's grace, as Envoy's delayed close");
-        assert_eq!(swept_after(100, &shared), vec![7], "quiet: closed on the sweep");
+        assert!(swept_after(300, &plugin).is_empty(), "not before the sidecar's grace, as Envoy's delayed close");
+        assert_eq!(swept_after(100, &plugin), vec![7], "quiet: closed on the sweep");
         assert_eq!(metric("close_relay_relayed_total"), 1);
         assert_eq!(metric("close_relay_connections_closed_total"), 1);
     }
@@ -505,12 +505,12 @@ use crate::idle::Grace;
     #[test]
     fn a_held_write_the_host_would_not_hold_back_goes_out_once() {
         reset(START_MS);
-        let shared = shared(Config::default());
-        let (mut net, mut http) = connection(10, &shared);
+        let plugin = plugin(Config::default());
+        let (mut net, mut http) = connection(10, &plugin);
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("connection", "close"), ("content-length", "2")]);
         http.on_http_response_headers(0, false);
-        let address = published();
-        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {address}\r\n\r\nok", crate::wire::MARKER);
+        let handle = published();
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{}: {handle}\r\n\r\nok", crate::wire::MARKER);
         let (first, rest) = head.as_bytes().split_at(20);
         set_buffer(BufferType::UpstreamData, first);
         with(|f| f.no_buffer_edits = true);
@@ -525,21 +525,21 @@ use crate::idle::Grace;
     #[test]
     fn requests_the_client_sent_behind_a_relayed_close_are_answered_with_close_before_it() {
         reset(START_MS);
-        let shared = shared(Config::default());
-        let (mut net, http, address, head) = relayed_close(8, &shared);
+        let plugin = plugin(Config::default());
+        let (mut net, http, handle, head) = relayed_close(8, &plugin);
         drop(http);
-        assert_eq!(published(), format!("{address}!"), "the connection is published as closing");
+        assert_eq!(published(), format!("{handle}!"), "the connection is published as closing");
 
         // A request pipelined in the same read as the first: the HCM dispatches it now, and its
         // HTTP role reads that the connection is closing.
         set_map(MapType::HttpRequestHeaders, &[(":method", "GET")]);
-        let mut second = HttpRole::new(2, shared.clone());
+        let mut second = HttpRole::new(2, plugin.clone());
         second.on_http_request_headers(0, true);
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("content-length", "2")]);
         second.on_http_response_headers(0, false);
-        assert!(marked_with(&address), "its answer closes too");
+        assert!(marked_with(&handle), "its answer closes too");
         assert_eq!(metric("close_relay_relayed_total"), 2);
-        assert!(swept_after(1_000, &shared).is_empty(), "never with that request in flight");
+        assert!(swept_after(1_000, &plugin).is_empty(), "never with that request in flight");
 
         drop(second);
 
@@ -549,7 +549,7 @@ use crate::idle::Grace;
         set_buffer(BufferType::DownstreamData, next);
         net.on_downstream_data(next.len(), false);
         assert_eq!(buffer(BufferType::DownstreamData), next);
-        let mut third = HttpRole::new(2, shared.clone());
+        let mut third = HttpRole::new(2, plugin.clone());
         third.on_http_request_headers(0, true);
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("content-length", "2")]);
         third.on_http_response_headers(0, false);
@@ -557,8 +557,8 @@ use crate::idle::Grace;
         set_buffer(BufferType::UpstreamData, head.as_bytes());
         net.on_upstream_data(head.len(), false);
         drop(third);
-        assert!(swept_after(300, &shared).is_empty(), "within the grace after the last answer");
-        assert_eq!(swept_after(100, &shared), vec![8], "closed once quiet after the last one");
+        assert!(swept_after(300, &plugin).is_empty(), "within the grace after the last answer");
+        assert_eq!(swept_after(100, &plugin), vec![8], "closed once quiet after the last one");
         assert_eq!(metric("close_relay_requests_closed_total"), 0);
     }
 
@@ -569,8 +569,8 @@ use crate::idle::Grace;
     #[test]
     fn a_draining_pod_never_sweeps_a_connection_whose_bytes_no_request_accounts_for() {
         reset(START_MS);
-        let shared = shared(Config::default());
-        let mut net = NetworkRole::new(13, shared.clone());
+        let plugin = plugin(Config::default());
+        let mut net = NetworkRole::new(13, plugin.clone());
         net.on_new_connection();
         let head = b"PUT /url HTTP/1.0\r\n\r\n";
         set_buffer(BufferType::DownstreamData, head);
@@ -578,11 +578,11 @@ use crate::idle::Grace;
         let answer = b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 16\r\nconnection: close\r\n\r\nUpgrade Required";
         set_buffer(BufferType::UpstreamData, answer);
         net.on_upstream_data(answer.len(), false);
-        pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
-        let grace = Grace::for_sweep(250, 0, 100, pod::app_going());
+        podwide::enter(Source::SidecarHealth, UNTIL_CLEARED, &plugin.metrics);
+        let grace = Grace::for_sweep(250, 0, 100, podwide::app_going());
         for _ in 0..5 {
             advance(400);
-            conn::sweep(true, true, grace, &shared.metrics);
+            conn::sweep(true, true, grace, &plugin.metrics);
         }
         assert!(with(|f| f.closed.is_empty()), "closed under a client that may still be sending");
     }
@@ -590,21 +590,21 @@ use crate::idle::Grace;
     #[test]
     fn a_draining_pod_sweeps_an_idle_connection_on_the_second_look_and_never_a_busy_one() {
         reset(START_MS);
-        let shared = shared(Config::default());
-        let (mut idle_net, idle_http) = connection(11, &shared);
+        let plugin = plugin(Config::default());
+        let (mut idle_net, idle_http) = connection(11, &plugin);
         set_map(MapType::HttpResponseHeaders, &[(":status", "200"), ("content-length", "2")]);
         set_buffer(BufferType::UpstreamData, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
         idle_net.on_upstream_data(40, false);
         drop(idle_http);
-        let (_busy_net, _busy_http) = connection(12, &shared);
-        pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
-        assert!(pod::draining());
-        let grace = Grace::for_sweep(250, 0, 100, pod::app_going());
+        let (_busy_net, _busy_http) = connection(12, &plugin);
+        podwide::enter(Source::SidecarHealth, UNTIL_CLEARED, &plugin.metrics);
+        assert!(podwide::draining());
+        let grace = Grace::for_sweep(250, 0, 100, podwide::app_going());
         advance(400);
-        conn::sweep(true, true, grace, &shared.metrics);
+        conn::sweep(true, true, grace, &plugin.metrics);
         assert!(with(|f| f.closed.is_empty()), "first look: wait a tick");
         advance(100);
-        conn::sweep(true, true, grace, &shared.metrics);
+        conn::sweep(true, true, grace, &plugin.metrics);
         assert_eq!(with(|f| f.closed.clone()), vec![11], "the idle one, not the one with a request in flight");
         assert_eq!(metric("close_relay_idle_closed_total"), 1);
         assert_eq!(metric("close_relay_drain_entered_sidecar_health_total"), 1);
@@ -627,26 +627,26 @@ use crate::idle::Grace;
     #[test]
     fn notes_from_an_http_role_in_another_vm_count_the_request_until_it_ends() {
         reset(START_MS);
-        let shared = shared(Config::default());
-        let mut net = NetworkRole::new(21, shared.clone());
+        let plugin = plugin(Config::default());
+        let mut net = NetworkRole::new(21, plugin.clone());
         net.on_new_connection();
-        let address = with(|f| f.properties.get(keys::ADDRESS_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
-        let address = String::from_utf8_lossy(&address).into_owned();
+        let handle = with(|f| f.properties.get(keys::ADDRESS_PROPERTY.as_bytes()).cloned()).unwrap_or_default();
+        let handle = String::from_utf8_lossy(&handle).into_owned();
         let note = |n: &crate::link::Note| crate::link::Note::decode(&n.encode());
         let grace = Grace::for_sweep(250, 0, 100, false);
         let sweep_twice = || {
             advance(1_000);
-            conn::sweep(true, true, grace, &shared.metrics);
+            conn::sweep(true, true, grace, &plugin.metrics);
             advance(100);
-            conn::sweep(true, true, grace, &shared.metrics);
+            conn::sweep(true, true, grace, &plugin.metrics);
         };
         set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n");
         net.on_downstream_data(30, false);
-        note(&crate::link::Note::Begin(address.clone())).iter().for_each(conn::hear);
-        pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
+        note(&crate::link::Note::Begin(handle.clone())).iter().for_each(conn::hear);
+        podwide::enter(Source::SidecarHealth, UNTIL_CLEARED, &plugin.metrics);
         sweep_twice();
         assert!(with(|f| f.closed.is_empty()), "a request in flight is never swept");
-        note(&crate::link::Note::End { conn: address, begun: true }).iter().for_each(conn::hear);
+        note(&crate::link::Note::End(handle)).iter().for_each(conn::hear);
         set_buffer(BufferType::UpstreamData, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
         net.on_upstream_data(40, false);
         sweep_twice();
@@ -665,19 +665,19 @@ use crate::idle::Grace;
         reset(START_MS);
         let mut root = configured_root("{}");
         root.on_ready(503, b"DRAINING");
-        assert!(pod::draining());
+        assert!(podwide::draining());
         assert_eq!(metric("close_relay_drain_entered_sidecar_health_total"), 1);
         root.on_ready(503, b"DRAINING");
         assert_eq!(metric("close_relay_drain_entered_sidecar_health_total"), 1, "entered once");
         root.on_ready(200, b"LIVE");
-        assert!(!pod::draining(), "healthcheck/ok ends it");
+        assert!(!podwide::draining(), "healthcheck/ok ends it");
         root.on_ready(503, b"no healthy upstream");
-        assert!(!pod::draining(), "a 503 that does not say DRAINING is no evidence");
+        assert!(!podwide::draining(), "a 503 that does not say DRAINING is no evidence");
     }
 
     /// A lean connection (the network role alone) with one request read.
-    fn lean_connection(id: u32, shared: &Rc<Shared>) -> NetworkRole {
-        let mut net = NetworkRole::new(id, shared.clone());
+    fn lean_connection(id: u32, plugin: &Rc<Plugin>) -> NetworkRole {
+        let mut net = NetworkRole::new(id, plugin.clone());
         net.on_new_connection();
         let request = b"GET / HTTP/1.1\r\nhost: alb\r\n\r\n";
         set_buffer(BufferType::DownstreamData, request);
@@ -693,16 +693,16 @@ use crate::idle::Grace;
     #[test]
     fn lean_sweeps_a_connection_only_once_its_response_is_out_and_tells_the_next_one_to_close() {
         reset(START_MS);
-        let shared = shared(Config { lean: true, ..Config::default() });
-        let mut slow = lean_connection(31, &shared);
+        let plugin = plugin(Config { lean: true, ..Config::default() });
+        let mut slow = lean_connection(31, &plugin);
         write(&mut slow, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n");
-        let mut quiet = lean_connection(32, &shared);
+        let mut quiet = lean_connection(32, &plugin);
         write(&mut quiet, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-        pod::enter(Source::SidecarHealth, UNTIL_CLEARED, &shared.metrics);
-        let grace = Grace::for_sweep(250, 0, 100, pod::app_going());
+        podwide::enter(Source::SidecarHealth, UNTIL_CLEARED, &plugin.metrics);
+        let grace = Grace::for_sweep(250, 0, 100, podwide::app_going());
         for _ in 0..3 {
             advance(400);
-            conn::sweep(true, true, grace, &shared.metrics);
+            conn::sweep(true, true, grace, &plugin.metrics);
         }
         assert_eq!(with(|f| f.closed.clone()), vec![32], "the idle one; the stream paused mid-body stays");
         write(&mut slow, b"0\r\n\r\n");
@@ -712,7 +712,7 @@ use crate::idle::Grace;
         assert_eq!(buffer(BufferType::UpstreamData), b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
         for _ in 0..2 {
             advance(400);
-            conn::sweep(true, true, grace, &shared.metrics);
+            conn::sweep(true, true, grace, &plugin.metrics);
         }
         assert_eq!(with(|f| f.closed.clone()), vec![32, 31]);
         assert_eq!(metric("close_relay_closed_while_draining_total"), 1);
@@ -721,15 +721,15 @@ use crate::idle::Grace;
     #[test]
     fn lean_drains_on_two_rescued_answers_in_a_row_and_not_on_one() {
         reset(START_MS);
-        let shared = shared(Config { lean: true, ..Config::default() });
-        let mut net = lean_connection(41, &shared);
+        let plugin = plugin(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(41, &plugin);
         let rescued = b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 2\r\ncontent-length: 0\r\n\r\n";
         write(&mut net, rescued);
         write(&mut net, b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 1\r\ncontent-length: 0\r\n\r\n");
         write(&mut net, rescued);
-        assert!(!pod::draining(), "an answer between: a keep-alive race, maybe");
+        assert!(!podwide::draining(), "an answer between: a keep-alive race, maybe");
         write(&mut net, rescued);
-        assert!(pod::draining());
+        assert!(podwide::draining());
         assert_eq!(metric("close_relay_drain_entered_app_rescued_total"), 1);
         assert_eq!(metric("close_relay_rescued_total"), 3);
     }
@@ -737,15 +737,15 @@ use crate::idle::Grace;
     #[test]
     fn two_rescued_answers_drain_the_pod_though_the_tick_between_them_publishes_the_answer_before() {
         reset(START_MS);
-        let shared = shared(Config { lean: true, ..Config::default() });
-        let mut net = lean_connection(42, &shared);
+        let plugin = plugin(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(42, &plugin);
         let rescued = b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 2\r\ncontent-length: 0\r\n\r\n";
         write(&mut net, b"HTTP/1.1 200 OK\r\nx-envoy-attempt-count: 1\r\ncontent-length: 0\r\n\r\n");
         write(&mut net, rescued);
         // The tick publishes this VM's answer, given before the first rescue.
-        pod::publish_answers();
+        podwide::publish_answers();
         write(&mut net, rescued);
-        assert!(pod::draining(), "an answer published late read as one between the rescues");
+        assert!(podwide::draining(), "an answer published late read as one between the rescues");
     }
 
     /// A 503 as Envoy writes it, with `headers` (whole lines) and `body`.
@@ -756,25 +756,25 @@ use crate::idle::Grace;
     #[test]
     fn lean_reads_a_dead_app_from_envoys_own_replies() {
         reset(START_MS);
-        let shared = shared(Config { lean: true, ..Config::default() });
-        let mut net = lean_connection(51, &shared);
+        let plugin = plugin(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(51, &plugin);
         let reset = reply_503("content-type: text/plain\r\n", "upstream connect error or disconnect/reset before headers. reset reason: connection termination");
         write(&mut net, reply_503("", "the app's own 503, whatever it says").as_bytes());
         write(&mut net, reset.as_bytes());
-        assert!(!pod::draining(), "one reset: the keep-alive race, maybe");
+        assert!(!podwide::draining(), "one reset: the keep-alive race, maybe");
         // Envoy writes a head and its body apart.
         let (head, body) = reset.split_at(reset.find("\r\n\r\n").map_or(0, |i| i + 4));
         write(&mut net, head.as_bytes());
-        assert!(!pod::draining(), "the body, which names the failure, has not come yet");
+        assert!(!podwide::draining(), "the body, which names the failure, has not come yet");
         write(&mut net, body.as_bytes());
-        assert!(pod::draining() && pod::app_going(), "a second before any answer: the app is going");
+        assert!(podwide::draining() && podwide::app_going(), "a second before any answer: the app is going");
     }
 
     #[test]
     fn lean_never_takes_an_apps_503_for_envoys_own_whatever_its_body_says() {
         reset(START_MS);
-        let shared = shared(Config { lean: true, ..Config::default() });
-        let mut net = lean_connection(53, &shared);
+        let plugin = plugin(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(53, &plugin);
         // A gateway app passing on a dependency's reply: Envoy's router marks it as the app's.
         let passed_on = reply_503(
             "x-envoy-upstream-service-time: 3\r\n",
@@ -783,62 +783,62 @@ use crate::idle::Grace;
         for _ in 0..5 {
             write(&mut net, passed_on.as_bytes());
         }
-        assert!(!pod::draining(), "the app's own 503s, five in a row");
+        assert!(!podwide::draining(), "the app's own 503s, five in a row");
     }
 
     #[test]
     fn lean_drains_at_once_on_envoys_own_reply_to_a_refusal() {
         reset(START_MS);
-        let shared = shared(Config { lean: true, ..Config::default() });
-        let mut net = lean_connection(52, &shared);
+        let plugin = plugin(Config { lean: true, ..Config::default() });
+        let mut net = lean_connection(52, &plugin);
         let body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused";
         write(&mut net, reply_503("", body).as_bytes());
-        assert!(pod::draining() && pod::app_going(), "a refusal: at once, no rescue to catch the next one");
+        assert!(podwide::draining() && podwide::app_going(), "a refusal: at once, no rescue to catch the next one");
         assert_eq!(metric("close_relay_drain_entered_app_failure_total"), 1);
     }
 
     /// A connection of this VM whose request is probed, answered with `head`.
-    fn probed(id: u32, shared: &Rc<Shared>, head: &[u8]) {
+    fn probed(id: u32, plugin: &Rc<Plugin>, head: &[u8]) {
         crate::probe::refill_reads();
-        let (mut net, _http) = connection(id, shared);
+        let (mut net, _http) = connection(id, plugin);
         write(&mut net, head);
     }
 
     #[test]
     fn envoys_own_close_on_two_probed_requests_is_its_drain_and_a_kept_alive_answer_ends_it() {
         reset(START_MS);
-        let shared = shared(Config::default());
+        let plugin = plugin(Config::default());
         let closed = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
         let kept = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        probed(61, &shared, closed);
-        assert!(!pod::draining(), "one close: an odd exchange, maybe");
-        probed(62, &shared, closed);
-        assert!(pod::draining());
+        probed(61, &plugin, closed);
+        assert!(!podwide::draining(), "one close: an odd exchange, maybe");
+        probed(62, &plugin, closed);
+        assert!(podwide::draining());
         assert_eq!(metric("close_relay_drain_entered_sidecar_drain_total"), 1);
-        probed(63, &shared, kept);
-        assert!(!pod::draining(), "Envoy kept a connection open: it is not draining");
+        probed(63, &plugin, kept);
+        assert!(!podwide::draining(), "Envoy kept a connection open: it is not draining");
         // A request that asked to close is never probed; nor is a second one the same tick.
         crate::probe::refill_reads();
-        let mut net = NetworkRole::new(64, shared.clone());
+        let mut net = NetworkRole::new(64, plugin.clone());
         net.on_new_connection();
         set_buffer(BufferType::DownstreamData, b"GET / HTTP/1.1\r\nhost: alb\r\nconnection: close\r\n\r\n");
         net.on_downstream_data(48, false);
         write(&mut net, closed);
-        probed(65, &shared, closed);
-        let (mut net, _http) = connection(66, &shared);
+        probed(65, &plugin, closed);
+        let (mut net, _http) = connection(66, &plugin);
         write(&mut net, closed);
-        assert!(!pod::draining(), "only one probe counted since the kept-alive answer");
+        assert!(!podwide::draining(), "only one probe counted since the kept-alive answer");
         // A listener update (LDS) makes Envoy close too: not a shutdown.
-        with(|f| f.shared.insert(keys::SIDECAR_READ.as_bytes().to_vec(), (crate::sidecar::DrainStats { update_draining: 1 }.encode_read(START_MS), 1)));
-        probed(67, &shared, closed);
-        assert!(!pod::draining(), "closes during a listener update");
+        with(|f| f.shared_data.insert(keys::SIDECAR_READ.as_bytes().to_vec(), (crate::sidecar::DrainStats { update_draining: 1 }.encode_read(START_MS), 1)));
+        probed(67, &plugin, closed);
+        assert!(!podwide::draining(), "closes during a listener update");
     }
 
     #[test]
     fn traffic_no_probe_can_take_costs_a_few_reads_a_tick_not_one_a_request() {
         reset(START_MS);
-        let shared = shared(Config::default());
-        let (mut net, _http) = connection(81, &shared);
+        let plugin = plugin(Config::default());
+        let (mut net, _http) = connection(81, &plugin);
         crate::probe::refill_reads();
         let post = b"POST / HTTP/1.1\r\nhost: alb\r\ncontent-length: 2\r\n\r\nok";
         let reads = || with(|f| f.buffer_reads.get(&(BufferType::DownstreamData as u32)).copied().unwrap_or(0));
@@ -855,9 +855,9 @@ use crate::idle::Grace;
     fn the_prestop_hook_is_answered_once_the_network_roles_count_no_other_client() {
         reset(START_MS);
         let mut root = configured_root(r#"{"role": "network"}"#);
-        let shared = shared(Config::default());
-        let (busy, _http) = connection(71, &shared);
-        let mut hook = NetworkRole::new(72, shared.clone());
+        let plugin = plugin(Config::default());
+        let (busy, _http) = connection(71, &plugin);
+        let mut hook = NetworkRole::new(72, plugin.clone());
         hook.on_new_connection();
         let request = format!("GET /prestop HTTP/1.1\r\nhost: pod\r\n{}: a-token-of-16-chars\r\n\r\n", keys::PRESTOP_HEADER);
         set_buffer(BufferType::DownstreamData, request.as_bytes());
@@ -866,15 +866,15 @@ use crate::idle::Grace;
         crate::prestop::hold(7);
         // Another worker's VM last counted before the hook came: its count cannot answer it.
         let other = |at_ms| crate::census::encode(&[crate::census::Record { vm: 99, open: 0, at_ms }]);
-        with(|f| f.shared.insert(keys::CENSUS.as_bytes().to_vec(), (other(START_MS - 50), 1)));
+        with(|f| f.shared_data.insert(keys::CENSUS.as_bytes().to_vec(), (other(START_MS - 50), 1)));
         advance(100);
         root.on_tick();
         crate::prestop::tick(20_000, &metrics);
         assert!(with(|f| f.local_responses.is_empty()), "not counted since the hook came");
-        let census = with(|f| f.shared[keys::CENSUS.as_bytes()].0.clone());
+        let census = with(|f| f.shared_data[keys::CENSUS.as_bytes()].0.clone());
         let mut records = crate::census::decode(&census);
         records.iter_mut().filter(|r| r.vm == 99).for_each(|r| r.at_ms = START_MS + 100);
-        with(|f| f.shared.insert(keys::CENSUS.as_bytes().to_vec(), (crate::census::encode(&records), 2)));
+        with(|f| f.shared_data.insert(keys::CENSUS.as_bytes().to_vec(), (crate::census::encode(&records), 2)));
         advance(100);
         root.on_tick();
         crate::prestop::tick(20_000, &metrics);

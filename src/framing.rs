@@ -102,13 +102,13 @@ impl Responses {
         self.state == State::Lost
     }
 
-    /// The client sent bytes. An answer whose head announced a body, none of which went out
-    /// yet, was an answer to HEAD: its exchange is over. (Were it a pipelined request instead,
+    /// The client sent bytes: a guess that the answer under way was to HEAD, when its head
+    /// announced a body and none of it went out yet; its exchange is then over. (Were it a pipelined request instead,
     /// the body that follows would not start a head, and the connection is [`lost`]: kept, and
     /// counted.)
     ///
     /// [`lost`]: Responses::lost
-    pub fn request_read(&mut self) {
+    pub fn request_ends_an_answer_to_head(&mut self) {
         if !self.body_started && matches!(self.state, State::Body(_) | State::ChunkLine) {
             self.state = State::Between;
         }

@@ -70,11 +70,11 @@ fn the_answer_to_head_ends_when_the_client_sends_again() {
     let mut r = Responses::new(96 * 1024);
     follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"]);
     assert!(r.in_flight());
-    r.request_read();
+    r.request_ends_an_answer_to_head();
     assert!(!r.in_flight());
     // Body bytes already out: a client's bytes now are a pipelined request, not the end.
     follow(&mut r, &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc"]);
-    r.request_read();
+    r.request_ends_an_answer_to_head();
     assert!(r.in_flight());
 }
 

@@ -15,10 +15,10 @@ use crate::config::Config;
 use crate::conn::{self, ConnRef};
 use crate::decision::{self, decide, Decision, Reason, RequestFacts, ResponseFacts, Signals, SkipReason, Upstream};
 use crate::drain::{Source, UNTIL_CLEARED};
-use crate::link::{Address, Note};
-use crate::shared::Shared;
+use crate::link::{Handle, Note};
+use crate::plugin::Plugin;
 use crate::facts::{self, ResponseHeaders};
-use crate::{app, host, keys, pod, prestop, wire};
+use crate::{app, host, keys, podwide, prestop, queue, wire};
 
 thread_local! {
     /// This VM's upstream connections' last answers (the app's pool is per worker too).
@@ -31,10 +31,10 @@ thread_local! {
 
 pub struct HttpRole {
     context_id: u32,
-    shared: Rc<Shared>,
+    plugin: Rc<Plugin>,
     request: RequestFacts,
     /// This connection's address, once read (the network role published it).
-    address: Option<Address>,
+    handle: Option<Handle>,
     /// This connection's state when its network role shares the VM; its in-flight count
     /// includes this request until the stream ends (on drop).
     conn: Option<ConnRef>,
@@ -45,43 +45,43 @@ pub struct HttpRole {
 }
 
 impl HttpRole {
-    pub fn new(context_id: u32, shared: Rc<Shared>) -> Self {
+    pub fn new(context_id: u32, plugin: Rc<Plugin>) -> Self {
         HttpRole {
             context_id,
-            shared,
+            plugin,
             request: RequestFacts::default(),
-            address: None,
+            handle: None,
             conn: None,
             begun_there: false,
             number: 0,
         }
     }
 
-    fn address(&mut self) -> Option<&Address> {
-        if self.address.is_none() {
+    fn handle(&mut self) -> Option<&Handle> {
+        if self.handle.is_none() {
             let raw = host::get_property(&[keys::ADDRESS_PROPERTY])?;
-            self.address = Some(Address::parse(String::from_utf8_lossy(&raw).into_owned()));
+            self.handle = Some(Handle::parse(String::from_utf8_lossy(&raw).into_owned()));
         }
-        self.address.as_ref()
+        self.handle.as_ref()
     }
 
     /// The network VM's queue when the network role is in another VM and has one.
     fn other_vm(&self) -> Option<u32> {
-        let address = self.address.as_ref().filter(|a| a.token != 0)?;
-        self.conn.is_none().then_some(address.token)
+        let handle = self.handle.as_ref().filter(|a| a.token != 0)?;
+        self.conn.is_none().then_some(handle.token)
     }
 
     /// Counts this request against its connection so the sweep never closes a connection with a
     /// request in flight: directly in a shared VM, else by a note to the network VM.
     fn track_request(&mut self) {
-        let Some(address) = self.address() else { return };
-        match conn::conn_for(&address.text) {
+        let Some(handle) = self.handle() else { return };
+        match conn::conn_for(&handle.text) {
             Some(conn) => {
                 conn.borrow_mut().request_started();
                 self.conn = Some(conn);
             }
-            None if address.token != 0 => {
-                self.begun_there = pod::send(address.token, &Note::Begin(address.text.clone()));
+            None if handle.token != 0 => {
+                self.begun_there = queue::send(handle.token, &Note::Begin(handle.text.clone()));
             }
             None => {}
         }
@@ -93,14 +93,14 @@ impl HttpRole {
     /// anything else is refused with 403, counted. The header never reaches the app: where a
     /// token is configured it is taken off every request.
     fn prestop_hook(&mut self) -> Option<Action> {
-        let shared = self.shared.clone();
-        let config = shared.active()?;
+        let plugin = self.plugin.clone();
+        let config = plugin.active()?;
         let prestop = &config.drain.prestop;
-        let hook = self.address.as_ref().is_some_and(|a| a.hook);
+        let hook = self.handle.as_ref().is_some_and(|a| a.hook);
         if !hook {
             if prestop.token.is_some() && host::header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER).is_some() {
                 let _ = host::remove_header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER);
-                prestop::refuse(prestop::Refusal::NotFirst, &shared.metrics);
+                prestop::refuse(prestop::Refusal::NotFirst, &plugin.metrics);
                 return Some(Action::Pause);
             }
             return None;
@@ -108,7 +108,7 @@ impl HttpRole {
         let offered = host::header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER)?;
         let _ = host::remove_header(MapType::HttpRequestHeaders, keys::PRESTOP_HEADER);
         if let Err(refusal) = prestop::judge(prestop.token.as_ref(), config.drain.enabled, &offered) {
-            prestop::refuse(refusal, &shared.metrics);
+            prestop::refuse(refusal, &plugin.metrics);
             return Some(Action::Pause);
         }
         self.entered(Source::Prestop, UNTIL_CLEARED);
@@ -119,29 +119,29 @@ impl HttpRole {
     /// A drain source this VM turned on and its evidence then disproved; the network VM keeps its
     /// own record with different `vm_id`s, so it is told too.
     fn cleared(&mut self, source: Source) {
-        pod::clear(source, &self.shared.metrics);
-        self.address();
+        podwide::clear(source, &self.plugin.metrics);
+        self.handle();
         if let Some(token) = self.other_vm() {
-            pod::send(token, &Note::Clear(source));
+            queue::send(token, &Note::Clear(source));
         }
     }
 
     /// A drain source this request turned on; with different `vm_id`s the network VM keeps its
     /// own record, so it is told too (a same-`vm_id` network VM already sees it: a no-op there).
     fn entered(&mut self, source: Source, until: u64) {
-        if !pod::enter(source, until, &self.shared.metrics) {
+        if !podwide::enter(source, until, &self.plugin.metrics) {
             return;
         }
-        self.address();
+        self.handle();
         if let Some(token) = self.other_vm() {
-            pod::send(token, &Note::Enter { source, until });
+            queue::send(token, &Note::Enter { source, until });
         }
     }
 
     /// Whether this response must close its client connection, and why: the pure decision,
     /// what it cannot relay counted, the app's own closes counted toward `app_closes`.
     fn close_reason(&mut self, config: &Config, facts: &ResponseFacts, signals: Signals) -> Option<Reason> {
-        let metrics = self.shared.metrics;
+        let metrics = self.plugin.metrics;
         let request = &mut self.request;
         let decision = decide(
             facts,
@@ -171,8 +171,8 @@ impl HttpRole {
     /// Marks the response for the network role with this connection's address; the network role
     /// rewrites it and sees to the close.
     fn mark(&mut self, reason: Reason) {
-        let metrics = self.shared.metrics;
-        let Some(address) = self.address().map(|a| a.text.clone()) else {
+        let metrics = self.plugin.metrics;
+        let Some(handle) = self.handle().map(|a| a.text.clone()) else {
             metrics.skipped(SkipReason::NoNetworkRole).inc();
             if !WARNED_NO_NETWORK_ROLE.replace(true) {
                 warn!(
@@ -182,12 +182,12 @@ impl HttpRole {
             }
             return;
         };
-        if let Err(e) = host::add_header(MapType::HttpResponseHeaders, wire::MARKER, &address) {
+        if let Err(e) = host::add_header(MapType::HttpResponseHeaders, wire::MARKER, &handle) {
             warn!("close-relay: cannot mark the response, not relayed: {e:?}");
             return;
         }
         if self.conn.is_none() {
-            self.conn = conn::conn_for(&address);
+            self.conn = conn::conn_for(&handle);
         }
         if let Some(conn) = &self.conn {
             conn.borrow_mut().mark_head();
@@ -204,7 +204,7 @@ impl HttpRole {
     /// The app's own close, for `app_closes`: enough of them in a window drain the pod.
     fn count_app_close(&mut self, config: &Config) {
         let closes = &config.drain.app_closes;
-        if config.drain.enabled && closes.enabled && pod::count_app_close(closes.window_ms, closes.threshold) {
+        if config.drain.enabled && closes.enabled && podwide::count_app_close(closes.window_ms, closes.threshold) {
             self.entered(Source::AppCloses, host::now_ms().saturating_add(closes.hold_ms));
         }
     }
@@ -223,10 +223,10 @@ impl HttpRole {
         let port = watched.then(facts::upstream_port).flatten();
         let response = app::Response { upstream, rescued: marks.rescued, rescue_marked: marks.refused };
         let busy = |now| port.is_some_and(|port| UPSTREAM_USE.with(|u| u.borrow().busy(port, now, failure.race_idle_ms)));
-        match app::judge(&self.shared, config, response, busy) {
+        match app::judge(&self.plugin, config, response, busy) {
             app::Verdict::Answered => {
-                if self.shared.unconfirmed_reset.get().is_some_and(|before| self.number > before) {
-                    self.shared.unconfirmed_reset.set(None);
+                if self.plugin.unconfirmed_reset.get().is_some_and(|before| self.number > before) {
+                    self.plugin.unconfirmed_reset.set(None);
                     debug!("the app answered a request begun after its single reset: not going away");
                     self.cleared(Source::AppFailure);
                 }
@@ -239,7 +239,7 @@ impl HttpRole {
             app::Verdict::Failed => {}
             app::Verdict::Going { source, until, single_reset } => {
                 // The number of the last request begun before the reset: this one or a later.
-                self.shared.unconfirmed_reset.set(single_reset.then(|| REQUESTS_BEGUN.get()));
+                self.plugin.unconfirmed_reset.set(single_reset.then(|| REQUESTS_BEGUN.get()));
                 self.entered(source, until);
             }
         }
@@ -259,15 +259,15 @@ impl Drop for HttpRole {
         if let Some(conn) = self.conn.take() {
             conn.borrow_mut().request_done(host::coarse_now());
         } else if let Some(token) = self.other_vm().filter(|_| self.begun_there) {
-            let conn = self.address.take().map(|a| a.text).unwrap_or_default();
-            pod::send(token, &Note::End { conn, begun: true });
+            let conn = self.handle.take().map(|a| a.text).unwrap_or_default();
+            queue::send(token, &Note::End(conn));
         }
     }
 }
 
 impl HttpContext for HttpRole {
     fn on_http_request_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
-        if self.shared.active().is_none() {
+        if self.plugin.active().is_none() {
             return Action::Continue;
         }
         #[cfg(feature = "fault-injection")]
@@ -287,17 +287,17 @@ impl HttpContext for HttpRole {
 
     /// The story of one response: its facts, the decision, then the act.
     fn on_http_response_headers(&mut self, _: usize, _end_of_stream: bool) -> Action {
-        let shared = self.shared.clone();
-        let Some(config) = shared.active() else {
+        let plugin = self.plugin.clone();
+        let Some(config) = plugin.active() else {
             return Action::Continue;
         };
-        shared.metrics.count_response();
+        plugin.metrics.count_response();
         let headers = ResponseHeaders::read();
         let facts = headers.facts();
         let (upstream, rescued) = self.watch_app(config, &headers, facts.status);
         let connect_failure = upstream == Upstream::Refused && config.close_on_connect_failure;
-        let closing = self.address.as_ref().is_some_and(|a| a.closing);
-        let signals = Signals { draining: config.drain.enabled && pod::draining(), connect_failure, rescued, closing };
+        let closing = self.handle.as_ref().is_some_and(|a| a.closing);
+        let signals = Signals { draining: config.drain.enabled && podwide::draining(), connect_failure, rescued, closing };
         if let Some(reason) = self.close_reason(config, &facts, signals) {
             self.mark(reason);
         }

@@ -28,7 +28,7 @@ pub const READINESS_FAILURES: &str = "close_relay.readiness.failures";
 /// Set once a lean network role has seen rescue's attempt count on a response: the pod's
 /// inbound route is rescue's (one u64 word, 1).
 /// When the next single reset may drain the pod at once (ms since the epoch, little-endian u64):
-/// one such drain a minute, pod-wide ([`crate::pod::single_reset_allowed`]).
+/// one such drain a minute, pod-wide ([`crate::podwide::single_reset_allowed`]).
 pub const SINGLE_RESET_AFTER: &str = "close_relay.single_reset_after";
 /// The app's answers, pod-wide, as each VM adds its own every tick (little-endian u64): a streak
 /// of failures in one VM ends when the app answered anyone ([`crate::evidence::Streak`]).
@@ -39,7 +39,7 @@ pub const RESCUE_SEEN: &str = "close_relay.rescue_seen";
 pub const WAKE_QUEUE_PREFIX: &str = "close_relay.wake.";
 
 /// The connection filter-state key through which the network role announces itself and its
-/// connection's address ([`crate::link::Address`]: its VM's queue and a nonce) to the HTTP
+/// connection's address ([`crate::link::Handle`]: its VM's queue and a nonce) to the HTTP
 /// role, across VMs too.
 pub const ADDRESS_PROPERTY: &str = "close_relay_address";
 

@@ -16,10 +16,10 @@ use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
 use crate::http1;
 use crate::keys;
-use crate::link::Address;
-use crate::pod;
+use crate::link::Handle;
+use crate::podwide;
 use crate::probe;
-use crate::shared::Shared;
+use crate::plugin::Plugin;
 use crate::wire::{self, Closer, Edit};
 
 /// Reads of one write while following responses: a head, or a chunk line each. A write with
@@ -30,27 +30,27 @@ const LOCAL_REPLY_READ: usize = wire::LOCAL_REPLY_START.len() + 48;
 
 /// A new client connection: no HTTP role reads an address, so none is published; the
 /// connection is registered for the sweep under its context id.
-pub fn start(conn: &ConnRef, max_head: usize) -> Address {
-    let address = Address::new(0, &conn.borrow().context_id.to_string());
+pub fn start(conn: &ConnRef, max_head: usize) -> Handle {
+    let handle = Handle::new(0, &conn.borrow().context_id.to_string());
     {
         let mut c = conn.borrow_mut();
         c.activity.last_ms = host::coarse_now();
         c.responses = Some(Responses::new(max_head));
     }
-    conn::register(&address.text, conn);
-    address
+    conn::register(&handle.text, conn);
+    handle
 }
 
 /// Follows the responses in this write, reading only heads and chunk lines. While
 /// the pod drains, a head at the start of a write gets `connection: close`, and the sweep
 /// closes the connection once its response is out and it is quiet.
-pub fn follow_responses(conn: &ConnRef, shared: &Shared, size: usize) {
-    let draining = pod::draining();
+pub fn follow_responses(conn: &ConnRef, plugin: &Plugin, size: usize) {
+    let draining = podwide::draining();
     let (mut pos, mut end) = (0, size);
     let mut c = conn.borrow_mut();
     let Conn { responses: Some(responses), probe, head_503, .. } = &mut *c else { return };
     if let Some(head) = head_503.take() {
-        watch_app(shared, head, local_reply(0, end));
+        watch_app(plugin, head, local_reply(0, end));
     }
     let mut told = None;
     for _ in 0..MAX_STEPS {
@@ -68,7 +68,7 @@ pub fn follow_responses(conn: &ConnRef, shared: &Shared, size: usize) {
         pos = pos.saturating_add(fed.used);
         if let Some(head) = fed.head.filter(|h| h.is_final) {
             if std::mem::take(probe) {
-                probe::probed(shared, probe::answered(&head));
+                probe::probed(plugin, probe::answered(&head));
             }
             // Envoy's own reply when it could not reach the app: a default sidecar keeps no
             // stat of it, but its body names it (one read more, for a 503 of Envoy's own
@@ -78,7 +78,7 @@ pub fn follow_responses(conn: &ConnRef, shared: &Shared, size: usize) {
                 *head_503 = Some(head);
             } else {
                 let local = if envoys_503 { local_reply(pos, end) } else { None };
-                watch_app(shared, head, local);
+                watch_app(plugin, head, local);
             }
         }
         let Some(head) = fed.head.filter(|h| draining && h.is_final && h.whole_here && pos == h.len) else { continue };
@@ -93,14 +93,14 @@ pub fn follow_responses(conn: &ConnRef, shared: &Shared, size: usize) {
         responses.lose();
     }
     drop(c);
-    in_flight(conn, shared);
+    in_flight(conn, plugin);
     if let Some(closer) = told {
         let mut c = conn.borrow_mut();
         c.close_pending = closer == Closer::Relay;
         c.envoy_closes = closer == Closer::Envoy;
         drop(c);
-        shared.metrics.headers_rewritten.inc();
-        shared.metrics.closed_while_draining.inc();
+        plugin.metrics.headers_rewritten.inc();
+        plugin.metrics.closed_while_draining.inc();
     }
 }
 
@@ -109,7 +109,7 @@ pub fn follow_responses(conn: &ConnRef, shared: &Shared, size: usize) {
 /// the filters again once the answer before it is out, so its bytes come after that answer.
 /// A connection whose responses cannot be followed is Envoy's alone (never closed as idle),
 /// counted once.
-pub fn in_flight(conn: &ConnRef, shared: &Shared) {
+pub fn in_flight(conn: &ConnRef, plugin: &Plugin) {
     let mut c = conn.borrow_mut();
     let Some(responses) = c.responses.as_ref() else { return };
     let lost = responses.lost();
@@ -118,7 +118,7 @@ pub fn in_flight(conn: &ConnRef, shared: &Shared) {
     c.activity.unaccounted = busy;
     if lost && !std::mem::replace(&mut c.lost_counted, true) {
         drop(c);
-        shared.metrics.lean_lost.inc();
+        plugin.metrics.lean_lost.inc();
         debug!("lean: lost track of this connection's bytes; left to Envoy to close");
     }
 }
@@ -126,9 +126,9 @@ pub fn in_flight(conn: &ConnRef, shared: &Shared) {
 /// What a response says about the app ([`app::judge`]), from rescue's marks on its head and
 /// Envoy's own reply (`local`: Envoy could not reach the app, `Some(true)` refused, `Some(false)`
 /// reset).
-fn watch_app(shared: &Shared, head: HeadSeen, local: Option<bool>) {
-    let Some(config) = shared.active() else { return };
-    if head.attempt_counted && !shared.rescue_recorded.replace(true) {
+fn watch_app(plugin: &Plugin, head: HeadSeen, local: Option<bool>) {
+    let Some(config) = plugin.active() else { return };
+    if head.attempt_counted && !plugin.rescue_recorded.replace(true) {
         host::shared_update(keys::RESCUE_SEEN, |_| Some((codec::encode_u64s(&[1]), ())));
     }
     let upstream = match local {
@@ -138,8 +138,8 @@ fn watch_app(shared: &Shared, head: HeadSeen, local: Option<bool>) {
         None => Upstream::Fine,
     };
     let response = app::Response { upstream, rescued: head.rescued, rescue_marked: head.refused };
-    if let Verdict::Going { source, until, .. } = app::judge(shared, config, response, |_| false) {
-        pod::enter(source, until, &shared.metrics);
+    if let Verdict::Going { source, until, .. } = app::judge(plugin, config, response, |_| false) {
+        podwide::enter(source, until, &plugin.metrics);
     }
 }
 

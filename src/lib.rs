@@ -9,7 +9,7 @@
 //! - [`network::NetworkRole`], a network filter before the HCM, sees the bytes written to the
 //!   client and turns the HTTP role's private marker into `connection: close`.
 //!
-//! Both roles also watch for the pod going away ([`drain`], [`pod`], [`root`]): then every
+//! Both roles also watch for the pod going away ([`drain`], [`podwide`], [`queue`], [`root`]): then every
 //! client connection is closed, busy ones after their response, idle ones after a short grace;
 //! an HTTP/2 one is told first with a graceful GOAWAY ([`h2`]).
 //!
@@ -20,8 +20,8 @@
 //! routes the `log` crate through it. [`config`] is the configuration's type, [`validate`] how
 //! it is read. [`facts`] is what the HTTP role reads of a request and a response, [`app`] what
 //! a response says about the app (both roles), [`probe`] the network role's probes of Envoy's
-//! drain, [`lean`] the network role working alone. [`pod`], [`root`] and the two context types
-//! act through [`host`]. [`metrics`] holds what the module exports, [`shared::Shared`] what one
+//! drain, [`lean`] the network role working alone. [`podwide`], [`queue`], [`root`] and the two context types
+//! act through [`host`]. [`metrics`] holds what the module exports, [`plugin::Plugin`] what one
 //! plugin instance's contexts share.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::arithmetic_side_effects))]
@@ -51,11 +51,12 @@ pub mod link;
 pub mod logging;
 pub mod metrics;
 pub mod network;
-pub mod pod;
+pub mod plugin;
+pub mod podwide;
 pub mod prestop;
 pub mod probe;
+pub mod queue;
 pub mod root;
-pub mod shared;
 pub mod sidecar;
 pub mod validate;
 pub mod wire;

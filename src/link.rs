@@ -4,21 +4,22 @@
 //! does: any VM may enqueue on a token, and the VM that registered it is called back
 //! (`on_queue_ready`) on its own worker, on the next dispatcher turn.
 //!
-//! So the network role publishes its connection as an [`Address`]: its VM's queue token and a
+//! So the network role publishes a [`Handle`] on its connection: its VM's queue token and a
 //! per-connection nonce, in the connection's filter state. An HTTP role that does not find the
 //! nonce in its own VM sends [`Note`]s on that token: a request began, a request ended, a drain
 //! source turned on. Once a response has told the client to close, the network role publishes
 //! the address again with [`CLOSING`] after it, so the HTTP role of a request the client had
 //! already sent behind that response closes it too, from any VM. Pure codecs here; the sending
-//! lives in [`crate::pod::send`], the applying in [`crate::conn::hear`].
+//! lives in [`crate::queue::send`], the applying in [`crate::conn::hear`].
 
 use crate::drain::Source;
 
-/// A client connection as the network role publishes it: `<token, 8 hex><nonce, 16 hex>`, then
+/// A handle on one client connection, as the network role publishes it in the connection's
+/// filter state (`close_relay_address`, a name kept for VMs of other versions): `<token, 8 hex><nonce, 16 hex>`, then
 /// [`CLOSING`] once a response told the client to close. The text without it is also the
 /// marker's value, so the nonce keeps it unguessable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Address {
+pub struct Handle {
     /// The network VM's queue; 0 when it has none (the HTTP role then cannot reach it).
     pub token: u32,
     pub text: String,
@@ -35,13 +36,13 @@ pub const CLOSING: char = '!';
 /// What it appends (before [`CLOSING`]) when the connection carries the preStop hook.
 pub const HOOK: char = '?';
 
-impl Address {
-    pub fn new(token: u32, nonce: &str) -> Address {
-        Address { token, text: format!("{token:08x}{nonce}"), closing: false, hook: false }
+impl Handle {
+    pub fn new(token: u32, nonce: &str) -> Handle {
+        Handle { token, text: format!("{token:08x}{nonce}"), closing: false, hook: false }
     }
 
     /// Whatever the filter state holds; a value without a token reads as token 0.
-    pub fn parse(mut text: String) -> Address {
+    pub fn parse(mut text: String) -> Handle {
         let closing = text.ends_with(CLOSING);
         if closing {
             text.pop();
@@ -54,7 +55,7 @@ impl Address {
             .get(..TOKEN_HEX)
             .and_then(|t| u32::from_str_radix(t, 16).ok())
             .unwrap_or(0);
-        Address { token, text, closing, hook }
+        Handle { token, text, closing, hook }
     }
 
     /// What the network role publishes for this connection.
@@ -73,19 +74,18 @@ impl Address {
 /// What travels on a network VM's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Note {
-    /// Look now: a drain began somewhere (`pod::wake_all`), or this VM's own HTTP role asked.
+    /// Look now: a drain began somewhere (`queue::wake_all`), or this VM's own HTTP role asked.
     Wake,
-    /// A request began on the connection (`text` of its [`Address`]).
+    /// A request began on the connection (`text` of its [`Handle`]).
     Begin(String),
-    /// A request ended, its response written. `begun`: its [`Note::Begin`] was sent (only with
-    /// drain awareness on).
-    End { conn: String, begun: bool },
+    /// A request ended, its response written; its [`Note::Begin`] was sent.
+    End(String),
     /// A drain source turned on in the HTTP role's VM, until `until` (ms since the epoch). With
     /// different `vm_id`s the two VMs keep separate shared data, so the network VM would not
     /// see it otherwise.
     Enter { source: Source, until: u64 },
     /// A drain source the HTTP role's VM turned off: a single reset the app then disproved by
-    /// answering ([`crate::pod::single_reset_allowed`]).
+    /// answering ([`crate::podwide::single_reset_allowed`]).
     Clear(Source),
 }
 
@@ -105,9 +105,9 @@ impl Note {
                 out.push(BEGIN);
                 out.extend_from_slice(conn.as_bytes());
             }
-            Note::End { conn, begun } => {
-                out.push(END);
-                out.push(if *begun { BEGUN } else { 0 });
+            Note::End(conn) => {
+                // The flag byte stays for VMs of other versions, which read it.
+                out.extend([END, BEGUN]);
                 out.extend_from_slice(conn.as_bytes());
             }
             Note::Enter { source, until } => {
@@ -130,11 +130,11 @@ impl Note {
         match op {
             WAKE if rest.is_empty() => Some(Note::Wake),
             BEGIN => text(rest).map(Note::Begin),
-            END => {
-                let (&flags, conn) = rest.split_first()?;
-                let conn = text(conn)?;
-                Some(Note::End { conn, begun: flags & BEGUN != 0 })
-            }
+            // An end whose begin was never sent (an older version's) changes nothing: ignored.
+            END => match rest.split_first()? {
+                (&flags, conn) if flags & BEGUN != 0 => text(conn).map(Note::End),
+                _ => None,
+            },
             ENTER => {
                 let (&index, until) = rest.split_first()?;
                 let source = *Source::ALL.get(usize::from(index))?;

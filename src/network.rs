@@ -17,10 +17,10 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
 use crate::follow::Follower;
-use crate::link::Address;
-use crate::shared::Shared;
+use crate::link::Handle;
+use crate::plugin::Plugin;
 use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
-use crate::{host, http1, keys, lean, pod, probe};
+use crate::{host, http1, keys, lean, podwide, probe, queue};
 
 thread_local! {
     /// The host's missing random value was logged once.
@@ -33,27 +33,27 @@ const MAX_STEPS: usize = 256;
 const H2_READ_AHEAD: usize = 1024;
 
 pub struct NetworkRole {
-    shared: Rc<Shared>,
-    /// This connection's [`Address`], once published; its text is also the marker's value.
-    address: Option<Address>,
+    plugin: Rc<Plugin>,
+    /// This connection's [`Handle`], once published; its text is also the marker's value.
+    handle: Option<Handle>,
     conn: ConnRef,
 }
 
 impl NetworkRole {
-    pub fn new(id: u32, shared: Rc<Shared>) -> Self {
+    pub fn new(id: u32, plugin: Rc<Plugin>) -> Self {
         let conn = Rc::new(RefCell::new(Conn { context_id: id, ..Conn::default() }));
-        NetworkRole { shared, address: None, conn }
+        NetworkRole { plugin, handle: None, conn }
     }
 
     /// Same VM: the next head is marked; rewrite it, holding back pieces until it is whole.
     fn rewrite_marked_head(&mut self, size: usize, max_head: usize) {
-        let Some(address) = self.marker_value() else { return };
+        let Some(handle) = self.marker_value() else { return };
         let Some(write) = host::get_buffer(BufferType::UpstreamData, size.min(max_head)) else {
             return;
         };
         let step = {
             let mut c = self.conn.borrow_mut();
-            let step = wire::feed_marked_head(&mut c.carry, &write, &address, max_head);
+            let step = wire::feed_marked_head(&mut c.carry, &write, &handle, max_head);
             c.head_pending = step == HeadStep::Hold;
             step
         };
@@ -105,8 +105,8 @@ impl NetworkRole {
                 None => return,
             }
         }
-        let Some(address) = self.marker_value() else { return };
-        let HeadRewrite::Rewritten { edit, closer } = wire::rewrite_response_head(&buf, &address, max_head) else {
+        let Some(handle) = self.marker_value() else { return };
+        let HeadRewrite::Rewritten { edit, closer } = wire::rewrite_response_head(&buf, &handle, max_head) else {
             return;
         };
         if host::edit(BufferType::UpstreamData, &edit) {
@@ -116,14 +116,14 @@ impl NetworkRole {
 
     /// The marker's value on this connection.
     fn marker_value(&self) -> Option<String> {
-        self.address.as_ref().map(|a| a.text.clone())
+        self.handle.as_ref().map(|a| a.text.clone())
     }
 
     /// The client was told to close. Unless Envoy closes the connection itself, it is ours to
     /// close, and the HTTP role of any request the client already sent behind this response
     /// must close its answer too: the published address says so, to either VM.
     fn rewritten(&mut self, closer: Closer) {
-        self.shared.metrics.headers_rewritten.inc();
+        self.plugin.metrics.headers_rewritten.inc();
         let relay = closer == Closer::Relay;
         {
             let mut c = self.conn.borrow_mut();
@@ -131,9 +131,9 @@ impl NetworkRole {
             c.envoy_closes = !relay;
         }
         debug!("marker rewritten to connection: close; closed by {closer:?}");
-        if let Some(address) = self.address.as_mut().filter(|a| relay && !a.closing) {
-            address.closing = true;
-            if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.published().as_bytes()) {
+        if let Some(handle) = self.handle.as_mut().filter(|a| relay && !a.closing) {
+            handle.closing = true;
+            if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, handle.published().as_bytes()) {
                 warn!("close-relay: cannot mark the connection closing: {e:?}");
             }
         }
@@ -169,15 +169,15 @@ impl NetworkRole {
         h2.apply(&events);
         if h2.lost() && !std::mem::replace(lost_counted, true) {
             drop(c);
-            self.shared.metrics.h2_lost.inc();
+            self.plugin.metrics.h2_lost.inc();
             debug!("h2: lost frame sync on this connection; nothing is added, Envoy closes it");
             return;
         }
-        let tell = buffer == BufferType::UpstreamData && pod::draining() && h2.may_tell();
+        let tell = buffer == BufferType::UpstreamData && podwide::draining() && h2.may_tell();
         if tell && host::append(buffer, size, &crate::h2::GRACEFUL_GOAWAY).is_ok() {
             h2.server.goaway_added();
             drop(c);
-            self.shared.metrics.h2_goaway.inc();
+            self.plugin.metrics.h2_goaway.inc();
             debug!("h2: graceful GOAWAY added after Envoy's write");
         }
     }
@@ -200,7 +200,7 @@ impl NetworkRole {
             let mut c = self.conn.borrow_mut();
             (c.close_pending, c.probe) = (false, false);
             drop(c);
-            self.shared.metrics.requests_closed.inc();
+            self.plugin.metrics.requests_closed.inc();
             debug!("added connection: close to the next request");
         }
     }
@@ -209,13 +209,13 @@ impl NetworkRole {
 /// The kubelet's preStop hook is on this connection (it opens one per hook): the HTTP role
 /// learns it from the published address, which it reads for every request anyway, so
 /// recognising the hook costs the other connections nothing.
-fn announce_hook(address: Option<&mut Address>, conn: &ConnRef) {
+fn announce_hook(handle: Option<&mut Handle>, conn: &ConnRef) {
     // The host's clock, not the tick's: a census record dated after it surely counts every
     // connection opened before the hook.
     conn.borrow_mut().hook_since = Some(host::now_ms());
-    if let Some(address) = address {
-        address.hook = true;
-        if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.published().as_bytes()) {
+    if let Some(handle) = handle {
+        handle.hook = true;
+        if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, handle.published().as_bytes()) {
             warn!("close-relay: cannot mark the preStop hook's connection: {e:?}");
         }
     }
@@ -229,8 +229,8 @@ impl Drop for NetworkRole {
     fn drop(&mut self) {
         // An HTTP role may still hold this connection; it must never act as a finished context.
         self.conn.borrow_mut().closing = true;
-        if let Some(address) = self.address.take() {
-            conn::unregister(&address.text);
+        if let Some(handle) = self.handle.take() {
+            conn::unregister(&handle.text);
         }
     }
 }
@@ -247,11 +247,11 @@ impl StreamContext for NetworkRole {
     }
 
     fn on_new_connection(&mut self) -> Action {
-        if self.shared.active().is_none() {
+        if self.plugin.active().is_none() {
             return Action::Continue;
         }
-        if let Some(max_head) = self.shared.active().filter(|c| c.lean).map(Config::max_head) {
-            self.address = Some(lean::start(&self.conn, max_head));
+        if let Some(max_head) = self.plugin.active().filter(|c| c.lean).map(Config::max_head) {
+            self.handle = Some(lean::start(&self.conn, max_head));
             return Action::Continue;
         }
         let Some(nonce) = host::nonce() else {
@@ -260,19 +260,19 @@ impl StreamContext for NetworkRole {
             }
             return Action::Continue;
         };
-        let address = Address::new(pod::own_queue().unwrap_or(0), &nonce);
-        if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, address.text.as_bytes()) {
+        let handle = Handle::new(queue::own_queue().unwrap_or(0), &nonce);
+        if let Err(e) = host::set_property(keys::ADDRESS_PROPERTY, handle.text.as_bytes()) {
             warn!("close-relay: cannot announce the network role on this connection: {e:?}");
             return Action::Continue;
         }
         self.conn.borrow_mut().activity.last_ms = host::coarse_now();
-        conn::register(&address.text, &self.conn);
-        self.address = Some(address);
+        conn::register(&handle.text, &self.conn);
+        self.handle = Some(handle);
         Action::Continue
     }
 
     fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        let Some(config) = self.shared.active() else { return Action::Continue };
+        let Some(config) = self.plugin.active() else { return Action::Continue };
         let (close_pending, undecided, starts_request) = {
             let mut c = self.conn.borrow_mut();
             let starts_request = !c.activity.saw_request || c.activity.last_was_response;
@@ -281,12 +281,12 @@ impl StreamContext for NetworkRole {
             c.probe = false;
             c.activity.read(host::coarse_now());
             if let Some(responses) = c.responses.as_mut() {
-                responses.request_read();
+                responses.request_ends_an_answer_to_head();
             }
             (c.close_pending, c.activity.http1.is_none(), starts_request)
         };
         if config.lean {
-            lean::in_flight(&self.conn, &self.shared);
+            lean::in_flight(&self.conn, &self.plugin);
         }
         let mut first = None;
         if undecided && size > 0 {
@@ -305,7 +305,7 @@ impl StreamContext for NetworkRole {
             }
             drop(c);
             if http1 == Some(true) && !config.lean && wire::head_has_header(first, keys::PRESTOP_HEADER.as_bytes()) {
-                announce_hook(self.address.as_mut(), &self.conn);
+                announce_hook(self.handle.as_mut(), &self.conn);
             }
         }
         if self.conn.borrow().h2.is_some() {
@@ -321,7 +321,7 @@ impl StreamContext for NetworkRole {
     }
 
     fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        let Some(config) = self.shared.active().filter(|_| self.address.is_some()) else {
+        let Some(config) = self.plugin.active().filter(|_| self.handle.is_some()) else {
             return Action::Continue;
         };
         let (marked, http_role_here, probe) = {
@@ -330,14 +330,14 @@ impl StreamContext for NetworkRole {
             (c.head_pending, c.http_role_here, c.probe)
         };
         if probe && !config.lean {
-            probe::answer(&self.conn, &self.shared, size);
+            probe::answer(&self.conn, &self.plugin, size);
         }
         if self.conn.borrow().h2.is_some() {
             self.follow_h2(BufferType::UpstreamData, size);
             return Action::Continue;
         }
         if config.lean {
-            lean::follow_responses(&self.conn, &self.shared, size);
+            lean::follow_responses(&self.conn, &self.plugin, size);
         } else if marked {
             self.rewrite_marked_head(size, config.max_head());
         } else if !http_role_here && size >= http1::STATUS_LINE_START.len() {

@@ -16,8 +16,8 @@ use crate::drain::{Source, UNTIL_CLEARED};
 use crate::framing::{self, HeadSeen};
 use crate::host;
 use crate::keys;
-use crate::pod;
-use crate::shared::Shared;
+use crate::podwide;
+use crate::plugin::Plugin;
 use crate::sidecar::{self, DrainStats, Probed};
 use crate::{http1, wire};
 
@@ -60,12 +60,12 @@ pub fn arm(conn: &ConnRef, config: &Config, size: usize, first: Option<Vec<u8>>)
 
 /// The answer to a probed request starts in this write of `size` bytes (not `lean`, which
 /// follows it).
-pub fn answer(conn: &ConnRef, shared: &Shared, size: usize) {
+pub fn answer(conn: &ConnRef, plugin: &Plugin, size: usize) {
     let Some(bytes) = host::get_buffer(BufferType::UpstreamData, size.min(http1::FIRST_READ)) else { return };
     match framing::head_at_start(&bytes) {
         Some(head) if head.is_final => {
             conn.borrow_mut().probe = false;
-            probed(shared, answered(&head));
+            probed(plugin, answered(&head));
         }
         // An interim 1xx: the final answer comes next.
         Some(_) => {}
@@ -80,8 +80,8 @@ pub fn answered(head: &HeadSeen) -> Probed {
 
 /// What a probe saw, pod-wide: Envoy's own closes in a row drain the pod (`sidecar_drain`,
 /// istio-agent's `drain_listeners`), a kept-alive answer ends that source.
-pub fn probed(shared: &Shared, probed: Probed) {
-    if shared.active().filter(|c| c.drain.enabled && c.drain.sidecar.enabled).is_none() {
+pub fn probed(plugin: &Plugin, probed: Probed) {
+    if plugin.active().filter(|c| c.drain.enabled && c.drain.sidecar.enabled).is_none() {
         return;
     }
     let in_a_row = host::shared_update(keys::ENVOY_CLOSES, |current| {
@@ -92,13 +92,13 @@ pub fn probed(shared: &Shared, probed: Probed) {
     .unwrap_or(0);
     debug!("probe of Envoy's drain: {probed:?} ({in_a_row} of Envoy's closes in a row)");
     match probed {
-        Probed::KeptAlive => pod::clear(Source::SidecarDrain, &shared.metrics),
+        Probed::KeptAlive => podwide::clear(Source::SidecarDrain, &plugin.metrics),
         Probed::EnvoyClosed => {
             let updating = DrainStats::decode_read(&host::shared_get(keys::SIDECAR_READ).0)
                 .is_some_and(|(_, stats)| stats.update_draining > 0);
-            let health = pod::active_until(Source::SidecarHealth) > 0;
+            let health = podwide::active_until(Source::SidecarHealth) > 0;
             if sidecar::listeners_draining(in_a_row, updating, health) {
-                pod::enter(Source::SidecarDrain, UNTIL_CLEARED, &shared.metrics);
+                podwide::enter(Source::SidecarDrain, UNTIL_CLEARED, &plugin.metrics);
             }
         }
     }

@@ -18,9 +18,9 @@ use crate::idle::Grace;
 use crate::keys;
 use crate::link::Note;
 use crate::metrics::Metrics;
-use crate::shared::Shared;
+use crate::plugin::Plugin;
 use crate::sidecar;
-use crate::{conn, http, logging, network, pod, prestop, probe};
+use crate::{conn, http, logging, network, podwide, prestop, probe, queue};
 
 thread_local! {
     /// This VM's name in the census of client connections (`census::Record::vm`).
@@ -48,7 +48,7 @@ enum Poller {
 
 pub struct Root {
     role: Role,
-    shared: Rc<Shared>,
+    plugin: Rc<Plugin>,
     /// Outstanding calls: the page asked for, and when the call was sent.
     pages: BTreeMap<u32, (Page, u64)>,
     /// Pollers whose dispatch failed (no such cluster): warned once, retried every interval.
@@ -59,7 +59,7 @@ impl Default for Root {
     fn default() -> Self {
         Root {
             role: Role::Http,
-            shared: Rc::new(Shared::new(None, Metrics::default())),
+            plugin: Rc::new(Plugin::new(None, Metrics::default())),
             pages: BTreeMap::new(),
             warned: Vec::new(),
         }
@@ -128,14 +128,14 @@ impl Root {
     }
 
     pub(crate) fn on_ready(&mut self, status: u16, body: &[u8]) {
-        let Some(config) = self.shared.active() else { return };
-        let metrics = &self.shared.metrics;
+        let Some(config) = self.plugin.active() else { return };
+        let metrics = &self.plugin.metrics;
         if sidecar::ready_says_draining(status, body) {
-            pod::enter(Source::SidecarHealth, UNTIL_CLEARED, metrics);
+            podwide::enter(Source::SidecarHealth, UNTIL_CLEARED, metrics);
             // The closes the probes saw are its own; `healthcheck/ok` must end the drain.
-            pod::clear(Source::SidecarDrain, metrics);
+            podwide::clear(Source::SidecarDrain, metrics);
         } else if status == 200 {
-            pod::clear(Source::SidecarHealth, metrics);
+            podwide::clear(Source::SidecarHealth, metrics);
         }
         let sidecar = config.drain.sidecar.clone();
         self.poll(Poller::Sidecar, sidecar.target(), STATS_PATH, Page::Stats);
@@ -144,23 +144,23 @@ impl Root {
     /// `sent_at`: when the call went out: the probes compare their evidence against the read
     /// that was current then (`network::probed`).
     pub(crate) fn on_stats(&mut self, status: u16, body: &[u8], sent_at: u64) {
-        if status != 200 || self.shared.active().is_none() {
+        if status != 200 || self.plugin.active().is_none() {
             return;
         }
         let now = sidecar::parse_drain_stats(&String::from_utf8_lossy(body));
         host::shared_update(keys::SIDECAR_READ, |_| Some((now.encode_read(sent_at), ())));
         if now.update_draining > 0 {
             // Envoy's closes on a listener update are no shutdown: the probes' entry was early.
-            pod::clear(Source::SidecarDrain, &self.shared.metrics);
+            podwide::clear(Source::SidecarDrain, &self.plugin.metrics);
         }
     }
 
     pub(crate) fn on_readiness(&mut self, status: u16) {
-        let Some(config) = self.shared.active() else { return };
-        let metrics = &self.shared.metrics;
+        let Some(config) = self.plugin.active() else { return };
+        let metrics = &self.plugin.metrics;
         if (200..300).contains(&status) {
             host::shared_update(keys::READINESS_FAILURES, |_| Some((codec::encode_u64s(&[0]), ())));
-            pod::clear(Source::AppReadiness, metrics);
+            podwide::clear(Source::AppReadiness, metrics);
             return;
         }
         let failures = host::shared_update(keys::READINESS_FAILURES, |current| {
@@ -170,7 +170,7 @@ impl Root {
         .unwrap_or(0);
         debug!("app readiness probe failed ({status}), {failures} in a row");
         if failures >= u64::from(config.drain.app_readiness.failures) {
-            pod::enter(Source::AppReadiness, UNTIL_CLEARED, metrics);
+            podwide::enter(Source::AppReadiness, UNTIL_CLEARED, metrics);
         }
     }
 }
@@ -183,8 +183,8 @@ impl Root {
         for item in host::drain_queue(queue_id) {
             match Note::decode(&item) {
                 Some(Note::Wake) => woken = true,
-                Some(Note::Enter { source, until }) => pod::enter_forwarded(source, until),
-                Some(Note::Clear(source)) => pod::clear(source, &self.shared.metrics),
+                Some(Note::Enter { source, until }) => podwide::enter_forwarded(source, until),
+                Some(Note::Clear(source)) => podwide::clear(source, &self.plugin.metrics),
                 Some(note) => conn::hear(&note),
                 None => debug!("ignored a queue item this version did not write"),
             }
@@ -193,11 +193,11 @@ impl Root {
     }
 
     fn sweep(&self, draining: bool) {
-        let Some(config) = self.shared.active() else { return };
+        let Some(config) = self.plugin.active() else { return };
         if self.role == Role::Network {
             let d = &config.drain;
-            let grace = Grace::for_sweep(d.idle_grace_ms, d.app_idle_grace_ms, d.tick_ms, pod::app_going());
-            conn::sweep(draining, config.close_connection, grace, &self.shared.metrics);
+            let grace = Grace::for_sweep(d.idle_grace_ms, d.app_idle_grace_ms, d.tick_ms, podwide::app_going());
+            conn::sweep(draining, config.close_connection, grace, &self.plugin.metrics);
         }
     }
 }
@@ -243,9 +243,9 @@ impl RootContext for Root {
         };
         let ready = if self.role == Role::Http { metrics.http_ready } else { metrics.network_ready };
         ready.set(u64::from(config.is_some()));
-        self.shared = Rc::new(Shared::new(config, metrics));
-        if let Some(config) = self.shared.active() {
-            if self.role == Role::Network && pod::register_wake().is_none() {
+        self.plugin = Rc::new(Plugin::new(config, metrics));
+        if let Some(config) = self.plugin.active() {
+            if self.role == Role::Network && queue::register_wake().is_none() {
                 warn!(
                     "close-relay: no queue for HTTP roles in other VMs; their connections told to \
                      close end on the client's next request"
@@ -258,7 +258,7 @@ impl RootContext for Root {
                 conn::set_sweeping(ticking && host::now_ms() > 0);
             }
             if config.drain.enabled {
-                pod::refresh(&self.shared.metrics);
+                podwide::refresh(&self.plugin.metrics);
             }
         }
         // Returning false would make Envoy reject the plugin; we fail open instead.
@@ -268,9 +268,9 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         // `/logging?wasm=debug` on the admin API takes effect within a tick.
         logging::follow_host_level();
-        let Some(config) = self.shared.active() else { return };
-        self.shared.metrics.flush();
-        pod::publish_answers();
+        let Some(config) = self.plugin.active() else { return };
+        self.plugin.metrics.flush();
+        podwide::publish_answers();
         if self.role == Role::Network {
             probe::refill_reads();
             if !config.lean {
@@ -278,7 +278,7 @@ impl RootContext for Root {
                 count_connections(config.drain.tick_ms);
             }
         }
-        if let Some(queue) = pod::own_queue().filter(|_| self.role == Role::Network) {
+        if let Some(queue) = queue::own_queue().filter(|_| self.role == Role::Network) {
             // Notes from HTTP roles in other VMs first: the sweep must count their requests. A
             // wake-up among them needs nothing more: this tick sweeps anyway.
             self.read_queue(queue);
@@ -290,7 +290,7 @@ impl RootContext for Root {
             return;
         }
         let drain = config.drain.clone();
-        let draining = pod::refresh(&self.shared.metrics);
+        let draining = podwide::refresh(&self.plugin.metrics);
         if drain.sidecar.enabled && claim(keys::SIDECAR_POLL, drain.sidecar.interval_ms) {
             self.poll(Poller::Sidecar, drain.sidecar.target(), "/ready", Page::Ready);
         }
@@ -300,18 +300,18 @@ impl RootContext for Root {
         }
         self.sweep(draining);
         if self.role == Role::Http {
-            prestop::tick(drain.prestop.max_wait_ms, &self.shared.metrics);
+            prestop::tick(drain.prestop.max_wait_ms, &self.plugin.metrics);
         }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         let woken = self.read_queue(queue_id);
-        let Some(config) = self.shared.active() else { return };
+        let Some(config) = self.plugin.active() else { return };
         // Sweep when woken (a drain began), as in one VM; not after every
         // note from another VM's requests: a sweep right after each response, at the app's zero
         // grace, would close connections just as their clients send the next request.
         if config.drain.enabled && woken {
-            let draining = pod::refresh(&self.shared.metrics);
+            let draining = podwide::refresh(&self.plugin.metrics);
             self.sweep(draining);
         }
     }
@@ -324,10 +324,10 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(http::HttpRole::new(id, self.shared.clone())))
+        Some(Box::new(http::HttpRole::new(id, self.plugin.clone())))
     }
 
     fn create_stream_context(&self, id: u32) -> Option<Box<dyn StreamContext>> {
-        Some(Box::new(network::NetworkRole::new(id, self.shared.clone())))
+        Some(Box::new(network::NetworkRole::new(id, self.plugin.clone())))
     }
 }

@@ -6,7 +6,7 @@
 use crate::http1::{self, find, CLOSE_LINE, STATUS_LINE_START};
 
 /// Name of the private response header the HTTP role adds and the network role rewrites.
-/// Its value is the connection's address ([`crate::link::Address`]: its VM's queue token and a secret
+/// Its value is the connection's address ([`crate::link::Handle`]: its VM's queue token and a secret
 /// per-connection nonce), so an app cannot forge it.
 pub const MARKER: &str = "x-close-relay";
 

@@ -1,5 +1,6 @@
-//! The pod's drain state as this VM sees it: the record in shared data, behind a per-VM cache
-//! that the ticks refresh, so the data path reads a `Cell` and never the host.
+//! What every worker and both roles must see, in shared data: the pod's drain record (behind a
+//! per-VM cache that the ticks refresh, so the data path reads a `Cell` and never the host), the
+//! app's answers, its closes and the single-reset bound.
 
 use log::info;
 
@@ -7,21 +8,16 @@ use crate::codec;
 use crate::drain::{DrainState, Source, Window, UNTIL_CLEARED};
 use crate::host;
 use crate::keys;
-use crate::link::Note;
+use crate::queue;
 use crate::metrics::Metrics;
 
 thread_local! {
     /// The shared drain state as of the last refresh, for the data path.
     static DRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static APP_GOING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// This VM's own wake queue, once its network root registered one.
-    static OWN_WAKE: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
     /// The app's answers this VM saw since its last tick published them.
     static ANSWERS_UNPUBLISHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
-
-/// Tokens kept at most; older ones belong to VMs long replaced by config updates.
-const WAKE_CAPACITY: usize = 64;
 
 /// Is the app itself going away (see [`DrainState::app_going`])? As of the last refresh.
 pub fn app_going() -> bool {
@@ -71,7 +67,7 @@ fn record(source: Source, until: u64) -> bool {
         Some((state.encode(), entered))
     }) == Some(true);
     if entered {
-        wake_all();
+        queue::wake_all();
         let until = if until == UNTIL_CLEARED { "cleared".into() } else { format!("+{} ms", until.saturating_sub(now)) };
         info!("close-relay: pod draining, source {} (until {until})", source.as_str());
     }
@@ -154,7 +150,7 @@ pub fn clear(source: Source, metrics: &Metrics) {
         info!("close-relay: drain source {} cleared", source.as_str());
         refresh(metrics);
         // Every worker stops closing within a dispatcher turn, not a tick later.
-        wake_all();
+        queue::wake_all();
     }
 }
 
@@ -167,42 +163,4 @@ pub fn count_app_close(window_ms: u64, threshold: u64) -> bool {
         Some((window.encode(), count))
     })
     .is_some_and(|count| count >= threshold)
-}
-
-/// Registers this VM's wake queue: a drain that begins on any worker then reaches this one
-/// within a dispatcher turn (`on_queue_ready`), not a tick later, before an ALB reuses an idle
-/// connection into a pod whose app already refuses new ones.
-pub fn register_wake() -> Option<u32> {
-    let name = format!("{}{}", keys::WAKE_QUEUE_PREFIX, host::unique());
-    let token = host::register_queue(&name)?;
-    OWN_WAKE.set(Some(token));
-    host::shared_update(keys::WAKE_TOKENS, |current| {
-        let mut tokens: Vec<u64> = current.chunks_exact(8).map(|c| codec::decode_u64s::<1>(c)[0]).collect();
-        tokens.push(u64::from(token));
-        let excess = tokens.len().saturating_sub(WAKE_CAPACITY);
-        Some((codec::encode_u64s(&tokens[excess..]), ()))
-    });
-    Some(token)
-}
-
-/// This VM's queue, once its network root registered one: published in each connection's
-/// [`crate::link::Address`].
-pub fn own_queue() -> Option<u32> {
-    OWN_WAKE.get()
-}
-
-/// Sends `note` to the network root that owns `token`; false if it cannot (the queue is gone).
-pub fn send(token: u32, note: &Note) -> bool {
-    host::enqueue(token, &note.encode()).is_ok()
-}
-
-fn wake_all() {
-    let (tokens, _) = host::shared_get(keys::WAKE_TOKENS);
-    for chunk in tokens.chunks_exact(8) {
-        let [token] = codec::decode_u64s::<1>(chunk);
-        // A token of a VM that is gone fails; nothing to do about it.
-        if let Ok(token) = u32::try_from(token) {
-            send(token, &Note::Wake);
-        }
-    }
 }
