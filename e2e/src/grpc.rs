@@ -38,15 +38,9 @@ impl Ended {
     }
 }
 
-/// An h2c connection to `port`, its driver spawned on the current runtime.
+/// An h2c connection to `port`, its driver left to run on the current runtime.
 pub async fn connect(port: u16) -> io::Result<SendRequest<Bytes>> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let _ = tcp.set_nodelay(true);
-    let (send, conn) = h2::client::handshake(tcp).await.map_err(io::Error::other)?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(send)
+    Ok(crate::h2c::open(port).await?.0)
 }
 
 /// One unary call to [`PAY`] with a 2-byte message.

@@ -2,7 +2,20 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::task::JoinHandle;
+
 use crate::{Client, Envoy};
+
+/// An h2c connection to `port` on 127.0.0.1 (prior knowledge, no delay): the sender, and the
+/// connection's driver spawned on the current runtime, which ends when the connection does.
+pub async fn open(port: u16) -> std::io::Result<(SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let (send, conn) = h2::client::handshake(tcp).await.map_err(std::io::Error::other)?;
+    Ok((send, tokio::spawn(conn)))
+}
 
 /// What an h2c client saw of a drain that began while two of its streams were in flight.
 #[derive(Debug)]
@@ -41,9 +54,7 @@ pub fn streams_through_a_drain(envoy: &Envoy) -> Drained {
 fn client_side(port: u16, admin: u16, triggered: std::sync::mpsc::Sender<Instant>) -> Drained {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-        let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-        let mut driver = tokio::spawn(conn);
+        let (client, mut driver) = open(port).await.expect("h2c connection");
         let mut client = client.ready().await.expect("ready");
         let get = |path: &str| http::Request::get(format!("http://app{path}")).body(()).expect("request");
         let (slow, _) = client.send_request(get("/slow?chunks=6&pause_ms=300"), true).expect("slow stream");

@@ -271,9 +271,7 @@ fn an_idle_h2c_connection_is_closed_with_no_stream_open_when_the_pod_drains() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let port = envoy.port;
     let (closed, took) = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        let mut driver = tokio::spawn(conn);
+        let (client, mut driver) = e2e::h2c::open(port).await.unwrap();
         let mut client = client.ready().await.unwrap();
         let (resp, _) = client.send_request(http::Request::get("http://app/keep").body(()).unwrap(), true).unwrap();
         let mut body = resp.await.unwrap().into_body();
