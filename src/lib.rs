@@ -14,7 +14,8 @@
 //! an HTTP/2 one is told first with a graceful GOAWAY ([`h2`]).
 //!
 //! Decisions live in [`decision`], [`drain`], [`sidecar`], [`evidence`], [`idle`], [`wire`],
-//! [`framing`] (lean's view of the responses written) and [`h2`] as pure functions; [`follow`]
+//! [`framing`] (lean's view of the responses written) and [`h2`] as pure functions, over one
+//! HTTP/1 reader, [`http1`]; [`follow`]
 //! is the loop the last two share, [`codec`] the host's byte formats. Only [`host`] talks to
 //! the host, and none of its calls can panic (`clippy.toml` refuses the SDK's); [`logging`]
 //! routes the `log` crate through it. [`config`] is the configuration's type, [`validate`] how
