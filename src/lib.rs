@@ -14,16 +14,16 @@
 //! an HTTP/2 one is told first with a graceful GOAWAY ([`h2`]).
 //!
 //! Decisions live in [`decision`], [`drain`], [`sidecar`], [`evidence`], [`idle`], [`wire`],
-//! [`framing`] (lean's view of the responses written) and [`h2`] as pure functions, over one
-//! HTTP/1 reader, [`http1`]; [`follow`]
-//! is the loop the last two share, [`codec`] the host's byte formats. Only [`host`] talks to
-//! the host, and none of its calls can panic (`clippy.toml` refuses the SDK's); [`logging`]
-//! routes the `log` crate through it. [`config`] is the configuration's type, [`validate`] how
-//! it is read. [`facts`] is what the HTTP role reads of a request and a response, [`app`] what
-//! a response says about the app (both roles), [`probe`] the network role's probes of Envoy's
-//! drain, [`lean`] the network role working alone. [`podwide`], [`queue`], [`root`] and the two context types
-//! act through [`host`]. [`metrics`] holds what the module exports, [`plugin::Plugin`] what one
-//! plugin instance's contexts share.
+//! [`framing`] (lean's view of the responses written) and [`h2`] as pure functions. They read
+//! HTTP/1 through one reader, [`http1`]; [`follow`] is the loop `framing` and `h2` share,
+//! [`codec`] the host's byte formats. Only [`host`] talks to the host, and none of its calls can
+//! panic (`clippy.toml` refuses the SDK's); [`logging`] routes the `log` crate through it.
+//! [`config`] is the configuration's type, [`validate`] how it is read. [`facts`] is what the
+//! HTTP role reads of a request and a response, [`app`] what a response says about the app (for
+//! both roles), [`probe`] the network role's probes of Envoy's drain, [`lean`] the network role
+//! working alone. [`podwide`], [`queue`], [`root`] and the two context types act through
+//! [`host`]. [`metrics`] holds what the module exports, [`plugin::Plugin`] what one plugin
+//! instance's contexts share.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::arithmetic_side_effects))]
 
