@@ -1,6 +1,10 @@
 //! Following a byte stream from its own framing: what lean's HTTP/1 responses
 //! ([`crate::framing::Responses`]) and HTTP/2's frames ([`crate::h2::Frames`]) share.
 
+/// Buffer reads a role takes to follow one read or write: a write with more steps than this (a
+/// long run of small chunks or frames) is not followed further, and its stream is lost.
+pub const MAX_READS: usize = 256;
+
 /// A reader that looks at some bytes at its position, or passes over some unread.
 pub trait Follower {
     /// What looking at bytes may find.

@@ -11,7 +11,7 @@ use crate::app::{self, Verdict};
 use crate::codec;
 use crate::conn::{self, Conn, ConnRef};
 use crate::decision::Upstream;
-use crate::follow::Follower;
+use crate::follow::{Follower, MAX_READS};
 use crate::framing::{self, HeadSeen, Responses};
 use crate::host;
 use crate::http1;
@@ -22,9 +22,6 @@ use crate::probe;
 use crate::plugin::Plugin;
 use crate::wire::{self, Closer, Edit};
 
-/// Reads of one write while following responses: a head, or a chunk line each. A write with
-/// more chunks than this is not followed further ([`Responses::lost`]).
-const MAX_STEPS: usize = 256;
 /// Enough of Envoy's local reply body to read its reset reason ([`wire::local_reply_refused`]).
 const LOCAL_REPLY_READ: usize = wire::LOCAL_REPLY_START.len() + 48;
 
@@ -53,7 +50,7 @@ pub fn follow_responses(conn: &ConnRef, plugin: &Plugin, size: usize) {
         watch_app(plugin, head, local_reply(0, end));
     }
     let mut told = None;
-    for _ in 0..MAX_STEPS {
+    for _ in 0..MAX_READS {
         if pos >= end {
             break;
         }

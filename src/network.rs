@@ -16,7 +16,7 @@ use proxy_wasm::types::{Action, BufferType, PeerType};
 
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnRef};
-use crate::follow::Follower;
+use crate::follow::{Follower, MAX_READS};
 use crate::link::Handle;
 use crate::plugin::Plugin;
 use crate::wire::{self, Closer, Edit, HeadRewrite, HeadStep};
@@ -27,8 +27,6 @@ thread_local! {
     static WARNED_NO_NONCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Frames followed per HTTP/2 read or write, one buffer read each.
-const MAX_STEPS: usize = 256;
 /// How much of an HTTP/2 read or write one buffer read takes, from where its frames are followed.
 const H2_READ_AHEAD: usize = 1024;
 
@@ -147,7 +145,7 @@ impl NetworkRole {
         let Conn { h2: Some(h2), lost_counted, .. } = &mut *c else { return };
         let frames = if buffer == BufferType::DownstreamData { &mut h2.client } else { &mut h2.server };
         let (mut pos, mut events) = (0, Vec::new());
-        for _ in 0..MAX_STEPS {
+        for _ in 0..MAX_READS {
             if pos >= size {
                 break;
             }
