@@ -103,9 +103,9 @@ impl Responses {
     }
 
     /// The client sent bytes: a guess that the answer under way was to HEAD, when its head
-    /// announced a body and none of it went out yet; its exchange is then over. (Were it a pipelined request instead,
-    /// the body that follows would not start a head, and the connection is [`lost`]: kept, and
-    /// counted.)
+    /// announced a body and none of it went out yet; its exchange is then over. (Were it a
+    /// pipelined request instead, the body that follows would not start a head, and the
+    /// connection is [`lost`]: kept, and counted.)
     ///
     /// [`lost`]: Responses::lost
     pub fn request_ends_an_answer_to_head(&mut self) {

@@ -109,8 +109,9 @@ fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, (lo, hi): (T, T
 
 /// Names the field at fault by its dotted path (`drain.sidecar.interval_ms`), an unknown one
 /// too, with the deserializer's own message. Only a configuration already refused gets here:
-/// the object is narrowed level by level to the one key that still fails alone (`#[serde(default)]`
-/// fills the rest), which costs a few more deserializations and no code for every field's type.
+/// the object is narrowed level by level to the one key that still fails alone
+/// (`#[serde(default)]` fills the rest), which costs a few more deserializations and no code for
+/// every field's type.
 /// A number too large for its field is refused with its type (past 2^64 JSON parses it as a
 /// float).
 fn at_fault(value: &Value, error: serde_json::Error) -> ConfigError {
